@@ -1,0 +1,1 @@
+"""Data: shards, embedded demo data, tokenizer, multi-crop, iBOT masks, DALI and PyTorch loaders."""

@@ -1,0 +1,74 @@
+"""fasttips.kernels: the hot paths, each a Triton kernel with a PyTorch reference beside it.
+
+Public ops (one name each, in four places: ``kernels/<op>/reference.py``, ``kernels/<op>/triton.py``,
+``tests/kernels/test_<op>.py`` and ``bench/bench_<op>.py``):
+
+- ``attention`` / ``attention_varlen``: non-causal flash attention (dense with key padding, or packed).
+- ``prototype_cross_entropy``: weight-normed prototype layer + centred teacher softmax + CE for
+  DINO / iBOT / iBOT++, without materialising [rows × K].
+- ``ema_update_``: head EMA over a list of tensors in one launch.
+
+Backend choice lives in ``_backend.py`` (``FASTTIPS_KERNELS=auto|triton|reference``). This package is
+installed as ``fasttips.kernels``; never import a top-level ``kernels``.
+"""
+from __future__ import annotations
+
+from ._backend import requested as requested_backend, use_triton
+from .attention import reference as _attn_ref
+from .dino_loss import naive as _dino_naive
+from .ema import reference as _ema_ref
+
+
+def attention(q, k, v, key_padding_mask=None, scale=None, backend=None):
+    """softmax(q kᵀ·scale) v for q, k, v of shape [B, H, N, D]; key_padding_mask [B, N] (True = pad)."""
+    if use_triton(q, k, v, backend=backend):
+        from .attention import triton as _attn_triton
+        return _attn_triton.attention(q, k, v, key_padding_mask=key_padding_mask, scale=scale)
+    return _attn_ref.attention(q, k, v, key_padding_mask=key_padding_mask, scale=scale)
+
+
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None, backend=None):
+    """Packed attention: q, k, v [T, H, D]; segment i is rows cu_seqlens[i]:cu_seqlens[i+1]."""
+    if use_triton(q, k, v, backend=backend):
+        from .attention import triton as _attn_triton
+        return _attn_triton.attention_varlen(q, k, v, cu_seqlens, max_seqlen=max_seqlen, scale=scale)
+    return _attn_ref.attention_varlen(q, k, v, cu_seqlens, max_seqlen=max_seqlen, scale=scale)
+
+
+def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_v, teacher_g,
+                            pairs, weights, center=None, student_temp=0.1, teacher_temp=0.04,
+                            centering="softmax", sk_iterations=3, group=None, backend=None):
+    """Σ_j weights[j] · CE(teacher_target[pairs[j]], softmax(student_z[j] W_sᵀ / student_temp)).
+
+    student_z [S, d] and teacher_z [T, d] are L2-normalised bottleneck rows; (v, g) are the
+    weight-norm direction [K, d] and gain [K] of the prototype layers (student: with grad; teacher:
+    the EMA copy). Teacher targets: softmax((z_t W_tᵀ − center)/teacher_temp), or Sinkhorn-Knopp
+    (``centering="sinkhorn_knopp"``, row sums all-reduced over ``group``). Returns
+    ``(loss, center_stat)`` where center_stat [K] = mean over teacher rows of z_t W_tᵀ (fp32, no grad).
+    """
+    args = (student_z, student_v, student_g, teacher_z, teacher_v, teacher_g, pairs, weights)
+    kwargs = dict(center=center, student_temp=student_temp, teacher_temp=teacher_temp,
+                  centering=centering, sk_iterations=sk_iterations, group=group)
+    if use_triton(student_z, student_v, backend=backend):
+        from .dino_loss import triton as _dino_triton
+        return _dino_triton.prototype_cross_entropy(*args, **kwargs)
+    try:
+        from .dino_loss import reference as _dino_ref
+    except ImportError:  # the chunked reference lands with the fused kernel
+        return _dino_naive.prototype_cross_entropy(*args, **kwargs)
+    return _dino_ref.prototype_cross_entropy(*args, **kwargs)
+
+
+def ema_update_(teacher, student, momentum, backend=None):
+    """In place: teacher[i] ← momentum·teacher[i] + (1 − momentum)·student[i], for every i."""
+    teacher, student = list(teacher), list(student)
+    if len(teacher) != len(student):
+        raise ValueError(f"ema_update_: {len(teacher)} teacher tensors vs {len(student)} student tensors")
+    if teacher and use_triton(*teacher, *student, backend=backend):
+        from .ema import triton as _ema_triton
+        return _ema_triton.ema_update_(teacher, student, momentum)
+    return _ema_ref.ema_update_(teacher, student, momentum)
+
+
+__all__ = ["attention", "attention_varlen", "prototype_cross_entropy", "ema_update_",
+           "requested_backend", "use_triton"]

@@ -1,0 +1,64 @@
+"""Backend choice for every fasttips.kernels op, made in one place.
+
+``auto`` (default): Triton for CUDA tensors when Triton imports, the PyTorch reference otherwise.
+``FASTTIPS_KERNELS=triton|reference`` forces one. Under ``TRITON_INTERPRET=1`` the Triton path
+also accepts CPU tensors (the interpreter), which is how the CPU test suite checks kernel math.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def requested() -> str:
+    value = os.environ.get("FASTTIPS_KERNELS", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"FASTTIPS_KERNELS={value!r} is not allowed; choose one of {list(BACKENDS)}")
+    return value
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+def use_triton(*tensors: torch.Tensor | None, backend: str | None = None) -> bool:
+    """True when the op should run its Triton kernel on these tensors."""
+    choice = backend or requested()
+    if choice not in BACKENDS:
+        raise ValueError(f"backend={choice!r} is not allowed; choose one of {list(BACKENDS)}")
+    if choice == "reference":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    runnable = triton_available() and (on_cuda or interpreting())
+    if choice == "triton":
+        if not runnable:
+            raise RuntimeError(
+                "FASTTIPS_KERNELS=triton needs Triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+                f"tensors); triton importable={triton_available()}, cuda tensors={on_cuda}")
+        return True
+    # auto: the interpreter is for tests, so CPU tensors take the (fast) reference by default.
+    return runnable and on_cuda
+
+
+def warn_once(message: str) -> None:
+    _warn_once(message)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
