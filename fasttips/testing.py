@@ -1,0 +1,119 @@
+"""Helpers shared by the test suite: tolerances by dtype, the 2×-error rule, and the Hopper compile gate.
+
+The Hopper gate (DESIGN.md) compiles a Triton kernel ahead of time for sm_90a on a machine with no
+GPU (the triton wheel ships ptxas and cuobjdump) and reads what the interpreter cannot check:
+shared memory, register spills and whether matmuls use Hopper's HGMMA instructions.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+# (atol, rtol) per dtype for parity checks against a reference run in the same dtype's math.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1e-2, 1e-2),
+    torch.float16: (1e-3, 1e-3),
+}
+
+H100_SHARED_MEMORY_BYTES = 227 * 1024
+
+
+def tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    return TOLERANCES[dtype]
+
+
+def assert_close(actual, expected, dtype=None, msg=""):
+    atol, rtol = TOLERANCES[dtype or expected.dtype]
+    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol, rtol=rtol, msg=msg or None)
+
+
+def assert_within_2x(kernel_out, same_precision_out, fp32_reference, name="output", floor=1e-6):
+    """flash-attn's rule: |kernel − ref32| ≤ 2·|same-precision torch − ref32| (max abs), plus a floor."""
+    ref = fp32_reference.float()
+    err_kernel = (kernel_out.float() - ref).abs().max().item()
+    err_torch = (same_precision_out.float() - ref).abs().max().item()
+    assert err_kernel <= 2 * err_torch + floor, (
+        f"{name}: kernel error {err_kernel:.3e} > 2 × torch error {err_torch:.3e} (+{floor:g})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Hopper compile gate
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class HopperReport:
+    name: str
+    shared_bytes: int
+    registers: int
+    local_bytes: int
+    stack_bytes: int
+    has_hgmma: bool
+    has_wgmma_ptx: bool
+
+    def check(self, matmul: bool) -> None:
+        """Assert: fits shared memory, no spills, and (for matmul kernels) HGMMA in the SASS."""
+        assert self.shared_bytes <= H100_SHARED_MEMORY_BYTES, (
+            f"{self.name}: {self.shared_bytes} B shared memory > {H100_SHARED_MEMORY_BYTES} B")
+        assert self.local_bytes == 0 and self.stack_bytes == 0, (
+            f"{self.name}: register spills (LOCAL={self.local_bytes}, STACK={self.stack_bytes}, "
+            f"REG={self.registers})")
+        if matmul:
+            assert self.has_hgmma, f"{self.name}: no HGMMA in the SASS (slow HMMA path on Hopper)"
+
+
+def _nvidia_bin(tool: str) -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int = 4,
+                       num_stages: int = 3, name: str | None = None) -> HopperReport:
+    """Compile ``kernel`` (a @triton.jit function, interpreted or not) for sm_90a and report resources.
+
+    ``signature`` maps every argument name to a Triton type ("*bf16", "*fp32", "i32", "fp32", ...) or
+    "constexpr"; ``constexprs`` gives the constexpr values.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import JITFunction
+
+    fn = kernel
+    while not isinstance(fn, JITFunction):  # unwrap autotune/heuristics/interpreter wrappers
+        inner = getattr(fn, "fn", None)
+        if inner is None:
+            break
+        if not isinstance(inner, JITFunction) and not hasattr(inner, "fn"):
+            fn = JITFunction(inner)  # the interpreter keeps the plain Python function in .fn
+            break
+        fn = inner
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([_nvidia_bin("cuobjdump"), "-res-usage", cubin],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_nvidia_bin("cuobjdump"), "-sass", cubin],
+                              capture_output=True, text=True, check=True).stdout
+
+    def field(key):
+        m = re.search(rf"{key}:(\d+)", usage)
+        return int(m.group(1)) if m else 0
+
+    return HopperReport(
+        name=name or getattr(fn, "__name__", "kernel"),
+        shared_bytes=int(compiled.metadata.shared),
+        registers=field("REG"),
+        local_bytes=field("LOCAL"),
+        stack_bytes=field("STACK"),
+        has_hgmma="HGMMA" in sass,
+        has_wgmma_ptx="wgmma" in compiled.asm["ptx"],
+    )
