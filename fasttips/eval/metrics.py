@@ -1,0 +1,120 @@
+"""Evaluation metrics: retrieval recall, zero-shot accuracy, mIoU, and patch-to-pixel upsampling.
+
+All functions take plain tensors, so they can be checked against hand-computed cases without a model.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255   # pixels with this label count for no class (borders, "unlabelled")
+
+
+def _check_matrix(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor, got {getattr(x, 'shape', type(x))}")
+
+
+def recall_at_k(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Image↔text retrieval recall for paired data: ``similarity[i, j]`` scores image i against text j
+    and text i is the one true match of image i (the diagonal).
+
+    R@k is the fraction of queries whose true match is among the k best-scored candidates. Ties are
+    counted against the query (a candidate scoring *equal* to the true match ranks ahead of it), so a
+    constant similarity gives R@k = 0 rather than a lucky 1.
+    Returns {"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"} (one pair per k), in [0, 1].
+    """
+    _check_matrix("similarity", similarity)
+    n_img, n_txt = similarity.shape
+    if n_img != n_txt or n_img == 0:
+        raise ValueError(f"similarity: expected a non-empty square [N, N] matrix (text i matches image i), "
+                         f"got {list(similarity.shape)}")
+    if any(k < 1 for k in ks):
+        raise ValueError(f"ks: each k must be >= 1, got {ks}")
+    sim = similarity.float()
+    true = sim.diagonal()
+    eye = torch.eye(n_img, dtype=torch.bool, device=sim.device)
+    # rank of the true match = how many other candidates score at least as high (0 = first place)
+    i2t_rank = ((sim >= true[:, None]) & ~eye).sum(dim=1)
+    t2i_rank = ((sim >= true[None, :]) & ~eye).sum(dim=0)
+    out = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = (i2t_rank < k).float().mean().item()
+        out[f"t2i_r{k}"] = (t2i_rank < k).float().mean().item()
+    return out
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 zero-shot classification accuracy: ``logits [N, C]`` (image vs class-name scores)."""
+    _check_matrix("logits", logits)
+    if labels.shape != (logits.shape[0],):
+        raise ValueError(f"labels: expected shape [{logits.shape[0]}], got {list(labels.shape)}")
+    if logits.shape[0] == 0:
+        raise ValueError("logits: need at least one image")
+    if labels.min() < 0 or labels.max() >= logits.shape[1]:
+        raise ValueError(f"labels: values must be in [0, {logits.shape[1]}), got "
+                         f"[{labels.min().item()}, {labels.max().item()}]")
+    return (logits.argmax(dim=1) == labels.to(logits.device)).float().mean().item()
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, n_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``cm[t, p]`` = number of pixels of true class t predicted as p, over pixels whose target is
+    not ``ignore_index``. ``pred`` and ``target`` are integer label maps of the same shape."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred: shape {list(pred.shape)} must equal target's {list(target.shape)}")
+    if n_classes < 1:
+        raise ValueError(f"n_classes: must be >= 1, got {n_classes}")
+    valid = target != ignore_index
+    t = target[valid].long()
+    p = pred[valid].long()
+    for name, x in (("target", t), ("pred", p)):
+        if x.numel() and (x.min() < 0 or x.max() >= n_classes):
+            raise ValueError(f"{name}: labels must be in [0, {n_classes}) or {ignore_index} (ignored); "
+                             f"got [{x.min().item()}, {x.max().item()}]")
+    return torch.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def iou_per_class(cm: torch.Tensor) -> torch.Tensor:
+    """IoU = TP / (TP + FP + FN) per class; NaN for a class absent from both prediction and ground
+    truth (its IoU is undefined, so it must not count as 0 or 1)."""
+    cm = cm.double()
+    tp = cm.diagonal()
+    union = cm.sum(dim=0) + cm.sum(dim=1) - tp
+    return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
+
+
+def mean_iou(cm: torch.Tensor) -> float:
+    """Mean IoU over the classes that appear in the prediction or the ground truth."""
+    iou = iou_per_class(cm)
+    present = ~iou.isnan()
+    return iou[present].mean().item() if present.any() else math.nan
+
+
+def pixel_accuracy(cm: torch.Tensor) -> float:
+    total = cm.sum()
+    return (cm.diagonal().sum() / total).item() if total > 0 else math.nan
+
+
+def upsample_patch_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Patch-grid scores ``[B, C, h, w]`` → pixel scores ``[B, C, H, W]`` by bilinear interpolation
+    (scores, not labels, are interpolated, so boundaries fall between patches where the scores cross)."""
+    if logits.ndim != 4:
+        raise ValueError(f"logits: expected [B, C, h, w], got {list(logits.shape)}")
+    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def patch_grid(n_patches: int, image_hw: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The (h, w) patch grid for ``n_patches`` tokens: from the image aspect ratio when given,
+    else the square grid."""
+    if image_hw is not None:
+        H, W = image_hw
+        for h in range(1, n_patches + 1):
+            if n_patches % h == 0 and h * W == (n_patches // h) * H:
+                return h, n_patches // h
+    side = math.isqrt(n_patches)
+    if side * side != n_patches:
+        raise ValueError(f"n_patches: {n_patches} tokens do not form a square grid; pass image_hw")
+    return side, side
