@@ -1,0 +1,119 @@
+"""Pieces shared by the chunked reference and the Triton path of ``prototype_cross_entropy``.
+
+- ``check_arguments``: one place that rejects bad input with a message naming the argument.
+- ``teacher_bias``: the per-prototype bias b that turns either teacher rule into one softmax,
+  ``p_j = softmax(l_j/τ_t + b)``:
+    softmax centering:  b = −c/τ_t
+    Sinkhorn-Knopp:     b = log r, the row scaling after the last row update (factorised form,
+                        reference_math.md §2.3). The final column normalisation of SK *is* this
+                        softmax, so SK differs from centering only in how b is found.
+- ``sinkhorn_log_scaling``: the SK iterations in log domain, given two streaming reductions over the
+  teacher logits (one per prototype, one per token), with the per-prototype sums all-reduced over
+  ranks. Neither reduction ever holds [rows × K].
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+CENTERINGS = ("softmax", "sinkhorn_knopp")
+
+
+def check_arguments(student_z, student_v, student_g, teacher_z, teacher_v, teacher_g, pairs, weights,
+                    center, student_temp, teacher_temp, centering, sk_iterations) -> None:
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(f"prototype_cross_entropy: {msg}")
+
+    need(student_z.dim() == 2, f"student_z must be [S, d], got shape {tuple(student_z.shape)}")
+    need(teacher_z.dim() == 2, f"teacher_z must be [T, d], got shape {tuple(teacher_z.shape)}")
+    d = student_z.shape[1]
+    need(teacher_z.shape[1] == d, f"teacher_z has d={teacher_z.shape[1]} but student_z has d={d}")
+    for name, v in (("student_v", student_v), ("teacher_v", teacher_v)):
+        need(v.dim() == 2 and v.shape[1] == d, f"{name} must be [K, {d}], got shape {tuple(v.shape)}")
+    K = student_v.shape[0]
+    need(teacher_v.shape[0] == K, f"teacher_v has K={teacher_v.shape[0]} but student_v has K={K}")
+    for name, g in (("student_g", student_g), ("teacher_g", teacher_g)):
+        need(g.numel() == K and (g.dim() == 1 or (g.dim() == 2 and g.shape[1] == 1)),
+             f"{name} must be [K] or [K, 1] with K={K}, got shape {tuple(g.shape)}")
+    S = student_z.shape[0]
+    need(not pairs.is_floating_point() and not pairs.is_complex() and pairs.dtype != torch.bool,
+         f"pairs must be an integer tensor, got {pairs.dtype}")
+    need(pairs.shape == (S,), f"pairs must be [S] = [{S}] (one teacher row per student row), "
+                              f"got shape {tuple(pairs.shape)}")
+    need(weights.shape == (S,), f"weights must be [S] = [{S}], got shape {tuple(weights.shape)}")
+    if S and teacher_z.shape[0]:
+        # One small reduction; an out-of-range index would otherwise read garbage inside a kernel.
+        lo, hi = int(pairs.min()), int(pairs.max())
+        need(0 <= lo and hi < teacher_z.shape[0],
+             f"pairs must index teacher rows in [0, {teacher_z.shape[0]}), got values in [{lo}, {hi}]")
+    elif S:
+        need(False, "pairs point into teacher_z, which has no rows")
+    need(centering in CENTERINGS, f"centering={centering!r} is not allowed; choose one of {list(CENTERINGS)}")
+    if center is not None:
+        need(center.numel() == K, f"center must have K={K} elements, got shape {tuple(center.shape)}")
+    need(student_temp > 0, f"student_temp must be > 0, got {student_temp}")
+    need(teacher_temp > 0, f"teacher_temp must be > 0, got {teacher_temp}")
+    if centering == "sinkhorn_knopp":
+        need(int(sk_iterations) >= 1, f"sk_iterations must be ≥ 1, got {sk_iterations}")
+
+
+def weight_normed(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """W_k = g_k · v_k/‖v_k‖ (fp32, differentiable)."""
+    v = v.float()
+    return g.float().reshape(-1, 1) * v / v.norm(dim=1, keepdim=True)
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_(t: torch.Tensor, op=None, group=None) -> torch.Tensor:
+    if distributed():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def global_logsumexp_(local_lse: torch.Tensor, group=None) -> torch.Tensor:
+    """log Σ_ranks exp(local_lse), elementwise, stable: all-reduce the max, then the shifted sums."""
+    if not distributed():
+        return local_lse
+    peak = all_reduce_(local_lse.clone(), dist.ReduceOp.MAX, group)
+    shift = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = all_reduce_(torch.exp(local_lse - shift), dist.ReduceOp.SUM, group)
+    return shift + torch.log(total)
+
+
+def sinkhorn_log_scaling(row_lse: Callable[[torch.Tensor], torch.Tensor],
+                         col_lse: Callable[[torch.Tensor], torch.Tensor],
+                         n_rows: int, K: int, n_iterations: int, device, group=None) -> torch.Tensor:
+    """log r [K] of DINOv2's Sinkhorn-Knopp, Q_kj = exp(l_jk/τ)·r_k·c_j (reference_math.md §2.3).
+
+    ``row_lse(log_c)`` returns, for every prototype k, LSE_j(l_jk/τ + log_c_j) over this rank's rows;
+    ``col_lse(log_r)`` returns, for every row j, LSE_k(l_jk/τ + log_r_k). The global normalisation
+    Q/ΣQ is a uniform column scale, and a uniform scale of c only rescales r, which the final column
+    normalisation cancels, so it is left out (log c starts at 0).
+    """
+    n_total = all_reduce_(torch.tensor([float(n_rows)], dtype=torch.float64, device=device),
+                          group=group).item()
+    log_k, log_b = math.log(K), math.log(max(n_total, 1.0))
+    log_c = torch.zeros(n_rows, dtype=torch.float32, device=device)
+    log_r = None
+    for it in range(n_iterations):
+        log_r = -global_logsumexp_(row_lse(log_c), group) - log_k   # rows: Σ over all ranks' tokens
+        if it + 1 < n_iterations:   # the last column update is the softmax applied by the loss itself
+            log_c = -col_lse(log_r) - log_b                          # columns: local per token
+    return log_r
+
+
+def teacher_bias(center, teacher_temp: float, centering: str, K: int, device,
+                 sinkhorn: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """The fp32 bias b [K] with teacher targets p_j = softmax(l_j/τ_t + b)."""
+    if centering == "softmax":
+        if center is None:
+            return torch.zeros(K, dtype=torch.float32, device=device)
+        return -center.detach().float().reshape(K) / teacher_temp
+    return sinkhorn()
