@@ -1,0 +1,153 @@
+"""``evaluate(model, tokenizer, cfg)``: zero-shot retrieval, classification and segmentation of a
+TIPS model on a held-out set. The training loop calls it every ``eval.every`` steps; ``fasttips eval``
+calls it on a checkpoint.
+
+Result keys (flat, so they can go straight into metrics.jsonl; values are fractions in [0, 1]):
+  ret/cls1_alt/{i2t,t2i}_r{1,5}    CLS#1 ↔ alt-text retrieval
+  ret/cls2_{short,long}/...        CLS#2 ↔ synthetic caption retrieval (each granularity present)
+  cls/cls{1,2}_acc                 zero-shot classification (image label vs class-name prompts)
+  seg/miou, seg/pixel_acc          zero-shot segmentation: patch embeddings vs class names (TIPS),
+                                   scored on the exact masks, classes absent from both ignored
+  n_images
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .metrics import IGNORE_INDEX, accuracy, confusion_matrix, iou_per_class, mean_iou, pixel_accuracy, recall_at_k
+from .zeroshot import DEFAULT_TEMPLATES, average_prompts, class_prompts, classify, normalize, segment
+
+
+@dataclass
+class EvalSet:
+    """A held-out set in memory.
+
+    images:   float [N, 3, H, W], already normalised like training pixels
+    captions: {"alt": [N str], "short": [N str], "long": [N str]} (any subset; empty strings allowed)
+    class_names: the C class names of the segmentation / classification vocabulary (or empty)
+    masks:    int [N, H, W] class index per pixel (IGNORE_INDEX = unlabelled), or None
+    labels:   int [N] one class per image for zero-shot classification, or None
+    """
+    images: torch.Tensor
+    captions: dict[str, list[str]] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+    masks: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    keys: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        n = self.images.shape[0]
+        if self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images: expected [N, 3, H, W], got {list(self.images.shape)}")
+        for kind, texts in self.captions.items():
+            if len(texts) != n:
+                raise ValueError(f"captions[{kind!r}]: {len(texts)} captions for {n} images")
+        if self.masks is not None and tuple(self.masks.shape) != (n, *self.images.shape[-2:]):
+            raise ValueError(f"masks: expected [{n}, {self.images.shape[-2]}, {self.images.shape[-1]}], "
+                             f"got {list(self.masks.shape)}")
+        if (self.masks is not None or self.labels is not None) and not self.class_names:
+            raise ValueError("class_names: needed when masks or labels are given")
+        if self.labels is not None and tuple(self.labels.shape) != (n,):
+            raise ValueError(f"labels: expected [{n}], got {list(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, n: int) -> "EvalSet":
+        n = min(n, len(self))
+        return EvalSet(self.images[:n], {k: v[:n] for k, v in self.captions.items()}, list(self.class_names),
+                       None if self.masks is None else self.masks[:n],
+                       None if self.labels is None else self.labels[:n], self.keys[:n])
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def encode_images(model, images: torch.Tensor, batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Vision outputs for all images, in batches: {"cls1" [N, D], "cls2" [N, D], "patch" [N, Np, D]}."""
+    device = _device_of(model)
+    outs: dict[str, list[torch.Tensor]] = {"cls1": [], "cls2": [], "patch": []}
+    for i in range(0, images.shape[0], batch_size):
+        y = model.vision(images[i:i + batch_size].to(device))
+        for k in outs:
+            outs[k].append(y[k].float().cpu())
+    return {k: torch.cat(v) for k, v in outs.items()}
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+    """Pooled text embeddings ``[len(texts), D]``."""
+    device = _device_of(model)
+    chunks = []
+    for i in range(0, len(texts), batch_size):
+        ids, pad = tokenizer.encode(list(texts[i:i + batch_size]))
+        chunks.append(model.text(ids.to(device), pad.to(device)).float().cpu())
+    return torch.cat(chunks)
+
+
+def retrieval_metrics(cls1, cls2, text_emb: dict[str, torch.Tensor]) -> dict[str, float]:
+    out = {}
+    for kind, emb in text_emb.items():
+        image = cls1 if kind == "alt" else cls2          # CLS#1 ↔ alt-text, CLS#2 ↔ synthetic captions
+        sim = normalize(image) @ normalize(emb).T
+        for name, value in recall_at_k(sim, ks=(1, 5)).items():
+            out[f"ret/{'cls1' if kind == 'alt' else 'cls2'}_{kind}/{name}"] = value
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, cfg=None, eval_set: EvalSet | None = None, n_images: int | None = None,
+             templates: tuple[str, ...] = DEFAULT_TEMPLATES, batch_size: int = 32,
+             per_class: bool = False, return_features: bool = False) -> dict:
+    """Zero-shot metrics of ``model`` on ``eval_set`` (default: the demo eval split, ``cfg.eval.n_images``
+    images). The model is put in eval mode and restored to its previous mode afterwards.
+
+    All values are floats (plus the int ``n_images``) unless ``per_class``, which adds
+    ``seg/iou_per_class`` {class name: IoU or None}. ``return_features`` also returns the image
+    features (for the PCA picture)."""
+    if eval_set is None:
+        from .data import load_eval_set
+        eval_set = load_eval_set(cfg, n_images=n_images)
+    n = n_images if n_images is not None else (cfg.eval.n_images if cfg is not None else len(eval_set))
+    eval_set = eval_set.subset(n)
+    if len(eval_set) < 2:
+        raise ValueError(f"eval_set: need at least 2 images for retrieval, got {len(eval_set)}")
+
+    was_training = model.training
+    model.eval()
+    try:
+        feats = encode_images(model, eval_set.images, batch_size)
+        captions = {k: v for k, v in eval_set.captions.items() if all(t.strip() for t in v)}
+        text_emb = {k: encode_texts(model, tokenizer, v) for k, v in captions.items()}
+        class_emb = None
+        if eval_set.class_names:
+            prompts = class_prompts(eval_set.class_names, templates)
+            class_emb = average_prompts(encode_texts(model, tokenizer, prompts), len(eval_set.class_names))
+    finally:
+        model.train(was_training)
+
+    result: dict = {"n_images": len(eval_set)}
+    result.update(retrieval_metrics(feats["cls1"], feats["cls2"], text_emb))
+    if eval_set.labels is not None:
+        result["cls/cls1_acc"] = accuracy(classify(feats["cls1"], class_emb), eval_set.labels)
+        result["cls/cls2_acc"] = accuracy(classify(feats["cls2"], class_emb), eval_set.labels)
+    if eval_set.masks is not None:
+        C = len(eval_set.class_names)
+        cm = torch.zeros(C, C, dtype=torch.long)
+        for i in range(0, len(eval_set), batch_size):
+            pred = segment(feats["patch"][i:i + batch_size], class_emb, tuple(eval_set.images.shape[-2:]))
+            cm += confusion_matrix(pred, eval_set.masks[i:i + batch_size], C, IGNORE_INDEX)
+        result["seg/miou"] = mean_iou(cm)
+        result["seg/pixel_acc"] = pixel_accuracy(cm)
+        if per_class:
+            iou = iou_per_class(cm)
+            result["seg/iou_per_class"] = {name: (None if v != v else round(v, 4))
+                                           for name, v in zip(eval_set.class_names, iou.tolist())}
+    if return_features:
+        return result, feats
+    return result

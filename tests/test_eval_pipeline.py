@@ -1,0 +1,91 @@
+"""evaluate() end to end on an oracle model whose embeddings are known, so every metric has a known value."""
+import pytest
+import torch
+from torch import nn
+
+from fasttips.eval.evaluate import EvalSet, evaluate
+from fasttips.eval.report import table
+
+CLASSES = ["sky", "grass", "red circle", "blue square"]
+N, P, S, D = 6, 4, 16, 32          # images, patch size, image size, embedding width
+
+
+class OracleTokenizer:
+    """Each text becomes one token: its class (0..C-1) when it names one, else C + image index."""
+
+    def encode(self, texts):
+        ids = []
+        for t in texts:
+            hit = [c for c, name in enumerate(CLASSES) if name in t]
+            ids.append(hit[0] if hit else len(CLASSES) + int(t.split()[-1]))
+        ids = torch.tensor(ids)[:, None] + 1          # 0 is the pad id
+        return ids, torch.zeros_like(ids, dtype=torch.bool)
+
+
+class OracleModel(nn.Module):
+    """Patch embedding = one-hot of the class painted in channel 0 at the patch; CLS#1 = CLS#2 =
+    one-hot of the image index (channel 1) + one-hot of the image label (channel 2);
+    text = one-hot of its token."""
+
+    def __init__(self, swap_classes=False):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.swap = swap_classes
+
+    def vision(self, x, masks=None):
+        cls_map = x[:, 0, P // 2::P, P // 2::P].round().long().flatten(1)     # [B, Np]
+        patch = nn.functional.one_hot(cls_map, D).float()
+        cls = (nn.functional.one_hot(x[:, 1, 0, 0].round().long() + len(CLASSES), D)
+               + nn.functional.one_hot(x[:, 2, 0, 0].round().long(), D)).float()
+        return {"cls1": cls, "cls2": cls, "patch": patch}
+
+    def text(self, ids, pad):
+        tok = ids[:, 0] - 1
+        if self.swap:   # a model that confuses class names: class c reads as class c+1
+            tok = torch.where(tok < len(CLASSES), (tok + 1) % len(CLASSES), tok)
+        return nn.functional.one_hot(tok, D).float()
+
+
+def make_eval_set(gen):
+    grid = S // P
+    patch_labels = torch.randint(0, len(CLASSES), (N, grid, grid), generator=gen)
+    masks = patch_labels.repeat_interleave(P, 1).repeat_interleave(P, 2)
+    images = torch.zeros(N, 3, S, S)
+    images[:, 0] = masks.float()
+    images[:, 1] = torch.arange(N, dtype=torch.float)[:, None, None]
+    labels = torch.mode(patch_labels.flatten(1), dim=1).values
+    images[:, 2] = labels.float()[:, None, None]
+    caps = {"alt": [f"alt {i}" for i in range(N)], "short": [f"short {i}" for i in range(N)],
+            "long": [""] * N}   # an empty granularity is skipped
+    return EvalSet(images, caps, CLASSES, masks, labels)
+
+
+def test_oracle_model_scores_perfectly(seed):
+    es = make_eval_set(torch.Generator().manual_seed(seed))
+    model = OracleModel().train()
+    res = evaluate(model, OracleTokenizer(), eval_set=es, n_images=N, batch_size=4, per_class=True)
+    assert model.training, "evaluate must restore the training mode"
+    assert res["n_images"] == N
+    for key in ("ret/cls1_alt/i2t_r1", "ret/cls1_alt/t2i_r1", "ret/cls2_short/i2t_r5", "cls/cls1_acc"):
+        assert res[key] == 1.0, key
+    assert not any(k.startswith("ret/cls2_long") for k in res)
+    # bilinear upsampling may flip a few corner pixels where three neighbours share another class
+    assert res["seg/miou"] > 0.85 and res["seg/pixel_acc"] > 0.9
+    assert set(res["seg/iou_per_class"]) == set(CLASSES)
+    assert "mIoU" in table({"oracle": res})
+
+
+def test_confused_class_names_score_zero(seed):
+    es = make_eval_set(torch.Generator().manual_seed(seed))
+    res = evaluate(OracleModel(swap_classes=True), OracleTokenizer(), eval_set=es, n_images=N)
+    assert res["seg/miou"] < 0.05 and res["cls/cls1_acc"] == 0.0
+    assert res["ret/cls1_alt/i2t_r1"] == 1.0     # retrieval does not use class names
+
+
+def test_eval_set_validates_its_fields():
+    with pytest.raises(ValueError, match="captions"):
+        EvalSet(torch.zeros(2, 3, 8, 8), {"alt": ["one"]})
+    with pytest.raises(ValueError, match="class_names"):
+        EvalSet(torch.zeros(2, 3, 8, 8), masks=torch.zeros(2, 8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="masks"):
+        EvalSet(torch.zeros(2, 3, 8, 8), class_names=["a"], masks=torch.zeros(2, 4, 4, dtype=torch.long))
