@@ -1,0 +1,78 @@
+"""Softmax centering with DINOv2 semantics (reference_math.md §2.2).
+
+The teacher targets of batch i are ``softmax((l_t − c)/τ_t)`` with the center ``c`` built from batches
+≤ i−1. After the targets are computed the batch statistic (mean teacher logit over this rank's rows)
+is all-reduced *asynchronously*; the next ``current()`` call waits for it and applies
+``c ← m·c + (1−m)·mean_over_ranks(stat)``. The initial center is 0.
+
+The center and the pending statistic are buffers, so the state checkpoints exactly; a checkpoint taken
+between ``update`` and the next ``current`` keeps the pending statistic and applies it on resume.
+Sinkhorn-Knopp centering uses no center; it is done inside ``fasttips.kernels.prototype_cross_entropy``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _distributed(group) -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class Centering(nn.Module):
+    def __init__(self, dim: int, momentum: float = 0.9, group=None):
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"Centering: dim must be >= 1, got {dim}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"Centering: momentum must be in [0, 1], got {momentum}")
+        self.momentum = float(momentum)
+        self.group = group
+        self.register_buffer("center", torch.zeros(dim))
+        self.register_buffer("pending", torch.zeros(dim))          # mean statistic not yet applied
+        self.register_buffer("has_pending", torch.zeros(1, dtype=torch.bool))
+        self._work = None                                          # in-flight all-reduce, if any
+
+    def _wait(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+
+    @torch.no_grad()
+    def current(self) -> torch.Tensor:
+        """The center to use for this batch (applies the previous batch's statistic first)."""
+        self._wait()
+        if bool(self.has_pending):
+            self.center.mul_(self.momentum).add_(self.pending, alpha=1.0 - self.momentum)
+            self.has_pending.zero_()
+        return self.center
+
+    @torch.no_grad()
+    def update(self, batch_mean: torch.Tensor | None) -> None:
+        """Queue this batch's statistic (mean teacher logit over this rank's rows, shape [K]).
+
+        ``None`` means this rank had no teacher rows (e.g. no masked patch): it then contributes
+        the current center, so every rank still joins the all-reduce.
+        """
+        self._wait()
+        if batch_mean is None:
+            if not _distributed(self.group):
+                return
+            batch_mean = self.current()
+        if batch_mean.numel() != self.center.numel():
+            raise ValueError(f"Centering.update: batch_mean must have {self.center.numel()} entries, "
+                             f"got shape {list(batch_mean.shape)}")
+        self.pending.copy_(batch_mean.detach().reshape(-1).float())
+        self.has_pending.fill_(True)
+        if _distributed(self.group):
+            # Pre-divide so the SUM all-reduce yields the mean of per-rank means (DINOv2).
+            self.pending.div_(dist.get_world_size(self.group))
+            self._work = dist.all_reduce(self.pending, group=self.group, async_op=True)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._wait()                      # never checkpoint a half-reduced statistic
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.center.numel()}, momentum={self.momentum}"
