@@ -1,0 +1,152 @@
+"""``fasttips ablate ibot-vs-ibotpp``: the TIPSv2 iBOT++ claim at toy scale.
+
+Trains the ``tiny`` preset twice per seed, everything equal (seed, data order, initialisation,
+steps) except ``loss.ibot_tokens``: ``masked`` (DINOv2 iBOT: patch loss on masked tokens only) and
+``all`` (TIPSv2 iBOT++: patch loss on every token). Both runs are evaluated on the held-out demo
+scenes and the metrics are printed side by side with the seeds, plus the mean over seeds and the
+difference (iBOT++ − iBOT). A run whose final checkpoint already exists is not trained again, so an
+interrupted ablation resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = (("masked", "iBOT"), ("all", "iBOT++"))
+ABLATIONS = ("ibot-vs-ibotpp",)
+SUMMARY_ROWS = (
+    ("seg/miou", "zero-shot seg mIoU"),
+    ("seg/pixel_acc", "zero-shot seg pixel acc"),
+    ("cls/cls1_acc", "zero-shot cls acc, CLS#1"),
+    ("cls/cls2_acc", "zero-shot cls acc, CLS#2"),
+    ("ret/cls1_alt/i2t_r1", "CLS#1-alt  I->T R@1"),
+    ("ret/cls1_alt/t2i_r1", "CLS#1-alt  T->I R@1"),
+    ("ret/cls2_short/i2t_r1", "CLS#2-short I->T R@1"),
+    ("ret/cls2_short/t2i_r1", "CLS#2-short T->I R@1"),
+    ("ret/cls2_long/i2t_r1", "CLS#2-long I->T R@1"),
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fasttips ablate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ablation", choices=ABLATIONS, help="which ablation to run")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: 0,1,2)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the preset's)")
+    p.add_argument("--preset", default="tiny", help="config preset (default: tiny)")
+    p.add_argument("--out", default="runs/ablate-ibot", help="folder for the runs and ablation.json")
+    p.add_argument("--n-images", type=int, default=None, help="eval images (default: eval.n_images)")
+    p.add_argument("--device", default="cpu", help="train.device for every run (default: cpu)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="extra config overrides applied to BOTH runs (e.g. data.batch_size=8)")
+    return p
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers like 0,1,2, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: need at least one seed and no repeats, got {text!r}")
+    return seeds
+
+
+def train_overrides(args, seed: int, tokens: str, run_dir: Path) -> list[str]:
+    """The only differences between the two runs of a seed are ``loss.ibot_tokens`` and the run dir."""
+    over = [f"preset={args.preset}", f"train.seed={seed}", f"loss.ibot_tokens={tokens}",
+            f"train.run_dir={run_dir}", f"train.device={args.device}", "eval.every=0"]
+    if args.steps is not None:
+        over.append(f"train.steps={args.steps}")
+    return over + list(args.overrides)
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    from fasttips.distributed.checkpoint import latest_checkpoint
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    return latest is not None and latest[0] >= steps
+
+
+def train_and_evaluate(args, seed: int, tokens: str, out: Path, eval_set_cache: dict) -> dict:
+    from fasttips import config as config_mod
+    from fasttips import train
+
+    from .data import load_eval_set
+    from .evaluate import evaluate
+    from .loading import load_for_eval
+
+    run_dir = out / f"seed{seed}-{tokens}"
+    over = train_overrides(args, seed, tokens, run_dir)
+    # the final checkpoint must exist for evaluation, whatever ckpt_every is
+    steps = config_mod.load(None, over).train.steps
+    over.append(f"train.ckpt_every={steps}")
+    t0 = time.time()
+    if _finished(run_dir, steps):
+        print(f"[ablate] {run_dir}: already trained, evaluating", flush=True)
+    else:
+        print(f"[ablate] training {run_dir}: fasttips train {' '.join(over)}", flush=True)
+        rc = train.main(over)
+        if rc not in (0, None):
+            raise RuntimeError(f"training {run_dir} failed with exit code {rc}")
+    train_s = time.time() - t0
+    model, tokenizer, cfg, ckpt = load_for_eval(run_dir)
+    n = args.n_images or cfg.eval.n_images
+    key = (n, cfg.data.global_size)
+    if key not in eval_set_cache:
+        eval_set_cache[key] = load_eval_set(cfg, n_images=n)
+    result = evaluate(model, tokenizer, cfg, eval_set=eval_set_cache[key], n_images=n)
+    result.update(seed=seed, ibot_tokens=tokens, checkpoint=str(ckpt), train_seconds=round(train_s, 1),
+                  overrides=over)
+    return result
+
+
+def summarize(results: list[dict], seeds: list[int]) -> dict[str, dict]:
+    """Table columns: each run, then the mean over seeds per variant and the difference."""
+    columns: dict[str, dict] = {}
+    for seed in seeds:
+        for tokens, name in VARIANTS:
+            columns[f"{name} s{seed}"] = next(r for r in results if r["seed"] == seed and r["ibot_tokens"] == tokens)
+    means = {}
+    for tokens, name in VARIANTS:
+        runs = [r for r in results if r["ibot_tokens"] == tokens]
+        means[name] = {k: statistics.fmean(r[k] for r in runs) for k, _ in SUMMARY_ROWS
+                       if all(isinstance(r.get(k), float) for r in runs)}
+        columns[f"{name} mean"] = means[name]
+    columns["diff"] = {k: means["iBOT++"][k] - means["iBOT"][k] for k in means["iBOT++"] if k in means["iBOT"]}
+    return columns
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .report import table
+
+    args = _parser().parse_args(argv)
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        print(f"fasttips ablate: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, cache = [], {}
+    for seed in seeds:
+        for tokens, _ in VARIANTS:
+            results.append(train_and_evaluate(args, seed, tokens, out, cache))
+    columns = summarize(results, seeds)
+    text = table(columns, rows=SUMMARY_ROWS)
+    command = "fasttips ablate " + " ".join(argv if argv is not None else sys.argv[1:])
+    summary = {"command": command, "seeds": seeds, "runs": results, "mean": {k: v for k, v in columns.items()
+                                                                          if k.endswith("mean") or k == "diff"}}
+    (out / "ablation.json").write_text(json.dumps(summary, indent=2))
+    print(f"\niBOT (loss.ibot_tokens=masked) vs iBOT++ (loss.ibot_tokens=all), seeds {seeds}, "
+          f"{results[0]['n_images']} eval images (values in %, diff = iBOT++ - iBOT)")
+    print(text)
+    print(f"wrote {out / 'ablation.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

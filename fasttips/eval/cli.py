@@ -1,0 +1,89 @@
+"""``fasttips eval RUN_DIR_OR_CHECKPOINT``: zero-shot metrics of a trained model on held-out data.
+
+Writes ``eval.json`` (all metrics, per-class IoU, what was evaluated) and ``pca.png`` (the PCA
+picture of patch features for a few images) to ``--out`` and prints a short table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DESCRIPTION = __doc__.splitlines()[0]
+
+
+def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
+                        help="a run dir of 'fasttips train' (newest complete checkpoint) or a step_* folder")
+    parser.add_argument("--split", default="eval",
+                        help="split of the embedded demo data to evaluate on (default: eval, the held-out "
+                             "procedural scenes with exact masks)")
+    parser.add_argument("--data", default=None,
+                        help="a folder or glob of .tar shards in the demo caption format instead of the "
+                             "demo data (masks and class names are used when the shards carry them)")
+    parser.add_argument("--n-images", type=int, default=None,
+                        help="evaluate on the first N images (default: eval.n_images of the run's config)")
+    parser.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval)")
+    parser.add_argument("--pca-images", type=int, default=4, help="images in the PCA picture (0 = none)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
+    return parser
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``eval`` on an argparse sub-parser set (for a single argparse-based CLI)."""
+    parser = subparsers.add_parser("eval", help=DESCRIPTION, description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    _configure(parser)
+    parser.set_defaults(func=lambda args: run(args))
+    return parser
+
+
+def run(args) -> int:
+    from .data import load_eval_set
+    from .evaluate import evaluate
+    from .loading import CheckpointNotFound, load_for_eval
+    from .pca import save_pca_png
+    from .report import table, write_json
+
+    if args.n_images is not None and args.n_images < 2:
+        print(f"fasttips eval: --n-images must be >= 2 (retrieval needs candidates), got {args.n_images}",
+              file=sys.stderr)
+        return 2
+    try:
+        model, tokenizer, cfg, ckpt = load_for_eval(args.path, device=args.device)
+    except CheckpointNotFound as e:
+        print(f"fasttips eval: {e}", file=sys.stderr)
+        return 2
+    n = args.n_images or cfg.eval.n_images
+    eval_set = load_eval_set(cfg, split=args.split, path=args.data, n_images=n)
+    result, feats = evaluate(model, tokenizer, cfg, eval_set=eval_set, n_images=n, per_class=True,
+                             return_features=True)
+    result["checkpoint"] = str(ckpt)
+    result["split"] = args.data or args.split
+
+    out = Path(args.out) if args.out else ckpt / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "eval.json", result)
+    if args.pca_images > 0:
+        k = min(args.pca_images, len(eval_set))
+        grid = model.vision.patch_embed.grid(*eval_set.images.shape[-2:])
+        save_pca_png(out / "pca.png", feats["patch"][:k], grid, eval_set.images[:k])
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{ckpt}  ({result['n_images']} images, split {result['split']})")
+        print(table({"value": result}))
+        print(f"wrote {out / 'eval.json'}" + (f" and {out / 'pca.png'}" if args.pca_images > 0 else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _configure(argparse.ArgumentParser(prog="fasttips eval", description=__doc__,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

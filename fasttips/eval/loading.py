@@ -1,0 +1,85 @@
+"""Load a trained model (and its tokenizer and config) for evaluation on one CPU process.
+
+Accepts a run directory (the newest complete checkpoint under ``<run>/checkpoints`` is used) or one
+checkpoint folder (``step_XXXXXXXX`` holding ``COMPLETE``). The DCP shards are read with
+``torch.distributed.checkpoint.load`` and no process group, which reassembles FSDP-sharded tensors
+into plain ones whatever the world size of the training run was.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from fasttips import config as config_mod
+from fasttips.distributed.checkpoint import MARKER, latest_checkpoint
+
+
+class CheckpointNotFound(FileNotFoundError):
+    pass
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run dir or a checkpoint folder → the checkpoint folder to load."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointNotFound(f"RUN_DIR_OR_CHECKPOINT: {str(p)!r} does not exist")
+    if (p / MARKER).is_file():
+        return p
+    if p.name.startswith("step_") and not (p / MARKER).is_file():
+        raise CheckpointNotFound(f"RUN_DIR_OR_CHECKPOINT: {p} is an incomplete checkpoint (no {MARKER} "
+                                 "marker: its write never finished)")
+    latest = latest_checkpoint(p / "checkpoints")
+    if latest is None:
+        raise CheckpointNotFound(f"RUN_DIR_OR_CHECKPOINT: {p} holds no complete checkpoint under "
+                                 f"{p / 'checkpoints'}; pass a run dir of 'fasttips train' or a step_* folder")
+    return latest[1]
+
+
+def _model_prefix(saved_keys: set[str], model_keys: list[str]) -> str:
+    """The prefix under which the trainer stored the model's state dict ("model." usually)."""
+    probe = next(k for k in model_keys if k.startswith("vision."))
+    candidates = [k[: -len(probe)] for k in saved_keys if k.endswith(probe)]
+    # the shortest prefix is the student (a full-EMA teacher would sit under a longer one)
+    for prefix in sorted(candidates, key=len):
+        if all(prefix + k in saved_keys for k in model_keys if k.startswith(("vision.", "text."))):
+            return prefix
+    raise KeyError(f"checkpoint holds no vision/text weights matching the model (looked for '*{probe}')")
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: Path) -> list[str]:
+    """Fill ``model`` from the DCP shards in ``ckpt``; return the model keys that were not found
+    (heads of a different layout, say). The vision and text towers must be complete."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    own = model.state_dict()
+    prefix = _model_prefix(saved, list(own))
+    wanted = {prefix + k: v for k, v in own.items() if prefix + k in saved}
+    with warnings.catch_warnings():       # "no process group: loading in a single process" is the point
+        warnings.simplefilter("ignore")
+        dcp.load(wanted, checkpoint_id=str(ckpt))
+    model.load_state_dict({k[len(prefix):]: v for k, v in wanted.items()}, strict=False)
+    return [k for k in own if prefix + k not in saved]
+
+
+def load_for_eval(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer, cfg, checkpoint folder) from a run dir or a checkpoint."""
+    from fasttips.data.tokenizer import Tokenizer
+    from fasttips.models import build_model
+
+    ckpt = resolve_checkpoint(path)
+    cfg_file = ckpt / "config.yaml"
+    if not cfg_file.is_file():
+        cfg_file = ckpt.parent.parent / "config.yaml"      # the run dir's resolved config
+    if not cfg_file.is_file():
+        raise CheckpointNotFound(f"{ckpt}: no config.yaml in the checkpoint or its run dir")
+    cfg = config_mod.load(cfg_file)
+    tok_file = ckpt / "tokenizer.model"
+    if not tok_file.is_file():
+        raise CheckpointNotFound(f"{ckpt}: no tokenizer.model (checkpoints carry the tokenizer they trained with)")
+    tokenizer = Tokenizer.from_bytes(tok_file.read_bytes(), max_len=cfg.text.max_len)
+    model = build_model(cfg, device="cpu")
+    load_model_weights(model, ckpt)
+    return model.to(device).eval(), tokenizer, cfg, ckpt
