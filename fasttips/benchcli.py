@@ -1,0 +1,80 @@
+"""``fasttips bench``: run the benchmarks in bench/ and print their ratio tables, or redraw the plots.
+
+    fasttips bench [attention|dino-loss|ema|data|step|all ...] [--quick] [--plot] [--no-write]
+
+Benchmarks are scripts in the source checkout's bench/ folder (they are not installed), each exposing
+``run(quick) -> harness.Bench``. Results are appended as JSON lines to bench/results/; ``--plot``
+redraws the PNG plots from those files (it runs nothing when given alone).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCHES = {
+    "attention": ("bench_attention.py", "torch-sdpa-best"),
+    "dino-loss": ("bench_dino_loss.py", "naive-eager"),
+    "ema": ("bench_ema.py", "foreach_lerp"),
+    "data": ("bench_data.py", None),
+    "step": ("bench_train_step.py", None),
+}
+
+
+def bench_dir() -> Path:
+    here = Path(__file__).resolve().parents[1] / "bench"
+    if not (here / "harness.py").is_file():
+        raise SystemExit("fasttips bench: needs a source checkout with bench/ beside fasttips/ "
+                         "(install with `pip install -e .` from the repository)")
+    return here
+
+
+def load_bench(filename: str):
+    folder = bench_dir()
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(Path(filename).stem, folder / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fasttips bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", default=[], metavar="NAME",
+                   help=f"benchmarks to run: {', '.join(BENCHES)} or all (default: all, unless --plot)")
+    p.add_argument("--quick", action="store_true", help="small shapes and short timing windows "
+                   "(under 2 minutes on a GPU; runs on CPU with the reference backends)")
+    p.add_argument("--plot", action="store_true", help="redraw the PNG plots from bench/results/*.jsonl")
+    p.add_argument("--no-write", action="store_true", help="print the tables but write no JSON")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    names = list(args.names) or ([] if args.plot else ["all"])
+    if "all" in names:
+        names = list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        print(f"fasttips bench: unknown benchmark(s) {unknown}; choose from {list(BENCHES) + ['all']}",
+              file=sys.stderr)
+        return 2
+    for name in names:
+        filename, baseline = BENCHES[name]
+        module = load_bench(filename)
+        bench = module.run(quick=args.quick)
+        bench.report(baseline=getattr(module, "BASELINE", baseline))
+        if not args.no_write:
+            print(f"wrote {bench.write()}")
+    if args.plot:
+        plots = load_bench("plots.py")
+        for path in plots.draw_all():
+            print(f"plot {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
