@@ -1,0 +1,154 @@
+"""Building blocks shared by the vision and text towers.
+
+Every tower works on a flat token stream ``x`` of shape [T, D] plus a ``Packing`` that says how the
+T tokens split into sequences. Linears, norms and MLPs act per token and never need the split; only
+attention (and per-sample drop-path) read it. This is what lets crops of different sizes run as one
+pass: their tokens are concatenated and attention is one packed (varlen) call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fasttips import kernels
+
+INIT_STD = 0.02
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """Normal(0, std) truncated at ±2 std (the usual ViT init, but truncated in units of std)."""
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
+def init_linears_and_norms(module: nn.Module, std: float = INIT_STD) -> None:
+    """Linear weights trunc-normal(std), biases 0; LayerNorm weight 1, bias 0 (whole subtree)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+@dataclass
+class Packing:
+    """How a flat [T, D] token stream splits into sequences.
+
+    ``uniform`` is the common length when every sequence has the same length; then attention takes
+    the dense [S, H, n, d] path (optionally with ``key_padding_mask`` [S, n]). Otherwise it is None
+    and attention is a single varlen call over ``cu_seqlens``.
+    """
+    lengths: torch.Tensor                    # int64 [S], on the tokens' device
+    cu_seqlens: torch.Tensor                 # int32 [S + 1], on the tokens' device
+    max_seqlen: int
+    uniform: int | None
+    key_padding_mask: torch.Tensor | None = None
+    _token_seq: torch.Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int], device, key_padding_mask=None) -> "Packing":
+        lens = torch.tensor(lengths, dtype=torch.int64, device=device)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
+        cu[1:] = torch.cumsum(lens, 0)
+        uniform = lengths[0] if lengths and all(n == lengths[0] for n in lengths) else None
+        if key_padding_mask is not None and uniform is None:
+            raise ValueError("Packing: key_padding_mask needs sequences of equal length")
+        return cls(lens, cu, max(lengths, default=0), uniform, key_padding_mask)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.lengths.numel()
+
+    def per_token(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        """Broadcast a per-sequence tensor [S, ...] to the tokens [T, ...]."""
+        if self.uniform is not None:
+            return per_sequence.repeat_interleave(self.uniform, dim=0)
+        if self._token_seq is None:
+            self._token_seq = torch.repeat_interleave(
+                torch.arange(self.num_sequences, device=self.lengths.device), self.lengths)
+        return per_sequence[self._token_seq]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on packed tokens; the attention itself is a fasttips.kernels op."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"Attention: heads={heads} must divide dim={dim}")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        T, D = x.shape
+        qkv = self.qkv(x).view(T, 3, self.heads, self.head_dim)
+        if packing.uniform is not None:
+            S, n = packing.num_sequences, packing.uniform
+            q, k, v = qkv.view(S, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            out = kernels.attention(q, k, v, key_padding_mask=packing.key_padding_mask)  # [S, H, n, d]
+            out = out.transpose(1, 2).reshape(T, D)
+        else:
+            q, k, v = qkv.unbind(1)                                                       # [T, H, d]
+            out = kernels.attention_varlen(q, k, v, packing.cu_seqlens, max_seqlen=packing.max_seqlen)
+            out = out.reshape(T, D)
+        return self.proj(out)
+
+
+class GeluMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Exact GELU, as the TIPS PyTorch port (flax defaults to the tanh approximation).
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """out = w3(silu(x W1) ⊙ x W2), with W1 and W2 fused into one ``w12`` matmul."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.init_value = init_value
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def init_weights(self) -> None:
+        nn.init.constant_(self.gamma, self.init_value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+def drop_path_scale(packing: Packing, rate: float, training: bool, like: torch.Tensor):
+    """Per-token multiplier for stochastic depth: one keep/drop draw per *sequence* (= image),
+    kept branches scaled by 1/(1 − rate). None when inactive."""
+    if not training or rate <= 0.0:
+        return None
+    keep = torch.rand(packing.num_sequences, device=like.device) >= rate
+    scale = keep.to(like.dtype) / (1.0 - rate)
+    return packing.per_token(scale).unsqueeze(-1)
+
+
+def add_residual(x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return x + branch if scale is None else x + branch * scale
