@@ -1,0 +1,166 @@
+"""Sharded checkpoints that are either complete or invisible.
+
+Layout of ``<run_dir>/checkpoints``::
+
+    step_00000030/          a complete checkpoint (it holds COMPLETE)
+        .metadata, *.distcp     DCP: model, optimiser, teacher heads, centers (sharded tensors)
+        rank_00000.pt ...       per-rank state: RNG streams, data position
+        config.yaml, tokenizer.model, meta.json   (written by rank 0)
+        COMPLETE                written last
+    .tmp-step_00000060/     a write in progress, or one that died (ignored, removed later)
+
+A checkpoint is written into a temporary folder; when every rank has finished, rank 0 writes the
+``COMPLETE`` marker, syncs, and renames the folder to its final name. A crash at any moment
+therefore leaves either the previous complete checkpoints or a new complete one, never a folder
+that looks valid but is not. Only folders holding the marker are ever loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_TMP_PREFIX = ".tmp-"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def complete_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir() and (child / MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> tuple[int, Path] | None:
+    found = complete_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+class CheckpointManager:
+    """Atomic DCP save/load under ``ckpt_root``, keeping the last ``keep`` complete checkpoints."""
+
+    def __init__(self, ckpt_root: str | Path, keep: int, ctx):
+        if keep < 1:
+            raise ValueError(f"train.keep_ckpts: must be >= 1, got {keep}")
+        self.root = Path(ckpt_root)
+        self.keep = keep
+        self.ctx = ctx
+
+    # -- save -----------------------------------------------------------------------------------
+    def save(self, step: int, sharded_state: dict, rank_state: dict, files: dict[str, bytes],
+             meta: dict) -> Path:
+        """Write checkpoint ``step``: ``sharded_state`` through DCP (collective), ``rank_state`` per
+        rank with torch.save, ``files`` (name → bytes) and ``meta`` by rank 0; then mark and rename."""
+        ctx = self.ctx
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f"{_TMP_PREFIX}{step_dir_name(step)}"
+        if (final / MARKER).is_file():
+            return final                               # this exact state is already on disk
+        if ctx.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)     # a write that died earlier
+            tmp.mkdir(parents=True)
+        ctx.barrier()
+        dcp.save(sharded_state, checkpoint_id=str(tmp))
+        _write_file_atomic(tmp / f"rank_{ctx.rank:05d}.pt", _torch_bytes(rank_state))
+        if ctx.is_main:
+            for name, data in files.items():
+                _write_file_atomic(tmp / name, data)
+            meta = {**meta, "step": step, "world_size": ctx.world_size, "time": time.time()}
+            _write_file_atomic(tmp / "meta.json", json.dumps(meta, indent=2).encode())
+        _maybe_pause_for_test(step)
+        ctx.barrier()                                  # every rank's shards are on disk
+        if ctx.is_main:
+            _write_file_atomic(tmp / MARKER, f"{step}\n".encode())
+            _fsync_dir(tmp)
+            if final.exists():                         # an unmarked leftover of the same step
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            self._prune()
+        ctx.barrier()
+        return final
+
+    def _prune(self) -> None:
+        complete = complete_checkpoints(self.root)
+        for _, path in complete[: max(0, len(complete) - self.keep)]:
+            shutil.rmtree(path, ignore_errors=True)
+        newest = complete[-1][0] if complete else -1
+        for child in self.root.iterdir():
+            # dead temporaries, and unmarked step folders older than the newest complete one
+            match = _STEP_DIR.match(child.name)
+            stale_step = match and not (child / MARKER).is_file() and int(match.group(1)) < newest
+            if child.name.startswith(_TMP_PREFIX) or stale_step:
+                shutil.rmtree(child, ignore_errors=True)
+
+    # -- load -----------------------------------------------------------------------------------
+    def load(self, path: str | Path, sharded_state: dict) -> tuple[dict | None, dict]:
+        """Fill ``sharded_state`` in place from ``path``; return (this rank's rank_state or None, meta)."""
+        path = Path(path)
+        if not (path / MARKER).is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+        dcp.load(sharded_state, checkpoint_id=str(path))
+        meta = json.loads((path / "meta.json").read_text())
+        rank_file = path / f"rank_{self.ctx.rank:05d}.pt"
+        rank_state = None
+        if rank_file.is_file() and meta.get("world_size") == self.ctx.world_size:
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        return rank_state, meta
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _maybe_pause_for_test(step: int) -> None:
+    """Fault-injection hook for the crash-during-write test: stop here, shards written, no marker."""
+    wanted = os.environ.get("FASTTIPS_TEST_PAUSE_IN_CHECKPOINT")
+    if wanted and int(wanted) == step:
+        print(f"PAUSED_IN_CHECKPOINT step={step}", flush=True)
+        while True:
+            time.sleep(1)
+
+
+__all__ = ["CheckpointManager", "complete_checkpoints", "latest_checkpoint", "step_dir_name", "MARKER"]

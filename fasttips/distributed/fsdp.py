@@ -1,0 +1,176 @@
+"""Process groups and FSDP2 layout: PyTorch's own engine, applied in the order AC → compile → shard.
+
+One process (``python -m fasttips.train``) on CPU trains a plain module: nothing to shard and no
+process group. Under ``torchrun`` (or on a GPU, where the bf16 ``MixedPrecisionPolicy`` lives in
+FSDP2) every transformer block, every head and the root are ``fully_shard``-ed over a 1-D mesh, and
+the EMA teacher heads are sharded with the same mesh and policy so that their local shards line up
+element for element with the student's (the head EMA then runs on local tensors in one op call).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: object | None                 # DeviceMesh when sharding, else None
+    param_dtype: torch.dtype            # dtype of the compute copy of the parameters
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.mesh is not None
+
+    def barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    def all_max(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise max over ranks (flags every rank must agree on: stop, skip)."""
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return values
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but torch sees no CUDA device; use train.device=cpu or auto")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def resolve_param_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg) -> DistContext:
+    """Join the torchrun job (env:// rendezvous) or stay a single process.
+
+    Sharding is used when there are several ranks or when bf16 compute is wanted (FSDP2's
+    MixedPrecisionPolicy keeps fp32 masters and fp32 gradient reduction); a single fp32 process
+    runs the plain module.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    param_dtype = resolve_param_dtype(cfg.train.precision, device)
+    want_shard = world_size > 1 or param_dtype != torch.float32
+    if not want_shard:
+        return DistContext(0, 1, 0, device, None, param_dtype)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        else:   # a lone process that still wants FSDP2 (bf16 on one GPU)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("fsdp",))
+    return DistContext(rank, world_size, local_rank, device, mesh, param_dtype)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Wrapping
+# ----------------------------------------------------------------------------------------------
+def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The transformer block lists of the two towers (the units of AC, compile and sharding)."""
+    lists = []
+    for tower in ("vision", "text"):
+        blocks = getattr(getattr(model, tower, None), "blocks", None)
+        if isinstance(blocks, nn.ModuleList):
+            lists.append(blocks)
+    return lists
+
+
+def head_modules(model: nn.Module) -> list[nn.Module]:
+    heads, seen = [], set()
+    for name in ("dino_head", "ibot_head"):
+        head = getattr(model, name, None)
+        if head is not None and id(head) not in seen:   # heads.shared: one module, shard once
+            heads.append(head)
+            seen.add(id(head))
+    return heads
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    for blocks in block_lists(model):
+        for i, block in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(block)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block in place (keeps parameter names; one graph reused by every block)."""
+    for blocks in block_lists(model):
+        for block in blocks:
+            block.compile()
+
+
+def mixed_precision_policy(ctx: DistContext):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if ctx.param_dtype == torch.float32:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=ctx.param_dtype, reduce_dtype=torch.float32)
+
+
+def shard(model: nn.Module, teacher_modules: list[nn.Module], ctx: DistContext) -> None:
+    """fully_shard per block, per head, the root, and each teacher module with the same mesh."""
+    from torch.distributed.fsdp import fully_shard
+    policy = mixed_precision_policy(ctx)
+    for param_name, param in model.named_parameters():
+        if param.ndim == 0:
+            raise ValueError(f"model parameter {param_name!r} is 0-d; FSDP2 needs shape [1] (DESIGN.md)")
+    for blocks in block_lists(model):
+        for block in blocks:
+            fully_shard(block, mesh=ctx.mesh, mp_policy=policy)
+    for head in head_modules(model):
+        fully_shard(head, mesh=ctx.mesh, mp_policy=policy)
+    fully_shard(model, mesh=ctx.mesh, mp_policy=policy, reshard_after_forward=False)
+    for module in teacher_modules:
+        fully_shard(module, mesh=ctx.mesh, mp_policy=policy)
+
+
+def parallelize(model: nn.Module, teacher_modules: list[nn.Module], ctx: DistContext, cfg) -> None:
+    """The fixed order: activation checkpointing → per-block compile → FSDP2."""
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        apply_compile(model)
+    if ctx.sharded:
+        shard(model, teacher_modules, ctx)
+
+
+__all__ = ["DistContext", "init_distributed", "shutdown", "parallelize", "shard", "block_lists",
+           "head_modules", "apply_activation_checkpointing", "apply_compile", "mixed_precision_policy",
+           "resolve_device", "resolve_param_dtype"]

@@ -1,0 +1,507 @@
+"""``fasttips train``: the training engine.
+
+    python -m fasttips.train [--config FILE] [--resume RUN_DIR] [key=value ...]
+    torchrun --nproc_per_node=N -m fasttips.train [...]
+
+With no arguments it trains the ``tiny`` preset on the embedded demo data on CPU. One step:
+
+    schedules(step) → lr / wd / momentum / teacher temperature for this step
+    accum_steps × (batch → compute_losses → backward)     gradient sync only on the last micro-batch
+    per-module clip → one all-reduce of {non-finite, stop requested} → AdamW → head EMA
+    metrics → (checkpoint every train.ckpt_every, at the end, and when asked to stop)
+
+Faults: SIGTERM/SIGINT finish the step, checkpoint and exit 0. A non-finite loss or gradient skips
+the step (no optimiser, EMA or center update) and is counted; ``train.max_nonfinite`` consecutive
+ones stop the run with a checkpoint of the last good state (exit 3). A CUDA OOM exits 4 with the
+memory options. A bad config exits 2 with the field and what it allows.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fasttips import config as config_lib
+from fasttips.config import ConfigError
+from fasttips.distributed import fsdp
+from fasttips.distributed.checkpoint import CheckpointManager, latest_checkpoint
+from fasttips.distributed.signals import StopRequest
+from fasttips.metrics import MetricsWriter, ProgressBar, flop_model, mfu, peak_flops, plot_loss_curve
+from fasttips.optim import build_optimizer, clip_gradients, clip_modules, set_hyperparameters
+
+EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_OOM = 0, 2, 3, 4
+CONFIG_FILE = "config.yaml"
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fasttips train",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Train a TIPSv2-style image-text model. With no arguments: the 'tiny' preset on the\n"
+            "embedded demo data, on CPU, in a few minutes. Multi-GPU / multi-node:\n"
+            "  torchrun --nproc_per_node=8 -m fasttips.train preset=vit-l data.source=shards data.path=...\n"
+            "Settings come from the preset, then --config, then key=value overrides (later wins)."),
+        epilog=("exit codes: 0 done or stopped by SIGTERM/SIGINT with a checkpoint; 2 bad config;\n"
+                "3 too many consecutive non-finite losses; 4 CUDA out of memory.\n\n"
+                "config fields (key=value):\n" + config_lib.describe()))
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. preset=vit-s train.steps=200 data.batch_size=64")
+    parser.add_argument("--config", metavar="FILE", help="YAML file of config sections (see fields below)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last complete checkpoint, with its "
+                             "saved config (key=value overrides still apply, e.g. train.steps=...)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still logged)")
+    return parser
+
+
+def resolve_config(args) -> tuple[config_lib.Config, Path, bool]:
+    """(config, run_dir, resuming) from the parsed arguments."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / CONFIG_FILE
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {run_dir} holds no {CONFIG_FILE}; is it a fasttips run directory?")
+        if args.config:
+            raise ConfigError("--resume uses the run's saved config; pass key=value overrides instead of --config")
+        cfg = config_lib.load(saved, args.overrides)
+        cfg.train.run_dir = str(run_dir)
+        return cfg, run_dir, True
+    cfg = config_lib.load(args.config, args.overrides)
+    return cfg, Path(cfg.train.run_dir), False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        cfg, run_dir, resuming = resolve_config(args)
+    except ConfigError as exc:
+        print(f"fasttips train: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return Trainer(cfg, run_dir, resuming, progress=not args.no_progress).run()
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces written elsewhere in the package, imported when a run starts
+# ----------------------------------------------------------------------------------------------
+def _components():
+    from fasttips.models import build_model
+    from fasttips.schedules import Schedules
+    from fasttips.step import LossState, compute_losses
+    from fasttips.teacher import Teacher
+    return build_model, Teacher, LossState, compute_losses, Schedules
+
+
+def build_data(cfg, rank: int, world_size: int):
+    if cfg.data.source == "synthetic":
+        return SyntheticLoader(cfg, rank)
+    from fasttips.data.loader import build_loader
+    return build_loader(cfg, rank, world_size)
+
+
+class SyntheticLoader:
+    """Endless random batches (fasttips.data.batch.synthetic_batch); batch i of rank r is a pure
+    function of (seed, r, i), so the data position is one integer."""
+
+    tokenizer = None
+
+    def __init__(self, cfg, rank: int):
+        self.cfg, self.rank, self.index = cfg, rank, 0
+
+    def __iter__(self):
+        from fasttips.data.batch import synthetic_batch
+        d, t = self.cfg.data, self.cfg.text
+        while True:
+            g = torch.Generator().manual_seed((self.cfg.train.seed << 40) ^ (self.rank << 32) ^ self.index)
+            self.index += 1
+            yield synthetic_batch(d.batch_size, d.global_size, d.local_size, d.n_global, d.n_local,
+                                  self.cfg.vision.patch_size, t.max_len, t.vocab_size,
+                                  mask_ratio=sum(d.mask_ratio) / 2, generator=g)
+
+    def state_dict(self) -> dict:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state (per rank)
+# ----------------------------------------------------------------------------------------------
+def rng_state(device: torch.device) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def estimate_params(cfg) -> int:
+    """Rough parameter count from the config (decides meta-device initialisation)."""
+    v, h = cfg.vision, cfg.heads
+    mlp = (3 if v.ffn == "swiglu" else 2) * v.width * v.mlp_hidden
+    block = 4 * v.width * v.width + mlp
+    head = v.width * h.hidden + (h.nlayers - 2) * h.hidden ** 2 + h.hidden * h.bottleneck + h.bottleneck * h.prototypes
+    return (v.depth + cfg.text.depth) * block + cfg.text.vocab_size * v.width + 2 * head
+
+
+META_INIT_PARAMS = 100_000_000
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class StepOutcome:
+    loss: float
+    terms: dict
+    grad_norms: dict
+    skipped: bool
+    stop: bool
+    seconds: float
+    images: int
+
+
+@dataclass
+class Trainer:
+    cfg: config_lib.Config
+    run_dir: Path
+    resuming: bool = False
+    progress: bool = True
+    log: object = field(default=None, repr=False)
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.ctx = ctx = fsdp.init_distributed(cfg)
+        self.say = (lambda *a: print(*a, flush=True)) if ctx.is_main else (lambda *a: None)
+        build_model, Teacher, LossState, self.compute_losses, Schedules = _components()
+
+        seed_everything(cfg.train.seed)          # same weights on every rank before sharding
+        meta = ctx.sharded and estimate_params(cfg) > META_INIT_PARAMS
+        model = build_model(cfg, device="meta" if meta else "cpu")
+        teacher = Teacher(model, cfg)
+        fsdp.parallelize(model, list(_teacher_modules(teacher)), ctx, cfg)
+        if meta:                                 # allocate the local shards, then initialise them
+            model.to_empty(device=ctx.device)
+            model.init_weights()
+            for module in _teacher_modules(teacher):
+                module.to_empty(device=ctx.device)
+            teacher.update(model, 0.0)           # teacher heads start as copies of the student's
+        elif not ctx.sharded:
+            model.to(ctx.device)
+            teacher.to(ctx.device) if hasattr(teacher, "to") else None
+        self.model, self.teacher = model, teacher
+        self.loss_state = LossState(cfg).to(ctx.device)
+        self.optimizer = build_optimizer(model, cfg, ctx.device)
+        self.units = clip_modules(model)
+        self.schedules = Schedules(cfg)
+        seed_everything(cfg.train.seed + 1000 * ctx.rank)   # per-rank streams (masks, drop path)
+        self.loader = build_data(cfg, ctx.rank, ctx.world_size)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_ckpts, ctx)
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        self.global_batch = cfg.data.batch_size * cfg.optim.accum_steps * ctx.world_size
+        self.flops = flop_model(cfg, cfg.data.batch_size * ctx.world_size)
+        self.peak = peak_flops(ctx.device, ctx.param_dtype)
+        self.nan_steps = {int(s) for s in os.environ.get("FASTTIPS_TEST_NAN_STEPS", "").split(",") if s}
+
+    def prepare_run_dir(self) -> None:
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.resuming and latest_checkpoint(self.run_dir / "checkpoints"):
+                raise ConfigError(f"train.run_dir: {self.run_dir} already holds a run; continue it with "
+                                  f"--resume {self.run_dir} or choose another train.run_dir=...")
+            if not self.resuming:
+                config_lib.save(self.cfg, self.run_dir / CONFIG_FILE)
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.ctx.barrier()
+
+    def resume(self) -> None:
+        found = latest_checkpoint(self.run_dir / "checkpoints")
+        if found is None:
+            self.say(f"resume: no complete checkpoint in {self.run_dir}/checkpoints; starting at step 0")
+            return
+        step, path = found
+        state = self.sharded_state()
+        rank_state, meta = self.ckpt.load(path, state)
+        self.load_sharded_state(state)
+        self.step = meta["step"]
+        self.nonfinite_total = meta.get("nonfinite_total", 0)
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"], self.ctx.device)
+            if rank_state.get("data") is not None and hasattr(self.loader, "load_state_dict"):
+                self.loader.load_state_dict(rank_state["data"])
+        else:
+            self.say(f"resume: {path} was written by {meta.get('world_size')} ranks, now "
+                     f"{self.ctx.world_size}; RNG streams and data positions restart")
+        self.say(f"resume: from {path} (step {self.step})")
+        _drop_metrics_after(self.run_dir / "metrics.jsonl", self.step, self.ctx.is_main)
+
+    # -- checkpoint state ---------------------------------------------------------------------------
+    def sharded_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd, "loss_state": self.loss_state.state_dict()}
+        teacher_sd = _teacher_state(self.teacher)
+        if teacher_sd is not None:
+            state["teacher"] = teacher_sd
+        if hasattr(self.schedules, "state_dict"):
+            state["schedules"] = self.schedules.state_dict()
+        return state
+
+    def load_sharded_state(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        self.loss_state.load_state_dict(state["loss_state"])
+        if "teacher" in state:
+            _load_teacher_state(self.teacher, state["teacher"])
+        if "schedules" in state and hasattr(self.schedules, "load_state_dict"):
+            self.schedules.load_state_dict(state["schedules"])
+
+    def save_checkpoint(self, reason: str = "") -> Path:
+        rank_state = {"rng": rng_state(self.ctx.device),
+                      "data": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None}
+        files = {CONFIG_FILE: _config_bytes(self.cfg)}
+        tokenizer = getattr(self.loader, "tokenizer", None)
+        if tokenizer is not None and hasattr(tokenizer, "serialized"):
+            files["tokenizer.model"] = tokenizer.serialized()
+        meta = {"nonfinite_total": self.nonfinite_total, "reason": reason,
+                "global_batch": self.global_batch}
+        return self.ckpt.save(self.step, self.sharded_state(), rank_state, files, meta)
+
+    # -- one step -----------------------------------------------------------------------------------
+    def train_step(self, batches, values, stop: StopRequest) -> StepOutcome:
+        cfg, ctx, model = self.cfg, self.ctx, self.model
+        t0 = time.perf_counter()
+        set_hyperparameters(self.optimizer, _get(values, "lr"), _get(values, "weight_decay"),
+                            bool(_get(values, "freeze_prototypes", False)))
+        centers = {k: v.clone() for k, v in self.loss_state.state_dict().items()}
+        accum = len(batches)
+        loss_sum, term_sums, images = None, {}, 0
+        for i, batch in enumerate(batches):
+            if ctx.sharded:
+                model.set_requires_gradient_sync(i == accum - 1)
+            losses = self.compute_losses(model, self.teacher, self.loss_state, batch, values, cfg)
+            loss = losses["loss"]
+            if self.step in self.nan_steps:
+                loss = loss * float("nan")                      # fault injection (tests)
+            (loss / accum).backward()
+            loss_sum = loss.detach() / accum if loss_sum is None else loss_sum + loss.detach() / accum
+            for k, v in losses.items():
+                if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
+                    term_sums[k] = term_sums.get(k, 0) + v.detach().float().reshape(()) / accum
+            images += batch["alt_ids"].shape[0]
+        norms = clip_gradients(self.units, cfg.optim.clip_grad)
+
+        # One sync: did any rank see a non-finite loss/gradient, or a stop signal?
+        finite = torch.isfinite(loss_sum.float()) & torch.stack(
+            [torch.isfinite(n) for n in norms.values()] or [torch.tensor(True, device=loss_sum.device)]).all()
+        flags = torch.stack([(~finite).float(), torch.tensor(float(stop.requested), device=finite.device)])
+        skipped, stop_now = (bool(x) for x in ctx.all_max(flags).tolist())
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.loss_state.load_state_dict(centers)             # the step never happened
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.teacher.update(model, _get(values, "momentum"))
+        seconds = time.perf_counter() - t0
+        scalars = self._mean_over_ranks(torch.stack([loss_sum.float().reshape(())] + list(term_sums.values())))
+        return StepOutcome(scalars[0], dict(zip(term_sums, scalars[1:])),
+                           {k: float(v) for k, v in norms.items()}, skipped, stop_now, seconds, images)
+
+    def _mean_over_ranks(self, values: torch.Tensor) -> list[float]:
+        import torch.distributed as dist
+        if self.ctx.world_size > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.ctx.world_size
+        return values.tolist()
+
+    def next_batches(self, iterator):
+        batches = []
+        for _ in range(self.cfg.optim.accum_steps):
+            try:
+                batch = next(iterator[0])
+            except StopIteration:                    # a finite loader: next epoch
+                iterator[0] = iter(self.loader)
+                batch = next(iterator[0])
+            batches.append(_to_device(batch, self.ctx.device))
+        return batches
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            self.setup()
+            self.prepare_run_dir()
+        except ConfigError as exc:
+            print(f"fasttips train: config error: {exc}", file=sys.stderr)
+            fsdp.shutdown()
+            return EXIT_CONFIG
+        try:
+            return self._run()
+        except torch.OutOfMemoryError:
+            d = self.cfg.data
+            print(f"fasttips train: CUDA out of memory at data.batch_size={d.batch_size} per GPU "
+                  f"(global batch {self.global_batch}). Options: lower data.batch_size and raise "
+                  f"optim.accum_steps to keep the global batch; train.activation_checkpointing=true; "
+                  f"more GPUs (FSDP2 shards parameters, gradients and optimiser state); fewer or smaller "
+                  f"crops (data.n_local, data.local_size, data.global_size); train.precision=bf16.",
+                  file=sys.stderr)
+            return EXIT_OOM
+        finally:
+            fsdp.shutdown()
+
+    def _run(self) -> int:
+        cfg, ctx = self.cfg, self.ctx
+        if self.resuming:
+            self.resume()
+        total = cfg.train.steps
+        self.say(f"fasttips train: run dir {self.run_dir}, preset {cfg.preset}, device {ctx.device} × "
+                 f"{ctx.world_size}, {'FSDP2 ' if ctx.sharded else ''}{str(ctx.param_dtype).replace('torch.', '')}, "
+                 f"global batch {self.global_batch}, steps {self.step}→{total}")
+        self.say(f"model: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters; "
+                 f"FLOPs: {self.flops.describe()}")
+        writer = MetricsWriter(self.run_dir, enabled=ctx.is_main)
+        bar = ProgressBar(total, self.step, enabled=self.progress and ctx.is_main,
+                          every=max(1, total // 20))
+        iterator = [iter(self.loader)]
+        code, message = EXIT_OK, None
+        with StopRequest() as stop:
+            while self.step < total:
+                values = self.schedules(self.step) if callable(self.schedules) else self.schedules.at(self.step)
+                batches = self.next_batches(iterator)
+                out = self.train_step(batches, values, stop)
+                self.step += 1
+                if out.skipped:
+                    self.nonfinite_total += 1
+                    self.nonfinite_run += 1
+                else:
+                    self.nonfinite_run = 0
+                self.log_step(writer, bar, values, out)
+                if out.skipped and self.nonfinite_run >= cfg.train.max_nonfinite:
+                    path = self.save_checkpoint("non-finite")
+                    code = EXIT_NONFINITE
+                    message = (f"stopped: {self.nonfinite_run} consecutive non-finite losses (limit "
+                               f"train.max_nonfinite={cfg.train.max_nonfinite}); the last good state is in {path}")
+                    break
+                if out.stop:
+                    path = self.save_checkpoint(stop.signal_name or "signal")
+                    message = (f"stopped by {stop.signal_name or 'a signal on another rank'} after step "
+                               f"{self.step}; checkpoint {path}; continue with: fasttips train --resume {self.run_dir}")
+                    break
+                if self.step % cfg.train.ckpt_every == 0 or self.step == total:
+                    self.save_checkpoint()
+        bar.close()
+        writer.close()
+        if ctx.is_main:
+            png = plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
+            if message:
+                print(f"fasttips train: {message}", file=sys.stderr if code else sys.stdout, flush=True)
+            else:
+                print(f"fasttips train: done, {self.step} steps ({self.nonfinite_total} skipped as "
+                      f"non-finite); run dir {self.run_dir}" + (f"; loss curve {png}" if png else ""), flush=True)
+        return code
+
+    def log_step(self, writer: MetricsWriter, bar: ProgressBar, values, out: StepOutcome) -> None:
+        step = self.step                              # steps completed
+        per_device = out.images / out.seconds if out.seconds > 0 else 0.0
+        record = {"loss": out.loss, **{f"loss/{k}": v for k, v in out.terms.items()},
+                  **{f"grad_norm/{k}": v for k, v in out.grad_norms.items()},
+                  **{k: float(v) for k, v in _items(values)},
+                  "images_per_s": per_device * self.ctx.world_size, "step_time_s": out.seconds,
+                  "peak_mem_gb": _peak_memory_gb(self.ctx.device),
+                  "mfu": mfu(self.flops.per_image, per_device, self.peak),
+                  "skipped": out.skipped, "nonfinite_total": self.nonfinite_total}
+        scale = getattr(self.model, "logit_scale", None)
+        if scale is not None:
+            full = scale.full_tensor() if hasattr(scale, "full_tensor") else scale
+            for i, s in enumerate(full.detach().float().tolist()):
+                record[f"logit_scale/{i}"] = s
+        if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps or out.skipped:
+            writer.write(step, record)
+        bar.update(step - 1, out.loss, out.terms, record["images_per_s"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def _teacher_modules(teacher):
+    """The teacher's nn.Modules that hold parameters (sharded like the student heads)."""
+    if hasattr(teacher, "modules_to_shard"):
+        return list(teacher.modules_to_shard())
+    return [m for m in getattr(teacher, "heads", {}).values()] if hasattr(teacher, "heads") else []
+
+
+def _teacher_state(teacher):
+    return teacher.state_dict() if hasattr(teacher, "state_dict") else None
+
+
+def _load_teacher_state(teacher, state) -> None:
+    teacher.load_state_dict(state)
+
+
+def _get(values, key, default=None):
+    if isinstance(values, dict):
+        return values.get(key, default)
+    return getattr(values, key, default)
+
+
+def _items(values):
+    items = values.items() if isinstance(values, dict) else vars(values).items()
+    return [(k, v) for k, v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20    # peak RSS (Linux: KiB)
+
+
+def _config_bytes(cfg) -> bytes:
+    import yaml
+    return yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False).encode()
+
+
+def _drop_metrics_after(path: Path, step: int, is_main: bool) -> None:
+    """On resume, forget metrics logged after the checkpoint (those steps are run again)."""
+    if not is_main or not path.is_file():
+        return
+    import json
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
