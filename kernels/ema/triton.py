@@ -1,0 +1,208 @@
+"""Fused head EMA: teacher[i] ← m·teacher[i] + (1−m)·student[i] for a whole list in one Triton launch.
+
+Layout. The tensor list is cut into chunks of ``BLOCK`` elements. A device table holds one row per
+chunk: (teacher element offset, student element offset, chunk length), where an offset is the chunk's
+address relative to a base tensor of the same list, counted in elements. A persistent grid of
+programs strides over the chunk rows. Relative offsets (rather than raw int64 addresses cast to
+pointers) keep every address a ``base + offset`` that Triton can reason about: the alignment hints
+give 16-byte vector loads on the GPU, and the CPU interpreter runs the very same kernel.
+
+Cost. One read of teacher and student and one write of teacher (12 B/param with fp32 students,
+10 B/param with bf16) plus 24 B per chunk of table. The table is built once per list of tensors and
+cached by (address, shape, dtype, layout), so a training loop that passes the same tensors every step
+pays a dictionary look-up and one launch. The momentum may live on the device (a 1-element tensor), so a momentum
+schedule never recompiles and never synchronises.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 4096           # elements per chunk: 16 KiB of fp32 teacher
+NUM_WARPS = 8          # 256 threads × 16 elements = 4 × 16-byte vectors each per operand
+PROGRAMS_PER_SM = 8    # persistent grid: enough chunks in flight to cover HBM latency
+_PLAN_CACHE_SIZE = 16
+
+STUDENT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@triton.jit(do_not_specialize=["num_chunks", "momentum_value"])
+def _ema_chunks_kernel(teacher_base, student_base, chunk_table, num_chunks,
+                       momentum_ptr, momentum_value,
+                       BLOCK: tl.constexpr, MOMENTUM_ON_DEVICE: tl.constexpr,
+                       TEACHER_VEC: tl.constexpr, STUDENT_VEC: tl.constexpr):
+    if MOMENTUM_ON_DEVICE:
+        m = tl.load(momentum_ptr).to(tl.float32)
+    else:
+        m = tl.cast(momentum_value, tl.float32)
+    w = 1.0 - m                      # lerp weight towards the student
+    # torch.lerp's two-sided form (exact at both ends, the rounding of _foreach_lerp_); the side is
+    # a scalar choice, made once
+    near_teacher = w < 0.5
+    cols = tl.arange(0, BLOCK)
+    for c in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
+        row = chunk_table + 3 * tl.cast(c, tl.int64)
+        t_off = tl.multiple_of(tl.load(row), TEACHER_VEC)
+        s_off = tl.multiple_of(tl.load(row + 1), STUDENT_VEC)
+        n = tl.load(row + 2)
+        t_ptrs = teacher_base + t_off + cols
+        s_ptrs = student_base + s_off + cols
+        if n == BLOCK:               # full chunk: unmasked, so loads and stores vectorise
+            t = tl.load(t_ptrs)
+            s = tl.load(s_ptrs).to(tl.float32)
+            d = s - t
+            tl.store(t_ptrs, tl.where(near_teacher, t + w * d, s - d * (1.0 - w)))
+        else:                        # the tail of a tensor
+            mask = cols < n
+            t = tl.load(t_ptrs, mask=mask)
+            s = tl.load(s_ptrs, mask=mask).to(tl.float32)
+            d = s - t
+            tl.store(t_ptrs, tl.where(near_teacher, t + w * d, s - d * (1.0 - w)), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side: validation, the cached chunk table, the launch
+# ------------------------------------------------------------------------------------------------
+class _ChunkTable:
+    """The chunk rows of one (teacher list, student list) group, relative to the first tensor of each."""
+
+    def __init__(self, teacher, student, block: int):
+        t_item, s_item = teacher[0].element_size(), student[0].element_size()
+        t_base, s_base = teacher[0].data_ptr(), student[0].data_ptr()
+        rows = []
+        aligned = True
+        for t, s in zip(teacher, student):
+            # relative offsets in elements are exact: every address is a multiple of its element size
+            t_off, s_off = (t.data_ptr() - t_base) // t_item, (s.data_ptr() - s_base) // s_item
+            aligned &= t.data_ptr() % 16 == 0 and s.data_ptr() % 16 == 0
+            for start in range(0, t.numel(), block):
+                rows.append((t_off + start, s_off + start, min(block, t.numel() - start)))
+        self.num_chunks = len(rows)
+        self.table = torch.tensor(rows, dtype=torch.int64).to(teacher[0].device)
+        # with every address 16-byte aligned, each chunk starts on a whole 16-byte vector
+        self.teacher_vec = 16 // t_item if aligned else 1
+        self.student_vec = 16 // s_item if aligned else 1
+
+
+class _Plan:
+    """What one call does for one list of tensors: one launch per student dtype (one in practice)."""
+
+    def __init__(self, teacher, student, block: int):
+        self.device = _validate(teacher, student)
+        groups: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(teacher):
+            if t.numel():  # empty shards (FSDP2 ranks past the end of dim 0) have nothing to update
+                groups.setdefault(student[i].dtype, []).append(i)
+        # (index of the base pair, table) per launch; the base tensors are taken from each call's
+        # lists, which hold the same addresses as the ones the table was built from
+        self.launches = [(idx[0], _ChunkTable([teacher[i] for i in idx], [student[i] for i in idx], block))
+                         for idx in groups.values()]
+        self.programs_cap = (_sm_count(self.device) * PROGRAMS_PER_SM if self.device.type == "cuda"
+                             else 3)  # the interpreter runs programs in turn: 3 test the striding
+
+
+_plans: OrderedDict = OrderedDict()
+
+
+def _plan_for(teacher, student, block: int) -> _Plan:
+    # a plan depends only on addresses, shapes, dtypes and layout, so it stays right for any tensors
+    # that match them (the same parameters every step, or a new view of them from ``to_local()``)
+    key = (block,) + tuple((t.data_ptr(), t.dtype, t.shape, t.is_contiguous(), t.device,
+                            s.data_ptr(), s.dtype, s.shape, s.is_contiguous(), s.device)
+                           for t, s in zip(teacher, student))
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = _Plan(teacher, student, block)
+        if len(_plans) > _PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(key)
+    return plan
+
+
+def clear_cache() -> None:
+    """Forget every cached plan (each holds a small device table of chunk rows)."""
+    _plans.clear()
+
+
+_sm_counts: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device not in _sm_counts:
+        _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_counts[device]
+
+
+def _local(x):
+    """FSDP2 parameters are DTensors: the EMA runs on the local shard, element for element."""
+    to_local = getattr(x, "to_local", None)
+    return to_local() if to_local is not None else x
+
+
+def _validate(teacher, student):
+    device = None
+    for i, (t, s) in enumerate(zip(teacher, student)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"ema_update_: teacher[{i}] has dtype {t.dtype}; only torch.float32 is allowed")
+        if s.dtype not in STUDENT_DTYPES:
+            raise TypeError(f"ema_update_: student[{i}] has dtype {s.dtype}; allowed: {list(STUDENT_DTYPES)}")
+        if t.shape != s.shape:
+            raise ValueError(f"ema_update_: teacher[{i}] shape {tuple(t.shape)} != student[{i}] shape "
+                             f"{tuple(s.shape)}")
+        if not (t.is_contiguous() and s.is_contiguous()):
+            raise ValueError(f"ema_update_: teacher[{i}] and student[{i}] must be contiguous "
+                             f"(got {t.is_contiguous()} / {s.is_contiguous()})")
+        if device is None:
+            device = t.device
+        if t.device != device or s.device != device:
+            raise ValueError(f"ema_update_: teacher[{i}] on {t.device} and student[{i}] on {s.device}; "
+                             f"all tensors must be on {device}")
+    return device
+
+
+_unused_momentum: dict = {}
+
+
+def _momentum_args(momentum, device):
+    """(pointer tensor, float value, on_device flag). A device tensor is read by the kernel itself."""
+    if torch.is_tensor(momentum) and momentum.device == device:
+        if momentum.numel() != 1:
+            raise ValueError(f"ema_update_: momentum must be a float or a 1-element tensor, got shape "
+                             f"{tuple(momentum.shape)}")
+        return momentum, 0.0, True
+    # a float, or a CPU scalar tensor (reading it costs no device sync): pass it by value; the
+    # pointer argument then gets one fixed fp32 placeholder so the signature never changes
+    value = float(momentum.item()) if torch.is_tensor(momentum) else float(momentum)
+    placeholder = _unused_momentum.get(device)
+    if placeholder is None:
+        placeholder = _unused_momentum[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return placeholder, value, False
+
+
+@torch.no_grad()
+def ema_update_(teacher, student, momentum, block: int = BLOCK, num_warps: int = NUM_WARPS):
+    """In place, one launch per student dtype (in practice one): teacher ← m·teacher + (1−m)·student.
+
+    ``teacher``: fp32 tensors (or FSDP2 DTensors, updated through their local shards); ``student``:
+    fp32 or bf16 tensors of the same shapes; ``momentum``: a float or a 1-element tensor (kept on the
+    device for schedules). Empty tensors are allowed and skipped.
+    """
+    teacher = [_local(t) for t in teacher]
+    student = [_local(s) for s in student]
+    if len(teacher) != len(student):
+        raise ValueError(f"ema_update_: {len(teacher)} teacher tensors vs {len(student)} student tensors")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"ema_update_: block={block} must be a power of two >= 16 (whole 16-byte vectors)")
+    if not teacher:
+        return
+    plan = _plan_for(teacher, student, block)
+    m_ptr, m_value, m_on_device = _momentum_args(momentum, plan.device)
+    for base, table in plan.launches:
+        _ema_chunks_kernel[(min(table.num_chunks, plan.programs_cap),)](
+            teacher[base], student[base], table.table, table.num_chunks, m_ptr, m_value,
+            BLOCK=block, MOMENTUM_ON_DEVICE=m_on_device,
+            TEACHER_VEC=table.teacher_vec, STUDENT_VEC=table.student_vec, num_warps=num_warps)

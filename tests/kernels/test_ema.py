@@ -1,0 +1,221 @@
+"""Fused head EMA (kernels/ema/triton.py) against the reference, one ``torch._foreach_lerp_``.
+
+The Triton kernel runs here under TRITON_INTERPRET=1 on CPU tensors: the same kernel source, the
+same chunk table of relative offsets and the same persistent striding as on the GPU (with a grid of
+3 programs). What the interpreter cannot show (16-byte vectorised loads, resources) is checked by
+the Hopper compile gate below; speed is bench/bench_ema.py's job.
+
+Run as a script (``torchrun --nproc_per_node 2 tests/kernels/test_ema.py``) this file is the worker of
+the 2-rank FSDP2/gloo test.
+"""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fasttips.kernels import ema_update_
+from fasttips.kernels.ema import reference, triton as ema_triton
+from fasttips.testing import assert_close
+
+SMALL_BLOCK = 256  # many chunks per tensor at interpreter-friendly sizes
+
+
+def _pairs(sizes, student_dtype, gen_shape=lambda n: (n,)):
+    teacher = [torch.randn(gen_shape(n)) for n in sizes]
+    student = [torch.randn(gen_shape(n)).to(student_dtype) for n in sizes]
+    return teacher, student
+
+
+def _expected(teacher, student, momentum):
+    expected = [t.clone() for t in teacher]
+    reference.ema_update_(expected, student, momentum)
+    return expected
+
+
+def _check(teacher, expected):
+    for i, (t, e) in enumerate(zip(teacher, expected)):
+        assert_close(t, e, msg=f"tensor {i} of shape {tuple(t.shape)}")
+
+
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("momentum", [0.996, 0.9, 0.5, 0.2, 0.0, 1.0])
+def test_parity_mixed_sizes(seed, student_dtype, momentum):
+    B = SMALL_BLOCK
+    sizes = [0, 1, 1000, B - 1, B, B + 1, 3 * B + 7, 0, 5, 2 * B]
+    teacher, student = _pairs(sizes, student_dtype)
+    student_before = [s.clone() for s in student]
+    teacher_before = [t.clone() for t in teacher]
+    expected = _expected(teacher, student, momentum)
+    ema_triton.ema_update_(teacher, student, momentum, block=B)
+    _check(teacher, expected)
+    if momentum in (0.0, 1.0):  # lerp's two-sided form is exact at both ends
+        ends = [s.float() for s in student] if momentum == 0.0 else teacher_before
+        assert all(torch.equal(t, e) for t, e in zip(teacher, ends))
+    for s, s0 in zip(student, student_before):
+        assert torch.equal(s, s0), "the student must not be written"
+
+
+def test_default_block_and_matrix_shapes(seed):
+    shapes = [(37, 129), (1,), (0, 5), (4097,), (3, 2, 1000)]
+    teacher = [torch.randn(s) for s in shapes]
+    student = [torch.randn(s).to(torch.bfloat16) for s in shapes]
+    expected = _expected(teacher, student, 0.99)
+    ema_update_(teacher, student, 0.99, backend="triton")  # the public op, dispatched to the kernel
+    _check(teacher, expected)
+
+
+@pytest.mark.parametrize("momentum_dtype", [torch.float32, torch.float64])
+def test_momentum_schedule_on_device_reuses_the_plan(seed, momentum_dtype):
+    teacher, student = _pairs([700, 3, 2 * SMALL_BLOCK + 1], torch.float32)
+    momentum = torch.empty((), dtype=momentum_dtype)
+    ema_triton.clear_cache()
+    for m in (0.9, 0.95, 0.999):
+        momentum.fill_(m)  # a schedule writes the device scalar in place: nothing to recompile
+        expected = _expected(teacher, student, momentum)
+        # fresh view objects each step, as ``DTensor.to_local()`` returns: same addresses, same plan
+        ema_triton.ema_update_([t.view(t.shape) for t in teacher], student, momentum, block=SMALL_BLOCK)
+        _check(teacher, expected)
+    assert len(ema_triton._plans) == 1
+
+
+def test_unaligned_views_and_mixed_student_dtypes(seed):
+    # views at odd element offsets are not 16-byte aligned: the kernel must drop its vector hints
+    t_flat, s_flat = torch.randn(3000), torch.randn(3000)
+    teacher = [t_flat[1:1000], t_flat[1001:1600], torch.randn(300), torch.randn(17)]
+    student = [s_flat[3:1002], s_flat[1003:1602].to(torch.bfloat16), torch.randn(300).to(torch.bfloat16),
+               torch.randn(17)]
+    untouched = [t_flat[0].clone(), t_flat[1000].clone(), t_flat[1600:].clone()]
+    expected = _expected(teacher, student, 0.7)
+    ema_triton.ema_update_(teacher, student, torch.tensor([0.7]), block=SMALL_BLOCK)
+    _check(teacher, expected)
+    assert torch.equal(t_flat[0], untouched[0]) and torch.equal(t_flat[1000], untouched[1])
+    assert torch.equal(t_flat[1600:], untouched[2]), "no write outside the tensors"
+    plan = next(reversed(ema_triton._plans.values()))
+    assert len(plan.launches) == 2  # one launch per student dtype
+    assert any(table.teacher_vec == 1 for _, table in plan.launches)
+
+
+def test_empty_lists_and_all_empty_tensors():
+    ema_triton.ema_update_([], [], 0.9)
+    t = [torch.empty(0), torch.empty(0, 3)]
+    ema_triton.ema_update_(t, [torch.empty(0), torch.empty(0, 3)], 0.9)
+
+
+@pytest.mark.parametrize("teacher, student, momentum, error, words", [
+    ([torch.zeros(3, dtype=torch.bfloat16)], [torch.zeros(3)], 0.9, TypeError, "teacher[0]"),
+    ([torch.zeros(3)], [torch.zeros(3, dtype=torch.float16)], 0.9, TypeError, "student[0]"),
+    ([torch.zeros(3), torch.zeros(3)], [torch.zeros(3), torch.zeros(4)], 0.9, ValueError, "student[1] shape"),
+    ([torch.zeros(4, 4).t()], [torch.zeros(4, 4)], 0.9, ValueError, "contiguous"),
+    ([torch.zeros(3)], [torch.zeros(3), torch.zeros(3)], 0.9, ValueError, "1 teacher tensors vs 2"),
+    ([torch.zeros(3)], [torch.zeros(3)], torch.zeros(2), ValueError, "momentum"),
+])
+def test_bad_input_is_named(teacher, student, momentum, error, words):
+    with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
+        ema_triton.ema_update_(teacher, student, momentum)
+    with pytest.raises(ValueError, match="block"):
+        ema_triton.ema_update_([torch.zeros(3)], [torch.zeros(3)], 0.9, block=100)
+
+
+@pytest.mark.parametrize("student_type", ["*fp32", "*bf16"])
+@pytest.mark.parametrize("momentum_on_device", [True, False])
+def test_hopper_compile_gate(student_type, momentum_on_device):
+    from fasttips.testing import compile_for_hopper
+    signature = dict(teacher_base="*fp32", student_base=student_type, chunk_table="*i64", num_chunks="i32",
+                     momentum_ptr="*fp32", momentum_value="fp32", BLOCK="constexpr",
+                     MOMENTUM_ON_DEVICE="constexpr", TEACHER_VEC="constexpr", STUDENT_VEC="constexpr")
+    student_vec = 8 if student_type == "*bf16" else 4
+    constexprs = dict(BLOCK=ema_triton.BLOCK, MOMENTUM_ON_DEVICE=momentum_on_device, TEACHER_VEC=4,
+                      STUDENT_VEC=student_vec)
+    report = compile_for_hopper(ema_triton._ema_chunks_kernel, signature, constexprs,
+                                num_warps=ema_triton.NUM_WARPS, name=f"ema_{student_type[1:]}")
+    report.check(matmul=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2 ranks, FSDP2 on CPU with gloo: EMA on the local shards of sharded heads
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.dist
+@pytest.mark.timeout(180)
+def test_fsdp2_sharded_heads_two_ranks(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.abspath(__file__)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert out.count("EMA-FSDP2-OK") == 2, out[-6000:]
+
+
+class _Head(torch.nn.Module):
+    """A DINO-style head in miniature: MLP → L2-normalised bottleneck → weight-normed prototypes.
+
+    The prototype layer keeps its parametrisation (direction ``proto_v`` [K, d] and gain ``proto_g``
+    [K]) as parameters, so the EMA acts on g and v separately (reference_math.md §2.8). K is odd so the
+    shards are uneven, and ``scale`` has one element so rank 1 owns an empty shard.
+    """
+
+    def __init__(self, dim=24, hidden=40, bottleneck=16, prototypes=37):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(),
+                                       torch.nn.Linear(hidden, bottleneck))
+        self.proto_v = torch.nn.Parameter(torch.randn(prototypes, bottleneck))
+        self.proto_g = torch.nn.Parameter(torch.rand(prototypes) + 0.5)
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        z = torch.nn.functional.normalize(self.mlp(x), dim=-1)
+        w = self.proto_g[:, None] * torch.nn.functional.normalize(self.proto_v, dim=-1)
+        return self.scale * z @ w.t()
+
+
+def _fsdp_worker():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    student = _Head()
+    teacher = copy.deepcopy(student).requires_grad_(False)  # copied before sharding: same layout
+    fully_shard(student, mesh=mesh)
+    fully_shard(teacher, mesh=mesh)
+    names = [n for n, _ in student.named_parameters()]
+    assert "proto_v" in names and "proto_g" in names
+    local_sizes = {n: p.to_local().numel() for n, p in student.named_parameters()}
+    if rank == 1:
+        assert local_sizes["scale"] == 0, local_sizes  # the empty shard case
+
+    torch.manual_seed(100 + rank)  # each rank moves its own shard of the student, as an optimiser would
+    with torch.no_grad():
+        for p in student.parameters():
+            p.to_local().add_(torch.randn_like(p.to_local()))
+
+    momentum = torch.empty(())
+    for step, m in enumerate((0.9, 0.99, 0.5)):
+        full_student = {n: p.full_tensor() for n, p in student.named_parameters()}
+        expected = {n: torch.lerp(p.full_tensor(), full_student[n], 1 - m) for n, p in teacher.named_parameters()}
+        momentum.fill_(m)
+        if step == 0:   # the public op with the DTensors themselves
+            ema_update_(list(teacher.parameters()), list(student.parameters()), momentum, backend="triton")
+        else:           # the training-step form: local shards
+            ema_update_([p.to_local() for p in teacher.parameters()],
+                        [p.to_local() for p in student.parameters()], m if step == 1 else momentum,
+                        backend="triton")
+        for n, p in teacher.named_parameters():
+            torch.testing.assert_close(p.full_tensor(), expected[n], atol=1e-6, rtol=1e-5,
+                                       msg=lambda s, n=n: f"rank {rank} step {step} {n}: {s}")
+    # the EMA of (g, v) is not the EMA of W = g·v/|v|: the teacher keeps the parametrisation
+    assert isinstance(teacher.proto_g.to_local(), torch.Tensor)
+    dist.barrier()
+    print(f"EMA-FSDP2-OK rank {rank}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _fsdp_worker()
