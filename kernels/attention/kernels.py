@@ -1,0 +1,347 @@
+"""Triton flash-attention kernels (non-causal): forward, and backward as a dK/dV pass plus a dQ pass.
+
+Both layouts share one set of kernels. A program works on one (sequence b, group of heads) pair:
+- dense:  q[b, h, n, :] at ``b·stride_b + h·stride_h + n·stride_n``; every sequence has length N.
+- varlen: q[t, h, :] with t = cu_seqlens[b] + n, so ``stride_b = 0`` and the sequence start and length
+  come from ``cu_seqlens``.
+LSE (natural log) and delta = rowsum(O∘dO) are fp32, [B, H, N] dense or [H, T] varlen.
+
+Short-sequence tricks (kernel_anchors.md §2.1):
+- keys: the loop runs over full BLOCK_N tiles without bounds checks, then the 1..BLOCK_N-1 leftover
+  keys take narrow TAIL_N-wide masked steps (N = 257 executes 272 key columns, not 320 or 384);
+- queries: a program whose row block would be cut short instead walks the leftover rows in TAIL_M-row
+  sub-blocks (N = 257 executes 272 query rows);
+- several heads per program (HEADS_PER_PROG) for the N = 50 local crops, to amortise the prologue.
+Scores are kept in base 2: ``qk_scale = scale·log2(e)`` is folded in once and exp2 does the softmax.
+Rows whose keys are all padding get output 0 and LSE = +inf (so the backward's exp2(s − LSE) = 0).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _sequence(cu_seqlens, b, N, VARLEN: tl.constexpr):
+    """(start token, length) of sequence b."""
+    if VARLEN:
+        start = tl.load(cu_seqlens + b).to(tl.int32)
+        length = tl.load(cu_seqlens + b + 1).to(tl.int32) - start
+    else:  # b * 0 keeps both int32 tensors (N may arrive specialised as a constant)
+        start = b * 0
+        length = b * 0 + N
+    return start, length
+
+
+@triton.jit
+def _load_rows(base, rows, row_limit, stride_n, dims, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               ROW_BOUNDS: tl.constexpr):
+    """A [rows, BLOCK_D] tile; rows past row_limit and dims past HEAD_DIM read as 0."""
+    ptrs = base + rows[:, None] * stride_n + dims[None, :]
+    if ROW_BOUNDS:
+        if BLOCK_D != HEAD_DIM:
+            return tl.load(ptrs, mask=(rows[:, None] < row_limit) & (dims[None, :] < HEAD_DIM), other=0.0)
+        return tl.load(ptrs, mask=rows[:, None] < row_limit, other=0.0)
+    if BLOCK_D != HEAD_DIM:
+        return tl.load(ptrs, mask=dims[None, :] < HEAD_DIM, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _store_rows(base, tile, rows, row_limit, stride_n, dims, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_n + dims[None, :]
+    tl.store(ptrs, tile.to(base.dtype.element_ty),
+             mask=(rows[:, None] < row_limit) & (dims[None, :] < HEAD_DIM))
+
+
+# --------------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_step(q, m_i, l_i, acc, k_base, v_base, pad_base, cols, seq_len, stride_kn, stride_vn, dims,
+              qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KEY_BOUNDS: tl.constexpr,
+              HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over the keys ``cols``."""
+    k = _load_rows(k_base, cols, seq_len, stride_kn, dims, HEAD_DIM, BLOCK_D, KEY_BOUNDS)
+    v = _load_rows(v_base, cols, seq_len, stride_vn, dims, HEAD_DIM, BLOCK_D, KEY_BOUNDS)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if KEY_BOUNDS:
+        s = tl.where(cols[None, :] < seq_len, s, float("-inf"))
+    if HAS_MASK:
+        pad = tl.load(pad_base + cols, mask=cols < seq_len, other=1) != 0
+        s = tl.where(pad[None, :], float("-inf"), s)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = m_new
+    if HAS_MASK:  # a row may have seen only padding so far: keep exp2 away from (-inf) - (-inf)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_rows(q_base, k_base, v_base, o_base, lse_base, pad_base, row_start, seq_len,
+              stride_qn, stride_kn, stride_vn, stride_on, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+              TAIL_N: tl.constexpr, ROW_BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """Attention output for query rows [row_start, row_start + ROWS) of one head."""
+    rows = row_start + tl.arange(0, ROWS)
+    dims = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_base, rows, seq_len, stride_qn, dims, HEAD_DIM, BLOCK_D, ROW_BOUNDS)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    full_end = (seq_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, k_base, v_base, pad_base, cols, seq_len,
+                                  stride_kn, stride_vn, dims, qk_scale, HEAD_DIM, BLOCK_D,
+                                  False, HAS_MASK, DOT_PRECISION)
+    for start_n in range(full_end, seq_len, TAIL_N):
+        cols = start_n + tl.arange(0, TAIL_N)
+        m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, k_base, v_base, pad_base, cols, seq_len,
+                                  stride_kn, stride_vn, dims, qk_scale, HEAD_DIM, BLOCK_D,
+                                  True, HAS_MASK, DOT_PRECISION)
+    empty = l_i == 0.0  # only possible when every key of the row is padding
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    _store_rows(o_base, out, rows, seq_len, stride_on, dims, HEAD_DIM, BLOCK_D)
+    tl.store(lse_base + rows, lse, mask=rows < seq_len)
+
+
+@triton.jit
+def attn_fwd_kernel(Q, K, V, O, LSE, PAD, CU_SEQLENS,
+                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                    stride_lb, stride_lh, stride_pb, H, N, SEQ_BUCKET, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+                    HEADS_PER_PROG: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """Grid: (cdiv(max_seqlen, BLOCK_M), cdiv(H, HEADS_PER_PROG), number of sequences)."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(2)
+    seq_start, seq_len = _sequence(CU_SEQLENS, b, N, VARLEN)
+    row_start = pid_m * BLOCK_M
+    if row_start < seq_len:
+        for i in range(HEADS_PER_PROG):
+            h = tl.program_id(1) * HEADS_PER_PROG + i
+            if h < H:
+                q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh + seq_start.to(tl.int64) * stride_qn
+                k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh + seq_start.to(tl.int64) * stride_kn
+                v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh + seq_start.to(tl.int64) * stride_vn
+                o_base = O + b.to(tl.int64) * stride_ob + h * stride_oh + seq_start.to(tl.int64) * stride_on
+                lse_base = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + seq_start
+                pad_base = PAD + b.to(tl.int64) * stride_pb
+                if row_start + BLOCK_M <= seq_len:
+                    _fwd_rows(q_base, k_base, v_base, o_base, lse_base, pad_base, row_start, seq_len,
+                              stride_qn, stride_kn, stride_vn, stride_on, qk_scale, HEAD_DIM, BLOCK_D,
+                              BLOCK_M, BLOCK_N, TAIL_N, False, HAS_MASK, DOT_PRECISION)
+                else:  # the last, short row block: narrow sub-blocks instead of a mostly empty tile
+                    for sub_start in range(row_start, seq_len, TAIL_M):
+                        _fwd_rows(q_base, k_base, v_base, o_base, lse_base, pad_base, sub_start,
+                                  seq_len, stride_qn, stride_kn, stride_vn, stride_on, qk_scale,
+                                  HEAD_DIM, BLOCK_D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_MASK,
+                                  DOT_PRECISION)
+
+
+# --------------------------------------------------------------------------------------------------
+# backward, pass 1: dK and dV for a block of keys, looping over all query rows
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _dkdv_step(k, v, dk, dv, q_base, do_base, lse_base, delta_base, rows, seq_len, stride_qn,
+               stride_don, dims, qk_scale, key_pad, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               ROW_BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Work transposed ([keys, rows]) so every product is a plain tl.dot on loaded tiles.
+    q = _load_rows(q_base, rows, seq_len, stride_qn, dims, HEAD_DIM, BLOCK_D, ROW_BOUNDS)
+    do = _load_rows(do_base, rows, seq_len, stride_don, dims, HEAD_DIM, BLOCK_D, ROW_BOUNDS)
+    if ROW_BOUNDS:  # rows past the end: LSE = +inf gives p = 0, delta = 0 gives ds = 0
+        lse2 = tl.load(lse_base + rows, mask=rows < seq_len, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_base + rows, mask=rows < seq_len, other=0.0)
+    else:
+        lse2 = tl.load(lse_base + rows) * 1.4426950408889634
+        delta = tl.load(delta_base + rows)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    p_t = tl.math.exp2(s_t - lse2[None, :])
+    if HAS_MASK:
+        p_t = tl.where(key_pad[:, None], 0.0, p_t)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_cols(q_base, k_base, v_base, do_base, lse_base, delta_base, pad_base, dk_base, dv_base,
+               col_start, seq_len, stride_qn, stride_kn, stride_vn, stride_don, stride_dkn,
+               stride_dvn, scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               COLS: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
+               COL_BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    cols = col_start + tl.arange(0, COLS)
+    dims = tl.arange(0, BLOCK_D)
+    # Keys past the end load as 0; their dK/dV rows are computed but never stored.
+    k = _load_rows(k_base, cols, seq_len, stride_kn, dims, HEAD_DIM, BLOCK_D, COL_BOUNDS)
+    v = _load_rows(v_base, cols, seq_len, stride_vn, dims, HEAD_DIM, BLOCK_D, COL_BOUNDS)
+    key_pad = cols < 0
+    if HAS_MASK:
+        key_pad = tl.load(pad_base + cols, mask=cols < seq_len, other=1) != 0
+    dk = tl.zeros([COLS, BLOCK_D], tl.float32)
+    dv = tl.zeros([COLS, BLOCK_D], tl.float32)
+    full_end = (seq_len // BLOCK_M) * BLOCK_M
+    for start_m in range(0, full_end, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        dk, dv = _dkdv_step(k, v, dk, dv, q_base, do_base, lse_base, delta_base, rows, seq_len,
+                            stride_qn, stride_don, dims, qk_scale, key_pad, HEAD_DIM, BLOCK_D,
+                            False, HAS_MASK, DOT_PRECISION)
+    for start_m in range(full_end, seq_len, TAIL_M):
+        rows = start_m + tl.arange(0, TAIL_M)
+        dk, dv = _dkdv_step(k, v, dk, dv, q_base, do_base, lse_base, delta_base, rows, seq_len,
+                            stride_qn, stride_don, dims, qk_scale, key_pad, HEAD_DIM, BLOCK_D,
+                            True, HAS_MASK, DOT_PRECISION)
+    _store_rows(dk_base, dk * scale, cols, seq_len, stride_dkn, dims, HEAD_DIM, BLOCK_D)
+    _store_rows(dv_base, dv, cols, seq_len, stride_dvn, dims, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PAD, DK, DV, CU_SEQLENS,
+                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                         stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                         stride_lb, stride_lh, stride_pb, H, N, SEQ_BUCKET, scale, qk_scale,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+                         HEADS_PER_PROG: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """Grid: (cdiv(max_seqlen, BLOCK_N), cdiv(H, HEADS_PER_PROG), number of sequences)."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(2)
+    seq_start, seq_len = _sequence(CU_SEQLENS, b, N, VARLEN)
+    col_start = pid_n * BLOCK_N
+    if col_start < seq_len:
+        for i in range(HEADS_PER_PROG):
+            h = tl.program_id(1) * HEADS_PER_PROG + i
+            if h < H:
+                b64 = b.to(tl.int64)
+                t0 = seq_start.to(tl.int64)
+                q_base = Q + b64 * stride_qb + h * stride_qh + t0 * stride_qn
+                k_base = K + b64 * stride_kb + h * stride_kh + t0 * stride_kn
+                v_base = V + b64 * stride_vb + h * stride_vh + t0 * stride_vn
+                do_base = DO + b64 * stride_dob + h * stride_doh + t0 * stride_don
+                dk_base = DK + b64 * stride_dkb + h * stride_dkh + t0 * stride_dkn
+                dv_base = DV + b64 * stride_dvb + h * stride_dvh + t0 * stride_dvn
+                lse_base = LSE + b64 * stride_lb + h * stride_lh + seq_start
+                delta_base = DELTA + b64 * stride_lb + h * stride_lh + seq_start
+                pad_base = PAD + b64 * stride_pb
+                if col_start + BLOCK_N <= seq_len:
+                    _dkdv_cols(q_base, k_base, v_base, do_base, lse_base, delta_base, pad_base,
+                               dk_base, dv_base, col_start, seq_len, stride_qn, stride_kn, stride_vn,
+                               stride_don, stride_dkn, stride_dvn, scale, qk_scale, HEAD_DIM,
+                               BLOCK_D, BLOCK_N, BLOCK_M, TAIL_M, False, HAS_MASK, DOT_PRECISION)
+                else:  # the last, short key block: narrow sub-blocks
+                    for sub_start in range(col_start, seq_len, TAIL_N):
+                        _dkdv_cols(q_base, k_base, v_base, do_base, lse_base, delta_base, pad_base,
+                                   dk_base, dv_base, sub_start, seq_len, stride_qn, stride_kn,
+                                   stride_vn, stride_don, stride_dkn, stride_dvn, scale, qk_scale,
+                                   HEAD_DIM, BLOCK_D, TAIL_N, BLOCK_M, TAIL_M, True, HAS_MASK,
+                                   DOT_PRECISION)
+
+
+# --------------------------------------------------------------------------------------------------
+# backward, pass 2: dQ for a block of query rows, looping over all keys
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _dq_step(q, do, dq, lse2, delta, k_base, v_base, pad_base, cols, seq_len, stride_kn, stride_vn,
+             dims, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KEY_BOUNDS: tl.constexpr,
+             HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    k = _load_rows(k_base, cols, seq_len, stride_kn, dims, HEAD_DIM, BLOCK_D, KEY_BOUNDS)
+    v = _load_rows(v_base, cols, seq_len, stride_vn, dims, HEAD_DIM, BLOCK_D, KEY_BOUNDS)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse2[:, None])
+    if KEY_BOUNDS:
+        p = tl.where(cols[None, :] < seq_len, p, 0.0)
+    if HAS_MASK:
+        pad = tl.load(pad_base + cols, mask=cols < seq_len, other=1) != 0
+        p = tl.where(pad[None, :], 0.0, p)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_rows(q_base, k_base, v_base, do_base, lse_base, delta_base, pad_base, dq_base, row_start,
+             seq_len, stride_qn, stride_kn, stride_vn, stride_don, stride_dqn, scale, qk_scale,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+             TAIL_N: tl.constexpr, ROW_BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    rows = row_start + tl.arange(0, ROWS)
+    dims = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_base, rows, seq_len, stride_qn, dims, HEAD_DIM, BLOCK_D, ROW_BOUNDS)
+    do = _load_rows(do_base, rows, seq_len, stride_don, dims, HEAD_DIM, BLOCK_D, ROW_BOUNDS)
+    if ROW_BOUNDS:
+        lse2 = tl.load(lse_base + rows, mask=rows < seq_len, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_base + rows, mask=rows < seq_len, other=0.0)
+    else:
+        lse2 = tl.load(lse_base + rows) * 1.4426950408889634
+        delta = tl.load(delta_base + rows)
+    dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    full_end = (seq_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        dq = _dq_step(q, do, dq, lse2, delta, k_base, v_base, pad_base, cols, seq_len, stride_kn,
+                      stride_vn, dims, qk_scale, HEAD_DIM, BLOCK_D, False, HAS_MASK, DOT_PRECISION)
+    for start_n in range(full_end, seq_len, TAIL_N):
+        cols = start_n + tl.arange(0, TAIL_N)
+        dq = _dq_step(q, do, dq, lse2, delta, k_base, v_base, pad_base, cols, seq_len, stride_kn,
+                      stride_vn, dims, qk_scale, HEAD_DIM, BLOCK_D, True, HAS_MASK, DOT_PRECISION)
+    _store_rows(dq_base, dq * scale, rows, seq_len, stride_dqn, dims, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, PAD, DQ, CU_SEQLENS,
+                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                       stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                       stride_dqb, stride_dqh, stride_dqn,
+                       stride_lb, stride_lh, stride_pb, H, N, SEQ_BUCKET, scale, qk_scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+                       HEADS_PER_PROG: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """Grid: (cdiv(max_seqlen, BLOCK_M), cdiv(H, HEADS_PER_PROG), number of sequences)."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(2)
+    seq_start, seq_len = _sequence(CU_SEQLENS, b, N, VARLEN)
+    row_start = pid_m * BLOCK_M
+    if row_start < seq_len:
+        for i in range(HEADS_PER_PROG):
+            h = tl.program_id(1) * HEADS_PER_PROG + i
+            if h < H:
+                b64 = b.to(tl.int64)
+                t0 = seq_start.to(tl.int64)
+                q_base = Q + b64 * stride_qb + h * stride_qh + t0 * stride_qn
+                k_base = K + b64 * stride_kb + h * stride_kh + t0 * stride_kn
+                v_base = V + b64 * stride_vb + h * stride_vh + t0 * stride_vn
+                do_base = DO + b64 * stride_dob + h * stride_doh + t0 * stride_don
+                dq_base = DQ + b64 * stride_dqb + h * stride_dqh + t0 * stride_dqn
+                lse_base = LSE + b64 * stride_lb + h * stride_lh + seq_start
+                delta_base = DELTA + b64 * stride_lb + h * stride_lh + seq_start
+                pad_base = PAD + b64 * stride_pb
+                if row_start + BLOCK_M <= seq_len:
+                    _dq_rows(q_base, k_base, v_base, do_base, lse_base, delta_base, pad_base, dq_base,
+                             row_start, seq_len, stride_qn, stride_kn, stride_vn, stride_don,
+                             stride_dqn, scale, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_N,
+                             False, HAS_MASK, DOT_PRECISION)
+                else:
+                    for sub_start in range(row_start, seq_len, TAIL_M):
+                        _dq_rows(q_base, k_base, v_base, do_base, lse_base, delta_base, pad_base,
+                                 dq_base, sub_start, seq_len, stride_qn, stride_kn, stride_vn,
+                                 stride_don, stride_dqn, scale, qk_scale, HEAD_DIM, BLOCK_D, TAIL_M,
+                                 BLOCK_N, TAIL_N, True, HAS_MASK, DOT_PRECISION)

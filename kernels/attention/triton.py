@@ -1,0 +1,287 @@
+"""Triton flash attention: the public ops, their autograd, and the torch.library registration.
+
+``attention`` (dense [B, H, N, D] + optional key padding) and ``attention_varlen`` (packed [T, H, D] +
+``cu_seqlens``) are the two front doors of one pair of custom ops:
+
+- ``fasttips::flash_attention_fwd(q, k, v, key_padding_mask?, cu_seqlens?, max_seqlen, scale)``
+  → (out, lse), with ``register_fake`` shapes and ``register_autograd`` pointing at
+- ``fasttips::flash_attention_bwd(dout, q, k, v, out, lse, ...)`` → (dq, dk, dv).
+
+Being opaque custom ops with fake implementations, they let ``torch.compile`` trace a model around
+them without graph breaks. The kernels themselves live in ``kernels.py``; block shapes are autotuned
+on GPUs (``*_CONFIGS``) and fixed and small under ``TRITON_INTERPRET=1`` (``INTERPRET_CONFIG``).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import triton
+
+from .._backend import interpreting
+from . import kernels as K
+
+MAX_HEAD_DIM = 128
+TAIL = 16  # narrow step for leftover keys / query rows: tl.dot's smallest friendly width
+SHORT_SEQ = 128  # sequences up to this length use the several-heads-per-program configurations
+
+
+def _cfg(block_m, block_n, heads, warps, stages):
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, HEADS_PER_PROG=heads, num_warps=warps,
+                num_stages=stages)
+
+
+# (BLOCK_M, BLOCK_N, HEADS_PER_PROG, num_warps, num_stages). Every entry is compiled for sm_90a by
+# the Hopper gate in tests/kernels/test_attention.py, so keep the lists short and deliberate.
+FWD_CONFIGS = {
+    "long": [_cfg(128, 64, 1, 4, 3), _cfg(128, 64, 1, 8, 3), _cfg(64, 64, 1, 4, 3),
+             _cfg(128, 128, 1, 8, 3), _cfg(64, 32, 1, 4, 4)],
+    "short": [_cfg(64, 64, 2, 4, 2), _cfg(64, 32, 4, 4, 2), _cfg(64, 64, 4, 4, 2),
+              _cfg(32, 32, 4, 4, 2)],
+}
+# dK/dV: BLOCK_N keys per program, BLOCK_M query rows per inner step.
+DKDV_CONFIGS = {
+    "long": [_cfg(64, 128, 1, 8, 2), _cfg(32, 128, 1, 4, 3), _cfg(64, 64, 1, 4, 3),
+             _cfg(32, 64, 1, 4, 3)],
+    "short": [_cfg(64, 64, 2, 4, 2), _cfg(32, 64, 4, 4, 2), _cfg(32, 32, 4, 4, 2)],
+}
+# dQ: BLOCK_M query rows per program, BLOCK_N keys per inner step.
+DQ_CONFIGS = {
+    "long": [_cfg(128, 64, 1, 8, 2), _cfg(128, 32, 1, 4, 3), _cfg(64, 64, 1, 4, 3),
+             _cfg(64, 32, 1, 4, 3)],
+    "short": [_cfg(64, 64, 2, 4, 2), _cfg(64, 32, 4, 4, 2), _cfg(32, 32, 4, 4, 2)],
+}
+# Under the interpreter: small blocks so that tests hit full tiles, key tails and row tails at
+# N = 50, and several heads per program. Tests may swap this dict (monkeypatch).
+INTERPRET_CONFIG = _cfg(32, 32, 2, 4, 1)
+
+
+def _family(max_seqlen: int) -> str:
+    return "short" if max_seqlen <= SHORT_SEQ else "long"
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(name: str, family: str):
+    kernel, configs = {
+        "fwd": (K.attn_fwd_kernel, FWD_CONFIGS),
+        "dkdv": (K.attn_bwd_dkdv_kernel, DKDV_CONFIGS),
+        "dq": (K.attn_bwd_dq_kernel, DQ_CONFIGS),
+    }[name]
+    tconfigs = []
+    for c in configs[family]:
+        meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
+        tconfigs.append(triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"]))
+    key = ["SEQ_BUCKET", "H", "HEAD_DIM", "HAS_MASK", "VARLEN"]
+    return triton.autotune(configs=tconfigs, key=key)(kernel)
+
+
+def _launch(name: str, max_seqlen: int, n_seqs: int, H: int, program_axis: str, args: tuple,
+            consts: dict):
+    """Launch kernel ``name``: autotuned on a GPU, with INTERPRET_CONFIG under the interpreter."""
+    def grid(meta):
+        return (triton.cdiv(max_seqlen, meta[program_axis]), triton.cdiv(H, meta["HEADS_PER_PROG"]),
+                n_seqs)
+
+    if interpreting():
+        cfg = dict(INTERPRET_CONFIG)
+        launch = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+        kernel = {"fwd": K.attn_fwd_kernel, "dkdv": K.attn_bwd_dkdv_kernel,
+                  "dq": K.attn_bwd_dq_kernel}[name]
+        kernel[grid(launch)](*args, **consts, **launch)
+    else:
+        _autotuned(name, _family(max_seqlen))[grid](*args, **consts)
+
+
+def _seq_bucket(max_seqlen: int) -> int:
+    return triton.next_power_of_2(max(int(max_seqlen), 16))
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    # dense LSE [B, H, N]; packed LSE [H, T] (the batch offset then comes from cu_seqlens)
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def _layout_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, token) strides; packed tensors have no batch axis."""
+    if varlen:
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen):
+    D = q.shape[-1]
+    return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), TAIL_M=TAIL, TAIL_N=TAIL,
+                HAS_MASK=key_padding_mask is not None, VARLEN=cu_seqlens is not None,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _shape_info(q, cu_seqlens, max_seqlen):
+    if cu_seqlens is not None:
+        return cu_seqlens.numel() - 1, q.shape[1], 0
+    return q.shape[0], q.shape[1], q.shape[2]
+
+
+def _pad_arg(key_padding_mask, q):
+    if key_padding_mask is None:
+        return q, 0  # never read (HAS_MASK=False)
+    return key_padding_mask.view(torch.uint8), key_padding_mask.stride(0)
+
+
+def _forward_impl(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+    varlen = cu_seqlens is not None
+    n_seqs, H, N = _shape_info(q, cu_seqlens, max_seqlen)
+    out = torch.empty_like(q)
+    lse_shape = (H, q.shape[0]) if varlen else (q.shape[0], H, q.shape[2])
+    lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
+    if q.numel() == 0 or n_seqs == 0 or max_seqlen == 0:
+        return out, lse.fill_(float("inf"))
+    pad, stride_pb = _pad_arg(key_padding_mask, q)
+    args = (q, k, v, out, lse, pad, cu_seqlens if varlen else q,
+            *_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen),
+            *_layout_strides(out, varlen), *_lse_strides(lse, varlen), stride_pb,
+            H, N, _seq_bucket(max_seqlen), scale * K.LOG2E)
+    _launch("fwd", max_seqlen, n_seqs, H, "BLOCK_M", args,
+            _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen))
+    return out, lse
+
+
+def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
+    varlen = cu_seqlens is not None
+    n_seqs, H, N = _shape_info(q, cu_seqlens, max_seqlen)
+    dout = _last_dim_contiguous(dout)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or n_seqs == 0 or max_seqlen == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    # delta_i = Σ_d out·dout = Σ_j p_ij dp_ij, the softmax-backward row term (one small fp32 pass)
+    delta = (out.float() * dout.float()).sum(-1)
+    delta = delta.t().contiguous() if varlen else delta.contiguous()
+    pad, stride_pb = _pad_arg(key_padding_mask, q)
+    cu = cu_seqlens if varlen else q
+    consts = _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen)
+    tail = (*_lse_strides(lse, varlen), stride_pb, H, N, _seq_bucket(max_seqlen), scale,
+            scale * K.LOG2E)
+    base = (*_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen),
+            *_layout_strides(dout, varlen))
+    _launch("dkdv", max_seqlen, n_seqs, H, "BLOCK_N",
+            (q, k, v, dout, lse, delta, pad, dk, dv, cu, *base, *_layout_strides(dk, varlen),
+             *_layout_strides(dv, varlen), *tail), consts)
+    _launch("dq", max_seqlen, n_seqs, H, "BLOCK_M",
+            (q, k, v, dout, lse, delta, pad, dq, cu, *base, *_layout_strides(dq, varlen), *tail),
+            consts)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fasttips::flash_attention_fwd", mutates_args=())
+def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                        max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale)
+
+
+@flash_attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else q.shape[:3]
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fasttips::flash_attention_bwd", mutates_args=())
+def flash_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        out: torch.Tensor, lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                        cu_seqlens: Optional[torch.Tensor], max_seqlen: int, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale)
+
+
+@flash_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, cu_seqlens)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, key_padding_mask, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = flash_attention_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens,
+                                     ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# public ops (argument checks, then the custom op)
+# --------------------------------------------------------------------------------------------------
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_qkv(q, k, v, rank: int, layout: str):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != rank:
+            raise ValueError(f"{name} must be a {rank}-D tensor {layout}; got "
+                             f"{getattr(t, 'shape', type(t))}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name}.dtype={t.dtype} is not supported; use one of {list(_DTYPES)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have the same shape {layout}; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={q.shape[-1]} is not supported; the Triton kernel allows "
+                         f"D ≤ {MAX_HEAD_DIM}")
+    return _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+
+
+def _default_scale(q, scale):
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def attention(q, k, v, key_padding_mask=None, scale=None):
+    """softmax(q kᵀ·scale) v for q, k, v [B, H, N, D]; key_padding_mask [B, N] bool (True = pad)."""
+    q, k, v = _check_qkv(q, k, v, 4, "[B, H, N, D]")
+    B, _, N, _ = q.shape
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, N):
+            raise ValueError(f"key_padding_mask must be a bool tensor of shape [B, N] = [{B}, {N}]; "
+                             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+        key_padding_mask = key_padding_mask.contiguous()
+    out, _ = flash_attention_fwd(q, k, v, key_padding_mask, None, N, _default_scale(q, scale))
+    return out
+
+
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
+    """Packed attention: q, k, v [T, H, D]; sequence i is rows cu_seqlens[i]:cu_seqlens[i+1]."""
+    q, k, v = _check_qkv(q, k, v, 3, "[T, H, D]")
+    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1
+            or cu_seqlens.dtype not in (torch.int32, torch.int64)):
+        raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [0, n0, n0+n1, ..., T]; got "
+                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens))} "
+                         f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+    cu_seqlens = cu_seqlens.contiguous()
+    if max_seqlen is None:  # one host sync; pass max_seqlen to avoid it (and under torch.compile)
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    out, _ = flash_attention_fwd(q, k, v, None, cu_seqlens, int(max_seqlen), _default_scale(q, scale))
+    return out
