@@ -1,0 +1,154 @@
+"""DINOv2 multi-crop augmentation on Pillow images (the PyTorch loader's CPU path).
+
+The recipe is DINOv2's *effective* one (reference_math.md §5.1): every crop gets a random resized
+crop (bicubic, aspect 3/4..4/3), a horizontal flip (p 0.5), colour jitter (0.4, 0.4, 0.2, 0.1) with
+p 0.8 and grayscale with p 0.2. Gaussian blur (σ ∈ [0.1, 2]) has the probabilities DINOv2 actually
+applies, 0.0 / 0.9 / 0.5 for global crop 1 / global crop 2 / local crops (the declared 1.0 / 0.1 / 0.5
+are inverted by its RandomApply wrapper), and global crop 2 is solarized with p 0.2. Global crops
+beyond the second reuse the second one's recipe.
+
+Crops leave this module as uint8 HWC arrays; ``normalize`` turns a stacked batch into float CHW
+(TIPS: pixels in [0, 1], no mean/std; or ImageNet mean/std). The DALI graph in ``dali_loader.py``
+implements the same recipe with DALI operators.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PIXEL_NORMS = ("tips", "imagenet")
+
+JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+JITTER_P, GRAY_P, SOLARIZE_P, SOLARIZE_THRESHOLD = 0.8, 0.2, 0.2, 128
+BLUR_SIGMA = (0.1, 2.0)
+BLUR_P_GLOBAL1, BLUR_P_GLOBAL2, BLUR_P_LOCAL = 0.0, 0.9, 0.5
+ASPECT = (3 / 4, 4 / 3)
+
+
+@dataclass(frozen=True)
+class CropRecipe:
+    size: int
+    scale: tuple[float, float]
+    blur_p: float
+    solarize_p: float
+
+
+def crop_recipes(global_size: int, n_global: int, global_scale, local_size: int, n_local: int,
+                 local_scale) -> list[CropRecipe]:
+    """Recipes of all crops of one image: globals first, then locals."""
+    out = []
+    for i in range(n_global):
+        first = i == 0
+        out.append(CropRecipe(global_size, tuple(global_scale), BLUR_P_GLOBAL1 if first else BLUR_P_GLOBAL2,
+                              0.0 if first else SOLARIZE_P))
+    out += [CropRecipe(local_size, tuple(local_scale), BLUR_P_LOCAL, 0.0)] * n_local
+    return out
+
+
+def random_resized_box(width: int, height: int, scale, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a random crop with area fraction in ``scale`` and aspect in
+    ASPECT; after 10 failed tries, the largest centred crop with a clamped aspect."""
+    area = width * height
+    log_lo, log_hi = math.log(ASPECT[0]), math.log(ASPECT[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    ratio = width / height
+    if ratio < ASPECT[0]:
+        w, h = width, int(round(width / ASPECT[0]))
+    elif ratio > ASPECT[1]:
+        h, w = height, int(round(height * ASPECT[1]))
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def _shift_hue(img: Image.Image, shift: float) -> Image.Image:
+    """Rotate hue by ``shift`` turns (in [-0.5, 0.5]) in HSV space."""
+    h, s, v = img.convert("HSV").split()
+    hue = (np.asarray(h, dtype=np.int16) + int(round(shift * 255))) % 256
+    return Image.merge("HSV", (Image.fromarray(hue.astype(np.uint8)), s, v)).convert("RGB")
+
+
+def color_jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Brightness, contrast, saturation and hue factors applied in a random order (torchvision style)."""
+    b = rng.uniform(1 - JITTER["brightness"], 1 + JITTER["brightness"])
+    c = rng.uniform(1 - JITTER["contrast"], 1 + JITTER["contrast"])
+    s = rng.uniform(1 - JITTER["saturation"], 1 + JITTER["saturation"])
+    hue = rng.uniform(-JITTER["hue"], JITTER["hue"])
+    for op in rng.permutation(4):
+        if op == 0:
+            img = ImageEnhance.Brightness(img).enhance(b)
+        elif op == 1:
+            img = ImageEnhance.Contrast(img).enhance(c)
+        elif op == 2:
+            img = ImageEnhance.Color(img).enhance(s)
+        else:
+            img = _shift_hue(img, hue)
+    return img
+
+
+def augment_crop(img: Image.Image, recipe: CropRecipe, rng: np.random.Generator) -> np.ndarray:
+    """One augmented crop of ``img`` (RGB) as uint8 [size, size, 3]."""
+    box = random_resized_box(img.width, img.height, recipe.scale, rng)
+    crop = img.resize((recipe.size, recipe.size), Image.BICUBIC, box=box)
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+    if rng.random() < JITTER_P:
+        crop = color_jitter(crop, rng)
+    if rng.random() < GRAY_P:
+        crop = crop.convert("L").convert("RGB")
+    if rng.random() < recipe.blur_p:
+        crop = crop.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*BLUR_SIGMA)))
+    if rng.random() < recipe.solarize_p:
+        crop = ImageOps.solarize(crop, threshold=SOLARIZE_THRESHOLD)
+    return np.asarray(crop, dtype=np.uint8)
+
+
+def decode_rgb(data: bytes, min_side: int = 0) -> Image.Image:
+    """Decode to RGB; a large JPEG is decoded at a reduced scale (1/2, 1/4, 1/8) when its shorter
+    side stays >= ``min_side``, which is much faster and loses nothing the crops would keep."""
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG" and min_side > 0:
+        short = min(img.width, img.height)
+        factor = 1
+        while factor < 8 and short // (factor * 2) >= min_side:
+            factor *= 2
+        if factor > 1:
+            img.draft("RGB", (img.width // factor, img.height // factor))
+    return img.convert("RGB")
+
+
+def min_decode_side(recipes: list[CropRecipe]) -> int:
+    """Shorter side that still gives every crop at least its output resolution at its smallest scale."""
+    return max(int(math.ceil(r.size / math.sqrt(r.scale[0]))) for r in recipes)
+
+
+def multicrop(img: Image.Image, recipes: list[CropRecipe], rng: np.random.Generator) -> list[np.ndarray]:
+    return [augment_crop(img, r, rng) for r in recipes]
+
+
+def normalize(crops_u8: torch.Tensor, pixel_norm: str = "tips") -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W]: TIPS = x / 255; ImageNet = (x / 255 - mean) / std."""
+    if pixel_norm not in PIXEL_NORMS:
+        raise ValueError(f"data.pixel_norm={pixel_norm!r}: choose one of {list(PIXEL_NORMS)}")
+    x = crops_u8.permute(0, 3, 1, 2).float().div_(255.0)
+    if pixel_norm == "imagenet":
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        x = x.sub_(mean).div_(std)
+    return x.contiguous()

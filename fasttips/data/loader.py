@@ -1,0 +1,198 @@
+"""``build_loader(cfg, rank, world_size)``: the one entry point the trainer, evaluation and benches use.
+
+It resolves the shards (demo data, a shard path, or synthetic batches), indexes and validates them
+(bad samples are skipped, counted in ``.stats`` and reported in one log line), resolves the tokenizer,
+then picks the DALI loader (``data.loader = auto`` when ``nvidia.dali`` imports, or ``dali``) or the
+PyTorch + Pillow loader. Iterating yields batches that satisfy ``batch.py`` forever; ``state_dict()`` /
+``load_state_dict()`` capture the data position so a resumed run continues with the same batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from . import demo
+from .batch import synthetic_batch
+from .pipeline import SampleStream, StreamSpec
+from .shards import (SKIP_REASONS, MemberReader, cache_dir, index_shards, list_shards, total_skipped)
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("fasttips.data")
+MAX_TOKENIZER_CAPTIONS = 200_000
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def resolve_shards(cfg) -> list[str]:
+    if cfg.data.source == "demo":
+        return demo.demo_shards(cfg.data.path or None, "train")
+    return list_shards(cfg.data.path, what="data.path")
+
+
+def shard_captions(indexes, limit: int = MAX_TOKENIZER_CAPTIONS) -> list[str]:
+    """Every caption of every good sample (up to ``limit``), for tokenizer training."""
+    reader, texts = MemberReader(), []
+    try:
+        for ix in indexes:
+            for s in ix.samples:
+                texts += list(reader.captions(s).values())
+                if len(texts) >= limit:
+                    return texts
+    finally:
+        reader.close()
+    return texts
+
+
+def resolve_tokenizer(cfg, indexes) -> Tokenizer:
+    """data.tokenizer if given, else a SentencePiece model trained on the shards' captions (cached by
+    shard set and vocabulary size, so every rank and every rerun gets the same one)."""
+    max_len = cfg.text.max_len
+    if cfg.data.tokenizer:
+        tok = Tokenizer.load(cfg.data.tokenizer, max_len)
+    else:
+        key = hashlib.sha1(("\n".join(ix.shard for ix in indexes) + f"|{cfg.text.vocab_size}").encode())
+        path = cache_dir() / "tokenizers" / f"spm-{cfg.text.vocab_size}-{key.hexdigest()[:16]}.model"
+        if path.is_file():
+            tok = Tokenizer.load(path, max_len)
+        else:
+            tok = Tokenizer.train(shard_captions(indexes), cfg.text.vocab_size, max_len=max_len)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            tmp.write_bytes(tok.serialized())
+            os.replace(tmp, path)
+            log.info("trained a %d-piece tokenizer on the shard captions: %s", tok.vocab_size, path)
+    if tok.vocab_size > cfg.text.vocab_size:
+        raise ValueError(f"data.tokenizer has {tok.vocab_size} ids but text.vocab_size={cfg.text.vocab_size}; "
+                         "raise text.vocab_size")
+    return tok
+
+
+class Loader:
+    """Infinite iterator of batches with a resumable position (see module docstring)."""
+
+    kind = "pytorch"
+
+    def __init__(self, cfg, rank: int, world_size: int, samples, tokenizer: Tokenizer, stats: dict):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.tokenizer, self.stats = tokenizer, stats
+        self.batch_size = cfg.data.batch_size
+        self.stream = SampleStream(samples, StreamSpec(cfg.train.seed, rank, world_size, self.batch_size))
+        self.batches = 0              # batches handed out so far
+        self._it = None
+
+    @property
+    def num_samples(self) -> int:
+        """Good samples owned by this rank (one epoch)."""
+        return len(self.stream)
+
+    def _start(self):
+        from .pytorch_loader import BatchDataset, make_dataloader
+        ds = BatchDataset(self.stream, self.cfg.data, self.cfg.vision.patch_size, self.tokenizer.serialized(),
+                          self.tokenizer.max_len, start_batch=self.batches)
+        return make_dataloader(ds, self.cfg.data.num_workers)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = self._start()
+        batch = next(self._it)
+        for reason, n in batch.pop("_skipped", {}).items():
+            if n:
+                self.stats[reason] = self.stats.get(reason, 0) + n
+                log.warning("data: skipped %d sample(s) at load time (%s); totals %s", n, reason, self.stats)
+        index = batch.pop("_batch_index", self.batches)
+        assert index == self.batches, f"loader out of order: got batch {index}, expected {self.batches}"
+        self.batches += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "batches": self.batches, "seed": self.cfg.train.seed, "rank": self.rank,
+                "world_size": self.world_size, "num_samples": self.num_samples,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for field in ("seed", "world_size", "num_samples", "batch_size"):
+            if field in state and state[field] != self.state_dict()[field]:
+                log.warning("data: resuming with %s=%r (saved: %r); the batch sequence will differ",
+                            field, self.state_dict()[field], state[field])
+        self.close()
+        self.batches = int(state["batches"])
+
+    def close(self) -> None:
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class SyntheticLoader:
+    """data.source = synthetic: random batches (``batch.synthetic_batch``), deterministic per step."""
+
+    kind = "synthetic"
+
+    def __init__(self, cfg, rank: int):
+        self.cfg, self.rank = cfg, rank
+        self.batches = 0
+        self.stats = dict.fromkeys(SKIP_REASONS, 0)
+        self.tokenizer = None
+        self.batch_size = cfg.data.batch_size
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        d, g = self.cfg.data, torch.Generator().manual_seed(
+            (self.cfg.train.seed * 1_000_003 + self.rank) * 1_000_003 + self.batches)
+        self.batches += 1
+        return synthetic_batch(d.batch_size, d.global_size, d.local_size, d.n_global, d.n_local,
+                               self.cfg.vision.patch_size, self.cfg.text.max_len, self.cfg.text.vocab_size,
+                               mask_ratio=sum(d.mask_ratio) / 2, generator=g)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches = int(state["batches"])
+
+
+def build_loader(cfg, rank: int = 0, world_size: int = 1):
+    """The data loader of this rank (see module docstring)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    if cfg.data.source == "synthetic":
+        return SyntheticLoader(cfg, rank)
+    shards = resolve_shards(cfg)
+    indexes = index_shards(shards)
+    stats = total_skipped(indexes)
+    samples = [s for ix in indexes for s in ix.samples]
+    bad = {k: v for k, v in stats.items() if v}
+    if bad:
+        log.warning("data: %d good samples in %d shards; skipped %s", len(samples), len(shards), bad)
+    if not samples:
+        raise ValueError(f"data.path={cfg.data.path!r}: the {len(shards)} shard(s) hold no usable sample "
+                         f"(skipped: {bad or 'none'})")
+    tokenizer = resolve_tokenizer(cfg, indexes)
+    kind = cfg.data.loader
+    if kind == "auto":
+        kind = "dali" if dali_available() and importlib.util.find_spec("fasttips.data.dali_loader") else "pytorch"
+    if kind == "dali":
+        if not dali_available():
+            raise ImportError("data.loader=dali but nvidia.dali is not installed "
+                              "(pip install 'fasttips[dali]', or use data.loader=pytorch)")
+        from .dali_loader import DaliLoader
+        return DaliLoader(cfg, rank, world_size, indexes, tokenizer, stats)
+    return Loader(cfg, rank, world_size, samples, tokenizer, stats)

@@ -1,0 +1,87 @@
+"""The plain PyTorch loader: a ``DataLoader`` over an infinite ``IterableDataset`` of whole batches,
+decoding and augmenting with Pillow in worker processes.
+
+Worker ``w`` of ``W`` builds batches ``start + w, start + w + W, ...``; the DataLoader hands them out
+round-robin, i.e. in batch order, so the batch sequence is the same for any worker count and a resume
+just restarts at the batch counter. A sample that fails to decode here (the index should have caught
+it) is replaced by the next sample of the stream and counted, so batches keep their size.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .augment import crop_recipes, decode_rgb, min_decode_side, multicrop
+from .pipeline import SampleStream, assemble, crop_seed
+from .shards import MemberReader
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("fasttips.data")
+MAX_REPLACEMENTS = 64
+
+
+class BatchDataset(IterableDataset):
+    def __init__(self, stream: SampleStream, cfg_data, patch_size: int, tokenizer_bytes: bytes, max_len: int,
+                 start_batch: int = 0):
+        self.stream, self.cfg = stream, cfg_data
+        self.grid = cfg_data.global_size // patch_size
+        self.tokenizer_bytes, self.max_len = tokenizer_bytes, max_len
+        self.start_batch = start_batch
+        self.recipes = crop_recipes(cfg_data.global_size, cfg_data.n_global, cfg_data.global_scale,
+                                    cfg_data.local_size, cfg_data.n_local, cfg_data.local_scale)
+        self.min_side = min_decode_side(self.recipes)
+
+    def _load(self, reader: MemberReader, position: int, skipped: dict):
+        """(crops, captions, key, epoch) of the sample at ``position``, or of the next good one."""
+        spec = self.stream.spec
+        for extra in range(MAX_REPLACEMENTS):
+            epoch, s = self.stream.at(position + extra * (1 + len(self.stream) // 2))
+            try:
+                img = decode_rgb(reader.image(s), self.min_side)
+                caps = reader.captions(s)
+                if not caps:
+                    skipped["missing_caption"] = skipped.get("missing_caption", 0) + 1
+                    continue
+            except Exception as exc:  # PIL raises many types for a broken file
+                log.warning("skipping %s in %s: %s", s.key, s.shard, exc)
+                skipped["corrupt_image"] = skipped.get("corrupt_image", 0) + 1
+                continue
+            rng = np.random.default_rng(crop_seed(spec.seed, spec.rank, position))
+            return multicrop(img, self.recipes, rng), caps, s.key, epoch
+        raise RuntimeError(f"{MAX_REPLACEMENTS} samples in a row failed to load; the shards look broken")
+
+    def make_batch(self, batch_index: int, reader: MemberReader, tokenizer: Tokenizer) -> dict:
+        skipped: dict[str, int] = {}
+        items = [self._load(reader, p, skipped) for p in self.stream.batch_positions(batch_index)]
+        crops, caps, keys, epochs = map(list, zip(*items))
+        spec = self.stream.spec
+        batch = assemble(crops, caps, keys, epochs, n_global=self.cfg.n_global, grid=self.grid,
+                         cfg_data=self.cfg, seed=spec.seed, rank=spec.rank, batch_index=batch_index,
+                         tokenizer=tokenizer)
+        batch["_skipped"] = skipped
+        batch["_batch_index"] = batch_index
+        return batch
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader = MemberReader()
+        tokenizer = Tokenizer.from_bytes(self.tokenizer_bytes, self.max_len)
+        if info is not None:
+            torch.set_num_threads(1)      # the workers already run in parallel
+        try:
+            for b in itertools.count(self.start_batch + w, W):
+                yield self.make_batch(b, reader, tokenizer)
+        finally:
+            reader.close()
+
+
+def make_dataloader(dataset: BatchDataset, num_workers: int):
+    """Iterator over batches (in batch order) with ``num_workers`` processes (0 = in this process)."""
+    if num_workers == 0:
+        return iter(dataset)
+    return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=2))

@@ -1,0 +1,339 @@
+"""WebDataset tar shards: writing, indexing (with validation) and reading samples by offset.
+
+A sample is a group of tar members sharing a key (the member name up to the first dot):
+``{key}.jpg`` (or ``.jpeg`` / ``.png``) plus ``{key}.json`` holding captions by granularity
+(``{"alt": ..., "short": ..., "long": ...}``, any non-empty subset). Other members of a sample (for
+example the demo's ``{key}.mask.png``) are kept in the index as extras and otherwise ignored.
+
+Every shard gets a validated index before it is read (``index_shard``): the tar is scanned once, each
+sample is checked (an image member that decodes, a caption), and bad samples are left out and counted
+by reason (``SKIP_REASONS``). The index lives next to the shard (``<shard>.tar.index.json``) or, if that
+folder is read-only, in the cache (``$FASTTIPS_DATA_DIR/index``). A DALI index (``.idx``, wds2idx's
+format v1.2) listing only the good samples is written beside it, so both loaders read exactly the same
+samples and DALI never meets a bad one.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+log = logging.getLogger("fasttips.data")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+CAPTION_EXT = "json"
+INDEX_VERSION = 1
+SKIP_REASONS = ("corrupt_image", "missing_caption", "non_image_member", "unreadable_shard")
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``dir/abc.mask.png`` -> (``dir/abc``, ``mask.png``): key up to the first dot of the basename."""
+    head, base = os.path.split(name)
+    stem, dot, ext = base.partition(".")
+    return (os.path.join(head, stem) if head else stem), ext.lower() if dot else ""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FASTTIPS_DATA_DIR") or Path.home() / ".cache" / "fasttips")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+class ShardWriter:
+    """Writes samples into ``{prefix}-{n:06d}.tar`` files of at most ``samples_per_shard`` samples."""
+
+    def __init__(self, out_dir: str | Path, prefix: str = "shard", samples_per_shard: int = 1000):
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.per_shard = prefix, samples_per_shard
+        self.paths: list[Path] = []
+        self._tar: tarfile.TarFile | None = None
+        self._in_shard = 0
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o644, 0   # mtime 0: byte-identical reruns
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def write(self, key: str, image: bytes, image_ext: str, captions: dict[str, str],
+              extras: dict[str, bytes] | None = None) -> None:
+        if "." in os.path.basename(key):
+            raise ValueError(f"sample key {key!r} must not contain a dot (the extension starts there)")
+        if image_ext not in IMAGE_EXTS:
+            raise ValueError(f"image_ext {image_ext!r}: allowed {list(IMAGE_EXTS)}")
+        if self._tar is None or self._in_shard >= self.per_shard:
+            self._next_shard()
+        self._add(f"{key}.{image_ext}", image)
+        self._add(f"{key}.{CAPTION_EXT}", json.dumps(captions, ensure_ascii=False).encode())
+        for ext, data in (extras or {}).items():
+            self._add(f"{key}.{ext}", data)
+        self._in_shard += 1
+
+    def _next_shard(self) -> None:
+        self._close_tar()
+        path = self.out_dir / f"{self.prefix}-{len(self.paths):06d}.tar"
+        self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+        self.paths.append(path)
+        self._in_shard = 0
+
+    def _close_tar(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
+    def close(self) -> list[Path]:
+        self._close_tar()
+        return self.paths
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding shards
+# ----------------------------------------------------------------------------------------------
+def list_shards(path: str | os.PathLike | list, what: str = "data.path") -> list[str]:
+    """Sorted .tar files of a folder (recursive), a glob, a single file, or a list of those.
+
+    Fails with a message naming ``what`` when nothing is there, so a typo stops the run at start.
+    """
+    items = path if isinstance(path, (list, tuple)) else [path]
+    if not items or all(not str(p) for p in items):
+        raise FileNotFoundError(f"{what} is empty: give a folder of .tar shards, a glob or a .tar file")
+    found: list[str] = []
+    for item in items:
+        p = str(item)
+        if os.path.isdir(p):
+            found += glob.glob(os.path.join(p, "**", "*.tar"), recursive=True)
+        elif any(ch in p for ch in "*?["):
+            found += [f for f in glob.glob(p, recursive=True) if f.endswith(".tar")]
+        elif os.path.exists(p):
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"{what}={p!r} does not exist (expected a folder of .tar shards, "
+                                    "a glob such as 'shards/*.tar', or a .tar file)")
+    found = sorted(set(os.path.abspath(f) for f in found))
+    if not found:
+        raise FileNotFoundError(f"{what}={path!r} holds no .tar shards")
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# Indexing and validation
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    """Where one good sample lives: byte ranges (offset, size) of its members in the tar."""
+    shard: str
+    key: str
+    image: tuple[str, int, int]             # (ext, offset, size)
+    caption: tuple[int, int]                # the .json member
+    extras: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass
+class ShardIndex:
+    shard: str
+    samples: list[Sample]
+    skipped: dict[str, int]
+    dali_index: str | None = None           # path of the wds2idx-format index of the good samples
+
+
+def parse_captions(data: bytes) -> dict[str, str]:
+    """The non-empty string captions of a .json member ({} if it is not a JSON object)."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(obj, dict):
+        return {}
+    return {k: v.strip() for k, v in obj.items() if isinstance(v, str) and v.strip()}
+
+
+def image_is_valid(data: bytes) -> bool:
+    """Decode the whole image (at reduced scale for JPEG, which still reads every entropy-coded byte)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format not in ("JPEG", "PNG"):
+                return False
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+        return True
+    except Exception:  # PIL raises many types for broken files (OSError, SyntaxError, ValueError...)
+        return False
+
+
+def _index_paths(shard: str) -> tuple[Path, Path]:
+    """(json index, DALI .idx) beside the shard if that folder is writable, else in the cache."""
+    folder = os.path.dirname(shard)
+    if os.access(folder, os.W_OK):
+        base = Path(shard + ".index")
+    else:
+        digest = hashlib.sha1(os.path.abspath(shard).encode()).hexdigest()[:16]
+        base = cache_dir() / "index" / f"{Path(shard).stem}-{digest}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+    return base.with_name(base.name + ".json"), base.with_name(base.name.replace(".index", "") + ".idx")
+
+
+def _fingerprint(shard: str) -> list[int]:
+    st = os.stat(shard)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _scan(shard: str) -> tuple[list[Sample], dict[str, int]]:
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
+    groups: dict[str, dict[str, tuple[int, int]]] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, ext = split_name(m.name)
+                if key not in groups:
+                    groups[key] = {}
+                    order.append(key)
+                groups[key][ext] = (m.offset_data, m.size)
+            if not order:
+                raise tarfile.ReadError("no members")
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        log.warning("skipping unreadable shard %s (%s)", shard, exc)
+        skipped["unreadable_shard"] = 1
+        return [], skipped
+    samples = []
+    with open(shard, "rb") as f:
+        def read(off_size):
+            f.seek(off_size[0])
+            return f.read(off_size[1])
+
+        candidates = []
+        for key in order:
+            members = groups[key]
+            image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+            if image_ext is None:
+                skipped["non_image_member"] += 1
+                continue
+            if CAPTION_EXT not in members or not parse_captions(read(members[CAPTION_EXT])):
+                skipped["missing_caption"] += 1
+                continue
+            candidates.append((key, image_ext, read(members[image_ext])))
+    with ThreadPoolExecutor(max_workers=2) as pool:    # PIL releases the GIL while decoding
+        valid = list(pool.map(lambda c: image_is_valid(c[2]), candidates))
+    for (key, image_ext, _), ok in zip(candidates, valid):
+        if not ok:
+            skipped["corrupt_image"] += 1
+            continue
+        members = groups[key]
+        extras = {e: members[e] for e in members if e not in (image_ext, CAPTION_EXT)}
+        samples.append(Sample(shard, key, (image_ext, *members[image_ext]), members[CAPTION_EXT], extras))
+    return samples, skipped
+
+
+def _write_dali_index(path: Path, samples: list[Sample]) -> None:
+    """wds2idx format v1.2: one line per sample, ``ext offset size name`` per component (image, json)."""
+    lines = [f"v1.2 {len(samples)}"]
+    for s in samples:
+        ext, off, size = s.image
+        lines.append(f"img {off} {size} {s.key}.{ext} json {s.caption[0]} {s.caption[1]} {s.key}.json")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def index_shard(shard: str, rebuild: bool = False) -> ShardIndex:
+    """The validated index of one shard, built on first use and cached until the tar changes."""
+    shard = os.path.abspath(shard)
+    json_path, dali_path = _index_paths(shard)
+    fingerprint = _fingerprint(shard) if os.path.isfile(shard) else None
+    if not rebuild and fingerprint and json_path.is_file():
+        try:
+            d = json.loads(json_path.read_text())
+            if d.get("version") == INDEX_VERSION and d.get("fingerprint") == fingerprint:
+                samples = [Sample(shard, s["key"], tuple(s["image"]), tuple(s["caption"]),
+                                  {k: tuple(v) for k, v in s.get("extras", {}).items()}) for s in d["samples"]]
+                if not dali_path.is_file():
+                    _write_dali_index(dali_path, samples)
+                return ShardIndex(shard, samples, d["skipped"], str(dali_path))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass                                         # a damaged index is rebuilt below
+    samples, skipped = _scan(shard)
+    if fingerprint is None:                              # not a file: nothing to cache
+        return ShardIndex(shard, samples, skipped, None)
+    _write_dali_index(dali_path, samples)
+    payload = {"version": INDEX_VERSION, "fingerprint": fingerprint, "skipped": skipped,
+               "samples": [{"key": s.key, "image": list(s.image), "caption": list(s.caption),
+                            "extras": {k: list(v) for k, v in s.extras.items()}} for s in samples]}
+    tmp = json_path.with_name(json_path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, json_path)                           # atomic: ranks may index the same shard
+    return ShardIndex(shard, samples, skipped, str(dali_path))
+
+
+def index_shards(shards: list[str]) -> list[ShardIndex]:
+    return [index_shard(s) for s in shards]
+
+
+def total_skipped(indexes: list[ShardIndex]) -> dict[str, int]:
+    out = dict.fromkeys(SKIP_REASONS, 0)
+    for ix in indexes:
+        for k, v in ix.skipped.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+class MemberReader:
+    """Reads byte ranges from shards, keeping the files open (one reader per worker process)."""
+
+    def __init__(self):
+        self._files: dict[str, io.BufferedReader] = {}
+
+    def read(self, shard: str, offset: int, size: int) -> bytes:
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = open(shard, "rb")
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{shard}: short read at offset {offset} ({len(data)} of {size} bytes)")
+        return data
+
+    def image(self, s: Sample) -> bytes:
+        return self.read(s.shard, s.image[1], s.image[2])
+
+    def captions(self, s: Sample) -> dict[str, str]:
+        return parse_captions(self.read(s.shard, *s.caption))
+
+    def extra(self, s: Sample, ext: str) -> bytes:
+        return self.read(s.shard, *s.extras[ext])
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __getstate__(self):          # open files do not pickle into worker processes
+        return {"_files": {}}
+
+
+def rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous, non-overlapping [start, stop) of n samples for a rank (DALI's shard_id/num_shards)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    return (n * rank) // world_size, (n * (rank + 1)) // world_size
