@@ -1,0 +1,192 @@
+"""``fasttips data``: pack shards, train a tokenizer, build the demo data, check shards.
+
+    fasttips data pack IMAGES CAPTIONS.jsonl OUT [--samples-per-shard N] [--prefix P]
+    fasttips data tokenizer SHARDS --out FILE.model [--vocab-size N] [--max-captions N]
+    fasttips data demo [--root DIR]
+    fasttips data check SHARDS
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from .shards import IMAGE_EXTS, SKIP_REASONS, ShardWriter, index_shards, list_shards, total_skipped
+
+CAPTION_FIELDS = ("alt", "short", "long")
+
+
+def _key_for(rel: str, used: set) -> str:
+    """A tar-safe sample key from an image's relative path (no dots, unique)."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.splitext(rel)[0]).strip("_") or "sample"
+    key, n = stem, 1
+    while key in used:
+        key, n = f"{stem}_{n}", n + 1
+    used.add(key)
+    return key
+
+
+def _image_bytes(path: Path) -> tuple[bytes, str]:
+    """(bytes, ext): JPEG and PNG files are copied as they are; other formats become JPEG."""
+    ext = path.suffix.lower().lstrip(".")
+    data = path.read_bytes()
+    if ext in IMAGE_EXTS:
+        return data, "jpg" if ext == "jpeg" else ext
+    with Image.open(io.BytesIO(data)) as im:
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, "JPEG", quality=95)
+    return buf.getvalue(), "jpg"
+
+
+def pack(images: str, captions: str, out: str, samples_per_shard: int = 1000, prefix: str = "shard") -> dict:
+    """Write shards from a folder of images and a captions JSONL; return counts of what was written
+    and skipped. Each JSONL line: {"image": "relative/path.jpg", "alt": ..., "short": ..., "long": ...}
+    (any non-empty subset of the captions; an optional "key")."""
+    root = Path(images)
+    if not root.is_dir():
+        raise FileNotFoundError(f"IMAGES={images!r} is not a folder")
+    if not Path(captions).is_file():
+        raise FileNotFoundError(f"CAPTIONS={captions!r}: no such JSONL file")
+    counts = {"written": 0, "missing_image": 0, "unreadable_image": 0, "missing_caption": 0, "bad_line": 0}
+    used: set[str] = set()
+    with ShardWriter(out, prefix=prefix, samples_per_shard=samples_per_shard) as writer, \
+            open(captions, encoding="utf-8") as lines:
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                rel = rec["image"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                print(f"{captions}:{lineno}: not a JSON object with an 'image' field; skipped", file=sys.stderr)
+                counts["bad_line"] += 1
+                continue
+            caps = {k: rec[k].strip() for k in CAPTION_FIELDS if isinstance(rec.get(k), str) and rec[k].strip()}
+            if not caps:
+                counts["missing_caption"] += 1
+                continue
+            path = root / rel
+            if not path.is_file():
+                counts["missing_image"] += 1
+                continue
+            try:
+                data, ext = _image_bytes(path)
+            except Exception as exc:  # PIL raises many types for a broken file
+                print(f"{path}: unreadable image ({exc}); skipped", file=sys.stderr)
+                counts["unreadable_image"] += 1
+                continue
+            key = _key_for(str(rec.get("key") or rel), used)
+            writer.write(key, data, ext, caps)
+            counts["written"] += 1
+    paths = writer.paths
+    if paths:
+        stats = total_skipped(index_shards([str(p) for p in paths]))
+        counts["corrupt_image"] = stats["corrupt_image"]
+    counts["shards"] = len(paths)
+    return counts
+
+
+def _cmd_pack(args) -> int:
+    counts = pack(args.images, args.captions, args.out, args.samples_per_shard, args.prefix)
+    print(json.dumps(counts))
+    return 0 if counts["written"] else 1
+
+
+def _cmd_tokenizer(args) -> int:
+    from .loader import shard_captions
+    from .tokenizer import Tokenizer
+    indexes = index_shards(list_shards(args.shards, what="SHARDS"))
+    texts = shard_captions(indexes, limit=args.max_captions)
+    tok = Tokenizer.train(texts, args.vocab_size, path=args.out, model_type=args.model_type)
+    print(f"trained {tok.vocab_size} pieces on {len(texts)} captions -> {args.out}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import demo_shards, ensure_demo_data
+    root = ensure_demo_data(args.root)
+    for split in ("train", "eval", "photos"):
+        shards = demo_shards(args.root, split)
+        n = sum(len(ix.samples) for ix in index_shards(shards))
+        print(f"{split:7s} {n:5d} samples in {len(shards)} shard(s)")
+    print(root)
+    return 0
+
+
+def _cmd_check(args) -> int:
+    indexes = index_shards(list_shards(args.shards, what="SHARDS"))
+    stats = total_skipped(indexes)
+    print(json.dumps({"shards": len(indexes), "good_samples": sum(len(ix.samples) for ix in indexes),
+                      **{k: stats[k] for k in SKIP_REASONS}}))
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``data`` and its sub-commands to an argparse ``subparsers`` object."""
+    p = subparsers.add_parser("data", help="pack shards, train a tokenizer, build the demo data",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _fill(p)
+    return p
+
+
+def _fill(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="{pack,tokenizer,demo,check}")
+    pk = sub.add_parser("pack", help="images + captions JSONL -> WebDataset shards (+ validated indexes)",
+                        description="Write WebDataset shards ({key}.jpg|png + {key}.json captions) and, per "
+                                    "shard, a validated index (.tar.index.json) and a DALI index (.tar.idx).")
+    pk.add_argument("images", help="folder of images; paths in the JSONL are relative to it")
+    pk.add_argument("captions", help='JSONL, one object per line: {"image": "a/b.jpg", "alt": "...", '
+                                     '"short": "...", "long": "..."} (any non-empty subset of captions; '
+                                     'optional "key")')
+    pk.add_argument("out", help="output folder for the .tar shards")
+    pk.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    pk.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
+    pk.set_defaults(func=_cmd_pack)
+
+    tk = sub.add_parser("tokenizer", help="train a SentencePiece model on the captions of shards",
+                        description="Train a lower-case SentencePiece model (pad id 0, no BOS/EOS) on every "
+                                    "caption of the shards. Any existing .model can be used instead via "
+                                    "data.tokenizer=PATH.")
+    tk.add_argument("shards", help="folder, glob or .tar file of shards")
+    tk.add_argument("--out", required=True, help="path of the .model file to write")
+    tk.add_argument("--vocab-size", type=int, default=32000,
+                    help="upper bound on the number of pieces (default 32000; a small corpus gives fewer)")
+    tk.add_argument("--max-captions", type=int, default=2_000_000, help="captions read at most (default 2e6)")
+    tk.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe",
+                    help="SentencePiece model type (default bpe: fast and exact size)")
+    tk.set_defaults(func=_cmd_tokenizer)
+
+    dm = sub.add_parser("demo", help="build the embedded demo data (scenes + photos) and print its folder",
+                        description="Create (once) the procedural scenes (train/eval, with class masks) and "
+                                    "the real-photo set from scikit-image's sample images.")
+    dm.add_argument("--root", default=None,
+                    help="parent folder (default $FASTTIPS_DATA_DIR or ~/.cache/fasttips)")
+    dm.set_defaults(func=_cmd_demo)
+
+    ck = sub.add_parser("check", help="index shards and print good/skipped sample counts",
+                        description="Validate shards (tar readable, image decodes, caption present) and "
+                                    "print the counts by reason: " + ", ".join(SKIP_REASONS) + ".")
+    ck.add_argument("shards", help="folder, glob or .tar file of shards")
+    ck.set_defaults(func=_cmd_check)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fasttips data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _fill(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fasttips data {args.data_command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The NVIDIA DALI loader: ``fn.readers.webdataset`` + multi-crop augmentation in one DALI graph.
+
+With a CUDA device (``nvidia.dali.backend.GetCUDADeviceCount() > 0``) images are decoded with
+``device='mixed'`` (nvJPEG) and every augmentation runs on the GPU (``device_id`` = the local rank);
+without one the same graph runs on the CPU (``device_id=None``, data_notes.md §1). The recipe matches
+``augment.py`` (DINOv2's effective probabilities); blur and solarize use DALI conditionals so that
+unselected samples skip the op, which matters on CPU.
+
+The reader gets the validated ``.idx`` files written by ``shards.index_shard``, so it only ever sees
+good samples (bad ones were skipped and counted when the shards were indexed). Each rank reads its own
+contiguous part of the samples (``shard_id``/``num_shards``, ``stick_to_shard``) in an order that DALI
+reshuffles every epoch from the pipeline seed (train.seed, rank). Captions, tokenization and iBOT masks
+are done in Python on the batch, with the same functions as the PyTorch loader.
+
+Resuming: ``state_dict()`` stores the batch counter; ``load_state_dict`` rebuilds the pipeline and
+fast-forwards it by running that many batches, which reproduces the same batches (same seeds).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+
+from .augment import (ASPECT, BLUR_SIGMA, GRAY_P, IMAGENET_MEAN, IMAGENET_STD, JITTER, JITTER_P,
+                      SOLARIZE_THRESHOLD, crop_recipes)
+from .pipeline import assemble, mix_seed
+from .shards import parse_captions, split_name
+
+log = logging.getLogger("fasttips.data")
+SHUFFLE_BUFFER = 4096      # encoded samples held for DALI's shuffle (a whole small dataset = a full shuffle)
+
+
+def cuda_devices() -> int:
+    from nvidia.dali import backend
+    try:
+        return int(backend.GetCUDADeviceCount())
+    except Exception:
+        return 0
+
+
+def _build_pipeline(paths, index_paths, recipes, cfg_data, batch_size: int, num_threads: int, device_id,
+                    seed: int, rank: int, world_size: int, shuffle_buffer: int):
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device_id is not None
+    mean = [0.0, 0.0, 0.0] if cfg_data.pixel_norm == "tips" else [m * 255 for m in IMAGENET_MEAN]
+    std = [255.0] * 3 if cfg_data.pixel_norm == "tips" else [s * 255 for s in IMAGENET_STD]
+
+    def augment(image, recipe):
+        crop = fn.random_resized_crop(image, size=[recipe.size, recipe.size], random_area=list(recipe.scale),
+                                      random_aspect_ratio=list(ASPECT), interp_type=types.INTERP_CUBIC,
+                                      antialias=True)
+        if fn.random.coin_flip(probability=JITTER_P, dtype=types.BOOL):
+            crop = fn.color_twist(
+                crop,
+                brightness=fn.random.uniform(range=[1 - JITTER["brightness"], 1 + JITTER["brightness"]]),
+                contrast=fn.random.uniform(range=[1 - JITTER["contrast"], 1 + JITTER["contrast"]]),
+                saturation=fn.random.uniform(range=[1 - JITTER["saturation"], 1 + JITTER["saturation"]]),
+                hue=fn.random.uniform(range=[-JITTER["hue"] * 360, JITTER["hue"] * 360]))  # DALI hue: degrees
+        if fn.random.coin_flip(probability=GRAY_P, dtype=types.BOOL):
+            crop = fn.color_twist(crop, saturation=0.0)            # luma gray, kept as 3 channels
+        if recipe.blur_p > 0:
+            if fn.random.coin_flip(probability=recipe.blur_p, dtype=types.BOOL):
+                crop = fn.gaussian_blur(crop, sigma=fn.random.uniform(range=list(BLUR_SIGMA)))
+        if recipe.solarize_p > 0:
+            if fn.random.coin_flip(probability=recipe.solarize_p, dtype=types.BOOL):
+                high = crop >= SOLARIZE_THRESHOLD
+                crop = fn.cast(high * (255 - crop) + (crop < SOLARIZE_THRESHOLD) * crop, dtype=types.UINT8)
+        return fn.crop_mirror_normalize(crop, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std,
+                                        mirror=fn.random.coin_flip(probability=0.5))
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                  prefetch_queue_depth=2, enable_conditionals=True, exec_dynamic=gpu)
+    def multicrop_pipeline():
+        encoded, captions = fn.readers.webdataset(
+            paths=paths, index_paths=index_paths, ext=["img", "json"], random_shuffle=True,
+            initial_fill=shuffle_buffer, shard_id=rank, num_shards=world_size,
+            stick_to_shard=True, name="Reader")
+        source = fn.get_property(encoded, key="source_info")
+        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        crops = [augment(image, r) for r in recipes]
+        return (*crops, fn.pad(captions, fill_value=0), captions.shape(), fn.pad(source, fill_value=0),
+                source.shape())
+
+    pipe = multicrop_pipeline()
+    pipe.build()
+    return pipe
+
+
+def _strings(padded, lengths) -> list[str]:
+    buf, lens = np.asarray(padded.as_tensor()), np.asarray(lengths.as_tensor()).reshape(-1)
+    return [bytes(buf[i, : int(lens[i])]).decode("utf-8", errors="replace") for i in range(len(lens))]
+
+
+def _to_torch(tensor_list, device) -> torch.Tensor:
+    """A dense DALI batch -> torch tensor (on the GPU for a GPU pipeline, else CPU)."""
+    if device.type == "cuda":
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+        t = tensor_list.as_tensor()
+        out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
+        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    return torch.from_numpy(np.array(tensor_list.as_tensor()))
+
+
+class DaliLoader:
+    kind = "dali"
+
+    def __init__(self, cfg, rank: int, world_size: int, indexes, tokenizer, stats: dict):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.tokenizer, self.stats = tokenizer, stats
+        self.batch_size = cfg.data.batch_size
+        indexes = [ix for ix in indexes if ix.samples]
+        self.paths = [ix.shard for ix in indexes]
+        self.index_paths = [ix.dali_index for ix in indexes]
+        total = sum(len(ix.samples) for ix in indexes)
+        self.num_samples = (total * (rank + 1)) // world_size - (total * rank) // world_size
+        if self.num_samples == 0:
+            raise ValueError(f"rank {rank} of {world_size} gets no samples: the shards hold only {total}")
+        self.recipes = crop_recipes(cfg.data.global_size, cfg.data.n_global, cfg.data.global_scale,
+                                    cfg.data.local_size, cfg.data.n_local, cfg.data.local_scale)
+        self.device_id = None
+        if cuda_devices() > 0 and torch.cuda.is_available():
+            self.device_id = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+        self.device = torch.device("cuda", self.device_id) if self.device_id is not None else torch.device("cpu")
+        self.batches = 0
+        self._pipe = None
+
+    def _start(self):
+        seed = mix_seed(self.cfg.train.seed, self.rank, 0x64616C69) % (2**31 - 1)
+        threads = max(1, self.cfg.data.num_workers or 1)
+        self._pipe = _build_pipeline(self.paths, self.index_paths, self.recipes, self.cfg.data, self.batch_size,
+                                     threads, self.device_id, seed, self.rank, self.world_size,
+                                     shuffle_buffer=min(SHUFFLE_BUFFER, max(self.batch_size, self.num_samples)))
+        for _ in range(self.batches):          # resume: replay the batches already consumed
+            self._pipe.run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._pipe is None:
+            self._start()
+        out = self._pipe.run()
+        n_crops = len(self.recipes)
+        G = self.cfg.data.n_global
+        crops = [_to_torch(out[i], self.device) for i in range(n_crops)]
+        captions = [parse_captions(s.encode()) for s in _strings(out[n_crops], out[n_crops + 1])]
+        keys = [split_name(s.rsplit(":", 1)[-1])[0] for s in _strings(out[n_crops + 2], out[n_crops + 3])]
+        B = len(keys)
+        S = self.cfg.data.local_size
+        global_crops = torch.cat(crops[:G])
+        local_crops = torch.cat(crops[G:]) if n_crops > G else torch.zeros(0, 3, S, S, device=self.device)
+        epoch = (self.batches * self.batch_size) // self.num_samples
+        batch = assemble(None, captions, keys, [epoch] * B, n_global=G,
+                         grid=self.cfg.data.global_size // self.cfg.vision.patch_size, cfg_data=self.cfg.data,
+                         seed=self.cfg.train.seed, rank=self.rank, batch_index=self.batches,
+                         tokenizer=self.tokenizer, pixels_ready=(global_crops, local_crops))
+        self.batches += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "batches": self.batches, "seed": self.cfg.train.seed, "rank": self.rank,
+                "world_size": self.world_size, "num_samples": self.num_samples, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind", self.kind) != self.kind:
+            log.warning("data: resuming a %s loader position with the %s loader; the batch sequence will differ",
+                        state.get("kind"), self.kind)
+        self.close()
+        self.batches = int(state["batches"])
+
+    def close(self) -> None:
+        self._pipe = None
