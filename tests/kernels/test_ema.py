@@ -135,6 +135,50 @@ def test_hopper_compile_gate(student_type, momentum_on_device):
 
 
 # ------------------------------------------------------------------------------------------------
+# CUDA (run with TRITON_INTERPRET=0 on a GPU machine; skipped elsewhere)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_parity_head_sizes(seed, student_dtype):
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("compiled-kernel test: run with TRITON_INTERPRET=0")
+    B = ema_triton.BLOCK
+    sizes = [0, 1, 1000, B - 1, B, B + 1, 3 * B + 7, 2048 * 1536, 65536 * 256 + 3, 65536]
+    buf_t, buf_s = torch.randn(sum(sizes) + 64, device="cuda"), torch.randn(sum(sizes) + 64, device="cuda")
+    # two lists: separate allocations (aligned) and views packed at odd offsets (unaligned)
+    separate = [torch.randn(n, device="cuda") for n in sizes], \
+        [torch.randn(n, device="cuda").to(student_dtype) for n in sizes]
+    offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
+    packed = [buf_t[o:o + n] for o, n in zip(offsets, sizes)], \
+        [buf_s[o:o + n].to(student_dtype) for o, n in zip(offsets, sizes)]
+    outside = buf_t[0].clone(), buf_t[offsets[-1] + sizes[-1]:].clone()
+    for teacher, student in (separate, packed):
+        for momentum in (0.996, torch.tensor(0.9, device="cuda"), 0.3):
+            expected = _expected(teacher, student, momentum)
+            ema_update_(teacher, student, momentum)  # auto dispatch: CUDA tensors take the kernel
+            _check(teacher, expected)
+    assert torch.equal(buf_t[0], outside[0]) and torch.equal(buf_t[offsets[-1] + sizes[-1]:], outside[1])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_a_momentum_schedule(seed):
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("compiled-kernel test: run with TRITON_INTERPRET=0")
+    teacher, student = _pairs([5000, 1, 70000], torch.float32)
+    teacher, student = [t.cuda() for t in teacher], [s.cuda() for s in student]
+    momentum = torch.tensor(0.5, device="cuda")
+    ema_update_(teacher, student, momentum)  # compile and build the plan outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ema_update_(teacher, student, momentum)
+    for m in (0.9, 0.99, 0.999):
+        momentum.fill_(m)
+        expected = _expected(teacher, student, m)
+        graph.replay()
+        _check(teacher, expected)
+
+
+# ------------------------------------------------------------------------------------------------
 # 2 ranks, FSDP2 on CPU with gloo: EMA on the local shards of sharded heads
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.dist
