@@ -86,6 +86,40 @@ def test_packed_list_equals_separate_values_and_grads(model):
         torch.testing.assert_close(g_packed[name], g_sep[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
+def test_list_is_one_pass_with_one_varlen_attention_per_layer(model, monkeypatch):
+    from fasttips import kernels
+    calls = {"dense": 0, "varlen": 0}
+    dense, varlen = kernels.attention, kernels.attention_varlen
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(kernels, "attention", count("dense", dense))
+    monkeypatch.setattr(kernels, "attention_varlen", count("varlen", varlen))
+    outs = model.vision([crop(2, 28), crop(0, 42), crop(1, 42)], [None, None, random_mask(1, 9)])
+    assert calls == {"dense": 0, "varlen": len(model.vision.blocks)}
+    assert outs[1]["patch"].shape == (0, 9, model.vision.width)
+    calls.update(dense=0, varlen=0)
+    model.vision([crop(2, 28), crop(3, 28)])            # equal lengths: the dense kernel
+    assert calls == {"dense": len(model.vision.blocks), "varlen": 0}
+
+
+def test_bf16_autocast_keeps_fp32_residual_and_stays_close(model):
+    crops, mask = [crop(2, 28), crop(2, 42)], [random_mask(2, 4), None]
+    ref = model.vision(crops, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.vision(crops, mask)
+        text = model.text(torch.randint(1, 100, (2, 5)), torch.zeros(2, 5, dtype=torch.bool))
+    assert torch.isfinite(text).all()
+    for a, b in zip(low, ref):
+        for k in a:
+            assert a[k].dtype == torch.float32
+            torch.testing.assert_close(a[k], b[k], atol=0.1, rtol=0.05)
+
+
 def test_masks_replace_exactly_the_masked_patch_embeddings(model):
     vision = model.vision
     with torch.no_grad():

@@ -139,17 +139,19 @@ class VisionTransformer(nn.Module):
                              f"got {list(images.shape)}")
         B, _, H, W = images.shape
         grid = self.patch_embed.grid(H, W)
-        x = self.patch_embed(images)                                  # [B, N, D]
+        # The residual stream is kept in the parameters' dtype (fp32 under autocast, bf16 when the
+        # weights themselves are bf16); matmuls inside the blocks still follow autocast.
+        x = self.patch_embed(images).to(self.pos_embed.dtype)        # [B, N, D]
         if mask is not None:
             N = grid[0] * grid[1]
             if mask.dtype != torch.bool or tuple(mask.shape) != (B, N):
                 raise ValueError(f"masks: expected bool [{B}, {N}] for crops of {H}×{W}, got "
                                  f"{mask.dtype} {list(mask.shape)}")
-            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+            x = torch.where(mask.to(x.device, non_blocking=True).unsqueeze(-1), self.mask_token, x)
         if grid not in pos_by_size:
             pos_by_size[grid] = self.position_embedding(*grid)
-        x = x + pos_by_size[grid].to(x.dtype)
-        cls = self.cls_tokens.to(x.dtype).unsqueeze(0).expand(B, -1, -1)  # no position embedding
+        x = x + pos_by_size[grid]
+        cls = self.cls_tokens.unsqueeze(0).expand(B, -1, -1)         # no position embedding
         return torch.cat([cls, x], dim=1)
 
     def forward(self, x, masks=None):
