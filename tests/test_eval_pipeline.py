@@ -46,7 +46,7 @@ class OracleModel(nn.Module):
         return nn.functional.one_hot(tok, D).float()
 
 
-def make_eval_set(gen):
+def make_eval_set(gen, mask_scale=1):
     grid = S // P
     patch_labels = torch.randint(0, len(CLASSES), (N, grid, grid), generator=gen)
     masks = patch_labels.repeat_interleave(P, 1).repeat_interleave(P, 2)
@@ -57,11 +57,14 @@ def make_eval_set(gen):
     images[:, 2] = labels.float()[:, None, None]
     caps = {"alt": [f"alt {i}" for i in range(N)], "short": [f"short {i}" for i in range(N)],
             "long": [""] * N}   # an empty granularity is skipped
+    # masks may be finer than the model input (scored at their own resolution)
+    masks = masks.repeat_interleave(mask_scale, 1).repeat_interleave(mask_scale, 2)
     return EvalSet(images, caps, CLASSES, masks, labels)
 
 
-def test_oracle_model_scores_perfectly(seed):
-    es = make_eval_set(torch.Generator().manual_seed(seed))
+@pytest.mark.parametrize("mask_scale", [1, 3])
+def test_oracle_model_scores_perfectly(seed, mask_scale):
+    es = make_eval_set(torch.Generator().manual_seed(seed), mask_scale)
     model = OracleModel().train()
     res = evaluate(model, OracleTokenizer(), eval_set=es, n_images=N, batch_size=4, per_class=True)
     assert model.training, "evaluate must restore the training mode"
@@ -69,6 +72,10 @@ def test_oracle_model_scores_perfectly(seed):
     for key in ("ret/cls1_alt/i2t_r1", "ret/cls1_alt/t2i_r1", "ret/cls2_short/i2t_r5", "cls/cls1_acc"):
         assert res[key] == 1.0, key
     assert not any(k.startswith("ret/cls2_long") for k in res)
+    # classification among a subset of classes: labels are re-indexed into it
+    present = sorted(set(es.labels.tolist()))
+    es.classify_classes = present
+    assert evaluate(model, OracleTokenizer(), eval_set=es, n_images=N)["cls/cls2_acc"] == 1.0
     # bilinear upsampling may flip a few corner pixels where three neighbours share another class
     assert res["seg/miou"] > 0.85 and res["seg/pixel_acc"] > 0.9
     assert set(res["seg/iou_per_class"]) == set(CLASSES)
@@ -88,4 +95,7 @@ def test_eval_set_validates_its_fields():
     with pytest.raises(ValueError, match="class_names"):
         EvalSet(torch.zeros(2, 3, 8, 8), masks=torch.zeros(2, 8, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="masks"):
-        EvalSet(torch.zeros(2, 3, 8, 8), class_names=["a"], masks=torch.zeros(2, 4, 4, dtype=torch.long))
+        EvalSet(torch.zeros(2, 3, 8, 8), class_names=["a"], masks=torch.zeros(3, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="classify_classes"):
+        EvalSet(torch.zeros(2, 3, 8, 8), class_names=["a", "b"], labels=torch.tensor([0, 1]),
+                classify_classes=[1])

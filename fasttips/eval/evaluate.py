@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .metrics import IGNORE_INDEX, accuracy, confusion_matrix, iou_per_class, mean_iou, pixel_accuracy, recall_at_k
+from .metrics import (IGNORE_INDEX, accuracy, confusion_matrix, iou_per_class, mean_iou, patch_grid,
+                      pixel_accuracy, recall_at_k)
 from .zeroshot import DEFAULT_TEMPLATES, average_prompts, class_prompts, classify, normalize, segment
 
 
@@ -27,8 +28,11 @@ class EvalSet:
     images:   float [N, 3, H, W], already normalised like training pixels
     captions: {"alt": [N str], "short": [N str], "long": [N str]} (any subset; empty strings allowed)
     class_names: the C class names of the segmentation / classification vocabulary (or empty)
-    masks:    int [N, H, W] class index per pixel (IGNORE_INDEX = unlabelled), or None
+    masks:    int [N, Hm, Wm] class index per pixel (IGNORE_INDEX = unlabelled), or None; any
+              resolution (patch scores are upsampled to it), same aspect ratio as the images
     labels:   int [N] one class per image for zero-shot classification, or None
+    classify_classes: indices of the classes that compete in classification (default: all; the demo
+              leaves out "background", which is never an image's label)
     """
     images: torch.Tensor
     captions: dict[str, list[str]] = field(default_factory=dict)
@@ -36,6 +40,7 @@ class EvalSet:
     masks: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     keys: list[str] = field(default_factory=list)
+    classify_classes: list[int] | None = None
 
     def __post_init__(self):
         n = self.images.shape[0]
@@ -44,13 +49,18 @@ class EvalSet:
         for kind, texts in self.captions.items():
             if len(texts) != n:
                 raise ValueError(f"captions[{kind!r}]: {len(texts)} captions for {n} images")
-        if self.masks is not None and tuple(self.masks.shape) != (n, *self.images.shape[-2:]):
-            raise ValueError(f"masks: expected [{n}, {self.images.shape[-2]}, {self.images.shape[-1]}], "
-                             f"got {list(self.masks.shape)}")
+        if self.masks is not None and (self.masks.ndim != 3 or self.masks.shape[0] != n):
+            raise ValueError(f"masks: expected [{n}, H, W] class indices, got {list(self.masks.shape)}")
         if (self.masks is not None or self.labels is not None) and not self.class_names:
             raise ValueError("class_names: needed when masks or labels are given")
         if self.labels is not None and tuple(self.labels.shape) != (n,):
             raise ValueError(f"labels: expected [{n}], got {list(self.labels.shape)}")
+        if self.classify_classes is not None:
+            if not self.classify_classes or not all(0 <= c < len(self.class_names) for c in self.classify_classes):
+                raise ValueError(f"classify_classes: need indices into the {len(self.class_names)} class names, "
+                                 f"got {self.classify_classes}")
+            if self.labels is not None and not torch.isin(self.labels, torch.tensor(self.classify_classes)).all():
+                raise ValueError("labels: every label must be one of classify_classes")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -59,7 +69,8 @@ class EvalSet:
         n = min(n, len(self))
         return EvalSet(self.images[:n], {k: v[:n] for k, v in self.captions.items()}, list(self.class_names),
                        None if self.masks is None else self.masks[:n],
-                       None if self.labels is None else self.labels[:n], self.keys[:n])
+                       None if self.labels is None else self.labels[:n], self.keys[:n],
+                       self.classify_classes)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -134,13 +145,17 @@ def evaluate(model, tokenizer, cfg=None, eval_set: EvalSet | None = None, n_imag
     result: dict = {"n_images": len(eval_set)}
     result.update(retrieval_metrics(feats["cls1"], feats["cls2"], text_emb))
     if eval_set.labels is not None:
-        result["cls/cls1_acc"] = accuracy(classify(feats["cls1"], class_emb), eval_set.labels)
-        result["cls/cls2_acc"] = accuracy(classify(feats["cls2"], class_emb), eval_set.labels)
+        # classes that compete; labels re-indexed into that subset
+        keep = torch.tensor(eval_set.classify_classes or list(range(len(eval_set.class_names))))
+        labels = (eval_set.labels[:, None] == keep[None, :]).int().argmax(dim=1)
+        result["cls/cls1_acc"] = accuracy(classify(feats["cls1"], class_emb[keep]), labels)
+        result["cls/cls2_acc"] = accuracy(classify(feats["cls2"], class_emb[keep]), labels)
     if eval_set.masks is not None:
         C = len(eval_set.class_names)
         cm = torch.zeros(C, C, dtype=torch.long)
+        grid = patch_grid(feats["patch"].shape[1], tuple(eval_set.images.shape[-2:]))
         for i in range(0, len(eval_set), batch_size):
-            pred = segment(feats["patch"][i:i + batch_size], class_emb, tuple(eval_set.images.shape[-2:]))
+            pred = segment(feats["patch"][i:i + batch_size], class_emb, tuple(eval_set.masks.shape[-2:]), grid)
             cm += confusion_matrix(pred, eval_set.masks[i:i + batch_size], C, IGNORE_INDEX)
         result["seg/miou"] = mean_iou(cm)
         result["seg/pixel_acc"] = pixel_accuracy(cm)
