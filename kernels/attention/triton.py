@@ -58,6 +58,11 @@ DQ_CONFIGS = {
 INTERPRET_CONFIG = _cfg(32, 32, 2, 4, 1)
 
 
+def block_d(head_dim: int) -> int:
+    """Head dims are padded (masked) to a power of two ≥ 16 inside the kernels: 72 runs as 128."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def _family(max_seqlen: int) -> str:
     return "short" if max_seqlen <= SHORT_SEQ else "long"
 
@@ -112,7 +117,7 @@ def _layout_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
 
 def _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen):
     D = q.shape[-1]
-    return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), TAIL_M=TAIL, TAIL_N=TAIL,
+    return dict(HEAD_DIM=D, BLOCK_D=block_d(D), TAIL_M=TAIL, TAIL_N=TAIL,
                 HAS_MASK=key_padding_mask is not None, VARLEN=cu_seqlens is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 

@@ -1,0 +1,244 @@
+"""Flash attention (kernels/attention/triton.py) against the PyTorch reference.
+
+CPU: the Triton kernels run under TRITON_INTERPRET=1 in fp32 (forward and all three gradients), with
+small interpreter block sizes so that full tiles, the narrow key tail, the short-row tail and several
+heads per program are all exercised. Then the Hopper gate compiles every kernel at every autotune
+configuration for sm_90a. GPU tests (marked) run the ViT-g shapes in bf16 with the 2×-error rule.
+"""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import fasttips.kernels as ops
+from fasttips.kernels import _backend
+from fasttips.kernels.attention import kernels as K
+from fasttips.kernels.attention import reference as R
+from fasttips.kernels.attention import triton as T
+from fasttips.testing import assert_within_2x, compile_for_hopper, tolerances
+
+interpreter = pytest.mark.skipif(not _backend.interpreting(), reason="needs TRITON_INTERPRET=1")
+
+
+def _qkv(*shape, dtype=torch.float32, device="cpu"):
+    return [torch.randn(*shape, dtype=dtype, device=device, requires_grad=True) for _ in range(3)]
+
+
+def _assert_matches(actual, expected, what, seed):
+    atol, rtol = tolerances(torch.float32)
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (seed {seed})"
+    torch.testing.assert_close(actual, expected, atol=atol * 10, rtol=rtol * 10,
+                               msg=lambda m: f"{what} (seed {seed}): {m}")
+
+
+def _check_fwd_bwd(fn, ref_fn, inputs, seed):
+    out = fn(*inputs)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, dout)
+    out_ref = ref_fn(*inputs)
+    grads_ref = torch.autograd.grad(out_ref, inputs, dout)
+    _assert_matches(out, out_ref, "out", seed)
+    for name, g, g_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
+        _assert_matches(g, g_ref, name, seed)
+    return out, grads
+
+
+# ------------------------------------------------------------------------------------------------
+# interpreter parity (fp32)
+# ------------------------------------------------------------------------------------------------
+@interpreter
+@pytest.mark.parametrize("B,H,N,D", [(2, 3, 1, 64), (1, 3, 17, 72), (1, 5, 50, 64),
+                                     (1, 1, 257, 64), (1, 3, 33, 128)])
+def test_dense_matches_reference(B, H, N, D, seed, monkeypatch):
+    if N > 100:  # bigger interpreter blocks keep N = 257 quick; still full tiles plus both tails
+        monkeypatch.setattr(T, "INTERPRET_CONFIG", T._cfg(64, 64, 1, 4, 1))
+    q, k, v = _qkv(B, H, N, D)
+    scale = 0.3 if D == 72 else None  # an explicit scale once
+    _check_fwd_bwd(lambda q, k, v: ops.attention(q, k, v, scale=scale, backend="triton"),
+                   lambda q, k, v: R.attention(q, k, v, scale=scale), [q, k, v], seed)
+
+
+@interpreter
+@pytest.mark.parametrize("N,D", [(17, 64), (50, 72)])
+def test_key_padding(N, D, seed):
+    B, H = 3, 3
+    q, k, v = _qkv(B, H, N, D)
+    mask = torch.rand(B, N) < 0.4
+    mask[0] = True          # a sequence that is all padding: its rows must come out 0, not NaN
+    mask[1, :] = False      # and one with no padding at all
+    mask[2, 0] = False      # keep at least one real key in the random one
+    fn = lambda q, k, v: ops.attention(q, k, v, key_padding_mask=mask, backend="triton")  # noqa: E731
+    ref = lambda q, k, v: R.attention(q, k, v, key_padding_mask=mask)  # noqa: E731
+    out, grads = _check_fwd_bwd(fn, ref, [q, k, v], seed)
+    assert out[0].abs().max() == 0
+    for g in grads:
+        assert g[0].abs().max() == 0
+    # padded keys receive no gradient
+    assert grads[1][2][:, mask[2]].abs().max() == 0 if mask[2].any() else True
+
+
+@interpreter
+@pytest.mark.parametrize("lengths,D", [([50, 1, 17, 33], 64), ([9, 40, 0, 26], 72)])
+def test_varlen_matches_reference(lengths, D, seed):
+    H = 3
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, v = _qkv(int(cu[-1]), H, D)
+    _check_fwd_bwd(lambda q, k, v: ops.attention_varlen(q, k, v, cu, backend="triton"),
+                   lambda q, k, v: R.attention_varlen(q, k, v, cu), [q, k, v], seed)
+
+
+@interpreter
+def test_varlen_equals_dense_per_sequence(seed):
+    """One packed launch gives what separate dense launches give, crop by crop."""
+    H, D = 2, 64
+    crops = [torch.randn(2, H, 40, D), torch.randn(3, H, 17, D)]  # [B, H, N, D] per crop size
+    packed = torch.cat([c.permute(0, 2, 1, 3).reshape(-1, H, D) for c in crops])
+    lengths = [40, 40, 17, 17, 17]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    out = ops.attention_varlen(packed, packed, packed, cu, max_seqlen=40, backend="triton")
+    dense = torch.cat([ops.attention(c, c, c, backend="triton").permute(0, 2, 1, 3).reshape(-1, H, D)
+                       for c in crops])
+    torch.testing.assert_close(out, dense, atol=1e-6, rtol=1e-6, msg=lambda m: f"seed {seed}: {m}")
+
+
+@interpreter
+def test_non_contiguous_inputs(seed):
+    """q, k, v as views of one [B, N, 3, H, D] projection (the usual ViT layout)."""
+    B, N, H, D = 2, 19, 3, 64
+    qkv = torch.randn(B, N, 3, H, D, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out = ops.attention(q, k, v, backend="triton")
+    ref = R.attention(q, k, v)
+    _assert_matches(out, ref, "out", seed)
+    dout = torch.randn_like(out)
+    (g,) = torch.autograd.grad(out, qkv, dout)
+    (g_ref,) = torch.autograd.grad(ref, qkv, dout)
+    _assert_matches(g, g_ref, "dqkv", seed)
+
+
+@interpreter
+def test_torch_compile_traces_through(seed):
+    """The custom ops have fake kernels and autograd: a compiled model has no graph break."""
+    torch._dynamo.reset()
+
+    def block(x, w):
+        q = k = v = (x @ w).unflatten(-1, (2, 64)).transpose(1, 2)  # [B, H, N, D]
+        return ops.attention(q, k, v, backend="triton").sum()
+
+    x, w = torch.randn(2, 9, 128), torch.randn(128, 128, requires_grad=True)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    (g,) = torch.autograd.grad(compiled(x, w), w)
+    (g_ref,) = torch.autograd.grad(block(x, w), w)
+    torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_are_named():
+    q = torch.randn(1, 2, 8, 64)
+    with pytest.raises(ValueError, match="same shape"):
+        T.attention(q, q[:, :, :4], q)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        T.attention(q, q, q, key_padding_mask=torch.zeros(1, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="head dim"):
+        T.attention(*[torch.randn(1, 1, 4, 160)] * 3)
+    with pytest.raises(TypeError, match="dtype"):
+        T.attention(*[torch.zeros(1, 1, 4, 64, dtype=torch.int32)] * 3)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        T.attention_varlen(*[torch.randn(8, 2, 64)] * 3, cu_seqlens=torch.tensor([0.0, 8.0]))
+    with pytest.raises(ValueError, match=r"\[T, H, D\]"):
+        T.attention_varlen(q, q, q, cu_seqlens=torch.tensor([0, 8]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Hopper compile gate: every kernel × every autotune configuration, sm_90a, bf16 and fp16
+# ------------------------------------------------------------------------------------------------
+KERNELS = {"fwd": (K.attn_fwd_kernel, T.FWD_CONFIGS), "dkdv": (K.attn_bwd_dkdv_kernel, T.DKDV_CONFIGS),
+           "dq": (K.attn_bwd_dq_kernel, T.DQ_CONFIGS)}
+GATE_CASES = [(name, family, i) for name, (_, configs) in KERNELS.items()
+              for family in configs for i in range(len(configs[family]))]
+
+
+def _signature(kernel, dtype: str) -> dict:
+    fn = getattr(kernel, "fn", kernel)
+    types = {}
+    for arg in inspect.signature(fn).parameters:
+        if arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+            types[arg] = f"*{dtype}"
+        elif arg in ("LSE", "DELTA"):
+            types[arg] = "*fp32"
+        elif arg == "PAD":
+            types[arg] = "*u8"
+        elif arg == "CU_SEQLENS":
+            types[arg] = "*i32"
+        elif arg in ("scale", "qk_scale"):
+            types[arg] = "fp32"
+        elif arg in ("H", "N") or not arg.isupper():
+            types[arg] = "i32"
+        else:
+            types[arg] = "constexpr"
+    return types
+
+
+# bf16 at head dim 72 (BLOCK_D = 128: the widest tiles, most registers) and fp16 at head dim 64
+# (the ViT-g path), so each configuration is compiled twice rather than four times (CI time).
+@pytest.mark.parametrize("dtype,head_dim", [("bf16", 72), ("fp16", 64)])
+@pytest.mark.parametrize("name,family,index", GATE_CASES)
+def test_hopper_compile_gate(name, family, index, dtype, head_dim):
+    kernel, configs = KERNELS[name]
+    cfg = configs[family][index]
+    # mask and varlen on, so that every optional path is in the compiled code
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=T.block_d(head_dim), TAIL_M=T.TAIL, TAIL_N=T.TAIL,
+                      HAS_MASK=True, VARLEN=True, DOT_PRECISION="tf32", BLOCK_M=cfg["BLOCK_M"],
+                      BLOCK_N=cfg["BLOCK_N"], HEADS_PER_PROG=cfg["HEADS_PER_PROG"])
+    report = compile_for_hopper(kernel, _signature(kernel, dtype), constexprs,
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                                name=f"{name}/{family}/{cfg}/{dtype}")
+    report.check(matmul=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: real shapes, bf16, 2× rule
+# ------------------------------------------------------------------------------------------------
+def _within_2x(fn, ref_fn, inputs, names=("out", "dq", "dk", "dv")):
+    """kernel (bf16) vs fp32 reference, against torch's own bf16 computation of the same."""
+    out = fn(*inputs)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, dout)
+    inputs32 = [t.detach().float().requires_grad_() for t in inputs]
+    out32 = ref_fn(*inputs32)
+    grads32 = torch.autograd.grad(out32, inputs32, dout.float())
+    out_bf = ref_fn(*inputs)
+    grads_bf = torch.autograd.grad(out_bf, inputs, dout)
+    for name, a, b, c in zip(names, (out, *grads), (out_bf, *grads_bf), (out32, *grads32)):
+        assert torch.isfinite(a).all(), name
+        assert_within_2x(a, b, c, name=name, floor=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,H,N,D", [(64, 24, 257, 64), (16, 24, 1025, 64), (256, 24, 50, 64),
+                                     (8, 16, 77, 72), (8, 16, 77, 128), (4, 16, 300, 72)])
+def test_gpu_dense_bf16(B, H, N, D, seed):
+    q, k, v = _qkv(B, H, N, D, dtype=torch.bfloat16, device="cuda")
+    _within_2x(lambda q, k, v: ops.attention(q, k, v, backend="triton"), R.attention, [q, k, v])
+
+
+@pytest.mark.gpu
+def test_gpu_key_padding_bf16(seed):
+    B, H, N, D = 32, 16, 77, 64
+    q, k, v = _qkv(B, H, N, D, dtype=torch.bfloat16, device="cuda")
+    lengths = torch.randint(1, N + 1, (B,), device="cuda")
+    mask = torch.arange(N, device="cuda")[None] >= lengths[:, None]
+    _within_2x(lambda q, k, v: ops.attention(q, k, v, key_padding_mask=mask, backend="triton"),
+               lambda q, k, v: R.attention(q, k, v, key_padding_mask=mask), [q, k, v])
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_multicrop_bf16(seed):
+    """2 global crops (257 tokens) and 8 local crops (50 tokens) of 8 images, one launch."""
+    H, D = 24, 64
+    lengths = [257] * 16 + [50] * 64
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+    q, k, v = _qkv(int(cu[-1]), H, D, dtype=torch.bfloat16, device="cuda")
+    _within_2x(lambda q, k, v: ops.attention_varlen(q, k, v, cu, max_seqlen=257, backend="triton"),
+               lambda q, k, v: R.attention_varlen(q, k, v, cu), [q, k, v])
