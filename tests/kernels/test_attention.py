@@ -200,27 +200,44 @@ def test_hopper_compile_gate(name, family, index, dtype, head_dim):
 # ------------------------------------------------------------------------------------------------
 # GPU: real shapes, bf16, 2× rule
 # ------------------------------------------------------------------------------------------------
-def _within_2x(fn, ref_fn, inputs, names=("out", "dq", "dk", "dv")):
-    """kernel (bf16) vs fp32 reference, against torch's own bf16 computation of the same."""
+def _lowp_attention(q, k, v, key_padding_mask=None):
+    """Plain torch attention in the inputs' precision (bf16 matmuls, softmax in fp32): the yardstick
+    of the 2× rule, as flash-attn's tests use it."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def _lowp_varlen(q, k, v, cu):
+    bounds = cu.tolist()
+    return torch.cat([_lowp_attention(*[t[a:b].transpose(0, 1)[None] for t in (q, k, v)])[0]
+                      .transpose(0, 1) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def _within_2x(fn, ref_fn, lowp_fn, inputs, names=("out", "dq", "dk", "dv")):
+    """kernel (bf16) vs the fp32 reference, against torch's own bf16 computation of the same."""
     out = fn(*inputs)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, dout)
     inputs32 = [t.detach().float().requires_grad_() for t in inputs]
     out32 = ref_fn(*inputs32)
     grads32 = torch.autograd.grad(out32, inputs32, dout.float())
-    out_bf = ref_fn(*inputs)
+    out_bf = lowp_fn(*inputs)
     grads_bf = torch.autograd.grad(out_bf, inputs, dout)
     for name, a, b, c in zip(names, (out, *grads), (out_bf, *grads_bf), (out32, *grads32)):
         assert torch.isfinite(a).all(), name
-        assert_within_2x(a, b, c, name=name, floor=1e-3)
+        assert_within_2x(a, b, c, name=name, floor=1e-4)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,H,N,D", [(64, 24, 257, 64), (16, 24, 1025, 64), (256, 24, 50, 64),
-                                     (8, 16, 77, 72), (8, 16, 77, 128), (4, 16, 300, 72)])
+                                     (4, 16, 300, 72)])
 def test_gpu_dense_bf16(B, H, N, D, seed):
     q, k, v = _qkv(B, H, N, D, dtype=torch.bfloat16, device="cuda")
-    _within_2x(lambda q, k, v: ops.attention(q, k, v, backend="triton"), R.attention, [q, k, v])
+    _within_2x(lambda q, k, v: ops.attention(q, k, v, backend="triton"), R.attention,
+               _lowp_attention, [q, k, v])
 
 
 @pytest.mark.gpu
@@ -230,7 +247,8 @@ def test_gpu_key_padding_bf16(seed):
     lengths = torch.randint(1, N + 1, (B,), device="cuda")
     mask = torch.arange(N, device="cuda")[None] >= lengths[:, None]
     _within_2x(lambda q, k, v: ops.attention(q, k, v, key_padding_mask=mask, backend="triton"),
-               lambda q, k, v: R.attention(q, k, v, key_padding_mask=mask), [q, k, v])
+               lambda q, k, v: R.attention(q, k, v, key_padding_mask=mask),
+               lambda q, k, v: _lowp_attention(q, k, v, key_padding_mask=mask), [q, k, v])
 
 
 @pytest.mark.gpu
@@ -241,4 +259,5 @@ def test_gpu_varlen_multicrop_bf16(seed):
     cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
     q, k, v = _qkv(int(cu[-1]), H, D, dtype=torch.bfloat16, device="cuda")
     _within_2x(lambda q, k, v: ops.attention_varlen(q, k, v, cu, max_seqlen=257, backend="triton"),
-               lambda q, k, v: R.attention_varlen(q, k, v, cu), [q, k, v])
+               lambda q, k, v: R.attention_varlen(q, k, v, cu),
+               lambda q, k, v: _lowp_varlen(q, k, v, cu), [q, k, v])
