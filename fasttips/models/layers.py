@@ -58,7 +58,7 @@ class Packing:
     max_seqlen: int
     uniform: int | None
     key_padding_mask: torch.Tensor | None = None
-    _token_seq: torch.Tensor | None = field(default=None, repr=False)
+    token_seq: torch.Tensor | None = field(default=None, repr=False)   # [T] (non-uniform only)
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device, key_padding_mask=None) -> "Packing":
@@ -68,7 +68,11 @@ class Packing:
         uniform = lengths[0] if lengths and all(n == lengths[0] for n in lengths) else None
         if key_padding_mask is not None and uniform is None:
             raise ValueError("Packing: key_padding_mask needs sequences of equal length")
-        return cls(lens, cu, max(lengths, default=0), uniform, key_padding_mask)
+        token_seq = None
+        if uniform is None:   # token → sequence index, built here so forward passes never mutate it
+            token_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens,
+                                                output_size=sum(lengths))
+        return cls(lens, cu, max(lengths, default=0), uniform, key_padding_mask, token_seq)
 
     @property
     def num_sequences(self) -> int:
@@ -78,10 +82,7 @@ class Packing:
         """Broadcast a per-sequence tensor [S, ...] to the tokens [T, ...]."""
         if self.uniform is not None:
             return per_sequence.repeat_interleave(self.uniform, dim=0)
-        if self._token_seq is None:
-            self._token_seq = torch.repeat_interleave(
-                torch.arange(self.num_sequences, device=self.lengths.device), self.lengths)
-        return per_sequence[self._token_seq]
+        return per_sequence[self.token_seq]
 
 
 class Attention(nn.Module):
