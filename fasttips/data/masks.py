@@ -69,7 +69,7 @@ def _check_args(height, width, counts, min_patches, max_patches, min_aspect):
 
 
 def _place_block(rng: SplitMix64, mask: bytearray, height: int, width: int, budget: int,
-                 min_patches: int, log_aspect: tuple[float, float]) -> int:
+                 min_patches: int, log_aspect: tuple[float, float], trace: list | None) -> int:
     """Try up to MAX_TRIES blocks; return how many new patches the first useful one masked."""
     for _ in range(MAX_TRIES):
         area = rng.uniform(min_patches, budget)
@@ -87,12 +87,14 @@ def _place_block(rng: SplitMix64, mask: bytearray, height: int, width: int, budg
                 row = (top + i) * width + left
                 for j in range(w):
                     mask[row + j] = 1
+            if trace is not None:
+                trace.append(("block", top, left, h, w))
             return new
     return 0
 
 
 def _one_mask(rng: SplitMix64, height: int, width: int, count: int, min_patches: int,
-              max_patches: int, log_aspect: tuple[float, float]) -> bytearray:
+              max_patches: int, log_aspect: tuple[float, float], trace: list | None = None) -> bytearray:
     n = height * width
     mask = bytearray(n)
     done = 0
@@ -100,7 +102,7 @@ def _one_mask(rng: SplitMix64, height: int, width: int, count: int, min_patches:
         budget = min(count - done, max_patches)
         if budget < min_patches:
             break                  # too little left for a block: top up below
-        delta = _place_block(rng, mask, height, width, budget, min_patches, log_aspect)
+        delta = _place_block(rng, mask, height, width, budget, min_patches, log_aspect, trace)
         if delta == 0:
             break
         done += delta
@@ -109,19 +111,28 @@ def _one_mask(rng: SplitMix64, height: int, width: int, count: int, min_patches:
         if not mask[k]:
             mask[k] = 1
             done += 1
+            if trace is not None:
+                trace.append(("patch", k // width, k % width, 1, 1))
     return mask
 
 
 def block_masks_python(height: int, width: int, counts: list[int], min_patches: int = 4,
-                       max_patches: int | None = None, min_aspect: float = 0.3, seed: int = 0) -> bytes:
-    """Pure-Python twin of ``fasttips._native.block_masks``: ``len(counts)`` masks as 0/1 bytes."""
+                       max_patches: int | None = None, min_aspect: float = 0.3, seed: int = 0,
+                       traces: list | None = None) -> bytes:
+    """Pure-Python twin of ``fasttips._native.block_masks``: ``len(counts)`` masks as 0/1 bytes.
+
+    ``traces``: if a list, gets one list per image of the rectangles placed, as
+    ("block" | "patch", top, left, h, w) (for tests of the block shapes)."""
     max_patches = (height * width) // 2 if max_patches is None else max_patches
     _check_args(height, width, counts, min_patches, max_patches, min_aspect)
     log_aspect = (math.log(min_aspect), math.log(1.0 / min_aspect))
     out = bytearray()
     for i, c in enumerate(counts):
         rng = SplitMix64(image_seed(seed, i))
-        out += _one_mask(rng, height, width, int(c), min_patches, max_patches, log_aspect)
+        trace = [] if traces is not None else None
+        out += _one_mask(rng, height, width, int(c), min_patches, max_patches, log_aspect, trace)
+        if traces is not None:
+            traces.append(trace)
     return bytes(out)
 
 

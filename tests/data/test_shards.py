@@ -1,0 +1,143 @@
+"""Shard round trip, index validation, and every bad-input case (skipped, counted, reported)."""
+import io
+import json
+import logging
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+from fasttips.data import loader as loader_mod
+from fasttips.data.shards import (MemberReader, ShardWriter, index_shard, list_shards, rank_slice,
+                                  split_name)
+
+from data_helpers import captions_of, jpeg, tiny_cfg, write_shards
+
+
+def test_round_trip(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    written = {}
+    with ShardWriter(tmp_path, samples_per_shard=3) as w:
+        for i in range(7):
+            img = jpeg(rng)
+            extra = os.urandom(20)
+            caps = {"alt": f"alt {i} ü", "short": f"short {i}"} if i % 2 else captions_of(i)
+            w.write(f"k{i}", img, "jpg", caps, extras={"mask.png": extra})
+            written[f"k{i}"] = (img, caps, extra)
+    assert [p.name for p in w.paths] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    reader = MemberReader()
+    seen = {}
+    for shard in list_shards(str(tmp_path)):
+        ix = index_shard(shard)
+        assert sum(ix.skipped.values()) == 0 and os.path.isfile(ix.dali_index)
+        for s in ix.samples:
+            seen[s.key] = (reader.image(s), reader.captions(s), reader.extra(s, "mask.png"))
+    assert seen == written
+    # the DALI index lists the same members at the same offsets as wds2idx would
+    with tarfile.open(w.paths[0]) as tar:
+        offsets = {m.name: (m.offset_data, m.size) for m in tar}
+    lines = open(index_shard(str(w.paths[0])).dali_index).read().split("\n")
+    assert lines[0] == "v1.2 3"
+    _, off, size, name, _, joff, jsize, jname = lines[1].split()
+    assert offsets[name] == (int(off), int(size)) and offsets[jname] == (int(joff), int(jsize))
+
+
+def test_index_is_cached_and_rebuilt_when_the_shard_changes(tmp_path):
+    (path,) = write_shards(tmp_path, 3, 10)
+    first = index_shard(str(path))
+    assert os.path.isfile(str(path) + ".index.json")
+    assert [s.key for s in index_shard(str(path)).samples] == [s.key for s in first.samples]
+    write_shards(tmp_path, 2, 10)                        # same file name, new content
+    assert len(index_shard(str(path)).samples) == 2
+
+
+def test_split_name():
+    assert split_name("a/b/key.mask.png") == ("a/b/key", "mask.png")
+    assert split_name("key.JPG") == ("key", "jpg")
+    assert split_name("README") == ("README", "")
+
+
+def test_missing_path_fails_at_start_naming_data_path(tmp_path):
+    for path in (tmp_path / "nope", ""):
+        with pytest.raises((FileNotFoundError, ValueError), match="data.path"):
+            loader_mod.build_loader(tiny_cfg(path, "data.loader=pytorch") if path else
+                                    tiny_cfg(tmp_path / "x", "data.loader=pytorch", "data.source=shards",
+                                             "data.path=''"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="data.path.*no .tar shards"):
+        loader_mod.build_loader(tiny_cfg(empty, "data.loader=pytorch"))
+
+
+def _add(tar, name, data: bytes):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture
+def bad_shards(tmp_path, seed):
+    """One shard with each bad-sample kind next to good ones, a garbage 'tar', a truncated tar."""
+    rng = np.random.default_rng(seed)
+    good = []
+    with tarfile.open(tmp_path / "mixed.tar", "w") as tar:
+        for i in range(6):                                   # good samples
+            _add(tar, f"good{i}.jpg", jpeg(rng))
+            _add(tar, f"good{i}.json", json.dumps(captions_of(i)).encode())
+            good.append(f"good{i}")
+        img = jpeg(rng)
+        _add(tar, "trunc.jpg", img[: len(img) // 2])         # corrupt: truncated JPEG
+        _add(tar, "trunc.json", b'{"alt": "x"}')
+        _add(tar, "junk.jpg", b"this is not an image")       # corrupt: not an image at all
+        _add(tar, "junk.json", b'{"alt": "x"}')
+        _add(tar, "nocap.jpg", jpeg(rng))                    # missing caption member
+        _add(tar, "emptycap.jpg", jpeg(rng))                 # empty captions
+        _add(tar, "emptycap.json", b'{"alt": "", "short": "   "}')
+        _add(tar, "badjson.jpg", jpeg(rng))                  # caption that is not JSON
+        _add(tar, "badjson.json", b"{not json")
+        _add(tar, "README.txt", b"hello")                    # non-image member
+        _add(tar, "labels.cls", b"3")                        # non-image member
+    (tmp_path / "garbage.tar").write_bytes(os.urandom(3000))  # unreadable shard
+    (paths := write_shards(tmp_path / "t", 4, 10, prefix="cut"))
+    data = paths[0].read_bytes()
+    (tmp_path / "truncated.tar").write_bytes(data[: len(data) // 3])   # unreadable: cut mid-member
+    paths[0].unlink()
+    return tmp_path, good
+
+
+EXPECTED = {"corrupt_image": 2, "missing_caption": 3, "non_image_member": 2, "unreadable_shard": 2}
+
+
+def test_bad_input_is_skipped_counted_and_reported(bad_shards, caplog):
+    folder, good = bad_shards
+    with caplog.at_level(logging.WARNING, logger="fasttips.data"):
+        L = loader_mod.build_loader(tiny_cfg(folder, "data.loader=pytorch"))
+    assert {k: L.stats[k] for k in EXPECTED} == EXPECTED
+    assert "skipped" in caplog.text and "unreadable shard" in caplog.text
+    keys = set()
+    for _, batch in zip(range(6), L):                       # 24 samples = 4 epochs of the 6 good ones
+        keys |= set(batch["keys"])
+    assert keys == set(good)
+
+
+def test_a_sample_that_breaks_after_indexing_is_replaced_and_counted(tmp_path, caplog):
+    paths = write_shards(tmp_path, 8, 8)
+    L = loader_mod.build_loader(tiny_cfg(tmp_path, "data.loader=pytorch"))
+    victim = L.stream.samples[int(L.stream.order(0)[0])]
+    with open(paths[0], "r+b") as f:                       # damage the first image of epoch 0
+        f.seek(victim.image[1] + 200)
+        f.write(b"\x00" * (victim.image[2] - 200))
+    with caplog.at_level(logging.WARNING, logger="fasttips.data"):
+        batch = next(iter(L))
+    assert len(batch["keys"]) == 4 and victim.key not in batch["keys"]
+    assert L.stats["corrupt_image"] == 1 and "corrupt_image" in caplog.text
+
+
+def test_rank_slice_partitions():
+    for n in (0, 1, 7, 24):
+        for world in (1, 2, 3):
+            parts = [range(*rank_slice(n, r, world)) for r in range(world)]
+            assert sorted(i for p in parts for i in p) == list(range(n))
+    with pytest.raises(ValueError, match="rank"):
+        rank_slice(4, 2, 2)
