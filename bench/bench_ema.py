@@ -9,6 +9,8 @@ FSDP2 at 8 ranks, where launch latency matters. Peers, in the same process:
   - ``loop_lerp``: a Python loop of ``t.lerp_(s, 1 − m)``;
   - ``foreach_mul_add``: ``_foreach_mul_`` + ``_foreach_add_`` (DINOv2 / DINOv3; 20 B/param of traffic);
   - ``foreach_lerp``: one ``_foreach_lerp_`` (timm ModelEmaV3; the reference and the baseline).
+On GPU, ``fasttips+graph`` and ``foreach_lerp+graph`` replay a captured CUDA graph: the device time
+alone, without the per-call host cost that dominates the small sharded case.
 GB/s counts the minimal traffic (``harness.ema_bytes``: read teacher and student, write teacher), so
 ``% copy`` is the share of the measured device-to-device copy bandwidth each implementation reaches.
 On CPU the ``fasttips`` row is the op's CPU dispatch (the reference), at shrunken head sizes.
@@ -101,26 +103,44 @@ def run(quick: bool = False, sweep: bool = False) -> Bench:
                 timing = bench.time(fn, inputs=sets)
                 bench.add(case=case, impl=name, timing=timing, bytes=ema_bytes(n_params, student_bytes),
                           peak_mem=bench.peak_memory(fn, *sets[0]))
-            if sweep and on_gpu:
+            if on_gpu and student_dtype == torch.float32:
+                _graph_rows(bench, case, fns, sets, n_params, student_bytes)
+            if sweep and on_gpu and student_dtype == torch.float32:
                 _sweep(bench, case, sets, momentum, n_params, student_bytes)
             del sets
     return bench
 
 
 def _sweep(bench, case, sets, momentum, n_params, student_bytes):
-    """Kernel configurations (chunk size × warps × programs per SM), as extra rows."""
+    """Kernel configurations (chunk size × warps × grid cap in programs per SM), as extra rows."""
     from fasttips.kernels.ema import triton as ema_triton
-    default = ema_triton.PROGRAMS_PER_SM
-    for block, warps in ((2048, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)):
-        for per_sm in (4, 8, 16, 10**6):  # 10**6: one program per chunk (no persistence)
-            ema_triton.PROGRAMS_PER_SM = per_sm
+    default = ema_triton.MAX_PROGRAMS
+    sms = torch.cuda.get_device_properties(bench.device).multi_processor_count
+    for block, warps in ((2048, 4), (4096, 8), (8192, 8), (16384, 16)):
+        for per_sm in (4, 8, None):  # None: one program per chunk
+            ema_triton.MAX_PROGRAMS = default if per_sm is None else per_sm * sms
             ema_triton.clear_cache()
             fn = lambda t, s, b=block, w=warps: ema_triton.ema_update_(t, s, momentum, block=b, num_warps=w)
-            timing = bench.time(fn, inputs=sets)
-            bench.add(case=case, impl=f"sweep-b{block}-w{warps}-p{per_sm if per_sm < 10**6 else 'all'}",
+            timing = bench.time(fn, inputs=sets, rep_ms=100)
+            bench.add(case=case, impl=f"sweep-b{block}-w{warps}-p{per_sm or 'all'}",
                       timing=timing, bytes=ema_bytes(n_params, student_bytes))
-    ema_triton.PROGRAMS_PER_SM = default
+    ema_triton.MAX_PROGRAMS = default
     ema_triton.clear_cache()
+
+
+def _graph_rows(bench, case, fns, sets, n_params, student_bytes):
+    """Replays of a captured CUDA graph: device time without the host's per-call launch cost."""
+    for name in ("fasttips", "foreach_lerp"):
+        graphs = []
+        for args in sets:
+            fns[name](*args)  # compile / warm up outside the capture
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fns[name](*args)
+            graphs.append((g,))
+        timing = bench.time(lambda g: g.replay(), inputs=graphs)
+        bench.add(case=case, impl=f"{name}+graph", timing=timing, bytes=ema_bytes(n_params, student_bytes))
 
 
 def main(argv=None) -> int:

@@ -65,6 +65,10 @@ def ema_bytes(n_params: int, student_bytes: int = 4, teacher_bytes: int = 4) -> 
 # Environment and device ceilings
 # ------------------------------------------------------------------------------------------------
 def _git_commit() -> str | None:
+    """HEAD of this checkout (+"-dirty"), or $FASTTIPS_GIT_COMMIT where the copy has no .git
+    (the GPU machine gets a bare copy of the working tree)."""
+    if os.environ.get("FASTTIPS_GIT_COMMIT"):
+        return os.environ["FASTTIPS_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)

@@ -2,8 +2,9 @@
 
 Layout. The tensor list is cut into chunks of ``BLOCK`` elements. A device table holds one row per
 chunk: (teacher element offset, student element offset, chunk length), where an offset is the chunk's
-address relative to a base tensor of the same list, counted in elements. A persistent grid of
-programs strides over the chunk rows. Relative offsets (rather than raw int64 addresses cast to
+address relative to a base tensor of the same list, counted in elements. Each program strides over
+the chunk rows (``range(pid, num_chunks, num_programs)``); the grid is one program per chunk up to
+``MAX_PROGRAMS``, which measured best on H100 (bench/bench_ema.py --sweep). Relative offsets (rather than raw int64 addresses cast to
 pointers) keep every address a ``base + offset`` that Triton can reason about: the alignment hints
 give 16-byte vector loads on the GPU, and the CPU interpreter runs the very same kernel.
 
@@ -23,7 +24,7 @@ import triton.language as tl
 
 BLOCK = 4096           # elements per chunk: 16 KiB of fp32 teacher
 NUM_WARPS = 8          # 256 threads × 16 elements = 4 × 16-byte vectors each per operand
-PROGRAMS_PER_SM = 8    # persistent grid: enough chunks in flight to cover HBM latency
+MAX_PROGRAMS = 1 << 20  # programs per launch; past this, each program strides over several chunks
 _PLAN_CACHE_SIZE = 16
 
 STUDENT_DTYPES = (torch.float32, torch.bfloat16)
@@ -100,18 +101,20 @@ class _Plan:
         # lists, which hold the same addresses as the ones the table was built from
         self.launches = [(idx[0], _ChunkTable([teacher[i] for i in idx], [student[i] for i in idx], block))
                          for idx in groups.values()]
-        self.programs_cap = (_sm_count(self.device) * PROGRAMS_PER_SM if self.device.type == "cuda"
-                             else 3)  # the interpreter runs programs in turn: 3 test the striding
+        # On H100 one program per chunk beat a persistent grid of 4–8 programs per SM by 3–4% (the
+        # hardware refills SMs chunk by chunk; a fixed grid leaves a partly idle last round). The
+        # kernel still strides, so a grid capped below the chunk count stays correct.
+        self.programs_cap = MAX_PROGRAMS if self.device.type == "cuda" else 3  # interpreter: 3 test the striding
 
 
 _plans: OrderedDict = OrderedDict()
 
 
 def _plan_for(teacher, student, block: int) -> _Plan:
-    # a plan depends only on addresses, shapes, dtypes and layout, so it stays right for any tensors
-    # that match them (the same parameters every step, or a new view of them from ``to_local()``)
-    key = (block,) + tuple((t.data_ptr(), t.dtype, t.shape, t.is_contiguous(), t.device,
-                            s.data_ptr(), s.dtype, s.shape, s.is_contiguous(), s.device)
+    # Keyed by what the chunk rows depend on: addresses, sizes and dtypes. Shapes and layout were
+    # validated when the plan was built; the same parameters come back every step (or new views of
+    # them from ``to_local()`` / ``detach()``), so a hit costs a few attribute reads per tensor.
+    key = (block,) + tuple((t.data_ptr(), t.numel(), t.dtype, s.data_ptr(), s.dtype)
                            for t, s in zip(teacher, student))
     plan = _plans.get(key)
     if plan is None:
@@ -128,17 +131,10 @@ def clear_cache() -> None:
     _plans.clear()
 
 
-_sm_counts: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device not in _sm_counts:
-        _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _sm_counts[device]
-
-
 def _local(x):
     """FSDP2 parameters are DTensors: the EMA runs on the local shard, element for element."""
+    if type(x) is torch.Tensor or type(x) is torch.nn.Parameter:
+        return x
     to_local = getattr(x, "to_local", None)
     return to_local() if to_local is not None else x
 

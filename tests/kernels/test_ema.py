@@ -1,8 +1,8 @@
 """Fused head EMA (kernels/ema/triton.py) against the reference, one ``torch._foreach_lerp_``.
 
 The Triton kernel runs here under TRITON_INTERPRET=1 on CPU tensors: the same kernel source, the
-same chunk table of relative offsets and the same persistent striding as on the GPU (with a grid of
-3 programs). What the interpreter cannot show (16-byte vectorised loads, resources) is checked by
+same chunk table of relative offsets and the same striding loop as on the GPU (with a grid capped
+at 3 programs, so each program takes several chunks). What the interpreter cannot show (16-byte vectorised loads, resources) is checked by
 the Hopper compile gate below; speed is bench/bench_ema.py's job.
 
 Run as a script (``torchrun --nproc_per_node 2 tests/kernels/test_ema.py``) this file is the worker of
