@@ -123,7 +123,7 @@ def summarize(results: list[dict], seeds: list[int]) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     from .report import table
 
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     try:
         seeds = parse_seeds(args.seeds)
     except ValueError as e:
