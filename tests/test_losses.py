@@ -399,3 +399,51 @@ def test_koleo_bad_inputs():
         koleo_loss(torch.randn(1, 4))
     with pytest.raises(ValueError, match="expected 2 dims"):
         koleo_loss(torch.randn(4))
+
+
+# ------------------------------------------------------------------------------------------------
+# Two ranks (gloo, CPU): all-gather with gradient, all-reduced centers
+# ------------------------------------------------------------------------------------------------
+def _two_rank_worker(rank, world, store, inputs, results):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        u_all, v_all, scale, stats = inputs
+        B = u_all.shape[0] // world
+        u = u_all[rank * B:(rank + 1) * B].clone().requires_grad_()
+        v = v_all[rank * B:(rank + 1) * B].clone().requires_grad_()
+        loss = clip_loss(u, v, scale)
+        gu, gv = torch.autograd.grad(loss, [u, v])
+        sig = siglip_loss(u.detach(), v.detach(), torch.tensor([2.0]), torch.tensor([-3.0]))
+        centering = Centering(stats.shape[1], momentum=0.9)
+        centering.update(stats[rank])
+        center = centering.current().clone()
+        results[rank] = (loss.detach(), gu, gv, sig, center)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_two_ranks_match_the_global_batch(seed, tmp_path):
+    import torch.multiprocessing as mp
+    world, B, D, K = 2, 3, 5, 7
+    u_all = torch.randn(world * B, D, dtype=torch.float64)
+    v_all = torch.randn(world * B, D, dtype=torch.float64)
+    scale = torch.tensor([1.5], dtype=torch.float64)
+    stats = torch.randn(world, K)
+    results = mp.Manager().dict()
+    mp.spawn(_two_rank_worker, args=(world, str(tmp_path / "store"), (u_all, v_all, scale, stats), results),
+             nprocs=world, join=True)
+    u_ref, v_ref = u_all.clone().requires_grad_(), v_all.clone().requires_grad_()
+    ref = naive_clip(u_ref, v_ref, scale.exp()[0])
+    gu_ref, gv_ref = torch.autograd.grad(ref, [u_ref, v_ref])
+    losses = [results[r][0] for r in range(world)]
+    close(sum(losses) / world, ref, torch.float64)                   # mean over ranks = global loss
+    for r in range(world):
+        rows = slice(r * B, (r + 1) * B)
+        # each rank's gradient sums every rank's loss (all-gather backward) = W × global gradient
+        close(results[r][1], world * gu_ref[rows], torch.float64)
+        close(results[r][2], world * gv_ref[rows], torch.float64)
+        close(results[r][4], 0.1 * stats.mean(dim=0), torch.float32)  # mean of per-rank means
+    sig_ref = naive_siglip(u_all, v_all, torch.tensor(2.0).exp(), -3.0)
+    close(sum(results[r][3] for r in range(world)) / world, sig_ref.float(), torch.float32)

@@ -74,5 +74,9 @@ class Centering(nn.Module):
         self._wait()                      # never checkpoint a half-reduced statistic
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._wait()                      # an in-flight all-reduce must not overwrite loaded values
+        super()._load_from_state_dict(*args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"dim={self.center.numel()}, momentum={self.momentum}"
