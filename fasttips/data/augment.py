@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image, ImageFilter, ImageOps, ImageStat
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,29 +77,53 @@ def random_resized_box(width: int, height: int, scale, rng: np.random.Generator)
     return left, top, left + w, top + h
 
 
-def _shift_hue(img: Image.Image, shift: float) -> Image.Image:
-    """Rotate hue by ``shift`` turns (in [-0.5, 0.5]) in HSV space."""
-    h, s, v = img.convert("HSV").split()
-    hue = (np.asarray(h, dtype=np.int16) + int(round(shift * 255))) % 256
-    return Image.merge("HSV", (Image.fromarray(hue.astype(np.uint8)), s, v)).convert("RGB")
+LUMA = np.array([0.299, 0.587, 0.114])
+# RGB <-> YIQ: a hue change is a rotation of the (I, Q) chroma plane around the luma axis.
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_INV = np.linalg.inv(_YIQ)
 
 
-def color_jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Brightness, contrast, saturation and hue factors applied in a random order (torchvision style)."""
+def hue_matrix(turns: float) -> np.ndarray:
+    c, s = math.cos(2 * math.pi * turns), math.sin(2 * math.pi * turns)
+    rot = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    return _YIQ_INV @ rot @ _YIQ
+
+
+def jitter_affine(mean_rgb: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Colour jitter as one affine map ``x -> A x + t`` on RGB (0..255).
+
+    Brightness (scale), saturation (blend with luma), hue (YIQ rotation, as DALI's color_twist does)
+    and contrast (blend with the mean luma of the image *at that point*, known exactly because every
+    step is affine) are composed in a random order, like torchvision's ColorJitter. One pass over the
+    pixels instead of four (torchvision also clamps between steps; we clamp once at the end).
+    """
     b = rng.uniform(1 - JITTER["brightness"], 1 + JITTER["brightness"])
     c = rng.uniform(1 - JITTER["contrast"], 1 + JITTER["contrast"])
     s = rng.uniform(1 - JITTER["saturation"], 1 + JITTER["saturation"])
     hue = rng.uniform(-JITTER["hue"], JITTER["hue"])
+    A, t = np.eye(3), np.zeros(3)
+    ones = np.ones(3)
     for op in rng.permutation(4):
         if op == 0:
-            img = ImageEnhance.Brightness(img).enhance(b)
+            A, t = b * A, b * t
         elif op == 1:
-            img = ImageEnhance.Contrast(img).enhance(c)
+            mean_luma = LUMA @ (A @ mean_rgb + t)
+            A, t = c * A, c * t + (1 - c) * mean_luma * ones
         elif op == 2:
-            img = ImageEnhance.Color(img).enhance(s)
+            M = s * np.eye(3) + (1 - s) * np.outer(ones, LUMA)
+            A, t = M @ A, M @ t
         else:
-            img = _shift_hue(img, hue)
-    return img
+            H = hue_matrix(hue)
+            A, t = H @ A, H @ t
+    return A, t
+
+
+def color_jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Apply ``jitter_affine`` with Pillow's matrix conversion (rounds and clamps to 0..255)."""
+    mean_rgb = np.asarray(ImageStat.Stat(img).mean[:3])
+    A, t = jitter_affine(mean_rgb, rng)
+    matrix = tuple(float(v) for v in np.concatenate([A, t[:, None]], axis=1).reshape(-1))
+    return img.convert("RGB", matrix)
 
 
 def augment_crop(img: Image.Image, recipe: CropRecipe, rng: np.random.Generator) -> np.ndarray:

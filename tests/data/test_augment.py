@@ -71,3 +71,28 @@ def test_decode_draft_keeps_enough_resolution(seed):
     assert min(img.size) >= 150 and img.size[0] < 1000
     recipes = augment.crop_recipes(224, 1, (0.32, 1.0), 98, 8, (0.05, 0.32))
     assert augment.min_decode_side(recipes) == max(math.ceil(224 / math.sqrt(0.32)), math.ceil(98 / math.sqrt(0.05)))
+
+
+def test_color_jitter_affine_equals_the_four_steps_in_sequence(seed):
+    """One affine map == brightness, contrast (mean luma at that point), saturation, hue in order."""
+    x0 = np.random.default_rng(seed).uniform(0, 255, size=(500, 3))
+    for k in range(10):
+        A, t = augment.jitter_affine(x0.mean(0), np.random.default_rng([seed, k]))
+        rng = np.random.default_rng([seed, k])
+        J = augment.JITTER
+        b, c = rng.uniform(1 - J["brightness"], 1 + J["brightness"]), rng.uniform(1 - J["contrast"], 1 + J["contrast"])
+        s, h = rng.uniform(1 - J["saturation"], 1 + J["saturation"]), rng.uniform(-J["hue"], J["hue"])
+        x = x0.copy()
+        for op in rng.permutation(4):
+            if op == 0:
+                x = b * x
+            elif op == 1:
+                x = c * x + (1 - c) * (x @ augment.LUMA).mean()
+            elif op == 2:
+                x = s * x + (1 - s) * (x @ augment.LUMA)[:, None]
+            else:
+                x = x @ augment.hue_matrix(h).T
+        np.testing.assert_allclose(x0 @ A.T + t, x, rtol=1e-9, atol=1e-9)
+    hm = augment.hue_matrix(0.1)
+    np.testing.assert_allclose(augment.LUMA @ hm, augment.LUMA, atol=1e-3)   # hue keeps luma
+    np.testing.assert_allclose(hm @ np.ones(3), np.ones(3), atol=1e-9)        # and grays

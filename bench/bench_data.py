@@ -1,0 +1,113 @@
+"""Data loader throughput: images/s of each loader for DINO-style multi-crop recipes.
+
+    python bench/bench_data.py [--quick] [--workers N] [--batch B]
+
+The images are 200 JPEGs (quality 90, 400–640 px wide) cut and rescaled from scikit-image's sample
+photos, in 4 shards written to a temp folder. Recipes: 1×224 + 8×98 (the TIPSv2 default) and
+2×224 + 8×98 (DINOv2's two globals), full augmentation and iBOT masks, captions tokenized. Loaders:
+``pytorch-pil`` (DataLoader + Pillow, N worker processes) and ``dali-cpu`` (the DALI graph with N
+threads, no GPU) or ``dali-gpu`` (nvJPEG ``mixed`` decoding and GPU augmentation) when CUDA is there.
+One timed call = one batch from the running loader (steady state, after warm-up);
+``images_per_s`` = batch / time. The baseline for ``×base`` is ``pytorch-pil``.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from harness import Bench  # noqa: E402
+
+BASELINE = "pytorch-pil"
+N_IMAGES, N_SHARDS = 200, 4
+RECIPES = [(1, 224, 8, 98), (2, 224, 8, 98)]
+
+
+def make_jpeg_shards(folder: str, n: int = N_IMAGES) -> str:
+    """Shards of real-photo JPEGs: random crops of the skimage photos rescaled to 400–640 px wide."""
+    import skimage.data
+
+    from fasttips.data.demo import photo_entries
+    from fasttips.data.shards import ShardWriter
+
+    rng = np.random.default_rng(0)
+    photos = []
+    for e in photo_entries():
+        a = getattr(skimage.data, e["loader"].rsplit(".", 1)[-1])()
+        a = a.astype(np.uint8) * 255 if a.dtype == bool else a
+        photos.append((Image.fromarray(a).convert("RGB"), {k: e[k] for k in ("alt", "short", "long")}))
+    with ShardWriter(folder, prefix="bench", samples_per_shard=-(-n // N_SHARDS)) as w:
+        for i in range(n):
+            img, caps = photos[i % len(photos)]
+            cw, ch = int(img.width * rng.uniform(0.6, 1.0)), int(img.height * rng.uniform(0.6, 1.0))
+            x, y = int(rng.integers(0, img.width - cw + 1)), int(rng.integers(0, img.height - ch + 1))
+            width = int(rng.integers(400, 641))
+            out = img.crop((x, y, x + cw, y + ch)).resize((width, max(1, round(width * ch / cw))), Image.BICUBIC)
+            buf = io.BytesIO()
+            out.save(buf, "JPEG", quality=90)
+            w.write(f"img{i:05d}", buf.getvalue(), "jpg", caps)
+    return folder
+
+
+def loader_kinds() -> list[str]:
+    from fasttips.data.loader import dali_available
+    return ["pytorch"] + (["dali"] if dali_available() else [])
+
+
+def run(quick: bool, workers: int = 2, batch: int = 32) -> Bench:
+    from fasttips.config import load
+    from fasttips.data.loader import build_loader
+
+    bench = Bench("data", quick=quick, device="cpu", measure_device_ceilings=False)
+    gpu = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("FASTTIPS_DATA_DIR", os.path.join(tmp, "cache"))
+        shards = make_jpeg_shards(os.path.join(tmp, "shards"), 96 if quick else N_IMAGES)
+        recipes = RECIPES[:1] if quick else RECIPES
+        for n_global, gsize, n_local, lsize in recipes:
+            case = {"recipe": f"{n_global}x{gsize}+{n_local}x{lsize}", "batch": batch, "workers": workers}
+            for kind in loader_kinds():
+                cfg = load(overrides=[
+                    "preset=vit-s", "data.source=shards", f"data.path={shards}", f"data.loader={kind}",
+                    f"data.batch_size={batch}", f"data.num_workers={workers}", f"data.n_global={n_global}",
+                    f"data.global_size={gsize}", f"data.n_local={n_local}", f"data.local_size={lsize}",
+                    "text.vocab_size=1000"])
+                loader = build_loader(cfg)
+                impl = "pytorch-pil" if kind == "pytorch" else ("dali-gpu" if gpu else "dali-cpu")
+                if kind == "dali" and gpu:
+                    torch.cuda.synchronize()
+                    fn = lambda: (next(loader), torch.cuda.synchronize())  # noqa: E731
+                else:
+                    fn = lambda: next(loader)  # noqa: E731
+                timing = bench.time(fn, warmup_ms=1500 if quick else 5000, rep_ms=3000 if quick else 15000)
+                bench.add(case=case, impl=impl, timing=timing, images_per_s=batch / (timing["ms"] / 1e3),
+                          cpu_count=os.cpu_count())
+                if hasattr(loader, "close"):
+                    loader.close()
+                del loader
+    return bench
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one recipe, fewer images, short timing windows")
+    p.add_argument("--workers", type=int, default=2, help="PyTorch worker processes / DALI threads (default 2)")
+    p.add_argument("--batch", type=int, default=32, help="images per batch (default 32)")
+    args = p.parse_args(argv)
+    bench = run(args.quick, args.workers, args.batch)
+    bench.report(baseline=BASELINE)
+    for row in bench.rows:
+        print(f"  {row['impl']:<12} {row['case']['recipe']:<14} {row['images_per_s']:7.1f} images/s")
+    print("results:", bench.write())
+
+
+if __name__ == "__main__":
+    main()
