@@ -13,8 +13,8 @@
 Every scene sample is ``{key}.jpg`` + ``{key}.json`` (captions "alt" / "short" / "long" plus an
 "objects" list) + ``{key}.mask.png``: an 8-bit single-channel PNG of the image's size whose pixel
 values index ``classes.json["classes"]`` (0 = background). So zero-shot segmentation is scored by
-reading the ``mask.png`` member of the eval shards (``fasttips.data.shards.index_shard(path)`` gives
-each sample's ``extras["mask.png"]`` byte range) and prompting with the class names.
+reading the ``mask.png`` member of the eval shards and prompting with the class names;
+``eval_samples()`` yields them decoded (image, class mask, captions, objects).
 Photo samples carry the hand-written captions of ``assets/photos.json`` (credits and licences in
 ``assets/PHOTO_CREDITS.md``).
 """
@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from . import scenes
-from .shards import ShardWriter, cache_dir
+from .shards import MemberReader, ShardWriter, cache_dir, index_shards
 
 log = logging.getLogger("fasttips.data")
 
@@ -125,3 +125,26 @@ def demo_shards(root: str | os.PathLike | None = None, split: str = "train") -> 
     if split not in folders:
         raise ValueError(f"demo split {split!r}: choose one of {list(folders)}")
     return sorted(str(p) for f in folders[split] if f.is_dir() for p in f.glob("*.tar"))
+
+
+def eval_samples(root: str | os.PathLike | None = None, limit: int | None = None):
+    """Held-out scenes for evaluation, decoded: dicts with ``key``, ``image`` (PIL RGB), ``mask``
+    (uint8 [H, W], values index ``classes``), ``classes``, ``captions`` ({alt, short, long}) and
+    ``objects`` (shape, color, size, position, class_id)."""
+    d = ensure_demo_data(root)
+    classes = json.loads((d / "classes.json").read_text())["classes"]
+    reader = MemberReader()
+    n = 0
+    try:
+        for ix in index_shards(demo_shards(root, "eval")):
+            for s in ix.samples:
+                if limit is not None and n >= limit:
+                    return
+                meta = json.loads(reader.read(s.shard, *s.caption))
+                yield {"key": s.key, "image": Image.open(io.BytesIO(reader.image(s))).convert("RGB"),
+                       "mask": np.array(Image.open(io.BytesIO(reader.extra(s, "mask.png")))),
+                       "classes": classes, "objects": meta.get("objects", []),
+                       "captions": {k: meta[k] for k in ("alt", "short", "long") if k in meta}}
+                n += 1
+    finally:
+        reader.close()

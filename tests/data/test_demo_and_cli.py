@@ -43,6 +43,15 @@ def test_demo_layout_and_masks(demo_root):
             assert f"{o['color']} {o['shape']}" in caps["alt"] and o["shape"] in caps["long"]
 
 
+def test_eval_samples(demo_root):
+    items = list(demo.eval_samples(demo_root, limit=5))
+    assert len(items) == 5
+    for it in items:
+        assert it["mask"].shape == (it["image"].height, it["image"].width)
+        assert it["classes"][0] == "background" and set(it["captions"]) == {"alt", "short", "long"}
+        assert {o["class_id"] for o in it["objects"]} == set(np.unique(it["mask"]).tolist()) - {0}
+
+
 def test_scene_is_a_pure_function_of_its_seed():
     a, b = scenes.make_scene(11), scenes.make_scene(11)
     assert a == b and scenes.make_scene(12)[0] != a[0]
