@@ -61,6 +61,7 @@ def test_shapes_single_and_list(model):
     outs = model.vision([crop(2, 42), crop(5, 28), crop(1, (28, 56))])
     assert [o["patch"].shape for o in outs] == [(2, 9, D), (5, 4, D), (1, 8, D)]
     assert all(o["cls1"].shape == (o["patch"].shape[0], D) for o in outs)
+    assert all(t._base is None for o in outs for t in o.values())     # own tensors, not views (FSDP2)
     assert model.vision.num_patches(112) == 64 and model.vision.num_patches((28, 56)) == 8
 
 

@@ -179,14 +179,16 @@ class VisionTransformer(nn.Module):
         packing = Packing.from_lengths(lengths, tokens.device)
         for block in self.blocks:
             tokens = block(tokens, packing)
-        tokens = self.norm(tokens)
 
+        # The final LayerNorm is applied per output so each output is its own tensor, not a view
+        # of the token stream (FSDP2 warns about views returned from a wrapped module).
         outputs, start = [], 0
         for s in sequences:
             B, n, _ = s.shape
-            out = tokens[start:start + B * n].view(B, n, self.width)
+            seq = tokens[start:start + B * n].view(B, n, self.width)
             start += B * n
-            outputs.append({"cls1": out[:, 0], "cls2": out[:, 1], "patch": out[:, self.n_cls:]})
+            outputs.append({"cls1": self.norm(seq[:, 0]), "cls2": self.norm(seq[:, 1]),
+                            "patch": self.norm(seq[:, self.n_cls:])})
         return outputs[0] if single else outputs
 
 
