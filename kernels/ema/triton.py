@@ -1,18 +1,19 @@
 """Fused head EMA: teacher[i] ← m·teacher[i] + (1−m)·student[i] for a whole list in one Triton launch.
 
 Layout. The tensor list is cut into chunks of ``BLOCK`` elements. A device table holds one row per
-chunk: (teacher element offset, student element offset, chunk length), where an offset is the chunk's
-address relative to a base tensor of the same list, counted in elements. Each program strides over
-the chunk rows (``range(pid, num_chunks, num_programs)``); the grid is one program per chunk up to
-``MAX_PROGRAMS``, which measured best on H100 (bench/bench_ema.py --sweep). Relative offsets (rather than raw int64 addresses cast to
-pointers) keep every address a ``base + offset`` that Triton can reason about: the alignment hints
-give 16-byte vector loads on the GPU, and the CPU interpreter runs the very same kernel.
+chunk: (teacher element offset, student element offset, chunk length), where an offset is the
+chunk's address relative to a base tensor of the same list, counted in elements. Each program
+strides over the chunk rows (``range(pid, num_chunks, num_programs)``); the grid is one program per
+chunk up to ``MAX_PROGRAMS``, which measured best on H100 (bench/bench_ema.py --sweep). Relative
+offsets (rather than raw int64 addresses cast to pointers) keep every address a ``base + offset``
+that Triton can reason about: with the alignment hints the full chunks use 16-byte vector loads on
+the GPU, and the CPU interpreter runs the very same kernel.
 
 Cost. One read of teacher and student and one write of teacher (12 B/param with fp32 students,
 10 B/param with bf16) plus 24 B per chunk of table. The table is built once per list of tensors and
-cached by (address, shape, dtype, layout), so a training loop that passes the same tensors every step
-pays a dictionary look-up and one launch. The momentum may live on the device (a 1-element tensor), so a momentum
-schedule never recompiles and never synchronises.
+cached by (address, size, dtype), so a training loop that passes the same tensors every step pays a
+dictionary look-up and one launch. The momentum may live on the device (a 1-element tensor), so a
+momentum schedule never recompiles, never synchronises and can be replayed in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ class _Plan:
         # On H100 one program per chunk beat a persistent grid of 4–8 programs per SM by 3–4% (the
         # hardware refills SMs chunk by chunk; a fixed grid leaves a partly idle last round). The
         # kernel still strides, so a grid capped below the chunk count stays correct.
-        self.programs_cap = MAX_PROGRAMS if self.device.type == "cuda" else 3  # interpreter: 3 test the striding
+        # (the interpreter runs programs in turn; a cap of 3 exercises the striding)
+        self.programs_cap = MAX_PROGRAMS if self.device.type == "cuda" else 3
 
 
 _plans: OrderedDict = OrderedDict()
