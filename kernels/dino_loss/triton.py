@@ -1,0 +1,377 @@
+"""Fused prototype-layer + teacher-softmax cross-entropy in Triton: no [tokens × K] tensor is ever written.
+
+Same math as reference.py. Logits live only in registers, in base-2 units (s₂ = s·log₂e) so the
+exponentials are exp2; the per-row statistics stay fp32 and are converted back to natural units at
+the end. Every program walks the prototypes (or the rows) in the same order from 0, so the tiles that
+the programs running side by side read are shared through L2.
+
+Kernels
+- ``_forward_kernel``   token-major: for a block of student rows and their paired teacher rows, stream
+  W_s and W_t in K-blocks with an online log-sum-exp for the student and the teacher, and an online
+  Σ_k p_k·s_k rescaled with the teacher's running max (flash-attention style, no PV GEMM).
+  Writes per row: ℓ_i, LSE(s_i), LSE(u_i).
+- ``_grad_z_kernel``    token-major: recompute s, u per K-block, ds = coef·(softmax(s) − p), dz += ds·W_s.
+- ``_grad_w_kernel``    prototype-major: one K-block per program, stream all rows, dW += dsᵀ·z_s.
+  Each program owns its rows of dW, so no atomics and the result is deterministic.
+- ``_token_lse_kernel`` / ``_prototype_lse_kernel``: LSE over prototypes (per row) and over rows (per
+  prototype) of z W_tᵀ·scale + bias, the two reductions of Sinkhorn-Knopp in factorised form.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import interpreting, warn_once
+from .common import check_arguments, sinkhorn_log_scaling, teacher_bias, weight_normed
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _forward_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr,
+                    row_loss_ptr, lse_s_ptr, lse_t_ptr,
+                    S, K, D, stride_zs, stride_zt, stride_ws, stride_wt, s_scale, t_scale,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < S
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    t_rows = tl.load(pairs_ptr + rows, mask=row_ok, other=0)
+    zs = tl.load(zs_ptr + rows[:, None] * stride_zs + dims[None, :],
+                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    zt = tl.load(zt_ptr + t_rows[:, None] * stride_zt + dims[None, :],
+                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)   # student running max / sum of exp2
+    l_s = tl.zeros([BLOCK_M], tl.float32)
+    m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)   # teacher running max / sum of exp2
+    l_t = tl.zeros([BLOCK_M], tl.float32)
+    ps = tl.zeros([BLOCK_M], tl.float32)                  # Σ_k exp2(u − m_t)·s₂, rescaled as m_t moves
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        w_mask = dim_ok[:, None] & k_ok[None, :]
+        ws = tl.load(ws_ptr + ks[None, :] * stride_ws + dims[:, None], mask=w_mask, other=0.0)   # [D, BK]
+        wt = tl.load(wt_ptr + ks[None, :] * stride_wt + dims[:, None], mask=w_mask, other=0.0)
+        bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * 1.4426950408889634
+        s2 = tl.dot(zs, ws, input_precision=PRECISION) * s_scale
+        u2 = tl.dot(zt, wt, input_precision=PRECISION) * t_scale + bias[None, :]
+        s2 = tl.where(k_ok[None, :], s2, float("-inf"))
+        u2 = tl.where(k_ok[None, :], u2, float("-inf"))
+
+        m_s_new = tl.maximum(m_s, tl.max(s2, axis=1))
+        l_s = l_s * tl.exp2(m_s - m_s_new) + tl.sum(tl.exp2(s2 - m_s_new[:, None]), axis=1)
+        m_s = m_s_new
+
+        m_t_new = tl.maximum(m_t, tl.max(u2, axis=1))
+        alpha = tl.exp2(m_t - m_t_new)
+        e_t = tl.exp2(u2 - m_t_new[:, None])
+        l_t = l_t * alpha + tl.sum(e_t, axis=1)
+        ps = ps * alpha + tl.sum(e_t * tl.where(k_ok[None, :], s2, 0.0), axis=1)
+        m_t = m_t_new
+
+    lse_s2 = m_s + tl.log2(l_s)
+    lse_t2 = m_t + tl.log2(l_t)
+    tl.store(row_loss_ptr + rows, (lse_s2 - ps / l_t) * 0.6931471805599453, mask=row_ok)
+    tl.store(lse_s_ptr + rows, lse_s2, mask=row_ok)     # base 2, as the backward kernels use them
+    tl.store(lse_t_ptr + rows, lse_t2, mask=row_ok)
+
+
+@triton.jit
+def _grad_z_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, lse_s_ptr, lse_t_ptr, coef_ptr,
+                   dz_ptr, S, K, D, stride_zs, stride_zt, stride_ws, stride_wt, stride_dz, s_scale, t_scale,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < S
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    t_rows = tl.load(pairs_ptr + rows, mask=row_ok, other=0)
+    lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)
+    zs = tl.load(zs_ptr + rows[:, None] * stride_zs + dims[None, :],
+                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    zt = tl.load(zt_ptr + t_rows[:, None] * stride_zt + dims[None, :],
+                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)     # w_i·grad/τ_s; 0 on padding rows
+
+    dz = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        w_mask = k_ok[:, None] & dim_ok[None, :]
+        ws = tl.load(ws_ptr + ks[:, None] * stride_ws + dims[None, :], mask=w_mask, other=0.0)   # [BK, D]
+        wt = tl.load(wt_ptr + ks[:, None] * stride_wt + dims[None, :], mask=w_mask, other=0.0)
+        bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * 1.4426950408889634
+        s2 = tl.dot(zs, tl.trans(ws), input_precision=PRECISION) * s_scale
+        u2 = tl.dot(zt, tl.trans(wt), input_precision=PRECISION) * t_scale + bias[None, :]
+        q = tl.exp2(s2 - lse_s[:, None])               # softmax(s)
+        p = tl.exp2(u2 - lse_t[:, None])               # teacher target
+        ds = tl.where(k_ok[None, :], coef[:, None] * (q - p), 0.0)
+        dz += tl.dot(ds.to(ws.dtype), ws, input_precision=PRECISION)
+    tl.store(dz_ptr + rows[:, None] * stride_dz + dims[None, :], dz, mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _grad_w_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, lse_s_ptr, lse_t_ptr, coef_ptr,
+                   dw_ptr, S, K, D, stride_zs, stride_zt, stride_ws, stride_wt, stride_dw, s_scale, t_scale,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    w_mask = k_ok[:, None] & dim_ok[None, :]
+    ws = tl.load(ws_ptr + ks[:, None] * stride_ws + dims[None, :], mask=w_mask, other=0.0)       # [BK, D]
+    wt = tl.load(wt_ptr + ks[:, None] * stride_wt + dims[None, :], mask=w_mask, other=0.0)
+    bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * 1.4426950408889634
+
+    dw = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    for r0 in range(0, S, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < S
+        t_rows = tl.load(pairs_ptr + rows, mask=row_ok, other=0)
+        zs = tl.load(zs_ptr + rows[:, None] * stride_zs + dims[None, :],
+                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        zt = tl.load(zt_ptr + t_rows[:, None] * stride_zt + dims[None, :],
+                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0)
+        lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)
+        coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+        # Transposed tiles [BK, BM], so dsᵀ feeds the dW product without a register transpose.
+        s2 = tl.dot(ws, tl.trans(zs), input_precision=PRECISION) * s_scale
+        u2 = tl.dot(wt, tl.trans(zt), input_precision=PRECISION) * t_scale + bias[:, None]
+        q = tl.exp2(s2 - lse_s[None, :])
+        p = tl.exp2(u2 - lse_t[None, :])
+        ds = coef[None, :] * (q - p)
+        dw += tl.dot(ds.to(zs.dtype), zs, input_precision=PRECISION)
+    tl.store(dw_ptr + ks[:, None] * stride_dw + dims[None, :], dw, mask=w_mask)
+
+
+@triton.jit
+def _token_lse_kernel(z_ptr, w_ptr, bias_ptr, out_ptr, N, K, D, stride_z, stride_w, scale,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """out_j = LSE_k(z_j·w_k·scale + bias_k), natural units; scale and bias in natural units."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    z = tl.load(z_ptr + rows[:, None] * stride_z + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    acc = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        w = tl.load(w_ptr + ks[None, :] * stride_w + dims[:, None], mask=dim_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0)
+        x2 = (tl.dot(z, w, input_precision=PRECISION) * scale + bias[None, :]) * 1.4426950408889634
+        x2 = tl.where(k_ok[None, :], x2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x2, axis=1))
+        acc = acc * tl.exp2(m - m_new) + tl.sum(tl.exp2(x2 - m_new[:, None]), axis=1)
+        m = m_new
+    tl.store(out_ptr + rows, (m + tl.log2(acc)) * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _prototype_lse_kernel(z_ptr, w_ptr, row_bias_ptr, out_ptr, N, K, D, stride_z, stride_w, scale,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """out_k = LSE_j(z_j·w_k·scale + row_bias_j) over this rank's rows, natural units."""
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    w = tl.load(w_ptr + ks[:, None] * stride_w + dims[None, :], mask=k_ok[:, None] & dim_ok[None, :],
+                other=0.0)
+    m = tl.full([BLOCK_K], float("-inf"), tl.float32)
+    acc = tl.zeros([BLOCK_K], tl.float32)
+    for r0 in range(0, N, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        z = tl.load(z_ptr + rows[None, :] * stride_z + dims[:, None], mask=dim_ok[:, None] & row_ok[None, :],
+                    other=0.0)                                                             # [D, BM]
+        row_bias = tl.load(row_bias_ptr + rows, mask=row_ok, other=0.0)
+        x2 = (tl.dot(w, z, input_precision=PRECISION) * scale + row_bias[None, :]) * 1.4426950408889634
+        x2 = tl.where(row_ok[None, :], x2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x2, axis=1))
+        # A block that adds nothing keeps m at −inf; guard the −inf − (−inf) rescale.
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        acc = acc * tl.exp2(m - safe) + tl.sum(tl.exp2(x2 - safe[:, None]), axis=1)
+        m = m_new
+    tl.store(out_ptr + ks, (m + tl.log2(acc)) * 0.6931471805599453, mask=k_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch configurations: one list per kernel. The Hopper compile gate in the tests compiles every
+# entry; on CUDA the autotuner picks among them; the interpreter uses INTERPRET_CONFIG.
+# ------------------------------------------------------------------------------------------------
+def _cfg(block_m, block_k, warps, stages):
+    return dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+
+
+CONFIGS = {   # chosen so that each compiles for sm_90a with HGMMA, no spills and ≤ 227 KB shared memory
+    "_forward_kernel": [_cfg(128, 32, 8, 2), _cfg(64, 64, 8, 2)],
+    "_grad_z_kernel": [_cfg(64, 64, 8, 2), _cfg(64, 32, 8, 3)],
+    "_grad_w_kernel": [_cfg(32, 64, 8, 3), _cfg(32, 128, 8, 2)],
+    "_token_lse_kernel": [_cfg(128, 128, 8, 2)],
+    "_prototype_lse_kernel": [_cfg(128, 128, 8, 2)],
+}
+INTERPRET_CONFIG = _cfg(32, 64, 4, 1)
+KERNELS = {"_forward_kernel": _forward_kernel, "_grad_z_kernel": _grad_z_kernel,
+           "_grad_w_kernel": _grad_w_kernel, "_token_lse_kernel": _token_lse_kernel,
+           "_prototype_lse_kernel": _prototype_lse_kernel}
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(name: str):
+    configs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_K": c["BLOCK_K"]}, num_warps=c["num_warps"],
+                             num_stages=c["num_stages"]) for c in CONFIGS[name]]
+    return triton.autotune(configs, key=["K", "D"])(KERNELS[name])
+
+
+def _launch(name: str, rows: int, row_major: bool, *args, BLOCK_D: int, PRECISION: str):
+    """Grid over row blocks (token-major kernels) or prototype blocks (prototype-major kernels)."""
+    if interpreting():
+        c = INTERPRET_CONFIG
+        block = c["BLOCK_M"] if row_major else c["BLOCK_K"]
+        KERNELS[name][(triton.cdiv(rows, block),)](*args, BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"],
+                                                    BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+        return
+    key = "BLOCK_M" if row_major else "BLOCK_K"
+    _tuned(name)[lambda meta: (triton.cdiv(rows, meta[key]),)](*args, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs reach the kernels only under the interpreter (tests): exact products there.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd
+# ------------------------------------------------------------------------------------------------
+class _FusedPrototypeCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_z, w_s, teacher_z, w_t, bias, pairs, weights, student_temp, teacher_temp):
+        S, D = student_z.shape
+        K = w_s.shape[0]
+        dev = student_z.device
+        row_loss = torch.empty(S, dtype=torch.float32, device=dev)
+        lse_s = torch.empty(S, dtype=torch.float32, device=dev)
+        lse_t = torch.empty(S, dtype=torch.float32, device=dev)
+        s_scale, t_scale = LOG2E / student_temp, LOG2E / teacher_temp
+        opts = dict(BLOCK_D=_block_d(D), PRECISION=_precision(student_z.dtype))
+        if S:
+            _launch("_forward_kernel", S, True, student_z, teacher_z, pairs, w_s, w_t, bias,
+                    row_loss, lse_s, lse_t, S, K, D, student_z.stride(0), teacher_z.stride(0),
+                    w_s.stride(0), w_t.stride(0), s_scale, t_scale, **opts)
+        loss = (weights.float() * row_loss).sum()
+        ctx.save_for_backward(student_z, w_s, teacher_z, w_t, bias, pairs, weights, lse_s, lse_t)
+        ctx.scales = (s_scale, t_scale, student_temp)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        student_z, w_s, teacher_z, w_t, bias, pairs, weights, lse_s, lse_t = ctx.saved_tensors
+        s_scale, t_scale, student_temp = ctx.scales
+        S, D = student_z.shape
+        K = w_s.shape[0]
+        coef = (grad_loss.float() * weights.float() / student_temp).contiguous()
+        dz = torch.empty(S, D, dtype=torch.float32, device=student_z.device)
+        dw = torch.empty(K, D, dtype=torch.float32, device=w_s.device)
+        opts = dict(BLOCK_D=_block_d(D), PRECISION=_precision(student_z.dtype))
+        common = (student_z, teacher_z, pairs, w_s, w_t, bias, lse_s, lse_t, coef)
+        if S:
+            _launch("_grad_z_kernel", S, True, *common, dz, S, K, D, student_z.stride(0), teacher_z.stride(0),
+                    w_s.stride(0), w_t.stride(0), dz.stride(0), s_scale, t_scale, **opts)
+            _launch("_grad_w_kernel", K, False, *common, dw, S, K, D, student_z.stride(0),
+                    teacher_z.stride(0), w_s.stride(0), w_t.stride(0), dw.stride(0), s_scale, t_scale, **opts)
+        else:
+            dw.zero_()
+        return (dz.to(student_z.dtype), dw.to(w_s.dtype)) + (None,) * 7
+
+
+# ------------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp reductions and the op
+# ------------------------------------------------------------------------------------------------
+def _sinkhorn_bias(teacher_z, w_t, teacher_temp, n_iterations, group):
+    N, D = teacher_z.shape
+    K = w_t.shape[0]
+    opts = dict(BLOCK_D=_block_d(D), PRECISION=_precision(teacher_z.dtype))
+    scale = 1.0 / teacher_temp
+
+    def row_lse(log_c):            # per prototype: LSE over this rank's rows
+        out = torch.full((K,), float("-inf"), dtype=torch.float32, device=w_t.device)
+        if N:
+            _launch("_prototype_lse_kernel", K, False, teacher_z, w_t, log_c.contiguous(), out, N, K, D,
+                    teacher_z.stride(0), w_t.stride(0), scale, **opts)
+        return out
+
+    def col_lse(log_r):            # per row: LSE over prototypes
+        out = torch.empty(N, dtype=torch.float32, device=w_t.device)
+        if N:
+            _launch("_token_lse_kernel", N, True, teacher_z, w_t, log_r.contiguous(), out, N, K, D,
+                    teacher_z.stride(0), w_t.stride(0), scale, **opts)
+        return out
+
+    return sinkhorn_log_scaling(row_lse, col_lse, N, K, n_iterations, teacher_z.device, group)
+
+
+MAX_GPU_BOTTLENECK = 256   # the launch configurations are sized for d ≤ 256 (row tiles stay in shared memory)
+
+
+def _unsupported_on_gpu(student_z) -> str | None:
+    """Why the compiled kernels cannot take these inputs, or None. The interpreter takes anything."""
+    if interpreting():
+        return None
+    if student_z.dtype not in (torch.bfloat16, torch.float16):
+        # fp32 tiles double shared memory and the fp32 products spill at every tile that fits.
+        return f"the Triton kernels take bf16/fp16 features on GPU, got {student_z.dtype}"
+    if student_z.shape[1] > MAX_GPU_BOTTLENECK:
+        return f"bottleneck d={student_z.shape[1]} > {MAX_GPU_BOTTLENECK} has no launch configuration"
+    return None
+
+
+def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_v, teacher_g,
+                            pairs, weights, center=None, student_temp=0.1, teacher_temp=0.04,
+                            centering="softmax", sk_iterations=3, group=None):
+    """Same contract as ``fasttips.kernels.prototype_cross_entropy``. Products run in student_z's dtype
+    (bf16 on the fast path) with fp32 accumulation; the loss and every statistic are fp32."""
+    check_arguments(student_z, student_v, student_g, teacher_z, teacher_v, teacher_g, pairs, weights,
+                    center, student_temp, teacher_temp, centering, sk_iterations)
+    reason = _unsupported_on_gpu(student_z)
+    if reason:
+        warn_once(f"prototype_cross_entropy: {reason}; running the chunked PyTorch reference instead")
+        from . import reference
+        return reference.prototype_cross_entropy(
+            student_z, student_v, student_g, teacher_z, teacher_v, teacher_g, pairs, weights, center=center,
+            student_temp=student_temp, teacher_temp=teacher_temp, centering=centering,
+            sk_iterations=sk_iterations, group=group)
+    dtype = student_z.dtype
+    K = student_v.shape[0]
+    w_s = weight_normed(student_v, student_g).to(dtype).contiguous()   # autograd: dW_s → v, g
+    with torch.no_grad():
+        w_t32 = weight_normed(teacher_v.detach(), teacher_g.detach())
+        center_stat = teacher_z.detach().float().mean(dim=0) @ w_t32.t()   # mean_rows(z_t W_tᵀ)
+        w_t = w_t32.to(dtype).contiguous()
+        z_t = teacher_z.detach().to(dtype).contiguous()
+        bias = teacher_bias(center, teacher_temp, centering, K, student_z.device,
+                            sinkhorn=lambda: _sinkhorn_bias(z_t, w_t, teacher_temp, int(sk_iterations), group))
+        bias = bias.contiguous()
+    loss = _FusedPrototypeCE.apply(student_z.contiguous(), w_s, z_t, w_t, bias, pairs.contiguous(),
+                                   weights.detach().contiguous(), float(student_temp), float(teacher_temp))
+    return loss, center_stat

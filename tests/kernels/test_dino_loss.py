@@ -1,0 +1,233 @@
+"""prototype_cross_entropy: the Triton kernels (interpreter) and the chunked reference against naive.py.
+
+Every check compares the loss, the center statistic and the gradients for student_z, student_v and
+student_g with the full-materialisation truth, on fresh random inputs with awkward shapes: K not a
+multiple of the K-block, odd row counts, zero-weight rows, several student rows per teacher row.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasttips.kernels import prototype_cross_entropy
+from fasttips.kernels.dino_loss import naive, reference
+from fasttips.kernels.dino_loss import triton as dino_triton
+from fasttips.testing import TOLERANCES, assert_within_2x, compile_for_hopper
+
+CENTERINGS = ["softmax", "sinkhorn_knopp"]
+
+
+def make_problem(S=45, T=15, K=1000, d=24, pairing="many_to_one", device="cpu", dtype=torch.float32,
+                 zero_weights=3):
+    """Random L2-normalised features, weight-norm parameters, a pairing and weights (some zero)."""
+    if pairing == "one_to_one":                   # iBOT++: every patch row has its own teacher row
+        T = S
+        pairs = torch.randperm(S)
+    else:                                         # DINO: several student views per teacher row
+        pairs = torch.randint(0, T, (S,))
+    weights = torch.rand(S) / S
+    weights[torch.randperm(S)[:zero_weights]] = 0.0
+    p = dict(
+        student_z=F.normalize(torch.randn(S, d), dim=1),
+        student_v=torch.randn(K, d),
+        student_g=torch.rand(K) + 0.5,
+        teacher_z=F.normalize(torch.randn(T, d), dim=1),
+        teacher_v=torch.randn(K, d),
+        teacher_g=torch.rand(K) + 0.5,
+        pairs=pairs,
+        weights=weights,
+        center=0.1 * torch.randn(K),
+    )
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in p.items()}
+
+
+def run(fn, problem, **kwargs):
+    """(loss, center_stat, d student_z, d student_v, d student_g) of one call."""
+    leaves = {k: problem[k].detach().clone().requires_grad_() for k in ("student_z", "student_v", "student_g")}
+    args = dict(problem, **leaves)
+    loss, center_stat = fn(**args, **kwargs)
+    loss.backward()
+    return (loss.detach(), center_stat, leaves["student_z"].grad, leaves["student_v"].grad,
+            leaves["student_g"].grad)
+
+
+def assert_matches(actual, expected, dtype=torch.float32):
+    atol, rtol = TOLERANCES[dtype]
+    for name, a, e in zip(("loss", "center_stat", "grad student_z", "grad student_v", "grad student_g"),
+                          actual, expected):
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        # atol relative to the tensor's scale: each entry is a sum over ~K or ~S products.
+        scale = e.abs().max().clamp(min=1.0).item()
+        torch.testing.assert_close(a.float(), e.float(), atol=atol * scale, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Parity on CPU (fp32): the interpreter runs the Triton kernels; "reference" is the chunked PyTorch
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("centering", CENTERINGS)
+@pytest.mark.parametrize("pairing", ["many_to_one", "one_to_one"])
+def test_parity_with_naive(seed, backend, centering, pairing):
+    problem = make_problem(pairing=pairing, S=45 if pairing == "many_to_one" else 37)
+    kwargs = dict(student_temp=0.1, teacher_temp=0.04, centering=centering)
+    expected = run(naive.prototype_cross_entropy, problem, **kwargs)
+    actual = run(prototype_cross_entropy, problem, backend=backend, **kwargs)
+    assert_matches(actual, expected)
+
+
+def test_reference_chunks_are_invisible(seed):
+    """One-row chunks, odd chunks and one big chunk give the same numbers (chunks are sized by bytes)."""
+    problem = make_problem(S=23, T=9, K=300, d=16)
+    expected = run(naive.prototype_cross_entropy, problem, centering="sinkhorn_knopp")
+    for chunk_bytes in (1, 7 * 5 * 4 * 300, 1 << 30):
+        actual = run(reference.prototype_cross_entropy, problem, centering="sinkhorn_knopp",
+                     chunk_bytes=chunk_bytes)
+        assert_matches(actual, expected)
+    assert reference.rows_per_chunk(65536, 256 * 2**20) == 256 * 2**20 // (5 * 4 * 65536)
+
+
+def test_zero_weight_rows_get_zero_gradient(seed):
+    problem = make_problem(S=20, T=7, K=200, d=16, zero_weights=0)
+    problem["weights"][:5] = 0.0
+    _, _, grad_z, _, _ = run(prototype_cross_entropy, problem, backend="triton")
+    assert torch.count_nonzero(grad_z[:5]) == 0
+    assert torch.count_nonzero(grad_z[5:]) > 0
+
+
+def test_center_is_ignored_by_sinkhorn_and_used_by_softmax(seed):
+    problem = make_problem(S=12, T=5, K=130, d=16)
+    shifted = dict(problem, center=problem["center"] + torch.randn_like(problem["center"]))
+    for backend in ("triton", "reference"):
+        same = [prototype_cross_entropy(**p, centering="sinkhorn_knopp", backend=backend)[0]
+                for p in (problem, shifted)]
+        torch.testing.assert_close(same[0], same[1])
+        moved = [prototype_cross_entropy(**p, centering="softmax", backend=backend)[0] for p in (problem, shifted)]
+        assert not torch.allclose(moved[0], moved[1])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(pairs=torch.tensor([0, 1, 99])), "pairs must index teacher rows"),
+    (dict(pairs=torch.tensor([0.0, 1.0, 2.0])), "pairs must be an integer tensor"),
+    (dict(weights=torch.ones(4)), "weights must be [S]"),
+    (dict(centering="sinkhorn"), "centering='sinkhorn' is not allowed"),
+    (dict(teacher_temp=0.0), "teacher_temp must be > 0"),
+    (dict(student_v=torch.randn(10, 5)), "student_v must be [K, 8]"),
+    (dict(center=torch.zeros(3)), "center must have K=10 elements"),
+    (dict(centering="sinkhorn_knopp", sk_iterations=0), "sk_iterations must be ≥ 1"),
+])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_bad_arguments_are_named(bad, message, backend):
+    args = dict(student_z=torch.randn(3, 8), student_v=torch.randn(10, 8), student_g=torch.ones(10),
+                teacher_z=torch.randn(4, 8), teacher_v=torch.randn(10, 8), teacher_g=torch.ones(10),
+                pairs=torch.tensor([0, 1, 3]), weights=torch.ones(3))
+    args.update(bad)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        prototype_cross_entropy(**args, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed Sinkhorn-Knopp: 2 gloo ranks, each with its own teacher rows
+# ------------------------------------------------------------------------------------------------
+def _sk_rank(rank, world, init_file, problems, expected_total, backends):
+    import torch.distributed as dist
+    os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        problem = problems[rank]
+        local_naive = run(naive.prototype_cross_entropy, problem, centering="sinkhorn_knopp")
+        for backend in backends:
+            actual = run(prototype_cross_entropy, problem, centering="sinkhorn_knopp", backend=backend)
+            assert_matches(actual, local_naive)
+            total = actual[0].clone()
+            dist.all_reduce(total)                  # Σ over ranks of the local losses
+            torch.testing.assert_close(total, expected_total, atol=1e-5 * expected_total.abs().item(), rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sinkhorn_row_sums_across_two_gloo_ranks(seed, tmp_path):
+    """SK over 2 ranks' teacher rows equals SK over all rows in one process, for both backends."""
+    problems = [make_problem(S=10 + r, T=6 + r, K=150, d=16) for r in range(2)]
+    # One process holding both ranks' rows: same loss as the sum of the two distributed ones.
+    whole = dict(problems[0])
+    for key in ("student_z", "teacher_z", "weights"):
+        whole[key] = torch.cat([p[key] for p in problems])
+    whole["pairs"] = torch.cat([problems[0]["pairs"], problems[1]["pairs"] + problems[0]["teacher_z"].shape[0]])
+    expected_total = naive.prototype_cross_entropy(**whole, centering="sinkhorn_knopp")[0]
+    for p in problems[1:]:   # the head is replicated: every rank holds the same prototypes
+        for key in ("student_v", "student_g", "teacher_v", "teacher_g", "center"):
+            p[key] = problems[0][key]
+    torch.multiprocessing.spawn(_sk_rank, args=(2, str(tmp_path / "pg"), problems, expected_total,
+                                                ("reference", "triton")), nprocs=2, join=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hopper compile gate: every kernel at every autotune configuration, bf16, bottleneck 256
+# ------------------------------------------------------------------------------------------------
+def _signature(kernel_name, dtype="bf16"):
+    fn = dino_triton.KERNELS[kernel_name]
+    sig = {}
+    for name in fn.arg_names:
+        if name.isupper() or name.startswith("BLOCK") or name == "PRECISION":
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = f"*{dtype}" if name in ("zs_ptr", "zt_ptr", "ws_ptr", "wt_ptr", "z_ptr", "w_ptr") else (
+                "*i64" if name == "pairs_ptr" else "*fp32")
+        elif name.endswith("_scale") or name == "scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+GATE_CASES = [(name, i) for name, configs in dino_triton.CONFIGS.items() for i in range(len(configs))]
+
+
+@pytest.mark.parametrize("kernel_name, index", GATE_CASES,
+                         ids=[f"{n.strip('_')}-{i}" for n, i in GATE_CASES])
+def test_hopper_compile_gate(kernel_name, index):
+    pytest.importorskip("triton")
+    config = dino_triton.CONFIGS[kernel_name][index]
+    signature = _signature(kernel_name)
+    constexprs = dict(BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"], BLOCK_D=256, PRECISION="tf32")
+    # What a real launch specialises: 16-byte aligned pointers, strides and d (= 256) multiples of 16.
+    aligned = tuple(n for n, t in signature.items() if t.startswith("*") or n.startswith("stride") or n == "D")
+    report = compile_for_hopper(dino_triton.KERNELS[kernel_name], signature, constexprs,
+                                num_warps=config["num_warps"], num_stages=config["num_stages"],
+                                name=f"{kernel_name}{config}", divisible_by_16=aligned)
+    report.check(matmul=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("centering", CENTERINGS)
+@pytest.mark.parametrize("pairing", ["many_to_one", "one_to_one"])
+def test_cuda_bf16_within_2x_of_torch(seed, centering, pairing):
+    """bf16 features, fp32 head parameters: kernel error ≤ 2 × (bf16-autocast torch error) vs fp32."""
+    problem = make_problem(S=1000 if pairing == "one_to_one" else 700, T=100, K=4097, d=256, pairing=pairing,
+                           device="cuda")
+    kwargs = dict(centering=centering, teacher_temp=0.04, student_temp=0.1)
+    ref32 = run(naive.prototype_cross_entropy, problem, **kwargs)
+    low = dict(problem, student_z=problem["student_z"].bfloat16(), teacher_z=problem["teacher_z"].bfloat16())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch_bf16 = run(naive.prototype_cross_entropy, low, **kwargs)
+    kernel = run(prototype_cross_entropy, low, backend="triton", **kwargs)
+    names = ("loss", "center_stat", "grad student_z", "grad student_v", "grad student_g")
+    for name, k, t, r in zip(names, kernel, torch_bf16, ref32):
+        assert torch.isfinite(k).all(), name
+        assert_within_2x(k, t, r, name=name, floor=1e-5 * r.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_cuda_fp32_takes_the_reference_exactly(seed):
+    problem = make_problem(S=300, T=50, K=2000, d=256, device="cuda")
+    expected = run(naive.prototype_cross_entropy, problem, centering="sinkhorn_knopp")
+    with pytest.warns(UserWarning, match="bf16/fp16"):
+        actual = run(prototype_cross_entropy, problem, backend="triton", centering="sinkhorn_knopp")
+    assert_matches(actual, expected)
