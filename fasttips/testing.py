@@ -73,11 +73,14 @@ def _nvidia_bin(tool: str) -> str:
 
 
 def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int = 4,
-                       num_stages: int = 3, name: str | None = None) -> HopperReport:
+                       num_stages: int = 3, name: str | None = None,
+                       divisible_by_16: tuple = ()) -> HopperReport:
     """Compile ``kernel`` (a @triton.jit function, interpreted or not) for sm_90a and report resources.
 
     ``signature`` maps every argument name to a Triton type ("*bf16", "*fp32", "i32", "fp32", ...) or
-    "constexpr"; ``constexprs`` gives the constexpr values.
+    "constexpr"; ``constexprs`` gives the constexpr values. ``divisible_by_16`` names the pointer and
+    integer arguments that a real launch specialises as multiples of 16 (Triton does this at run time);
+    without the hint loads cannot vectorise or be pipelined, so the report would describe another kernel.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -92,7 +95,8 @@ def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int
             fn = JITFunction(inner)  # the interpreter keeps the plain Python function in .fn
             break
         fn = inner
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.TemporaryDirectory() as tmp:
