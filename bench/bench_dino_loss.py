@@ -1,0 +1,135 @@
+"""Benchmark of prototype_cross_entropy (softmax centering): time and peak extra memory, fwd and fwd+bwd.
+
+Implementations, all on the same inputs (bf16 L2-normalised features, fp32 head parameters, as under
+bf16 autocast in training):
+- fasttips         the Triton kernels (no [T × K] tensor)
+- torch-eager      naive.py under bf16 autocast: bf16 logits GEMMs, fp32 softmax/CE (DINOv2-style)
+- torch-compile    the same function through torch.compile (only where --compile-cases allows: slow
+                   to compile, so by default at the target case T = 16384, K = 65536)
+- reference        the chunked PyTorch reference (fp32 math, the CPU path)
+- xformers         not benchmarked: xformers ships no soft-target (DINO) cross-entropy; recorded as absent.
+
+Run: python bench/bench_dino_loss.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from harness import Bench, matmul_flops  # noqa: E402
+
+from fasttips.kernels import prototype_cross_entropy  # noqa: E402
+from fasttips.kernels.dino_loss import naive, reference  # noqa: E402
+
+D = 256
+TOKENS = (4096, 16384, 32768)
+PROTOTYPES = (65536, 131072)
+TARGET = (16384, 65536)
+
+
+def make_inputs(T, K, device, n_sets=2):
+    sets = []
+    for _ in range(n_sets):
+        sets.append(dict(
+            student_z=F.normalize(torch.randn(T, D, device=device), dim=1).bfloat16().requires_grad_(),
+            student_v=torch.randn(K, D, device=device).requires_grad_(),
+            student_g=torch.ones(K, device=device).requires_grad_(),
+            teacher_z=F.normalize(torch.randn(T, D, device=device), dim=1).bfloat16(),
+            teacher_v=torch.randn(K, D, device=device),
+            teacher_g=torch.ones(K, device=device),
+            pairs=torch.randperm(T, device=device),          # iBOT++: one teacher row per student row
+            weights=torch.full((T,), 1.0 / T, device=device),
+            center=0.01 * torch.randn(K, device=device),
+        ))
+    return sets
+
+
+def _eager(**kw):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=kw["student_z"].is_cuda):
+        return naive.prototype_cross_entropy(**kw)
+
+
+def _fused(**kw):
+    return prototype_cross_entropy(**kw, backend="triton")
+
+
+def _reference(**kw):
+    return reference.prototype_cross_entropy(**kw)
+
+
+def _step(fn, backward):
+    def call(inputs):
+        if backward:
+            loss, _ = fn(**inputs)
+            loss.backward()
+            for k in ("student_z", "student_v", "student_g"):
+                inputs[k].grad = None
+        else:
+            with torch.no_grad():
+                fn(**inputs)
+    return call
+
+
+def run(quick: bool, compile_cases=(TARGET,), tokens=TOKENS, prototypes=PROTOTYPES,
+        impls=("fasttips", "torch-eager", "torch-compile", "reference")) -> Bench:
+    bench = Bench("dino_loss", quick=quick)
+    device = bench.device
+    compiled = torch.compile(naive.prototype_cross_entropy) if "torch-compile" in impls else None
+
+    def _compiled(**kw):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=kw["student_z"].is_cuda):
+            return compiled(**kw)
+
+    fns = {"fasttips": _fused, "torch-eager": _eager, "torch-compile": _compiled, "reference": _reference}
+    for T in tokens:
+        for K in prototypes:
+            inputs = make_inputs(T, K, device)
+            gemm = matmul_flops(T, K, D)
+            # Useful GEMM work, the same for every impl: fwd = teacher + student logits; fwd+bwd adds
+            # dZ and dW (the fused kernels' recomputation is not counted as useful).
+            for mode, backward, flops in (("fwd", False, 2 * gemm), ("fwd_bwd", True, 4 * gemm)):
+                case = {"T": T, "K": K, "d": D, "mode": mode, "centering": "softmax"}
+                for impl in impls:
+                    if impl == "torch-compile" and (T, K) not in compile_cases:
+                        continue
+                    if impl == "reference" and T * K > TARGET[0] * TARGET[1]:
+                        continue       # fp32 reference at the largest shapes costs minutes of device time
+                    step = _step(fns[impl], backward)
+                    try:
+                        peak = bench.peak_memory(step, inputs[0])
+                        timing = bench.time(step, inputs=[(x,) for x in inputs])
+                    except torch.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        print(f"  {impl} {case}: out of memory", flush=True)
+                        bench.add(case, impl, {"ms": float("nan")}, oom=True)
+                        continue
+                    bench.add(case, impl, timing, flops=flops, peak_mem=peak)
+                    torch.cuda.empty_cache() if device.type == "cuda" else None
+            del inputs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    bench.report(baseline="torch-eager")
+    return bench
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short timing windows")
+    parser.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS))
+    parser.add_argument("--prototypes", type=int, nargs="*", default=list(PROTOTYPES))
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
+    args = parser.parse_args()
+    impls = ("fasttips", "torch-eager", "reference") if args.no_compile else (
+        "fasttips", "torch-eager", "torch-compile", "reference")
+    bench = run(args.quick, tokens=args.tokens, prototypes=args.prototypes, impls=impls)
+    print("wrote", bench.write())
+
+
+if __name__ == "__main__":
+    main()
