@@ -9,6 +9,11 @@ photos, in 4 shards written to a temp folder. Recipes: 1×224 + 8×98 (the TIPSv
 threads, no GPU) or ``dali-gpu`` (nvJPEG ``mixed`` decoding and GPU augmentation) when CUDA is there.
 One timed call = one batch from the running loader (steady state, after warm-up);
 ``images_per_s`` = batch / time. The baseline for ``×base`` is ``pytorch-pil``.
+
+The CPU machine is shared, so wall-clock throughput depends on what else runs. Each row therefore
+also records ``cpu_ms_per_image``: CPU time of this process and all its worker processes (from
+/proc, Linux) per image over the timed window, and ``load_avg`` at the start; ``2000 /
+cpu_ms_per_image`` is the throughput two otherwise idle cores would give.
 """
 from __future__ import annotations
 
@@ -57,6 +62,21 @@ def make_jpeg_shards(folder: str, n: int = N_IMAGES) -> str:
     return folder
 
 
+def tree_cpu_seconds(pid: int | None = None) -> float:
+    """user + system CPU seconds of a process and all its descendants (Linux /proc; 0 elsewhere)."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                total += sum(tree_cpu_seconds(int(c)) for c in f.read().split())
+        return total
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def loader_kinds() -> list[str]:
     from fasttips.data.loader import dali_available
     return ["pytorch"] + (["dali"] if dali_available() else [])
@@ -82,14 +102,22 @@ def run(quick: bool, workers: int = 2, batch: int = 32) -> Bench:
                     "text.vocab_size=1000"])
                 loader = build_loader(cfg)
                 impl = "pytorch-pil" if kind == "pytorch" else ("dali-gpu" if gpu else "dali-cpu")
-                if kind == "dali" and gpu:
-                    torch.cuda.synchronize()
-                    fn = lambda: (next(loader), torch.cuda.synchronize())  # noqa: E731
-                else:
-                    fn = lambda: next(loader)  # noqa: E731
+                counter = {"calls": 0}
+
+                def fn(loader=loader, counter=counter, sync=kind == "dali" and gpu):
+                    counter["calls"] += 1
+                    batch_ = next(loader)
+                    if sync:
+                        torch.cuda.synchronize()
+                    return batch_
+                for _ in range(2):                     # start workers / build the DALI graph
+                    fn()
+                load_avg = os.getloadavg()[0]
+                cpu0, n0 = tree_cpu_seconds(), counter["calls"]
                 timing = bench.time(fn, warmup_ms=1500 if quick else 5000, rep_ms=3000 if quick else 15000)
+                cpu_ms = 1e3 * (tree_cpu_seconds() - cpu0) / max(1, (counter["calls"] - n0) * batch)
                 bench.add(case=case, impl=impl, timing=timing, images_per_s=batch / (timing["ms"] / 1e3),
-                          cpu_count=os.cpu_count())
+                          cpu_ms_per_image=cpu_ms, load_avg=load_avg, cpu_count=os.cpu_count())
                 if hasattr(loader, "close"):
                     loader.close()
                 del loader
@@ -105,7 +133,8 @@ def main(argv=None) -> None:
     bench = run(args.quick, args.workers, args.batch)
     bench.report(baseline=BASELINE)
     for row in bench.rows:
-        print(f"  {row['impl']:<12} {row['case']['recipe']:<14} {row['images_per_s']:7.1f} images/s")
+        print(f"  {row['impl']:<12} {row['case']['recipe']:<14} {row['images_per_s']:7.1f} images/s   "
+              f"{row['cpu_ms_per_image']:6.2f} CPU-ms/image (load avg {row['load_avg']:.1f})")
     print("results:", bench.write())
 
 

@@ -4,7 +4,8 @@ With a CUDA device (``nvidia.dali.backend.GetCUDADeviceCount() > 0``) images are
 ``device='mixed'`` (nvJPEG) and every augmentation runs on the GPU (``device_id`` = the local rank);
 without one the same graph runs on the CPU (``device_id=None``, data_notes.md §1). The recipe matches
 ``augment.py`` (DINOv2's effective probabilities); blur and solarize use DALI conditionals so that
-unselected samples skip the op, which matters on CPU.
+unselected samples skip the op, which matters on CPU. Crops are resized bicubically on the GPU; on
+the CPU DALI uses bilinear (about 15% less CPU per image in DALI's resampler; antialiased either way).
 
 The reader gets the validated ``.idx`` files written by ``shards.index_shard``, so it only ever sees
 good samples (bad ones were skipped and counted when the shards were indexed). Each rank reads its own
@@ -42,16 +43,17 @@ def cuda_devices() -> int:
 
 
 def _build_pipeline(paths, index_paths, recipes, cfg_data, batch_size: int, num_threads: int, device_id,
-                    seed: int, rank: int, world_size: int, shuffle_buffer: int):
+                    seed: int, rank: int, world_size: int, shuffle_buffer: int, interp: str = "cubic"):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
+    interp_type = {"cubic": types.INTERP_CUBIC, "linear": types.INTERP_LINEAR}[interp]
     mean = [0.0, 0.0, 0.0] if cfg_data.pixel_norm == "tips" else [m * 255 for m in IMAGENET_MEAN]
     std = [255.0] * 3 if cfg_data.pixel_norm == "tips" else [s * 255 for s in IMAGENET_STD]
 
     def augment(image, recipe):
         crop = fn.random_resized_crop(image, size=[recipe.size, recipe.size], random_area=list(recipe.scale),
-                                      random_aspect_ratio=list(ASPECT), interp_type=types.INTERP_CUBIC,
+                                      random_aspect_ratio=list(ASPECT), interp_type=interp_type,
                                       antialias=True)
         if fn.random.coin_flip(probability=JITTER_P, dtype=types.BOOL):
             crop = fn.color_twist(
@@ -134,7 +136,8 @@ class DaliLoader:
         threads = max(1, self.cfg.data.num_workers or 1)
         self._pipe = _build_pipeline(self.paths, self.index_paths, self.recipes, self.cfg.data, self.batch_size,
                                      threads, self.device_id, seed, self.rank, self.world_size,
-                                     shuffle_buffer=min(SHUFFLE_BUFFER, max(self.batch_size, self.num_samples)))
+                                     shuffle_buffer=min(SHUFFLE_BUFFER, max(self.batch_size, self.num_samples)),
+                                     interp="cubic" if self.device_id is not None else "linear")
         for _ in range(self.batches):          # resume: replay the batches already consumed
             self._pipe.run()
 

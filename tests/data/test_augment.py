@@ -96,3 +96,12 @@ def test_color_jitter_affine_equals_the_four_steps_in_sequence(seed):
     hm = augment.hue_matrix(0.1)
     np.testing.assert_allclose(augment.LUMA @ hm, augment.LUMA, atol=1e-3)   # hue keeps luma
     np.testing.assert_allclose(hm @ np.ones(3), np.ones(3), atol=1e-9)        # and grays
+
+
+def test_color_jitter_applies_the_affine_map_to_pixels(seed):
+    arr = np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    out = np.asarray(augment.color_jitter(img, np.random.default_rng(seed)), dtype=float)
+    A, t = augment.jitter_affine(arr.reshape(-1, 3).mean(0), np.random.default_rng(seed))
+    expected = np.clip(arr.reshape(-1, 3) @ A.T + t, 0, 255).reshape(arr.shape)
+    assert np.abs(out - expected).max() <= 1.0 + 1e-6        # Pillow rounds to uint8
