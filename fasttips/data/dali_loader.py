@@ -75,7 +75,7 @@ def _build_pipeline(paths, index_paths, recipes, cfg_data, batch_size: int, num_
                                         mirror=fn.random.coin_flip(probability=0.5))
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=2, enable_conditionals=True, exec_dynamic=gpu)
+                  prefetch_queue_depth=2, enable_conditionals=True)
     def multicrop_pipeline():
         encoded, captions = fn.readers.webdataset(
             paths=paths, index_paths=index_paths, ext=["img", "json"], random_shuffle=True,
