@@ -39,7 +39,7 @@ def _forward_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr,
                     row_loss_ptr, lse_s_ptr, lse_t_ptr,
                     S, K, D, stride_zs, stride_zt, stride_ws, stride_wt, s_scale, t_scale,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < S
     dims = tl.arange(0, BLOCK_D)
@@ -64,8 +64,9 @@ def _forward_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr,
         bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * 1.4426950408889634
         s2 = tl.dot(zs, ws, input_precision=PRECISION) * s_scale
         u2 = tl.dot(zt, wt, input_precision=PRECISION) * t_scale + bias[None, :]
-        s2 = tl.where(k_ok[None, :], s2, float("-inf"))
-        u2 = tl.where(k_ok[None, :], u2, float("-inf"))
+        if not EVEN_K:   # prototypes past K: −inf logits, so they weigh nothing in any sum
+            s2 = tl.where(k_ok[None, :], s2, float("-inf"))
+            u2 = tl.where(k_ok[None, :], u2, float("-inf"))
 
         m_s_new = tl.maximum(m_s, tl.max(s2, axis=1))
         l_s = l_s * tl.exp2(m_s - m_s_new) + tl.sum(tl.exp2(s2 - m_s_new[:, None]), axis=1)
@@ -75,7 +76,10 @@ def _forward_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr,
         alpha = tl.exp2(m_t - m_t_new)
         e_t = tl.exp2(u2 - m_t_new[:, None])
         l_t = l_t * alpha + tl.sum(e_t, axis=1)
-        ps = ps * alpha + tl.sum(e_t * tl.where(k_ok[None, :], s2, 0.0), axis=1)
+        if EVEN_K:
+            ps = ps * alpha + tl.sum(e_t * s2, axis=1)
+        else:            # 0·(−inf) would be NaN
+            ps = ps * alpha + tl.sum(e_t * tl.where(k_ok[None, :], s2, 0.0), axis=1)
         m_t = m_t_new
 
     lse_s2 = m_s + tl.log2(l_s)
@@ -89,7 +93,7 @@ def _forward_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr,
 def _grad_z_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, lse_s_ptr, lse_t_ptr, coef_ptr,
                    dz_ptr, S, K, D, stride_zs, stride_zt, stride_ws, stride_wt, stride_dz, s_scale, t_scale,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < S
     dims = tl.arange(0, BLOCK_D)
@@ -115,7 +119,9 @@ def _grad_z_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, lse_s_pt
         u2 = tl.dot(zt, tl.trans(wt), input_precision=PRECISION) * t_scale + bias[None, :]
         q = tl.exp2(s2 - lse_s[:, None])               # softmax(s)
         p = tl.exp2(u2 - lse_t[:, None])               # teacher target
-        ds = tl.where(k_ok[None, :], coef[:, None] * (q - p), 0.0)
+        ds = coef[:, None] * (q - p)
+        if not EVEN_K:   # zero-padded W gives finite s, u past K: drop those columns
+            ds = tl.where(k_ok[None, :], ds, 0.0)
         dz += tl.dot(ds.to(ws.dtype), ws, input_precision=PRECISION)
     tl.store(dz_ptr + rows[:, None] * stride_dz + dims[None, :], dz, mask=row_ok[:, None] & dim_ok[None, :])
 
@@ -233,11 +239,21 @@ KERNELS = {"_forward_kernel": _forward_kernel, "_grad_z_kernel": _grad_z_kernel,
            "_prototype_lse_kernel": _prototype_lse_kernel}
 
 
+EVEN_K_KERNELS = ("_forward_kernel", "_grad_z_kernel")   # take EVEN_K: skip per-element K masks
+
+
+def _even_k(meta) -> bool:
+    return meta["K"] % meta["BLOCK_K"] == 0
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(name: str):
     configs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_K": c["BLOCK_K"]}, num_warps=c["num_warps"],
                              num_stages=c["num_stages"]) for c in CONFIGS[name]]
-    return triton.autotune(configs, key=["K", "D"])(KERNELS[name])
+    kernel = KERNELS[name]
+    if name in EVEN_K_KERNELS:
+        kernel = triton.heuristics({"EVEN_K": _even_k})(kernel)
+    return triton.autotune(configs, key=["K", "D"])(kernel)
 
 
 def _launch(name: str, rows: int, row_major: bool, *args, BLOCK_D: int, PRECISION: str):
@@ -245,8 +261,9 @@ def _launch(name: str, rows: int, row_major: bool, *args, BLOCK_D: int, PRECISIO
     if interpreting():
         c = INTERPRET_CONFIG
         block = c["BLOCK_M"] if row_major else c["BLOCK_K"]
+        extra = {"EVEN_K": args[KERNELS[name].arg_names.index("K")] % c["BLOCK_K"] == 0} if name in EVEN_K_KERNELS else {}
         KERNELS[name][(triton.cdiv(rows, block),)](*args, BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"],
-                                                    BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+                                                    BLOCK_D=BLOCK_D, PRECISION=PRECISION, **extra)
         return
     key = "BLOCK_M" if row_major else "BLOCK_K"
     _tuned(name)[lambda meta: (triton.cdiv(rows, meta[key]),)](*args, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
