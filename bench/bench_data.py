@@ -7,8 +7,8 @@ photos, in 4 shards written to a temp folder. Recipes: 1×224 + 8×98 (the TIPSv
 2×224 + 8×98 (DINOv2's two globals), full augmentation and iBOT masks, captions tokenized. Loaders:
 ``pytorch-pil`` (DataLoader + Pillow, N worker processes) and ``dali-cpu`` (the DALI graph with N
 threads, no GPU) or ``dali-gpu`` (nvJPEG ``mixed`` decoding and GPU augmentation) when CUDA is there.
-One timed call = one batch from the running loader (steady state, after warm-up);
-``images_per_s`` = batch / time. The baseline for ``×base`` is ``pytorch-pil``.
+Timing is a throughput window (``measure``): whole batches from the running loader for a fixed
+time after warm-up, ``ms`` = mean per batch, ``images_per_s`` = batch / ms. The baseline for ``×base`` is ``pytorch-pil``.
 
 The CPU machine is shared, so wall-clock throughput depends on what else runs. Each row therefore
 also records ``cpu_ms_per_image``: CPU time of this process and all its worker processes (from
@@ -22,6 +22,7 @@ import io
 import os
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,6 +78,25 @@ def tree_cpu_seconds(pid: int | None = None) -> float:
         return 0.0
 
 
+def measure(fn, batch: int, seconds: float) -> tuple[dict, float, float]:
+    """Throughput timing of a prefetching loader: ``ms`` is the MEAN time per batch over a window of
+    whole batches (a median would be wrong: batches arrive in bursts when workers run ahead), with
+    p20/p80 of the single-batch times; plus CPU-ms per image of the process tree and the load average."""
+    load_avg = os.getloadavg()[0]
+    cpu0, start = tree_cpu_seconds(), time.perf_counter()
+    samples = []
+    while not samples or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1e3)
+    wall = time.perf_counter() - start
+    cpu_ms = 1e3 * (tree_cpu_seconds() - cpu0) / (len(samples) * batch)
+    ordered = sorted(samples)
+    timing = {"ms": 1e3 * wall / len(samples), "p20": ordered[int(0.2 * (len(ordered) - 1))],
+              "p80": ordered[int(0.8 * (len(ordered) - 1))], "n": len(samples)}
+    return timing, cpu_ms, load_avg
+
+
 def loader_kinds() -> list[str]:
     from fasttips.data.loader import dali_available
     return ["pytorch"] + (["dali"] if dali_available() else [])
@@ -102,20 +122,14 @@ def run(quick: bool, workers: int = 2, batch: int = 32) -> Bench:
                     "text.vocab_size=1000"])
                 loader = build_loader(cfg)
                 impl = "pytorch-pil" if kind == "pytorch" else ("dali-gpu" if gpu else "dali-cpu")
-                counter = {"calls": 0}
-
-                def fn(loader=loader, counter=counter, sync=kind == "dali" and gpu):
-                    counter["calls"] += 1
+                def fn(loader=loader, sync=kind == "dali" and gpu):
                     batch_ = next(loader)
                     if sync:
                         torch.cuda.synchronize()
                     return batch_
                 for _ in range(2):                     # start workers / build the DALI graph
                     fn()
-                load_avg = os.getloadavg()[0]
-                cpu0, n0 = tree_cpu_seconds(), counter["calls"]
-                timing = bench.time(fn, warmup_ms=1500 if quick else 5000, rep_ms=3000 if quick else 15000)
-                cpu_ms = 1e3 * (tree_cpu_seconds() - cpu0) / max(1, (counter["calls"] - n0) * batch)
+                timing, cpu_ms, load_avg = measure(fn, batch, seconds=4 if quick else 20)
                 bench.add(case=case, impl=impl, timing=timing, images_per_s=batch / (timing["ms"] / 1e3),
                           cpu_ms_per_image=cpu_ms, load_avg=load_avg, cpu_count=os.cpu_count())
                 if hasattr(loader, "close"):

@@ -41,11 +41,16 @@ class BatchDataset(IterableDataset):
         for extra in range(MAX_REPLACEMENTS):
             epoch, s = self.stream.at(position + extra * (1 + len(self.stream) // 2))
             try:
-                img = decode_rgb(reader.image(s), self.min_side)
-                caps = reader.captions(s)
-                if not caps:
-                    skipped["missing_caption"] = skipped.get("missing_caption", 0) + 1
-                    continue
+                data, caps = reader.image(s), reader.captions(s)
+            except OSError as exc:            # the shard vanished or shrank since it was indexed
+                log.warning("skipping %s: cannot read %s (%s)", s.key, s.shard, exc)
+                skipped["unreadable_shard"] = skipped.get("unreadable_shard", 0) + 1
+                continue
+            if not caps:
+                skipped["missing_caption"] = skipped.get("missing_caption", 0) + 1
+                continue
+            try:
+                img = decode_rgb(data, self.min_side)
             except Exception as exc:  # PIL raises many types for a broken file
                 log.warning("skipping %s in %s: %s", s.key, s.shard, exc)
                 skipped["corrupt_image"] = skipped.get("corrupt_image", 0) + 1

@@ -141,3 +141,13 @@ def test_rank_slice_partitions():
             assert sorted(i for p in parts for i in p) == list(range(n))
     with pytest.raises(ValueError, match="rank"):
         rank_slice(4, 2, 2)
+
+
+def test_a_shard_that_shrinks_after_indexing_is_counted_as_unreadable(tmp_path):
+    paths = write_shards(tmp_path, 8, 4)                  # two shards of 4
+    L = loader_mod.build_loader(tiny_cfg(tmp_path, "data.loader=pytorch"))
+    with open(paths[1], "r+b") as f:
+        f.truncate(1024)                                  # keeps the first member header only
+    keys = [k for _, b in zip(range(4), L) for k in b["keys"]]
+    assert len(keys) == 16 and all(int(k[1:]) < 4 for k in keys)
+    assert L.stats["unreadable_shard"] >= 4
