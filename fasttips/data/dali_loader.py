@@ -13,12 +13,14 @@ contiguous part of the samples (``shard_id``/``num_shards``, ``stick_to_shard``)
 reshuffles every epoch from the pipeline seed (train.seed, rank). Captions, tokenization and iBOT masks
 are done in Python on the batch, with the same functions as the PyTorch loader.
 
-Resuming: ``state_dict()`` stores the batch counter; ``load_state_dict`` rebuilds the pipeline and
-fast-forwards it by running that many batches, which reproduces the same batches (same seeds).
+Resuming: ``state_dict()`` stores the batch counter and a DALI pipeline checkpoint (reader position
+and every random generator, ``enable_checkpointing``; base64 text). ``load_state_dict`` rebuilds the
+pipeline from that checkpoint, so a resumed run continues with the same batches at no cost. Without a
+usable checkpoint (another DALI version, a changed graph) it replays the consumed batches instead.
 """
 from __future__ import annotations
 
-import json
+import base64
 import logging
 import os
 
@@ -43,7 +45,8 @@ def cuda_devices() -> int:
 
 
 def _build_pipeline(paths, index_paths, recipes, cfg_data, batch_size: int, num_threads: int, device_id,
-                    seed: int, rank: int, world_size: int, shuffle_buffer: int, interp: str = "cubic"):
+                    seed: int, rank: int, world_size: int, shuffle_buffer: int, interp: str = "cubic",
+                    checkpoint: bytes | None = None):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -75,7 +78,7 @@ def _build_pipeline(paths, index_paths, recipes, cfg_data, batch_size: int, num_
                                         mirror=fn.random.coin_flip(probability=0.5))
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=2, enable_conditionals=True)
+                  prefetch_queue_depth=2, enable_conditionals=True, enable_checkpointing=True)
     def multicrop_pipeline():
         encoded, captions = fn.readers.webdataset(
             paths=paths, index_paths=index_paths, ext=["img", "json"], random_shuffle=True,
@@ -87,7 +90,7 @@ def _build_pipeline(paths, index_paths, recipes, cfg_data, batch_size: int, num_
         return (*crops, fn.pad(captions, fill_value=0), captions.shape(), fn.pad(source, fill_value=0),
                 source.shape())
 
-    pipe = multicrop_pipeline()
+    pipe = multicrop_pipeline(checkpoint=checkpoint) if checkpoint else multicrop_pipeline()
     pipe.build()
     return pipe
 
@@ -130,15 +133,28 @@ class DaliLoader:
         self.device = torch.device("cuda", self.device_id) if self.device_id is not None else torch.device("cpu")
         self.batches = 0
         self._pipe = None
+        self._checkpoint: str | None = None
 
     def _start(self):
         seed = mix_seed(self.cfg.train.seed, self.rank, 0x64616C69) % (2**31 - 1)
         threads = max(1, self.cfg.data.num_workers or 1)
-        self._pipe = _build_pipeline(self.paths, self.index_paths, self.recipes, self.cfg.data, self.batch_size,
-                                     threads, self.device_id, seed, self.rank, self.world_size,
-                                     shuffle_buffer=min(SHUFFLE_BUFFER, max(self.batch_size, self.num_samples)),
-                                     interp="cubic" if self.device_id is not None else "linear")
-        for _ in range(self.batches):          # resume: replay the batches already consumed
+
+        def build(checkpoint=None):
+            return _build_pipeline(
+                self.paths, self.index_paths, self.recipes, self.cfg.data, self.batch_size, threads,
+                self.device_id, seed, self.rank, self.world_size,
+                shuffle_buffer=min(SHUFFLE_BUFFER, max(self.batch_size, self.num_samples)),
+                interp="cubic" if self.device_id is not None else "linear", checkpoint=checkpoint)
+
+        if self._checkpoint is not None and self.batches > 0:
+            try:
+                self._pipe = build(base64.b64decode(self._checkpoint))
+                return
+            except Exception as exc:  # DALI raises RuntimeError/ValueError for a foreign checkpoint
+                log.warning("data: cannot restore the DALI checkpoint (%s); replaying %d batches instead",
+                            exc, self.batches)
+        self._pipe = build()
+        for _ in range(self.batches):          # resume without a checkpoint: replay the consumed batches
             self._pipe.run()
 
     def __iter__(self):
@@ -166,8 +182,13 @@ class DaliLoader:
         return batch
 
     def state_dict(self) -> dict:
+        if self._pipe is not None:
+            checkpoint = base64.b64encode(self._pipe.checkpoint()).decode("ascii")
+        else:
+            checkpoint = self._checkpoint
         return {"kind": self.kind, "batches": self.batches, "seed": self.cfg.train.seed, "rank": self.rank,
-                "world_size": self.world_size, "num_samples": self.num_samples, "batch_size": self.batch_size}
+                "world_size": self.world_size, "num_samples": self.num_samples, "batch_size": self.batch_size,
+                "dali_checkpoint": checkpoint}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind", self.kind) != self.kind:
@@ -175,6 +196,10 @@ class DaliLoader:
                         state.get("kind"), self.kind)
         self.close()
         self.batches = int(state["batches"])
+        same_stream = all(state.get(k) == v for k, v in (("seed", self.cfg.train.seed), ("rank", self.rank),
+                                                          ("world_size", self.world_size),
+                                                          ("batch_size", self.batch_size)))
+        self._checkpoint = state.get("dali_checkpoint") if same_stream and state.get("kind") == self.kind else None
 
     def close(self) -> None:
         self._pipe = None

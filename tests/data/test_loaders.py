@@ -87,3 +87,21 @@ def test_synthetic_source():
     assert check_batch(b, 1, 2, 14) == B
     L.load_state_dict({"batches": 0})
     assert torch.equal(next(L)["global_crops"], b["global_crops"])
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+def test_dali_resume_from_checkpoint_and_from_replay(tiny_shards, caplog):
+    cfg = tiny_cfg(tiny_shards, "data.loader=dali")
+    L = build_loader(cfg)
+    take(L, 7)                                             # past the first epoch (6 batches)
+    state = L.state_dict()
+    assert isinstance(state["dali_checkpoint"], str) and state["dali_checkpoint"]
+    expected = take(L, 2)
+    broken = dict(state, dali_checkpoint="bm90IGEgY2hlY2twb2ludA==")
+    for st in (state, broken):
+        R = build_loader(cfg)
+        R.load_state_dict(st)
+        got = take(R, 2)
+        assert [b["keys"] for b in got] == [b["keys"] for b in expected]
+        assert all(torch.equal(e["global_crops"], g["global_crops"]) for e, g in zip(expected, got))
+    assert "replaying 7 batches" in caplog.text
