@@ -12,7 +12,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-from pathlib import Path
 
 import torch
 
