@@ -16,9 +16,9 @@ DESCRIPTION = __doc__.splitlines()[0]
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
                         help="a run dir of 'fasttips train' (newest complete checkpoint) or a step_* folder")
-    parser.add_argument("--split", default="eval",
-                        help="split of the embedded demo data to evaluate on (default: eval, the held-out "
-                             "procedural scenes with exact masks)")
+    parser.add_argument("--split", default="eval", choices=("eval", "train", "photos"),
+                        help="split of the embedded demo data (default: eval, the held-out procedural scenes "
+                             "with exact masks; photos have captions but no masks)")
     parser.add_argument("--data", default=None,
                         help="a folder or glob of .tar shards in the demo caption format instead of the "
                              "demo data (masks and class names are used when the shards carry them)")
