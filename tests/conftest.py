@@ -7,7 +7,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The suite is almost all tiny ops, where a second intra-op thread costs more than it gives.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
