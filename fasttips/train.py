@@ -23,6 +23,7 @@ import random
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,10 +33,11 @@ import torch
 from fasttips import config as config_lib
 from fasttips.config import ConfigError
 from fasttips.distributed import fsdp
-from fasttips.distributed.checkpoint import CheckpointManager, latest_checkpoint
+from fasttips.distributed.checkpoint import (CheckpointManager, latest_checkpoint, restore_training_state,
+                                             training_state)
 from fasttips.distributed.signals import StopRequest
 from fasttips.metrics import MetricsWriter, ProgressBar, flop_model, mfu, peak_flops, plot_loss_curve
-from fasttips.optim import build_optimizer, clip_gradients, clip_modules, set_hyperparameters
+from fasttips.optim import build_optimizer, clip_gradients, clip_modules, is_prototype, set_hyperparameters
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_OOM = 0, 2, 3, 4
 CONFIG_FILE = "config.yaml"
@@ -83,6 +85,7 @@ def resolve_config(args) -> tuple[config_lib.Config, Path, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # one-process DCP
     args = build_parser().parse_intermixed_args(argv)
     try:
         cfg, run_dir, resuming = resolve_config(args)
@@ -205,21 +208,24 @@ class Trainer:
         meta = ctx.sharded and estimate_params(cfg) > META_INIT_PARAMS
         model = build_model(cfg, device="meta" if meta else "cpu")
         teacher = Teacher(model, cfg)
-        fsdp.parallelize(model, list(_teacher_modules(teacher)), ctx, cfg)
+        self.teacher_modules = list(_teacher_modules(teacher))
+        self.loss_forward = fsdp.parallelize(model, self.teacher_modules, ctx, cfg, self.compute_losses)
         if meta:                                 # allocate the local shards, then initialise them
             model.to_empty(device=ctx.device)
             model.init_weights()
-            for module in _teacher_modules(teacher):
+            for module in self.teacher_modules:
                 module.to_empty(device=ctx.device)
-            teacher.update(model, 0.0)           # teacher heads start as copies of the student's
+            copy_into_teacher(teacher, model)    # teacher heads start as copies of the student's
         elif not ctx.sharded:
             model.to(ctx.device)
             teacher.to(ctx.device) if hasattr(teacher, "to") else None
         self.model, self.teacher = model, teacher
-        self.loss_state = LossState(cfg).to(ctx.device)
+        self.loss_state = LossState(cfg, group=_world_group(ctx)).to(ctx.device)
         self.optimizer = build_optimizer(model, cfg, ctx.device)
         self.units = clip_modules(model)
-        self.schedules = Schedules(cfg)
+        self.prototype_params = [p for n, p in model.named_parameters() if is_prototype(n)]
+        # The lr rule scales with the images per optimiser step: processes × accumulated batches.
+        self.schedules = Schedules(cfg, world_size=ctx.world_size * cfg.optim.accum_steps)
         seed_everything(cfg.train.seed + 1000 * ctx.rank)   # per-rank streams (masks, drop path)
         self.loader = build_data(cfg, ctx.rank, ctx.world_size)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_ckpts, ctx)
@@ -229,6 +235,7 @@ class Trainer:
         self.global_batch = cfg.data.batch_size * cfg.optim.accum_steps * ctx.world_size
         self.flops = flop_model(cfg, cfg.data.batch_size * ctx.world_size)
         self.peak = peak_flops(ctx.device, ctx.param_dtype)
+        self.loss_terms = set(getattr(sys.modules.get("fasttips.step"), "TERMS", ()))
         self.nan_steps = {int(s) for s in os.environ.get("FASTTIPS_TEST_NAN_STEPS", "").split(",") if s}
 
     def prepare_run_dir(self) -> None:
@@ -264,26 +271,18 @@ class Trainer:
         _drop_metrics_after(self.run_dir / "metrics.jsonl", self.step, self.ctx.is_main)
 
     # -- checkpoint state ---------------------------------------------------------------------------
+    def stateful_modules(self) -> dict:
+        """Checkpointed modules besides the model and optimiser (schedules are a function of the step)."""
+        modules = {"loss_state": self.loss_state}
+        if isinstance(self.teacher, torch.nn.Module):
+            modules["teacher"] = self.teacher
+        return modules
+
     def sharded_state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd, "loss_state": self.loss_state.state_dict()}
-        teacher_sd = _teacher_state(self.teacher)
-        if teacher_sd is not None:
-            state["teacher"] = teacher_sd
-        if hasattr(self.schedules, "state_dict"):
-            state["schedules"] = self.schedules.state_dict()
-        return state
+        return training_state(self.model, self.optimizer, **self.stateful_modules())
 
     def load_sharded_state(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        self.loss_state.load_state_dict(state["loss_state"])
-        if "teacher" in state:
-            _load_teacher_state(self.teacher, state["teacher"])
-        if "schedules" in state and hasattr(self.schedules, "load_state_dict"):
-            self.schedules.load_state_dict(state["schedules"])
+        restore_training_state(state, self.model, self.optimizer, **self.stateful_modules())
 
     def save_checkpoint(self, reason: str = "") -> Path:
         rank_state = {"rng": rng_state(self.ctx.device),
@@ -300,15 +299,16 @@ class Trainer:
     def train_step(self, batches, values, stop: StopRequest) -> StepOutcome:
         cfg, ctx, model = self.cfg, self.ctx, self.model
         t0 = time.perf_counter()
-        set_hyperparameters(self.optimizer, _get(values, "lr"), _get(values, "weight_decay"),
-                            bool(_get(values, "freeze_prototypes", False)))
+        freeze = bool(_get(values, "freeze_prototypes", False))
+        set_hyperparameters(self.optimizer, _get(values, "lr"), _get(values, "weight_decay"), freeze)
         centers = {k: v.clone() for k, v in self.loss_state.state_dict().items()}
         accum = len(batches)
         loss_sum, term_sums, images = None, {}, 0
         for i, batch in enumerate(batches):
             if ctx.sharded:
-                model.set_requires_gradient_sync(i == accum - 1)
-            losses = self.compute_losses(model, self.teacher, self.loss_state, batch, values, cfg)
+                self.loss_forward.set_requires_gradient_sync(i == accum - 1)
+            with fsdp.gathered(self.teacher_modules):
+                losses = self.loss_forward(self.teacher, self.loss_state, batch, values, cfg)
             loss = losses["loss"]
             if self.step in self.nan_steps:
                 loss = loss * float("nan")                      # fault injection (tests)
@@ -318,6 +318,9 @@ class Trainer:
                 if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
                     term_sums[k] = term_sums.get(k, 0) + v.detach().float().reshape(()) / accum
             images += batch["alt_ids"].shape[0]
+        if freeze:        # DINOv2 drops the frozen prototypes' gradient: no Adam moments either
+            for p in self.prototype_params:
+                p.grad = None
         norms = clip_gradients(self.units, cfg.optim.clip_grad)
 
         # One sync: did any rank see a non-finite loss/gradient, or a stop signal?
@@ -363,7 +366,7 @@ class Trainer:
             self.prepare_run_dir()
         except ConfigError as exc:
             print(f"fasttips train: config error: {exc}", file=sys.stderr)
-            fsdp.shutdown()
+            fsdp.shutdown(getattr(self, "ctx", None))
             return EXIT_CONFIG
         try:
             return self._run()
@@ -377,7 +380,7 @@ class Trainer:
                   file=sys.stderr)
             return EXIT_OOM
         finally:
-            fsdp.shutdown()
+            fsdp.shutdown(self.ctx)
 
     def _run(self) -> int:
         cfg, ctx = self.cfg, self.ctx
@@ -433,7 +436,8 @@ class Trainer:
     def log_step(self, writer: MetricsWriter, bar: ProgressBar, values, out: StepOutcome) -> None:
         step = self.step                              # steps completed
         per_device = out.images / out.seconds if out.seconds > 0 else 0.0
-        record = {"loss": out.loss, **{f"loss/{k}": v for k, v in out.terms.items()},
+        record = {"loss": out.loss, **{(f"loss/{k}" if k in self.loss_terms else k): v
+                                       for k, v in out.terms.items()},
                   **{f"grad_norm/{k}": v for k, v in out.grad_norms.items()},
                   **{k: float(v) for k, v in _items(values)},
                   "images_per_s": per_device * self.ctx.world_size, "step_time_s": out.seconds,
@@ -447,25 +451,31 @@ class Trainer:
                 record[f"logit_scale/{i}"] = s
         if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps or out.skipped:
             writer.write(step, record)
-        bar.update(step - 1, out.loss, out.terms, record["images_per_s"])
+        terms = {k: v for k, v in out.terms.items() if k in self.loss_terms} or out.terms
+        bar.update(step - 1, out.loss, terms, record["images_per_s"])
 
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def copy_into_teacher(teacher, model) -> None:
+    """Teacher EMA tensors ← the student's, exactly (``to_empty`` memory may hold NaN, which a
+    momentum-0 lerp would keep)."""
+    for t, s in zip(*teacher.ema_tensors(model)):
+        t.copy_(s)
+
+
+def _world_group(ctx):
+    import torch.distributed as dist
+    return dist.group.WORLD if ctx.world_size > 1 else None
+
+
 def _teacher_modules(teacher):
     """The teacher's nn.Modules that hold parameters (sharded like the student heads)."""
     if hasattr(teacher, "modules_to_shard"):
         return list(teacher.modules_to_shard())
     return [m for m in getattr(teacher, "heads", {}).values()] if hasattr(teacher, "heads") else []
-
-
-def _teacher_state(teacher):
-    return teacher.state_dict() if hasattr(teacher, "state_dict") else None
-
-
-def _load_teacher_state(teacher, state) -> None:
-    teacher.load_state_dict(state)
 
 
 def _get(values, key, default=None):
@@ -504,4 +514,6 @@ def _drop_metrics_after(path: Path, step: int, is_main: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy, so there is one fasttips.train.
+    from fasttips.train import main as _main
+    sys.exit(_main())

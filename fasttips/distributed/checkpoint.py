@@ -138,6 +138,7 @@ class CheckpointManager:
         path = Path(path)
         if not (path / MARKER).is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+        _drop_unstepped_optimizer_state(sharded_state, _saved_keys(path))
         dcp.load(sharded_state, checkpoint_id=str(path))
         meta = json.loads((path / "meta.json").read_text())
         rank_file = path / f"rank_{self.ctx.rank:05d}.pt"
@@ -145,6 +146,47 @@ class CheckpointManager:
         if rank_file.is_file() and meta.get("world_size") == self.ctx.world_size:
             rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
         return rank_state, meta
+
+
+def training_state(model, optimizer, **modules) -> dict:
+    """The sharded part of a checkpoint: model and optimiser (DCP's FQN-keyed state dicts, DTensor
+    shards under FSDP2) plus the state dicts of ``modules`` (teacher heads, loss centers, ...)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd, **{k: m.state_dict() for k, m in modules.items()}}
+
+
+def restore_training_state(state: dict, model, optimizer, **modules) -> None:
+    """Load a :func:`training_state` that ``CheckpointManager.load`` has filled."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    # strict=False only lets parameters that never had a gradient (no AdamW state yet) lack
+    # optimiser state; every model key was already required by dcp.load.
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
+    for key, module in modules.items():
+        module.load_state_dict(state[key])
+
+
+def _saved_keys(path: Path) -> set[str]:
+    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def _drop_unstepped_optimizer_state(state: dict, saved: set[str], prefix: str = "") -> None:
+    """Remove optimiser-state entries the checkpoint does not hold, in place.
+
+    A parameter that never received a gradient (e.g. the SigLIP bias under a CLIP loss) has no
+    AdamW state when saved, but the fresh optimiser's skeleton has one; leaving it out restores the
+    saved optimiser exactly. Any other missing entry is a real mismatch and DCP reports it.
+    """
+    for key in list(state):
+        path = f"{prefix}{key}"
+        value = state[key]
+        if isinstance(value, dict):
+            _drop_unstepped_optimizer_state(value, saved, path + ".")
+            if not value and path.startswith("optim.state."):
+                del state[key]
+        elif path.startswith("optim.state.") and path not in saved:
+            del state[key]
 
 
 def _torch_bytes(obj) -> bytes:
@@ -163,4 +205,4 @@ def _maybe_pause_for_test(step: int) -> None:
             time.sleep(1)
 
 
-__all__ = ["CheckpointManager", "complete_checkpoints", "latest_checkpoint", "step_dir_name", "MARKER"]
+__all__ = ["CheckpointManager", "training_state", "restore_training_state", "complete_checkpoints", "latest_checkpoint", "step_dir_name", "MARKER"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ class DistContext:
     device: torch.device
     mesh: object | None                 # DeviceMesh when sharding, else None
     param_dtype: torch.dtype            # dtype of the compute copy of the parameters
+    owns_group: bool = False            # this context created the process group (and ends it)
 
     @property
     def is_main(self) -> bool:
@@ -83,7 +85,8 @@ def init_distributed(cfg) -> DistContext:
     want_shard = world_size > 1 or param_dtype != torch.float32
     if not want_shard:
         return DistContext(0, 1, 0, device, None, param_dtype)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
@@ -92,10 +95,13 @@ def init_distributed(cfg) -> DistContext:
                                     rank=0, world_size=1)
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("fsdp",))
-    return DistContext(rank, world_size, local_rank, device, mesh, param_dtype)
+    return DistContext(rank, world_size, local_rank, device, mesh, param_dtype, owns_group)
 
 
-def shutdown() -> None:
+def shutdown(ctx: DistContext | None = None) -> None:
+    """End the process group if ``ctx`` created it (a caller's own group is left alone)."""
+    if ctx is not None and not ctx.owns_group:
+        return
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -144,9 +150,28 @@ def mixed_precision_policy(ctx: DistContext):
     return MixedPrecisionPolicy(param_dtype=ctx.param_dtype, reduce_dtype=torch.float32)
 
 
-def shard(model: nn.Module, teacher_modules: list[nn.Module], ctx: DistContext) -> None:
-    """fully_shard per block, per head, the root, and each teacher module with the same mesh."""
-    from torch.distributed.fsdp import fully_shard
+class LossForward(nn.Module):
+    """The FSDP2 root: its forward is the loss computation, so one call per micro-batch triggers
+    the root's all-gather (parameters held directly by the model, e.g. ``logit_scale``) and, in
+    backward, its reduce-scatter. Parameter names stay the model's (this wrapper has none)."""
+
+    def __init__(self, model: nn.Module, compute_losses):
+        super().__init__()
+        self.model = model
+        self._compute_losses = compute_losses
+
+    def forward(self, teacher, state, batch, step_values, cfg):
+        return self._compute_losses(self.model, teacher, state, batch, step_values, cfg)
+
+
+def shard(model: nn.Module, teacher_modules: list[nn.Module], ctx: DistContext, root: nn.Module) -> None:
+    """fully_shard per block, per tower, per head and at the root; teacher modules on the same mesh.
+
+    The losses call the heads through ``head.bottleneck(x)`` and read the prototype parameters
+    ``v``/``g`` directly, so ``bottleneck`` is registered as an FSDP forward method and the heads
+    keep their parameters gathered until backward (``reshard_after_forward=False``).
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     policy = mixed_precision_policy(ctx)
     for param_name, param in model.named_parameters():
         if param.ndim == 0:
@@ -154,23 +179,47 @@ def shard(model: nn.Module, teacher_modules: list[nn.Module], ctx: DistContext) 
     for blocks in block_lists(model):
         for block in blocks:
             fully_shard(block, mesh=ctx.mesh, mp_policy=policy)
+    for tower in ("vision", "text"):
+        if isinstance(getattr(model, tower, None), nn.Module):
+            fully_shard(getattr(model, tower), mesh=ctx.mesh, mp_policy=policy)
     for head in head_modules(model):
-        fully_shard(head, mesh=ctx.mesh, mp_policy=policy)
-    fully_shard(model, mesh=ctx.mesh, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(head, mesh=ctx.mesh, mp_policy=policy, reshard_after_forward=False)
+        if hasattr(head, "bottleneck"):
+            register_fsdp_forward_method(head, "bottleneck")
+    fully_shard(root, mesh=ctx.mesh, mp_policy=policy, reshard_after_forward=False)
     for module in teacher_modules:
         fully_shard(module, mesh=ctx.mesh, mp_policy=policy)
 
 
-def parallelize(model: nn.Module, teacher_modules: list[nn.Module], ctx: DistContext, cfg) -> None:
-    """The fixed order: activation checkpointing → per-block compile → FSDP2."""
+@contextmanager
+def gathered(modules: list[nn.Module]):
+    """Hold FSDP modules unsharded for a no-grad block (the teacher heads, whose methods and
+    prototype parameters the losses use directly), then shard them again for the EMA update."""
+    from torch.distributed.fsdp import FSDPModule
+    fsdp_modules = [m for m in modules if isinstance(m, FSDPModule)]
+    for module in fsdp_modules:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in fsdp_modules:
+            module.reshard()
+
+
+def parallelize(model: nn.Module, teacher_modules: list[nn.Module], ctx: DistContext, cfg,
+                compute_losses) -> LossForward:
+    """The fixed order: activation checkpointing → per-block compile → FSDP2. Returns the module to
+    call for the losses: ``loss_forward(teacher, state, batch, step_values, cfg)``."""
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.train.compile:
         apply_compile(model)
+    root = LossForward(model, compute_losses)
     if ctx.sharded:
-        shard(model, teacher_modules, ctx)
+        shard(model, teacher_modules, ctx, root)
+    return root
 
 
-__all__ = ["DistContext", "init_distributed", "shutdown", "parallelize", "shard", "block_lists",
+__all__ = ["DistContext", "init_distributed", "shutdown", "parallelize", "shard", "LossForward", "gathered", "block_lists",
            "head_modules", "apply_activation_checkpointing", "apply_compile", "mixed_precision_policy",
            "resolve_device", "resolve_param_dtype"]

@@ -1,0 +1,179 @@
+"""Faults lose nothing: resume is bitwise, SIGTERM checkpoints and exits 0, kill -9 during a checkpoint
+write leaves the previous checkpoint as the one to resume from, a NaN loss is skipped, and a bad
+config fails with a message naming the field.
+
+The runs are real ``python -m fasttips.train`` processes on a shrunken tiny preset with synthetic
+data (one process each, CPU, fp32), compared through their metrics.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttips.distributed.checkpoint import MARKER, complete_checkpoints, latest_checkpoint
+
+STEPS = 6
+SMALL = ["data.source=synthetic", "vision.depth=1", "text.depth=1", "text.max_len=8",
+         "heads.hidden=64", "heads.bottleneck=32", "heads.prototypes=64", "data.batch_size=4",
+         "data.global_size=28", "data.local_size=14", "data.n_local=2", "optim.warmup_steps=2",
+         "loss.teacher_temp_warmup_steps=3", f"train.steps={STEPS}", "train.keep_ckpts=2"]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env.pop("FASTTIPS_TEST_NAN_STEPS", None) if "FASTTIPS_TEST_NAN_STEPS" not in extra else None
+    return env
+
+
+def _cmd(run_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "fasttips.train", "--no-progress", *SMALL, f"train.run_dir={run_dir}", *args]
+
+
+def _resume_cmd(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "fasttips.train", "--no-progress", "--resume", str(run_dir)]
+
+
+def _run(cmd, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=240)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"training exited ({proc.returncode}) before {what}:\n{out}\n{err}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """An uninterrupted run: the losses every interrupted run must reproduce bit for bit."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    done = _run(_cmd(run_dir, "train.ckpt_every=2"))
+    assert done.returncode == 0, done.stderr
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert [s for s, _ in complete_checkpoints(run_dir / "checkpoints")] == [4, 6]   # keep_ckpts=2
+    return run_dir, losses
+
+
+def test_run_directory_contents(reference_run):
+    run_dir, _ = reference_run
+    for name in ("config.yaml", "metrics.jsonl", "loss_curve.png"):
+        assert (run_dir / name).is_file(), name
+    ckpt = run_dir / "checkpoints" / "step_00000006"
+    for name in (MARKER, ".metadata", "meta.json", "rank_00000.pt", "config.yaml"):
+        assert (ckpt / name).is_file(), name
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("lr", "weight_decay", "momentum", "images_per_s", "step_time_s", "peak_mem_gb", "mfu"):
+        assert key in record, key
+    assert any(k.startswith("grad_norm/") for k in record)
+    assert any(k.startswith("loss/") for k in record)
+
+
+def test_sigterm_checkpoints_and_resume_is_bitwise(reference_run, tmp_path):
+    _, expected = reference_run
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(run_dir, "train.ckpt_every=100"), env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = run_dir / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, proc, "step 2")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in out
+    stopped_at, _ = latest_checkpoint(run_dir / "checkpoints")
+    assert 2 <= stopped_at < STEPS, "SIGTERM arrived too late to test anything"
+    assert sorted(_losses(run_dir)) == list(range(1, stopped_at + 1))
+
+    resumed = _run(_resume_cmd(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"step {stopped_at}" in resumed.stdout
+    assert _losses(run_dir) == expected          # every step, bit for bit
+
+
+def test_kill9_during_checkpoint_write_resumes_from_last_complete(reference_run, tmp_path):
+    _, expected = reference_run
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(run_dir, "train.ckpt_every=2"),
+                            env=_env(FASTTIPS_TEST_PAUSE_IN_CHECKPOINT="4"), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    partial = run_dir / "checkpoints" / ".tmp-step_00000004"
+    _wait_for(lambda: (partial / ".metadata").is_file() and (partial / "rank_00000.pt").is_file(),
+              proc, "the paused checkpoint write")
+    # The pause comes after every file but the marker: kill -9 at the worst moment.
+    time.sleep(0.2)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert partial.is_dir() and not (partial / MARKER).exists()
+    assert latest_checkpoint(run_dir / "checkpoints")[0] == 2
+
+    resumed = _run(_resume_cmd(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(step 2)" in resumed.stdout
+    assert _losses(run_dir) == expected
+    assert not partial.exists(), "the dead temporary should be cleaned up"
+
+
+def test_nonfinite_loss_is_skipped_then_stops_with_last_good_state(reference_run, tmp_path):
+    _, expected = reference_run
+    one = tmp_path / "one"
+    done = _run(_cmd(one, "train.ckpt_every=100"), FASTTIPS_TEST_NAN_STEPS="2")
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["skipped"]] == [3]
+    assert records[-1]["nonfinite_total"] == 1
+    assert records[2]["loss"] == "nan"
+    assert [r["loss"] for r in records[:2]] == [expected[1], expected[2]]   # identical until the fault
+
+    many = tmp_path / "many"
+    stopped = _run(_cmd(many, "train.ckpt_every=2", "train.keep_ckpts=5", "train.max_nonfinite=2"),
+                   FASTTIPS_TEST_NAN_STEPS="2,3")
+    assert stopped.returncode == 3, stopped.stderr
+    assert "consecutive non-finite" in stopped.stderr
+    assert [s for s, _ in complete_checkpoints(many / "checkpoints")] == [2, 4]
+    # Steps 3 and 4 were skipped, so the stop checkpoint holds exactly the state after step 2.
+    after_2, stop_state = (_load_checkpoint(many / "checkpoints" / f"step_0000000{s}", tmp_path)
+                           for s in (2, 4))
+    for section in ("model", "loss_state", "teacher"):
+        assert after_2[section].keys() == stop_state[section].keys()
+        for key, value in after_2[section].items():
+            assert torch.equal(value, stop_state[section][key]), f"{section}.{key}"
+
+
+def _load_checkpoint(path: Path, tmp_path: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    out = tmp_path / f"{path.name}.pt"
+    dcp_to_torch_save(str(path), str(out))
+    return torch.load(out, weights_only=False)
+
+
+def test_bad_config_fails_with_a_clear_message(tmp_path, capsys):
+    from fasttips.train import main
+    for override, words in [("data.batch_size=0", "data.batch_size"),
+                            ("vision.heads=7", "vision.heads"),
+                            ("optim.nonsense=1", "nonsense"),
+                            ("train.device=tpu", "train.device")]:
+        code = main([override, f"train.run_dir={tmp_path / 'bad'}"])
+        err = capsys.readouterr().err
+        assert code == 2, override
+        assert "config error" in err and words in err, err
+    assert main(["--resume", str(tmp_path / "nowhere")]) == 2
+    assert "--resume" in capsys.readouterr().err
