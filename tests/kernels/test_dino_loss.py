@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from fasttips.kernels import prototype_cross_entropy
 from fasttips.kernels.dino_loss import naive, reference
-from fasttips.kernels.dino_loss import triton as dino_triton
-from fasttips.testing import TOLERANCES, assert_within_2x, compile_for_hopper
+from fasttips.kernels.dino_loss import hopper_gate
+from fasttips.testing import TOLERANCES, assert_within_2x
 
 CENTERINGS = ["softmax", "sinkhorn_knopp"]
 
@@ -173,41 +173,19 @@ def test_sinkhorn_row_sums_across_two_gloo_ranks(seed, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Hopper compile gate: every kernel at every autotune configuration, bf16, bottleneck 256
+# Hopper compile gate: every kernel at every launch configuration, bf16, bottleneck 256
 # ------------------------------------------------------------------------------------------------
-def _signature(kernel_name, dtype="bf16"):
-    fn = dino_triton.KERNELS[kernel_name]
-    sig = {}
-    for name in fn.arg_names:
-        if name.startswith("BLOCK") or name in ("PRECISION", "EVEN_K"):
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = f"*{dtype}" if name in ("zs_ptr", "zt_ptr", "ws_ptr", "wt_ptr", "z_ptr", "w_ptr") else (
-                "*i64" if name == "pairs_ptr" else "*fp32")
-        elif name.endswith("_scale") or name == "scale":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
-GATE_CASES = [(name, i) for name, configs in dino_triton.CONFIGS.items() for i in range(len(configs))]
-
-
-@pytest.mark.parametrize("kernel_name, index", GATE_CASES,
-                         ids=[f"{n.strip('_')}-{i}" for n, i in GATE_CASES])
-def test_hopper_compile_gate(kernel_name, index):
+@pytest.fixture(scope="module")
+def hopper_reports():
     pytest.importorskip("triton")
-    config = dino_triton.CONFIGS[kernel_name][index]
-    signature = _signature(kernel_name)
-    constexprs = dict(BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"], BLOCK_D=256, PRECISION="tf32")
-    if kernel_name in dino_triton.EVEN_K_KERNELS:
-        constexprs["EVEN_K"] = True          # K = 65536 / 131072: the specialisation that runs
-    # What a real launch specialises: 16-byte aligned pointers, strides and d (= 256) multiples of 16.
-    aligned = tuple(n for n, t in signature.items() if t.startswith("*") or n.startswith("stride") or n == "D")
-    report = compile_for_hopper(dino_triton.KERNELS[kernel_name], signature, constexprs,
-                                num_warps=config["num_warps"], num_stages=config["num_stages"],
-                                name=f"{kernel_name}{config}", divisible_by_16=aligned)
+    return hopper_gate.compile_all()      # all compiles at once, in worker processes
+
+
+@pytest.mark.parametrize("case", hopper_gate.cases(), ids=lambda c: f"{c[0].strip('_')}-{c[1]}")
+def test_hopper_compile_gate(case, hopper_reports):
+    report = hopper_reports[case]
+    if isinstance(report, Exception):
+        raise report
     report.check(matmul=True)
 
 

@@ -1,0 +1,78 @@
+"""Hopper compile gate for the prototype cross-entropy kernels: every kernel at every launch configuration
+in ``triton.CONFIGS``, compiled ahead of time for sm_90a (no GPU needed) and checked by ``fasttips.testing``.
+
+The compiles use bf16 features at bottleneck d = 256 with the specialisation a real launch gets
+(16-byte aligned pointers, strides and d divisible by 16; EVEN_K for K = 65536 / 131072). They run in
+spawned worker processes with TRITON_INTERPRET=0: under the interpreter, the library's own
+@triton.jit helpers (tl.sum, tl.zeros, ...) are interpreter objects the compiler cannot use.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+
+BOTTLENECK = 256
+_FEATURE_POINTERS = ("zs_ptr", "zt_ptr", "ws_ptr", "wt_ptr", "z_ptr", "w_ptr")
+
+
+def cases() -> list[tuple[str, int]]:
+    from . import triton as T
+    return [(name, i) for name, configs in T.CONFIGS.items() for i in range(len(configs))]
+
+
+def signature(kernel) -> dict:
+    sig = {}
+    for name in kernel.arg_names:
+        if name.startswith("BLOCK") or name in ("PRECISION", "EVEN_K"):
+            sig[name] = "constexpr"
+        elif name in _FEATURE_POINTERS:
+            sig[name] = "*bf16"
+        elif name == "pairs_ptr":
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name.endswith("scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_case(case):
+    from fasttips.testing import compile_for_hopper
+
+    from . import triton as T
+    name, index = case
+    kernel = T.KERNELS[name]
+    cfg = T.CONFIGS[name][index]
+    sig = signature(kernel)
+    constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=BOTTLENECK, PRECISION="tf32")
+    if name in T.EVEN_K_KERNELS:
+        constexprs["EVEN_K"] = True
+    aligned = tuple(a for a, t in sig.items() if t.startswith("*") or a.startswith("stride") or a == "D")
+    return compile_for_hopper(kernel, sig, constexprs, num_warps=cfg["num_warps"],
+                              num_stages=cfg["num_stages"], name=f"{name}{cfg}", divisible_by_16=aligned)
+
+
+def compile_all(workers: int | None = None) -> dict:
+    """{case: HopperReport, or the exception its compile raised}."""
+    todo = cases()
+    workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"       # inherited by the spawned workers
+    results = {}
+    try:
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(compile_case, c): c for c in todo}
+            for fut in cf.as_completed(futures):
+                try:
+                    results[futures[fut]] = fut.result()
+                except Exception as exc:   # reported by that case's test
+                    results[futures[fut]] = exc
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return results
