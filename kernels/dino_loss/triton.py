@@ -15,6 +15,9 @@ Kernels
   Each program owns its rows of dW, so no atomics and the result is deterministic.
 - ``_token_lse_kernel`` / ``_prototype_lse_kernel``: LSE over prototypes (per row) and over rows (per
   prototype) of z W_tᵀ·scale + bias, the two reductions of Sinkhorn-Knopp in factorised form.
+
+On GPU the kernels take bf16/fp16 features with d ≤ 256; fp32 features or a wider bottleneck go to the
+chunked reference with a warning (see ``_unsupported_on_gpu``). Measurements: NOTES.md.
 """
 from __future__ import annotations
 
@@ -219,7 +222,7 @@ def _prototype_lse_kernel(z_ptr, w_ptr, row_bias_ptr, out_ptr, N, K, D, stride_z
 
 
 # ------------------------------------------------------------------------------------------------
-# Launch configurations: one list per kernel. The Hopper compile gate in the tests compiles every
+# Launch configurations: one list per kernel. The Hopper compile gate (hopper_gate.py) compiles every
 # entry; on CUDA the autotuner picks among them; the interpreter uses INTERPRET_CONFIG.
 # ------------------------------------------------------------------------------------------------
 def _cfg(block_m, block_k, warps, stages):
@@ -261,7 +264,9 @@ def _launch(name: str, rows: int, row_major: bool, *args, BLOCK_D: int, PRECISIO
     if interpreting():
         c = INTERPRET_CONFIG
         block = c["BLOCK_M"] if row_major else c["BLOCK_K"]
-        extra = {"EVEN_K": args[KERNELS[name].arg_names.index("K")] % c["BLOCK_K"] == 0} if name in EVEN_K_KERNELS else {}
+        extra = {}
+        if name in EVEN_K_KERNELS:
+            extra["EVEN_K"] = args[KERNELS[name].arg_names.index("K")] % c["BLOCK_K"] == 0
         KERNELS[name][(triton.cdiv(rows, block),)](*args, BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"],
                                                     BLOCK_D=BLOCK_D, PRECISION=PRECISION, **extra)
         return
