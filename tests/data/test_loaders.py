@@ -105,3 +105,15 @@ def test_dali_resume_from_checkpoint_and_from_replay(tiny_shards, caplog):
         assert [b["keys"] for b in got] == [b["keys"] for b in expected]
         assert all(torch.equal(e["global_crops"], g["global_crops"]) for e, g in zip(expected, got))
     assert "replaying 7 batches" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+def test_dali_gpu_decoding(tiny_shards):
+    """With CUDA, DALI decodes with nvJPEG ('mixed') and augments on the GPU; crops arrive on the GPU."""
+    L = build_loader(tiny_cfg(tiny_shards, "data.loader=dali"))
+    assert L.device_id is not None
+    b = next(L)
+    assert b["global_crops"].is_cuda and b["local_crops"].is_cuda
+    assert check_batch(b, 1, 2, 14) == B
+    assert 0 <= float(b["global_crops"].min()) and float(b["global_crops"].max()) <= 1
