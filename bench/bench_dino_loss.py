@@ -7,8 +7,8 @@ bf16 autocast in training):
 - torch-compile    the same function through torch.compile (only where --compile-cases allows: slow
                    to compile, so by default at the target case T = 16384, K = 65536)
 - reference        the chunked PyTorch reference (fp32 math, the CPU path)
-- xformers         only where importable (it is not on this project's GPU machine); its cross-entropy
-                   takes hard labels, so it is not wired in: the run says so instead of timing it.
+- xformers         only where importable; it is not installed on this project's GPU machine, and no
+                   xformers soft-target cross-entropy is wired in yet: the run prints which, untimed.
 
 Run: python bench/bench_dino_loss.py [--quick]
 """
