@@ -119,6 +119,10 @@ class DaliLoader:
         self.tokenizer, self.stats = tokenizer, stats
         self.batch_size = cfg.data.batch_size
         indexes = [ix for ix in indexes if ix.samples]
+        # DALI reads shards in list order through a bounded shuffle buffer: shuffle the shard order
+        # once from train.seed (the same on every rank, so the ranks' sample ranges stay disjoint).
+        order = np.random.default_rng([cfg.train.seed, 0x736861]).permutation(len(indexes))
+        indexes = [indexes[i] for i in order]
         self.paths = [ix.shard for ix in indexes]
         self.index_paths = [ix.dali_index for ix in indexes]
         total = sum(len(ix.samples) for ix in indexes)
