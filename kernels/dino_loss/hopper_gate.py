@@ -50,7 +50,8 @@ def compile_case(case):
     constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=BOTTLENECK, PRECISION="tf32")
     if name in T.EVEN_K_KERNELS:
         constexprs["EVEN_K"] = True
-    aligned = tuple(a for a, t in sig.items() if t.startswith("*") or a.startswith("stride") or a == "D")
+    aligned = tuple(a for a, t in sig.items()
+                    if t.startswith("*") or a.startswith("stride") or a in ("D", "K_SPLIT"))
     return compile_for_hopper(kernel, sig, constexprs, num_warps=cfg["num_warps"],
                               num_stages=cfg["num_stages"], name=f"{name}{cfg}", divisible_by_16=aligned)
 

@@ -9,8 +9,10 @@ Kernels
 - ``_forward_kernel``   token-major: for a block of student rows and their paired teacher rows, stream
   W_s and W_t in K-blocks with an online log-sum-exp for the student and the teacher, and an online
   Σ_k p_k·s_k rescaled with the teacher's running max (flash-attention style, no PV GEMM).
-  Writes per row: ℓ_i, LSE(s_i), LSE(u_i).
+  Writes per row its running statistics; the host merges them into ℓ_i, LSE(s_i), LSE(u_i).
 - ``_grad_z_kernel``    token-major: recompute s, u per K-block, ds = coef·(softmax(s) − p), dz += ds·W_s.
+  Both token-major kernels split K into slices when there are too few row blocks to fill the GPU
+  (DINO's few CLS rows); with many rows there is one slice and every program walks all of K.
 - ``_grad_w_kernel``    prototype-major: one K-block per program, stream all rows, dW += dsᵀ·z_s.
   Each program owns its rows of dW, so no atomics and the result is deterministic.
 - ``_token_lse_kernel`` / ``_prototype_lse_kernel``: LSE over prototypes (per row) and over rows (per
@@ -38,11 +40,12 @@ LN2 = 0.6931471805599453
 # Kernels
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _forward_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr,
-                    row_loss_ptr, lse_s_ptr, lse_t_ptr,
-                    S, K, D, stride_zs, stride_zt, stride_ws, stride_wt, s_scale, t_scale,
+def _forward_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, part_ptr,
+                    S, K, D, K_SPLIT, stride_zs, stride_zt, stride_ws, stride_wt, s_scale, t_scale,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                     PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
+    """Program (i, j): rows block i against prototypes [j·K_SPLIT, (j+1)·K_SPLIT). Writes the partial
+    statistics (m_s, l_s, m_t, l_t, ps) of its slice to part[stat, j, row]; the host merges slices."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < S
     dims = tl.arange(0, BLOCK_D)
@@ -58,7 +61,8 @@ def _forward_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr,
     m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)   # teacher running max / sum of exp2
     l_t = tl.zeros([BLOCK_M], tl.float32)
     ps = tl.zeros([BLOCK_M], tl.float32)                  # Σ_k exp2(u − m_t)·s₂, rescaled as m_t moves
-    for k0 in range(0, K, BLOCK_K):
+    k_begin = tl.program_id(1) * K_SPLIT
+    for k0 in range(k_begin, tl.minimum(k_begin + K_SPLIT, K), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         w_mask = dim_ok[:, None] & k_ok[None, :]
@@ -85,18 +89,22 @@ def _forward_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr,
             ps = ps * alpha + tl.sum(e_t * tl.where(k_ok[None, :], s2, 0.0), axis=1)
         m_t = m_t_new
 
-    lse_s2 = m_s + tl.log2(l_s)
-    lse_t2 = m_t + tl.log2(l_t)
-    tl.store(row_loss_ptr + rows, (lse_s2 - ps / l_t) * 0.6931471805599453, mask=row_ok)
-    tl.store(lse_s_ptr + rows, lse_s2, mask=row_ok)     # base 2, as the backward kernels use them
-    tl.store(lse_t_ptr + rows, lse_t2, mask=row_ok)
+    out = part_ptr + tl.program_id(1) * S + rows
+    stat = tl.num_programs(1) * S
+    tl.store(out, m_s, mask=row_ok)
+    tl.store(out + stat, l_s, mask=row_ok)
+    tl.store(out + 2 * stat, m_t, mask=row_ok)
+    tl.store(out + 3 * stat, l_t, mask=row_ok)
+    tl.store(out + 4 * stat, ps, mask=row_ok)
 
 
 @triton.jit
 def _grad_z_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, lse_s_ptr, lse_t_ptr, coef_ptr,
-                   dz_ptr, S, K, D, stride_zs, stride_zt, stride_ws, stride_wt, stride_dz, s_scale, t_scale,
+                   dz_ptr, S, K, D, K_SPLIT, stride_zs, stride_zt, stride_ws, stride_wt, stride_dz_split,
+                   stride_dz, s_scale, t_scale,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                    PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
+    """Program (i, j): dz of rows block i from prototypes [j·K_SPLIT, (j+1)·K_SPLIT) into dz[j]."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < S
     dims = tl.arange(0, BLOCK_D)
@@ -111,7 +119,8 @@ def _grad_z_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, lse_s_pt
     coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)     # w_i·grad/τ_s; 0 on padding rows
 
     dz = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_begin = tl.program_id(1) * K_SPLIT
+    for k0 in range(k_begin, tl.minimum(k_begin + K_SPLIT, K), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         w_mask = k_ok[:, None] & dim_ok[None, :]
@@ -126,6 +135,7 @@ def _grad_z_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, lse_s_pt
         if not EVEN_K:   # zero-padded W gives finite s, u past K: drop those columns
             ds = tl.where(k_ok[None, :], ds, 0.0)
         dz += tl.dot(ds.to(ws.dtype), ws, input_precision=PRECISION)
+    dz_ptr += tl.program_id(1) * stride_dz_split
     tl.store(dz_ptr + rows[:, None] * stride_dz + dims[None, :], dz, mask=row_ok[:, None] & dim_ok[None, :])
 
 
@@ -245,7 +255,7 @@ KERNELS = {"_forward_kernel": _forward_kernel, "_grad_z_kernel": _grad_z_kernel,
 EVEN_K_KERNELS = ("_forward_kernel", "_grad_z_kernel")   # take EVEN_K: skip per-element K masks
 
 
-def _even_k(meta) -> bool:
+def _even_k(meta) -> bool:   # K_SPLIT is a multiple of every BLOCK_K (see _k_split)
     return meta["K"] % meta["BLOCK_K"] == 0
 
 
@@ -259,19 +269,54 @@ def _tuned(name: str):
     return triton.autotune(configs, key=["K", "D"])(kernel)
 
 
-def _launch(name: str, rows: int, row_major: bool, *args, BLOCK_D: int, PRECISION: str):
-    """Grid over row blocks (token-major kernels) or prototype blocks (prototype-major kernels)."""
+def _launch(name: str, rows: int, row_major: bool, *args, BLOCK_D: int, PRECISION: str, splits: int = 1):
+    """Grid over row blocks (token-major kernels) or prototype blocks (prototype-major kernels),
+    times ``splits`` K-slices for the split-K kernels."""
     if interpreting():
         c = INTERPRET_CONFIG
         block = c["BLOCK_M"] if row_major else c["BLOCK_K"]
         extra = {}
         if name in EVEN_K_KERNELS:
             extra["EVEN_K"] = args[KERNELS[name].arg_names.index("K")] % c["BLOCK_K"] == 0
-        KERNELS[name][(triton.cdiv(rows, block),)](*args, BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"],
+        KERNELS[name][(triton.cdiv(rows, block), splits)](*args, BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"],
                                                     BLOCK_D=BLOCK_D, PRECISION=PRECISION, **extra)
         return
     key = "BLOCK_M" if row_major else "BLOCK_K"
-    _tuned(name)[lambda meta: (triton.cdiv(rows, meta[key]),)](*args, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+    _tuned(name)[lambda meta: (triton.cdiv(rows, meta[key]), splits)](*args, BLOCK_D=BLOCK_D,
+                                                                       PRECISION=PRECISION)
+
+
+K_SPLIT_ALIGN = 128         # a multiple of every BLOCK_K, so no K-block straddles two slices
+FORCE_K_SPLITS = None       # tests set this to exercise the split path under the interpreter
+
+
+def _k_split(S: int, K: int, device) -> tuple[int, int]:
+    """(prototypes per slice, number of slices) for the token-major kernels.
+
+    With few rows (DINO's CLS rows, small batches) there are fewer row blocks than SMs, so the
+    prototypes are split too (flash-decoding style) and the host merges the slices' statistics.
+    """
+    if FORCE_K_SPLITS is not None:
+        wanted = FORCE_K_SPLITS
+    elif interpreting() or device.type != "cuda":
+        wanted = 1
+    else:
+        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = max(1, min(programs // triton.cdiv(S, 64), K // 2048))
+    per_slice = triton.cdiv(triton.cdiv(K, wanted), K_SPLIT_ALIGN) * K_SPLIT_ALIGN
+    return per_slice, triton.cdiv(K, per_slice)
+
+
+def _merge_slices(part: torch.Tensor):
+    """Row loss and base-2 LSEs from the per-slice (m_s, l_s, m_t, l_t, ps) [5, slices, S]."""
+    m_s, l_s, m_t, l_t, ps = part.unbind(0)
+    top_s, top_t = m_s.amax(dim=0), m_t.amax(dim=0)
+    lse_s = top_s + torch.log2((l_s * torch.exp2(m_s - top_s)).sum(dim=0))
+    rescale_t = torch.exp2(m_t - top_t)
+    l_t = (l_t * rescale_t).sum(dim=0)
+    lse_t = top_t + torch.log2(l_t)
+    row_loss = (lse_s - (ps * rescale_t).sum(dim=0) / l_t) * LN2
+    return row_loss, lse_s.contiguous(), lse_t.contiguous()
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -292,15 +337,15 @@ class _FusedPrototypeCE(torch.autograd.Function):
         S, D = student_z.shape
         K = w_s.shape[0]
         dev = student_z.device
-        row_loss = torch.empty(S, dtype=torch.float32, device=dev)
-        lse_s = torch.empty(S, dtype=torch.float32, device=dev)
-        lse_t = torch.empty(S, dtype=torch.float32, device=dev)
         s_scale, t_scale = LOG2E / student_temp, LOG2E / teacher_temp
         opts = dict(BLOCK_D=_block_d(D), PRECISION=_precision(student_z.dtype))
+        k_split, splits = _k_split(S, K, dev)
+        part = torch.empty(5, splits, S, dtype=torch.float32, device=dev)
         if S:
-            _launch("_forward_kernel", S, True, student_z, teacher_z, pairs, w_s, w_t, bias,
-                    row_loss, lse_s, lse_t, S, K, D, student_z.stride(0), teacher_z.stride(0),
-                    w_s.stride(0), w_t.stride(0), s_scale, t_scale, **opts)
+            _launch("_forward_kernel", S, True, student_z, teacher_z, pairs, w_s, w_t, bias, part,
+                    S, K, D, k_split, student_z.stride(0), teacher_z.stride(0), w_s.stride(0), w_t.stride(0),
+                    s_scale, t_scale, splits=splits, **opts)
+        row_loss, lse_s, lse_t = _merge_slices(part)
         loss = (weights.float() * row_loss).sum()
         ctx.save_for_backward(student_z, w_s, teacher_z, w_t, bias, pairs, weights, lse_s, lse_t)
         ctx.scales = (s_scale, t_scale, student_temp)
@@ -313,17 +358,20 @@ class _FusedPrototypeCE(torch.autograd.Function):
         S, D = student_z.shape
         K = w_s.shape[0]
         coef = (grad_loss.float() * weights.float() / student_temp).contiguous()
-        dz = torch.empty(S, D, dtype=torch.float32, device=student_z.device)
+        k_split, splits = _k_split(S, K, student_z.device)
+        dz_slices = torch.empty(splits, S, D, dtype=torch.float32, device=student_z.device)
         dw = torch.empty(K, D, dtype=torch.float32, device=w_s.device)
         opts = dict(BLOCK_D=_block_d(D), PRECISION=_precision(student_z.dtype))
         common = (student_z, teacher_z, pairs, w_s, w_t, bias, lse_s, lse_t, coef)
         if S:
-            _launch("_grad_z_kernel", S, True, *common, dz, S, K, D, student_z.stride(0), teacher_z.stride(0),
-                    w_s.stride(0), w_t.stride(0), dz.stride(0), s_scale, t_scale, **opts)
+            _launch("_grad_z_kernel", S, True, *common, dz_slices, S, K, D, k_split, student_z.stride(0),
+                    teacher_z.stride(0), w_s.stride(0), w_t.stride(0), dz_slices.stride(0), dz_slices.stride(1),
+                    s_scale, t_scale, splits=splits, **opts)
             _launch("_grad_w_kernel", K, False, *common, dw, S, K, D, student_z.stride(0),
                     teacher_z.stride(0), w_s.stride(0), w_t.stride(0), dw.stride(0), s_scale, t_scale, **opts)
         else:
             dw.zero_()
+        dz = dz_slices[0] if splits == 1 else dz_slices.sum(dim=0)
         return (dz.to(student_z.dtype), dw.to(w_s.dtype)) + (None,) * 7
 
 

@@ -85,6 +85,17 @@ def test_triton_k_multiple_of_the_block(seed):
     assert_matches(run(prototype_cross_entropy, problem, backend="triton"), expected)
 
 
+@pytest.mark.parametrize("K", [1000, 1024])
+def test_triton_split_k_slices_merge_exactly(seed, monkeypatch, K):
+    """Few rows: the prototypes are split into slices (3 here) whose statistics the host merges."""
+    from fasttips.kernels.dino_loss import triton as dino_triton
+    monkeypatch.setattr(dino_triton, "FORCE_K_SPLITS", 3)
+    problem = make_problem(S=19, T=6, K=K, d=16)
+    for centering in CENTERINGS:
+        expected = run(naive.prototype_cross_entropy, problem, centering=centering)
+        assert_matches(run(prototype_cross_entropy, problem, backend="triton", centering=centering), expected)
+
+
 def test_reference_chunks_are_invisible(seed):
     """One-row chunks, odd chunks and one big chunk give the same numbers (chunks are sized by bytes)."""
     problem = make_problem(S=23, T=9, K=300, d=16)
