@@ -107,36 +107,9 @@ def _components():
 
 
 def build_data(cfg, rank: int, world_size: int):
-    if cfg.data.source == "synthetic":
-        return SyntheticLoader(cfg, rank)
+    """This rank's loader (demo, shards or synthetic): iterable, with state_dict() (data position)."""
     from fasttips.data.loader import build_loader
     return build_loader(cfg, rank, world_size)
-
-
-class SyntheticLoader:
-    """Endless random batches (fasttips.data.batch.synthetic_batch); batch i of rank r is a pure
-    function of (seed, r, i), so the data position is one integer."""
-
-    tokenizer = None
-
-    def __init__(self, cfg, rank: int):
-        self.cfg, self.rank, self.index = cfg, rank, 0
-
-    def __iter__(self):
-        from fasttips.data.batch import synthetic_batch
-        d, t = self.cfg.data, self.cfg.text
-        while True:
-            g = torch.Generator().manual_seed((self.cfg.train.seed << 40) ^ (self.rank << 32) ^ self.index)
-            self.index += 1
-            yield synthetic_batch(d.batch_size, d.global_size, d.local_size, d.n_global, d.n_local,
-                                  self.cfg.vision.patch_size, t.max_len, t.vocab_size,
-                                  mask_ratio=sum(d.mask_ratio) / 2, generator=g)
-
-    def state_dict(self) -> dict:
-        return {"index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.index = int(state["index"])
 
 
 # ----------------------------------------------------------------------------------------------
