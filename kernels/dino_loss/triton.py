@@ -278,8 +278,9 @@ def _launch(name: str, rows: int, row_major: bool, *args, BLOCK_D: int, PRECISIO
         extra = {}
         if name in EVEN_K_KERNELS:
             extra["EVEN_K"] = args[KERNELS[name].arg_names.index("K")] % c["BLOCK_K"] == 0
-        KERNELS[name][(triton.cdiv(rows, block), splits)](*args, BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"],
-                                                    BLOCK_D=BLOCK_D, PRECISION=PRECISION, **extra)
+        grid = (triton.cdiv(rows, block), splits)
+        KERNELS[name][grid](*args, BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_D=BLOCK_D,
+                            PRECISION=PRECISION, **extra)
         return
     key = "BLOCK_M" if row_major else "BLOCK_K"
     _tuned(name)[lambda meta: (triton.cdiv(rows, meta[key]), splits)](*args, BLOCK_D=BLOCK_D,
