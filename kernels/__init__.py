@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ._backend import requested as requested_backend, use_triton
 from .attention import reference as _attn_ref
-from .dino_loss import naive as _dino_naive
+from .dino_loss import reference as _dino_ref
 from .ema import reference as _ema_ref
 
 
@@ -37,7 +37,8 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None, backend=N
 
 def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_v, teacher_g,
                             pairs, weights, center=None, student_temp=0.1, teacher_temp=0.04,
-                            centering="softmax", sk_iterations=3, group=None, backend=None):
+                            centering="softmax", sk_iterations=3, group=None, chunk_bytes=None,
+                            backend=None):
     """Σ_j weights[j] · CE(teacher_target[pairs[j]], softmax(student_z[j] W_sᵀ / student_temp)).
 
     student_z [S, d] and teacher_z [T, d] are L2-normalised bottleneck rows; (v, g) are the
@@ -45,6 +46,7 @@ def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_
     the EMA copy). Teacher targets: softmax((z_t W_tᵀ − center)/teacher_temp), or Sinkhorn-Knopp
     (``centering="sinkhorn_knopp"``, row sums all-reduced over ``group``). Returns
     ``(loss, center_stat)`` where center_stat [K] = mean over teacher rows of z_t W_tᵀ (fp32, no grad).
+    ``chunk_bytes`` caps the reference path's per-chunk [rows × K] working set.
     """
     args = (student_z, student_v, student_g, teacher_z, teacher_v, teacher_g, pairs, weights)
     kwargs = dict(center=center, student_temp=student_temp, teacher_temp=teacher_temp,
@@ -52,11 +54,7 @@ def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_
     if use_triton(student_z, student_v, backend=backend):
         from .dino_loss import triton as _dino_triton
         return _dino_triton.prototype_cross_entropy(*args, **kwargs)
-    try:
-        from .dino_loss import reference as _dino_ref
-    except ImportError:  # the chunked reference lands with the fused kernel
-        return _dino_naive.prototype_cross_entropy(*args, **kwargs)
-    return _dino_ref.prototype_cross_entropy(*args, **kwargs)
+    return _dino_ref.prototype_cross_entropy(*args, chunk_bytes=chunk_bytes, **kwargs)
 
 
 def ema_update_(teacher, student, momentum, backend=None):
