@@ -28,6 +28,7 @@ PIXEL_NORMS = ("tips", "imagenet")
 JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
 JITTER_P, GRAY_P, SOLARIZE_P, SOLARIZE_THRESHOLD = 0.8, 0.2, 0.2, 128
 BLUR_SIGMA = (0.1, 2.0)
+BLUR_KERNEL = 9           # DINOv2 GaussianBlur kernel size (DALI window; Pillow blurs without a cut-off)
 BLUR_P_GLOBAL1, BLUR_P_GLOBAL2, BLUR_P_LOCAL = 0.0, 0.9, 0.5
 ASPECT = (3 / 4, 4 / 3)
 

@@ -27,8 +27,8 @@ import os
 import numpy as np
 import torch
 
-from .augment import (ASPECT, BLUR_SIGMA, GRAY_P, IMAGENET_MEAN, IMAGENET_STD, JITTER, JITTER_P,
-                      SOLARIZE_THRESHOLD, crop_recipes)
+from .augment import (ASPECT, BLUR_KERNEL, BLUR_SIGMA, GRAY_P, IMAGENET_MEAN, IMAGENET_STD, JITTER,
+                      JITTER_P, SOLARIZE_THRESHOLD, crop_recipes)
 from .pipeline import assemble, mix_seed
 from .shards import parse_captions, split_name
 
@@ -69,7 +69,8 @@ def _build_pipeline(paths, index_paths, recipes, cfg_data, batch_size: int, num_
             crop = fn.color_twist(crop, saturation=0.0)            # luma gray, kept as 3 channels
         if recipe.blur_p > 0:
             if fn.random.coin_flip(probability=recipe.blur_p, dtype=types.BOOL):
-                crop = fn.gaussian_blur(crop, sigma=fn.random.uniform(range=list(BLUR_SIGMA)))
+                crop = fn.gaussian_blur(crop, window_size=BLUR_KERNEL,  # DINOv2: kernel 9
+                                        sigma=fn.random.uniform(range=list(BLUR_SIGMA)))
         if recipe.solarize_p > 0:
             if fn.random.coin_flip(probability=recipe.solarize_p, dtype=types.BOOL):
                 high = crop >= SOLARIZE_THRESHOLD
