@@ -46,8 +46,14 @@ def _vision_pass(cfg, size: int) -> float:
     return embed + v.depth * _block_flops(tokens, v.width, v.mlp_hidden, v.ffn)
 
 
+def text_mlp_hidden(cfg) -> int:
+    """The text MLP follows the vision tower's nominal width (3/2 of a SwiGLU branch; models/text.py)."""
+    v = cfg.vision
+    return v.mlp_hidden * 3 // 2 if v.ffn == "swiglu" else v.mlp_hidden
+
+
 def _text_pass(cfg) -> float:
-    return cfg.text.depth * _block_flops(cfg.text.max_len, cfg.vision.width, cfg.vision.mlp_hidden, "relu")
+    return cfg.text.depth * _block_flops(cfg.text.max_len, cfg.vision.width, text_mlp_hidden(cfg), "relu")
 
 
 def _head_row(cfg) -> float:

@@ -23,7 +23,6 @@ import random
 import resource
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +35,8 @@ from fasttips.distributed import fsdp
 from fasttips.distributed.checkpoint import (CheckpointManager, latest_checkpoint, restore_training_state,
                                              training_state)
 from fasttips.distributed.signals import StopRequest
-from fasttips.metrics import MetricsWriter, ProgressBar, flop_model, mfu, peak_flops, plot_loss_curve
+from fasttips.metrics import (MetricsWriter, ProgressBar, flop_model, mfu, peak_flops, plot_loss_curve,
+                              text_mlp_hidden)
 from fasttips.optim import build_optimizer, clip_gradients, clip_modules, is_prototype, set_hyperparameters
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_OOM = 0, 2, 3, 4
@@ -85,7 +85,6 @@ def resolve_config(args) -> tuple[config_lib.Config, Path, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # one-process DCP
     args = build_parser().parse_intermixed_args(argv)
     try:
         cfg, run_dir, resuming = resolve_config(args)
@@ -139,10 +138,10 @@ def seed_everything(seed: int) -> None:
 def estimate_params(cfg) -> int:
     """Rough parameter count from the config (decides meta-device initialisation)."""
     v, h = cfg.vision, cfg.heads
-    mlp = (3 if v.ffn == "swiglu" else 2) * v.width * v.mlp_hidden
-    block = 4 * v.width * v.width + mlp
+    vision_block = 4 * v.width ** 2 + (3 if v.ffn == "swiglu" else 2) * v.width * v.mlp_hidden
+    text_block = 4 * v.width ** 2 + 2 * v.width * text_mlp_hidden(cfg)
     head = v.width * h.hidden + (h.nlayers - 2) * h.hidden ** 2 + h.hidden * h.bottleneck + h.bottleneck * h.prototypes
-    return (v.depth + cfg.text.depth) * block + cfg.text.vocab_size * v.width + 2 * head
+    return v.depth * vision_block + cfg.text.depth * text_block + cfg.text.vocab_size * v.width + 2 * head
 
 
 META_INIT_PARAMS = 100_000_000

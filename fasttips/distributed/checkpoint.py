@@ -21,6 +21,8 @@ import os
 import re
 import shutil
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -100,7 +102,8 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)     # a write that died earlier
             tmp.mkdir(parents=True)
         ctx.barrier()
-        dcp.save(sharded_state, checkpoint_id=str(tmp))
+        with _one_process_is_fine():
+            dcp.save(sharded_state, checkpoint_id=str(tmp))
         _write_file_atomic(tmp / f"rank_{ctx.rank:05d}.pt", _torch_bytes(rank_state))
         if ctx.is_main:
             for name, data in files.items():
@@ -139,7 +142,8 @@ class CheckpointManager:
         if not (path / MARKER).is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
         _drop_unstepped_optimizer_state(sharded_state, _saved_keys(path))
-        dcp.load(sharded_state, checkpoint_id=str(path))
+        with _one_process_is_fine():
+            dcp.load(sharded_state, checkpoint_id=str(path))
         meta = json.loads((path / "meta.json").read_text())
         rank_file = path / f"rank_{self.ctx.rank:05d}.pt"
         rank_state = None
@@ -165,6 +169,14 @@ def restore_training_state(state: dict, model, optimizer, **modules) -> None:
                    options=StateDictOptions(strict=False))
     for key, module in modules.items():
         module.load_state_dict(state[key])
+
+
+@contextmanager
+def _one_process_is_fine():
+    """DCP warns when no process group exists; a single-process run is intended, not an accident."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _saved_keys(path: Path) -> set[str]:

@@ -1,0 +1,52 @@
+"""``fasttips train``: the default job end to end (shortened), and --help."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fasttips import config as config_lib
+from fasttips.train import main
+
+
+def test_default_train_runs_end_to_end(tmp_path):
+    """The default preset and data, through the ``fasttips`` entry point, with 2 steps."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    done = subprocess.run([sys.executable, "-m", "fasttips.cli", "train", "train.steps=2",
+                           f"train.run_dir={run_dir}"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "GFLOP per training image" in done.stdout
+    assert "step 2/2" in done.stderr                       # the progress bar
+    assert "done, 2 steps" in done.stdout
+    saved = config_lib.load(run_dir / "config.yaml")
+    assert saved.preset == "tiny" and saved.data.source == "demo"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(isinstance(r["loss"], float) for r in records)
+    assert (run_dir / "loss_curve.png").is_file()
+    assert (run_dir / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+    assert (run_dir / "checkpoints" / "step_00000002" / "tokenizer.model").is_file()
+
+
+def test_help_documents_every_option_and_config_field(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--config", "--resume", "--no-progress", "key=value", "exit codes"):
+        assert option in text, option
+    for line in config_lib.describe().splitlines():
+        assert line.split()[0] in text, line
+
+
+def test_a_finished_run_directory_is_not_overwritten(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000001" / "COMPLETE").write_text("1\n")
+    code = main(["data.source=synthetic", "vision.depth=1", "text.depth=1", f"train.run_dir={run_dir}"])
+    assert code == 2
+    assert "--resume" in capsys.readouterr().err

@@ -1,0 +1,80 @@
+"""The FLOP model against hand counts, MFU, metrics.jsonl, the progress bar and the loss curve."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from fasttips import config as config_lib
+from fasttips.metrics import MetricsWriter, ProgressBar, flop_model, mfu, peak_flops, plot_loss_curve, read_metrics
+from fasttips.models import build_model
+
+
+def test_flop_model_matches_a_hand_count_for_vit_l():
+    cfg = config_lib.load(None, ["preset=vit-l", "data.n_local=0", "heads.prototypes=1024"])
+    D, H, L, p = 1024, 4096, 24, 14
+    N = (224 // p) ** 2 + 2                                       # 256 patches + 2 CLS
+    per_block = N * (8 * D * D + 4 * D * H) + 4 * N * N * D
+    vision_pass = 2 * 256 * 3 * p * p * D + L * per_block
+    fm = flop_model(cfg)
+    assert fm.vision == pytest.approx(3 * 2 * vision_pass)        # full + masked view, fwd + bwd
+    T = 64
+    text_pass = 12 * (T * (8 * D * D + 4 * D * H) + 4 * T * T * D)
+    assert fm.text == pytest.approx(3 * 2 * text_pass)            # two captions
+    head_row = 2 * (D * 2048 + 2048 * 2048 + 2048 * 256 + 256 * 1024)
+    assert fm.heads == pytest.approx(head_row * (1 + 256 * 3 + 256))
+    # ViT-L/14 forward at 224 px is ~ 2 × 0.3 G params × 258 tokens ≈ 160 GFLOP (+ attention)
+    assert 150e9 < vision_pass < 200e9
+
+
+def test_flop_model_counts_matmuls_of_the_real_model():
+    """Multiply-adds of every nn.Linear in one vision pass, counted by hooks, equal the model's."""
+    cfg = config_lib.load(None, ["vision.depth=2", "data.global_size=56"])
+    model = build_model(cfg, device="cpu")
+    counted = []
+
+    def hook(module, inputs, output):
+        counted.append(2 * inputs[0].numel() // module.in_features * module.in_features * module.out_features)
+
+    handles = [m.register_forward_hook(hook) for m in model.vision.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        model.vision(torch.randn(1, 3, 56, 56))
+    for h in handles:
+        h.remove()
+    N, D = 16 + 2, cfg.vision.width
+    attention = cfg.vision.depth * 4 * N * N * D                  # q·kᵀ and p·v (no nn.Linear)
+    cfg.data.n_local = 0
+    one_pass = flop_model(cfg).vision / 3 / 2                     # fwd+bwd = 3×, two global views
+    assert sum(counted) + attention == pytest.approx(one_pass, rel=1e-9)
+
+
+def test_mfu_and_peak():
+    assert mfu(1e9, 100.0, 1e12) == pytest.approx(0.1)
+    assert mfu(1e9, 100.0, None) is None
+    assert peak_flops(torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_metrics_writer_and_loss_curve(tmp_path):
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    for step in range(1, 4):
+        writer.write(step, {"loss": 3.0 / step, "loss/dino": 1.0, "mfu": None, "lr": torch.tensor(0.5)})
+    writer.write(4, {"loss": float("nan")})
+    writer.close()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[0]["lr"] == 0.5 and records[3]["loss"] == "nan"
+    json.dumps(records)                                           # plain JSON, no NaN literals
+    png = plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert png is not None and png.stat().st_size > 1000
+
+
+def test_progress_bar_prints_step_terms_rate_and_eta():
+    out = io.StringIO()
+    bar = ProgressBar(total=10, stream=out, every=5)
+    for step in range(10):
+        bar.update(step, loss=2.5, terms={"dino": 1.25}, images_per_s=42.0)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2                                        # not a tty: every 5 steps
+    assert lines[-1].startswith("step 10/10 [####################] loss 2.5000 (dino 1.250) 42.0 img/s ETA")
