@@ -99,3 +99,36 @@ def test_eval_set_validates_its_fields():
     with pytest.raises(ValueError, match="classify_classes"):
         EvalSet(torch.zeros(2, 3, 8, 8), class_names=["a", "b"], labels=torch.tensor([0, 1]),
                 classify_classes=[1])
+
+
+def test_foreground_only_segmentation_ignores_background(seed):
+    from fasttips.eval.evaluate import segmentation_metrics
+    names = ["background", "circle", "star"]
+    # 2×2 patches of 4×4 pixels; patch labels [[bg, circle], [star, bg]]
+    labels = torch.tensor([[[0, 1], [2, 0]]])
+    masks = labels.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    es = EvalSet(torch.zeros(1, 3, 8, 8), class_names=names, masks=masks)
+
+    def run(said):
+        patch = nn.functional.one_hot(torch.tensor([said]), 3).float() + 0.01 * torch.randn(1, 4, 3)
+        return segmentation_metrics(patch, torch.eye(3), es, per_class=True)
+
+    # every patch right: on object pixels (background not a candidate) no neighbour can win
+    assert run([0, 1, 2, 0])["seg/miou_fg"] == 1.0
+    # objects right, background called "circle": background IoU 0 drags mIoU down, objects-only
+    # mIoU only loses the star patch's corner pixels to bilinear blending with "circle" neighbours
+    res = run([1, 1, 2, 1])
+    assert res["seg/iou_per_class"]["background"] == 0.0
+    assert res["seg/miou"] < 0.7 < 0.9 < res["seg/miou_fg"]
+
+
+def test_constant_baseline_hand_computed():
+    from fasttips.eval.ablate import constant_baseline
+    # 10 pixels: 6 background, 3 circle, 1 star
+    masks = torch.tensor([[[0, 0, 0, 0, 0, 0, 1, 1, 1, 2]]])
+    es = EvalSet(torch.zeros(1, 3, 1, 10), class_names=["background", "circle", "star"], masks=masks)
+    base = constant_baseline(es)
+    assert base["seg/miou"] == pytest.approx(0.6 / 3)         # bg IoU 6/10; circle, star 0
+    assert base["seg/pixel_acc"] == pytest.approx(0.6)
+    assert base["seg/miou_fg"] == pytest.approx(0.75 / 2)     # "circle" on the 4 object pixels: 3/4
+    assert base["seg/pixel_acc_fg"] == pytest.approx(0.75)

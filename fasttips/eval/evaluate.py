@@ -8,6 +8,8 @@ Result keys (flat, so they can go straight into metrics.jsonl; values are fracti
   cls/cls{1,2}_acc                 zero-shot classification (image label vs class-name prompts)
   seg/miou, seg/pixel_acc          zero-shot segmentation: patch embeddings vs class names (TIPS),
                                    scored on the exact masks, classes absent from both ignored
+  seg/miou_fg, seg/pixel_acc_fg    the same on object pixels only, background not a candidate
+                                   (when a class is named "background")
   n_images
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from .metrics import (IGNORE_INDEX, accuracy, confusion_matrix, iou_per_class, mean_iou, patch_grid,
                       pixel_accuracy, recall_at_k)
-from .zeroshot import DEFAULT_TEMPLATES, average_prompts, class_prompts, classify, normalize, segment
+from .zeroshot import DEFAULT_TEMPLATES, average_prompts, class_prompts, classify, normalize, segment_logits
 
 
 @dataclass
@@ -111,6 +113,39 @@ def retrieval_metrics(cls1, cls2, text_emb: dict[str, torch.Tensor]) -> dict[str
     return out
 
 
+BACKGROUND = "background"
+
+
+def segmentation_metrics(patch: torch.Tensor, class_emb: torch.Tensor, eval_set: EvalSet, batch_size: int = 32,
+                         per_class: bool = False) -> dict:
+    """mIoU and pixel accuracy over all classes; when a class is named "background", also the
+    foreground-only scores ``seg/miou_fg``, ``seg/pixel_acc_fg``: background pixels are ignored and
+    background is not a candidate, so the score asks only "is each object's patch closest to its
+    own name?" (a large background class that no prompt describes well otherwise dominates mIoU)."""
+    C = len(eval_set.class_names)
+    bg = eval_set.class_names.index(BACKGROUND) if BACKGROUND in eval_set.class_names else None
+    fg = torch.tensor([c for c in range(C) if c != bg])
+    cm = torch.zeros(C, C, dtype=torch.long)
+    cm_fg = torch.zeros(C, C, dtype=torch.long)
+    grid = patch_grid(patch.shape[1], tuple(eval_set.images.shape[-2:]))
+    mask_hw = tuple(eval_set.masks.shape[-2:])
+    for i in range(0, len(eval_set), batch_size):
+        logits = segment_logits(patch[i:i + batch_size], class_emb, mask_hw, grid)     # [b, C, H, W]
+        target = eval_set.masks[i:i + batch_size]
+        cm += confusion_matrix(logits.argmax(dim=1), target, C, IGNORE_INDEX)
+        if bg is not None:
+            pred_fg = fg[logits[:, fg].argmax(dim=1)]
+            cm_fg += confusion_matrix(pred_fg, target.masked_fill(target == bg, IGNORE_INDEX), C, IGNORE_INDEX)
+    out = {"seg/miou": mean_iou(cm), "seg/pixel_acc": pixel_accuracy(cm)}
+    if bg is not None:
+        out["seg/miou_fg"] = mean_iou(cm_fg)
+        out["seg/pixel_acc_fg"] = pixel_accuracy(cm_fg)
+    if per_class:
+        out["seg/iou_per_class"] = {name: (None if v != v else round(v, 4))
+                                    for name, v in zip(eval_set.class_names, iou_per_class(cm).tolist())}
+    return out
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, cfg=None, eval_set: EvalSet | None = None, n_images: int | None = None,
              templates: tuple[str, ...] = DEFAULT_TEMPLATES, batch_size: int = 32,
@@ -151,18 +186,7 @@ def evaluate(model, tokenizer, cfg=None, eval_set: EvalSet | None = None, n_imag
         result["cls/cls1_acc"] = accuracy(classify(feats["cls1"], class_emb[keep]), labels)
         result["cls/cls2_acc"] = accuracy(classify(feats["cls2"], class_emb[keep]), labels)
     if eval_set.masks is not None:
-        C = len(eval_set.class_names)
-        cm = torch.zeros(C, C, dtype=torch.long)
-        grid = patch_grid(feats["patch"].shape[1], tuple(eval_set.images.shape[-2:]))
-        for i in range(0, len(eval_set), batch_size):
-            pred = segment(feats["patch"][i:i + batch_size], class_emb, tuple(eval_set.masks.shape[-2:]), grid)
-            cm += confusion_matrix(pred, eval_set.masks[i:i + batch_size], C, IGNORE_INDEX)
-        result["seg/miou"] = mean_iou(cm)
-        result["seg/pixel_acc"] = pixel_accuracy(cm)
-        if per_class:
-            iou = iou_per_class(cm)
-            result["seg/iou_per_class"] = {name: (None if v != v else round(v, 4))
-                                           for name, v in zip(eval_set.class_names, iou.tolist())}
+        result.update(segmentation_metrics(feats["patch"], class_emb, eval_set, batch_size, per_class))
     if return_features:
         return result, feats
     return result

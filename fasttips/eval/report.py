@@ -9,6 +9,8 @@ from pathlib import Path
 TABLE_ROWS = (
     ("seg/miou", "zero-shot seg mIoU (patch vs class names)"),
     ("seg/pixel_acc", "zero-shot seg pixel accuracy"),
+    ("seg/miou_fg", "zero-shot seg mIoU, objects only"),
+    ("seg/pixel_acc_fg", "zero-shot seg pixel acc, objects only"),
     ("cls/cls1_acc", "zero-shot classification acc, CLS#1"),
     ("cls/cls2_acc", "zero-shot classification acc, CLS#2"),
     ("ret/cls1_alt/i2t_r1", "CLS#1 <-> alt-text  image->text R@1"),
