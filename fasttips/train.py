@@ -288,7 +288,8 @@ class Trainer:
             loss_sum = loss.detach() / accum if loss_sum is None else loss_sum + loss.detach() / accum
             for k, v in losses.items():
                 if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
-                    term_sums[k] = term_sums.get(k, 0) + v.detach().float().reshape(()) / accum
+                    v = v.detach().float().reshape(()).to(loss.device)
+                    term_sums[k] = term_sums.get(k, 0) + v / accum
             images += batch["alt_ids"].shape[0]
         if freeze:        # DINOv2 drops the frozen prototypes' gradient: no Adam moments either
             for p in self.prototype_params:
