@@ -104,7 +104,7 @@ def _fwd_rows(q_base, k_base, v_base, o_base, lse_base, pad_base, row_start, seq
         m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, k_base, v_base, pad_base, cols, seq_len,
                                   stride_kn, stride_vn, dims, qk_scale, HEAD_DIM, BLOCK_D,
                                   False, HAS_MASK, DOT_PRECISION)
-    for start_n in range(full_end, seq_len, TAIL_N):
+    for start_n in range(full_end, seq_len, TAIL_N):  # leftover keys: narrow masked steps
         cols = start_n + tl.arange(0, TAIL_N)
         m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, k_base, v_base, pad_base, cols, seq_len,
                                   stride_kn, stride_vn, dims, qk_scale, HEAD_DIM, BLOCK_D,
@@ -125,27 +125,34 @@ def attn_fwd_kernel(Q, K, V, O, LSE, PAD, CU_SEQLENS,
                     BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
                     HEADS_PER_PROG: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
-    """Grid: (cdiv(max_seqlen, BLOCK_M), cdiv(H, HEADS_PER_PROG), number of sequences)."""
+    """Grid: (max(1, max_seqlen // BLOCK_M), cdiv(H, HEADS_PER_PROG), number of sequences).
+
+    Program m owns the full row block m; the last one also takes the rows past the last full block.
+    """
     pid_m = tl.program_id(0)
     b = tl.program_id(2)
     seq_start, seq_len = _sequence(CU_SEQLENS, b, N, VARLEN)
-    row_start = pid_m * BLOCK_M
-    if row_start < seq_len:
+    n_full = seq_len // BLOCK_M
+    owns_tail = pid_m == tl.maximum(n_full, 1) - 1
+    if (pid_m < n_full) | owns_tail:
         for i in range(HEADS_PER_PROG):
             h = tl.program_id(1) * HEADS_PER_PROG + i
             if h < H:
-                q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh + seq_start.to(tl.int64) * stride_qn
-                k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh + seq_start.to(tl.int64) * stride_kn
-                v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh + seq_start.to(tl.int64) * stride_vn
-                o_base = O + b.to(tl.int64) * stride_ob + h * stride_oh + seq_start.to(tl.int64) * stride_on
-                lse_base = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + seq_start
-                pad_base = PAD + b.to(tl.int64) * stride_pb
-                if row_start + BLOCK_M <= seq_len:
-                    _fwd_rows(q_base, k_base, v_base, o_base, lse_base, pad_base, row_start, seq_len,
-                              stride_qn, stride_kn, stride_vn, stride_on, qk_scale, HEAD_DIM, BLOCK_D,
-                              BLOCK_M, BLOCK_N, TAIL_N, False, HAS_MASK, DOT_PRECISION)
-                else:  # the last, short row block: narrow sub-blocks instead of a mostly empty tile
-                    for sub_start in range(row_start, seq_len, TAIL_M):
+                b64 = b.to(tl.int64)
+                t0 = seq_start.to(tl.int64)
+                q_base = Q + b64 * stride_qb + h * stride_qh + t0 * stride_qn
+                k_base = K + b64 * stride_kb + h * stride_kh + t0 * stride_kn
+                v_base = V + b64 * stride_vb + h * stride_vh + t0 * stride_vn
+                o_base = O + b64 * stride_ob + h * stride_oh + t0 * stride_on
+                lse_base = LSE + b64 * stride_lb + h * stride_lh + seq_start
+                pad_base = PAD + b64 * stride_pb
+                if pid_m < n_full:
+                    _fwd_rows(q_base, k_base, v_base, o_base, lse_base, pad_base, pid_m * BLOCK_M,
+                              seq_len, stride_qn, stride_kn, stride_vn, stride_on, qk_scale, HEAD_DIM,
+                              BLOCK_D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_MASK, DOT_PRECISION)
+                if owns_tail:  # the remainder in TAIL_M-row sub-blocks (short configs: one block)
+                    tail_start = n_full * BLOCK_M
+                    for sub_start in range(tail_start, seq_len, TAIL_M):
                         _fwd_rows(q_base, k_base, v_base, o_base, lse_base, pad_base, sub_start,
                                   seq_len, stride_qn, stride_kn, stride_vn, stride_on, qk_scale,
                                   HEAD_DIM, BLOCK_D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_MASK,
@@ -153,7 +160,108 @@ def attn_fwd_kernel(Q, K, V, O, LSE, PAD, CU_SEQLENS,
 
 
 # --------------------------------------------------------------------------------------------------
-# backward, pass 1: dK and dV for a block of keys, looping over all query rows
+# backward, pass 1: dQ for a block of query rows, looping over all keys. It also computes and stores
+# delta_i = Σ_d out·dout (= Σ_j p_ij dp_ij, the softmax-backward row term) for pass 2, so no
+# separate preprocessing pass reads out and dout.
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _dq_step(q, do, dq, lse2, delta, k_base, v_base, pad_base, cols, seq_len, stride_kn, stride_vn,
+             dims, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KEY_BOUNDS: tl.constexpr,
+             HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    k = _load_rows(k_base, cols, seq_len, stride_kn, dims, HEAD_DIM, BLOCK_D, KEY_BOUNDS)
+    v = _load_rows(v_base, cols, seq_len, stride_vn, dims, HEAD_DIM, BLOCK_D, KEY_BOUNDS)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse2[:, None])
+    if KEY_BOUNDS:
+        p = tl.where(cols[None, :] < seq_len, p, 0.0)
+    if HAS_MASK:
+        pad = tl.load(pad_base + cols, mask=cols < seq_len, other=1) != 0
+        p = tl.where(pad[None, :], 0.0, p)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_rows(q_base, k_base, v_base, o_base, do_base, lse_base, delta_base, pad_base, dq_base,
+             row_start, seq_len, stride_qn, stride_kn, stride_vn, stride_on, stride_don, stride_dqn,
+             scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+             BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, ROW_BOUNDS: tl.constexpr,
+             HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    rows = row_start + tl.arange(0, ROWS)
+    dims = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_base, rows, seq_len, stride_qn, dims, HEAD_DIM, BLOCK_D, ROW_BOUNDS)
+    do = _load_rows(do_base, rows, seq_len, stride_don, dims, HEAD_DIM, BLOCK_D, ROW_BOUNDS)
+    o = _load_rows(o_base, rows, seq_len, stride_on, dims, HEAD_DIM, BLOCK_D, ROW_BOUNDS)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if ROW_BOUNDS:  # rows past the end: LSE = +inf makes p = 0
+        lse2 = tl.load(lse_base + rows, mask=rows < seq_len, other=float("inf")) * 1.4426950408889634
+        tl.store(delta_base + rows, delta, mask=rows < seq_len)
+    else:
+        lse2 = tl.load(lse_base + rows) * 1.4426950408889634
+        tl.store(delta_base + rows, delta)
+    dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    full_end = (seq_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        dq = _dq_step(q, do, dq, lse2, delta, k_base, v_base, pad_base, cols, seq_len, stride_kn,
+                      stride_vn, dims, qk_scale, HEAD_DIM, BLOCK_D, False, HAS_MASK, DOT_PRECISION)
+    for start_n in range(full_end, seq_len, TAIL_N):
+        cols = start_n + tl.arange(0, TAIL_N)
+        dq = _dq_step(q, do, dq, lse2, delta, k_base, v_base, pad_base, cols, seq_len, stride_kn,
+                      stride_vn, dims, qk_scale, HEAD_DIM, BLOCK_D, True, HAS_MASK, DOT_PRECISION)
+    _store_rows(dq_base, dq * scale, rows, seq_len, stride_dqn, dims, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, PAD, DQ, CU_SEQLENS,
+                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                       stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                       stride_lb, stride_lh, stride_pb, H, N, SEQ_BUCKET, scale, qk_scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+                       HEADS_PER_PROG: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """Grid: (max(1, max_seqlen // BLOCK_M), cdiv(H, HEADS_PER_PROG), number of sequences)."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(2)
+    seq_start, seq_len = _sequence(CU_SEQLENS, b, N, VARLEN)
+    n_full = seq_len // BLOCK_M
+    owns_tail = pid_m == tl.maximum(n_full, 1) - 1
+    if (pid_m < n_full) | owns_tail:
+        for i in range(HEADS_PER_PROG):
+            h = tl.program_id(1) * HEADS_PER_PROG + i
+            if h < H:
+                b64 = b.to(tl.int64)
+                t0 = seq_start.to(tl.int64)
+                q_base = Q + b64 * stride_qb + h * stride_qh + t0 * stride_qn
+                k_base = K + b64 * stride_kb + h * stride_kh + t0 * stride_kn
+                v_base = V + b64 * stride_vb + h * stride_vh + t0 * stride_vn
+                o_base = O + b64 * stride_ob + h * stride_oh + t0 * stride_on
+                do_base = DO + b64 * stride_dob + h * stride_doh + t0 * stride_don
+                dq_base = DQ + b64 * stride_dqb + h * stride_dqh + t0 * stride_dqn
+                lse_base = LSE + b64 * stride_lb + h * stride_lh + seq_start
+                delta_base = DELTA + b64 * stride_lb + h * stride_lh + seq_start
+                pad_base = PAD + b64 * stride_pb
+                if pid_m < n_full:
+                    _dq_rows(q_base, k_base, v_base, o_base, do_base, lse_base, delta_base, pad_base,
+                             dq_base, pid_m * BLOCK_M, seq_len, stride_qn, stride_kn, stride_vn,
+                             stride_on, stride_don, stride_dqn, scale, qk_scale, HEAD_DIM, BLOCK_D,
+                             BLOCK_M, BLOCK_N, TAIL_N, False, HAS_MASK, DOT_PRECISION)
+                if owns_tail:
+                    tail_start = n_full * BLOCK_M
+                    for sub_start in range(tail_start, seq_len, TAIL_M):
+                        _dq_rows(q_base, k_base, v_base, o_base, do_base, lse_base, delta_base,
+                                 pad_base, dq_base, sub_start, seq_len, stride_qn, stride_kn,
+                                 stride_vn, stride_on, stride_don, stride_dqn, scale, qk_scale,
+                                 HEAD_DIM, BLOCK_D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_MASK,
+                                 DOT_PRECISION)
+
+
+# --------------------------------------------------------------------------------------------------
+# backward, pass 2: dK and dV for a block of keys, looping over all query rows (uses pass 1's delta)
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _dkdv_step(k, v, dk, dv, q_base, do_base, lse_base, delta_base, rows, seq_len, stride_qn,
@@ -220,12 +328,13 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PAD, DK, DV, CU_SEQLENS,
                          BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
                          HEADS_PER_PROG: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
-    """Grid: (cdiv(max_seqlen, BLOCK_N), cdiv(H, HEADS_PER_PROG), number of sequences)."""
+    """Grid: (max(1, max_seqlen // BLOCK_N), cdiv(H, HEADS_PER_PROG), number of sequences)."""
     pid_n = tl.program_id(0)
     b = tl.program_id(2)
     seq_start, seq_len = _sequence(CU_SEQLENS, b, N, VARLEN)
-    col_start = pid_n * BLOCK_N
-    if col_start < seq_len:
+    n_full = seq_len // BLOCK_N
+    owns_tail = pid_n == tl.maximum(n_full, 1) - 1
+    if (pid_n < n_full) | owns_tail:
         for i in range(HEADS_PER_PROG):
             h = tl.program_id(1) * HEADS_PER_PROG + i
             if h < H:
@@ -240,108 +349,17 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PAD, DK, DV, CU_SEQLENS,
                 lse_base = LSE + b64 * stride_lb + h * stride_lh + seq_start
                 delta_base = DELTA + b64 * stride_lb + h * stride_lh + seq_start
                 pad_base = PAD + b64 * stride_pb
-                if col_start + BLOCK_N <= seq_len:
+                if pid_n < n_full:
                     _dkdv_cols(q_base, k_base, v_base, do_base, lse_base, delta_base, pad_base,
-                               dk_base, dv_base, col_start, seq_len, stride_qn, stride_kn, stride_vn,
-                               stride_don, stride_dkn, stride_dvn, scale, qk_scale, HEAD_DIM,
-                               BLOCK_D, BLOCK_N, BLOCK_M, TAIL_M, False, HAS_MASK, DOT_PRECISION)
-                else:  # the last, short key block: narrow sub-blocks
-                    for sub_start in range(col_start, seq_len, TAIL_N):
-                        _dkdv_cols(q_base, k_base, v_base, do_base, lse_base, delta_base, pad_base,
-                                   dk_base, dv_base, sub_start, seq_len, stride_qn, stride_kn,
-                                   stride_vn, stride_don, stride_dkn, stride_dvn, scale, qk_scale,
-                                   HEAD_DIM, BLOCK_D, TAIL_N, BLOCK_M, TAIL_M, True, HAS_MASK,
-                                   DOT_PRECISION)
-
-
-# --------------------------------------------------------------------------------------------------
-# backward, pass 2: dQ for a block of query rows, looping over all keys
-# --------------------------------------------------------------------------------------------------
-@triton.jit
-def _dq_step(q, do, dq, lse2, delta, k_base, v_base, pad_base, cols, seq_len, stride_kn, stride_vn,
-             dims, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KEY_BOUNDS: tl.constexpr,
-             HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    k = _load_rows(k_base, cols, seq_len, stride_kn, dims, HEAD_DIM, BLOCK_D, KEY_BOUNDS)
-    v = _load_rows(v_base, cols, seq_len, stride_vn, dims, HEAD_DIM, BLOCK_D, KEY_BOUNDS)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    p = tl.math.exp2(s - lse2[:, None])
-    if KEY_BOUNDS:
-        p = tl.where(cols[None, :] < seq_len, p, 0.0)
-    if HAS_MASK:
-        pad = tl.load(pad_base + cols, mask=cols < seq_len, other=1) != 0
-        p = tl.where(pad[None, :], 0.0, p)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    return dq
-
-
-@triton.jit
-def _dq_rows(q_base, k_base, v_base, do_base, lse_base, delta_base, pad_base, dq_base, row_start,
-             seq_len, stride_qn, stride_kn, stride_vn, stride_don, stride_dqn, scale, qk_scale,
-             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-             TAIL_N: tl.constexpr, ROW_BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
-    rows = row_start + tl.arange(0, ROWS)
-    dims = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_base, rows, seq_len, stride_qn, dims, HEAD_DIM, BLOCK_D, ROW_BOUNDS)
-    do = _load_rows(do_base, rows, seq_len, stride_don, dims, HEAD_DIM, BLOCK_D, ROW_BOUNDS)
-    if ROW_BOUNDS:
-        lse2 = tl.load(lse_base + rows, mask=rows < seq_len, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(delta_base + rows, mask=rows < seq_len, other=0.0)
-    else:
-        lse2 = tl.load(lse_base + rows) * 1.4426950408889634
-        delta = tl.load(delta_base + rows)
-    dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
-    full_end = (seq_len // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        dq = _dq_step(q, do, dq, lse2, delta, k_base, v_base, pad_base, cols, seq_len, stride_kn,
-                      stride_vn, dims, qk_scale, HEAD_DIM, BLOCK_D, False, HAS_MASK, DOT_PRECISION)
-    for start_n in range(full_end, seq_len, TAIL_N):
-        cols = start_n + tl.arange(0, TAIL_N)
-        dq = _dq_step(q, do, dq, lse2, delta, k_base, v_base, pad_base, cols, seq_len, stride_kn,
-                      stride_vn, dims, qk_scale, HEAD_DIM, BLOCK_D, True, HAS_MASK, DOT_PRECISION)
-    _store_rows(dq_base, dq * scale, rows, seq_len, stride_dqn, dims, HEAD_DIM, BLOCK_D)
-
-
-@triton.jit
-def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, PAD, DQ, CU_SEQLENS,
-                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                       stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-                       stride_dqb, stride_dqh, stride_dqn,
-                       stride_lb, stride_lh, stride_pb, H, N, SEQ_BUCKET, scale, qk_scale,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
-                       HEADS_PER_PROG: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
-    """Grid: (cdiv(max_seqlen, BLOCK_M), cdiv(H, HEADS_PER_PROG), number of sequences)."""
-    pid_m = tl.program_id(0)
-    b = tl.program_id(2)
-    seq_start, seq_len = _sequence(CU_SEQLENS, b, N, VARLEN)
-    row_start = pid_m * BLOCK_M
-    if row_start < seq_len:
-        for i in range(HEADS_PER_PROG):
-            h = tl.program_id(1) * HEADS_PER_PROG + i
-            if h < H:
-                b64 = b.to(tl.int64)
-                t0 = seq_start.to(tl.int64)
-                q_base = Q + b64 * stride_qb + h * stride_qh + t0 * stride_qn
-                k_base = K + b64 * stride_kb + h * stride_kh + t0 * stride_kn
-                v_base = V + b64 * stride_vb + h * stride_vh + t0 * stride_vn
-                do_base = DO + b64 * stride_dob + h * stride_doh + t0 * stride_don
-                dq_base = DQ + b64 * stride_dqb + h * stride_dqh + t0 * stride_dqn
-                lse_base = LSE + b64 * stride_lb + h * stride_lh + seq_start
-                delta_base = DELTA + b64 * stride_lb + h * stride_lh + seq_start
-                pad_base = PAD + b64 * stride_pb
-                if row_start + BLOCK_M <= seq_len:
-                    _dq_rows(q_base, k_base, v_base, do_base, lse_base, delta_base, pad_base, dq_base,
-                             row_start, seq_len, stride_qn, stride_kn, stride_vn, stride_don,
-                             stride_dqn, scale, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TAIL_N,
-                             False, HAS_MASK, DOT_PRECISION)
-                else:
-                    for sub_start in range(row_start, seq_len, TAIL_M):
-                        _dq_rows(q_base, k_base, v_base, do_base, lse_base, delta_base, pad_base,
-                                 dq_base, sub_start, seq_len, stride_qn, stride_kn, stride_vn,
-                                 stride_don, stride_dqn, scale, qk_scale, HEAD_DIM, BLOCK_D, TAIL_M,
-                                 BLOCK_N, TAIL_N, True, HAS_MASK, DOT_PRECISION)
+                               dk_base, dv_base, pid_n * BLOCK_N, seq_len, stride_qn, stride_kn,
+                               stride_vn, stride_don, stride_dkn, stride_dvn, scale, qk_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, TAIL_M, False, HAS_MASK,
+                               DOT_PRECISION)
+                if owns_tail:
+                    tail_start = n_full * BLOCK_N
+                    for sub_start in range(tail_start, seq_len, TAIL_N):
+                        _dkdv_cols(q_base, k_base, v_base, do_base, lse_base, delta_base,
+                                   pad_base, dk_base, dv_base, sub_start, seq_len, stride_qn,
+                                   stride_kn, stride_vn, stride_don, stride_dkn, stride_dvn,
+                                   scale, qk_scale, HEAD_DIM, BLOCK_D, TAIL_N, BLOCK_M, TAIL_M,
+                                   True, HAS_MASK, DOT_PRECISION)

@@ -24,32 +24,38 @@ from .._backend import interpreting
 from . import kernels as K
 
 MAX_HEAD_DIM = 128
-TAIL = 16  # narrow step for leftover keys / query rows: tl.dot's smallest friendly width
-SHORT_SEQ = 128  # sequences up to this length use the several-heads-per-program configurations
+SHORT_SEQ = 128  # sequences up to this length use the short-sequence configurations
 
 
-def _cfg(block_m, block_n, heads, warps, stages):
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, HEADS_PER_PROG=heads, num_warps=warps,
-                num_stages=stages)
+def _cfg(block_m, block_n, heads, warps, stages, tail_m=16, tail_n=16):
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, HEADS_PER_PROG=heads, TAIL_M=tail_m, TAIL_N=tail_n,
+                num_warps=warps, num_stages=stages)
 
 
-# (BLOCK_M, BLOCK_N, HEADS_PER_PROG, num_warps, num_stages). Every entry is compiled for sm_90a by
-# the Hopper gate in tests/kernels/test_attention.py, so keep the lists short and deliberate.
+# Every entry is compiled for sm_90a by the Hopper gate (hopper_gate.py), which rejects register
+# spills, so keep the lists short. TAIL_M / TAIL_N are the widths of the narrow steps over the rows /
+# keys left past the last full block: 16 (tl.dot's smallest friendly width) for N = 257 or 1025 (one
+# CLS-like extra token); for short sequences one masked block (N = 50 runs as one 64 × 64 tile per
+# head). "wide" serves head dims 65..128 (72 runs as 128, and its 144-byte rows do not vectorise):
+# smaller tiles, or the kernels spill.
 FWD_CONFIGS = {
-    "long": [_cfg(128, 64, 1, 4, 3), _cfg(64, 64, 1, 4, 3), _cfg(128, 128, 1, 8, 3)],
-    "short": [_cfg(64, 64, 2, 4, 2), _cfg(64, 32, 4, 4, 2)],
+    "long": [_cfg(128, 64, 1, 4, 3), _cfg(64, 64, 1, 4, 3)],
+    "short": [_cfg(64, 64, 2, 4, 1, 64, 64), _cfg(64, 64, 1, 4, 2, 64, 64)],
+    "wide": [_cfg(64, 32, 1, 4, 2)],
 }
-# dK/dV: BLOCK_N keys per program, BLOCK_M query rows per inner step.
-DKDV_CONFIGS = {
-    "long": [_cfg(32, 128, 1, 4, 3), _cfg(64, 128, 1, 8, 2), _cfg(64, 64, 1, 4, 3)],
-    "short": [_cfg(64, 64, 2, 4, 2), _cfg(32, 64, 4, 4, 2)],
-}
-# dQ: BLOCK_M query rows per program, BLOCK_N keys per inner step.
+# dQ (backward pass 1): BLOCK_M query rows per program, BLOCK_N keys per inner step.
 DQ_CONFIGS = {
-    "long": [_cfg(128, 32, 1, 4, 3), _cfg(128, 64, 1, 8, 2), _cfg(64, 64, 1, 4, 3)],
-    "short": [_cfg(64, 64, 2, 4, 2), _cfg(64, 32, 4, 4, 2)],
+    "long": [_cfg(128, 32, 1, 4, 3), _cfg(64, 64, 1, 4, 3)],
+    "short": [_cfg(64, 64, 1, 4, 2, 32, 32)],
+    "wide": [_cfg(64, 32, 1, 4, 2)],
 }
-# Under the interpreter: small blocks so that tests hit full tiles, key tails and row tails at
+# dK/dV (backward pass 2): BLOCK_N keys per program, BLOCK_M query rows per inner step.
+DKDV_CONFIGS = {
+    "long": [_cfg(32, 128, 1, 4, 3), _cfg(64, 64, 1, 4, 3)],
+    "short": [_cfg(32, 64, 1, 4, 2, 32, 32), _cfg(64, 64, 1, 4, 2, 32, 32)],
+    "wide": [_cfg(32, 64, 1, 8, 2)],
+}
+# Under the interpreter: small blocks so that tests hit full tiles, narrow key and row tails at
 # N = 50, and several heads per program. Tests may swap this dict (monkeypatch).
 INTERPRET_CONFIG = _cfg(32, 32, 2, 4, 1)
 
@@ -59,7 +65,10 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _family(max_seqlen: int) -> str:
+def family(max_seqlen: int, head_dim: int) -> str:
+    """Which configuration list serves this launch."""
+    if block_d(head_dim) > 64:
+        return "wide"
     return "short" if max_seqlen <= SHORT_SEQ else "long"
 
 
@@ -81,8 +90,8 @@ def _autotuned(name: str, family: str):
 def _launch(name: str, max_seqlen: int, n_seqs: int, H: int, program_axis: str, args: tuple,
             consts: dict):
     """Launch kernel ``name``: autotuned on a GPU, with INTERPRET_CONFIG under the interpreter."""
-    def grid(meta):
-        return (triton.cdiv(max_seqlen, meta[program_axis]), triton.cdiv(H, meta["HEADS_PER_PROG"]),
+    def grid(meta):  # one program per full block; the last one also takes the short remainder
+        return (max(1, max_seqlen // meta[program_axis]), triton.cdiv(H, meta["HEADS_PER_PROG"]),
                 n_seqs)
 
     if interpreting():
@@ -92,7 +101,7 @@ def _launch(name: str, max_seqlen: int, n_seqs: int, H: int, program_axis: str, 
                   "dq": K.attn_bwd_dq_kernel}[name]
         kernel[grid(launch)](*args, **consts, **launch)
     else:
-        _autotuned(name, _family(max_seqlen))[grid](*args, **consts)
+        _autotuned(name, family(max_seqlen, consts["HEAD_DIM"]))[grid](*args, **consts)
 
 
 def _seq_bucket(max_seqlen: int) -> int:
@@ -113,7 +122,7 @@ def _layout_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
 
 def _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen):
     D = q.shape[-1]
-    return dict(HEAD_DIM=D, BLOCK_D=block_d(D), TAIL_M=TAIL, TAIL_N=TAIL,
+    return dict(HEAD_DIM=D, BLOCK_D=block_d(D),
                 HAS_MASK=key_padding_mask is not None, VARLEN=cu_seqlens is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
@@ -155,22 +164,19 @@ def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_se
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or n_seqs == 0 or max_seqlen == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    # delta_i = Σ_d out·dout = Σ_j p_ij dp_ij, the softmax-backward row term (one small fp32 pass)
-    delta = (out.float() * dout.float()).sum(-1)
-    delta = delta.t().contiguous() if varlen else delta.contiguous()
+    delta = torch.empty_like(lse)  # written by the dQ pass, read by the dK/dV pass
     pad, stride_pb = _pad_arg(key_padding_mask, q)
     cu = cu_seqlens if varlen else q
     consts = _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen)
     tail = (*_lse_strides(lse, varlen), stride_pb, H, N, _seq_bucket(max_seqlen), scale,
             scale * K.LOG2E)
-    base = (*_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen),
-            *_layout_strides(dout, varlen))
-    _launch("dkdv", max_seqlen, n_seqs, H, "BLOCK_N",
-            (q, k, v, dout, lse, delta, pad, dk, dv, cu, *base, *_layout_strides(dk, varlen),
-             *_layout_strides(dv, varlen), *tail), consts)
+    qkv = (*_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen))
     _launch("dq", max_seqlen, n_seqs, H, "BLOCK_M",
-            (q, k, v, dout, lse, delta, pad, dq, cu, *base, *_layout_strides(dq, varlen), *tail),
-            consts)
+            (q, k, v, out, dout, lse, delta, pad, dq, cu, *qkv, *_layout_strides(out, varlen),
+             *_layout_strides(dout, varlen), *_layout_strides(dq, varlen), *tail), consts)
+    _launch("dkdv", max_seqlen, n_seqs, H, "BLOCK_N",
+            (q, k, v, dout, lse, delta, pad, dk, dv, cu, *qkv, *_layout_strides(dout, varlen),
+             *_layout_strides(dk, varlen), *_layout_strides(dv, varlen), *tail), consts)
     return dq, dk, dv
 
 

@@ -1,0 +1,96 @@
+"""The Hopper compile gate for the attention kernels: every kernel × every autotune configuration,
+compiled ahead of time for sm_90a (no GPU needed), checked by ``fasttips.testing``.
+
+Each configuration is compiled in bf16 and in fp16, at the head dims its list serves (64 for "long"
+and "short"; 72 and 128 for "wide"), with key padding and varlen on so that every optional path is in
+the code. Pointers, and strides where the head dim makes them so, are declared multiples of 16 as a
+real launch specialises them (72-wide rows are not: those loads stay scalar, as they would on the GPU).
+``compile_all`` spreads the compiles over processes (seconds each, mostly ptxas and Python).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import inspect
+import multiprocessing as mp
+import os
+
+from . import kernels as K
+from . import triton as T
+
+KERNELS = {"fwd": (K.attn_fwd_kernel, T.FWD_CONFIGS),
+           "dq": (K.attn_bwd_dq_kernel, T.DQ_CONFIGS),
+           "dkdv": (K.attn_bwd_dkdv_kernel, T.DKDV_CONFIGS)}
+SIGNATURES = {"long": (("bf16", 64), ("fp16", 64)), "short": (("bf16", 64), ("fp16", 64)),
+              "wide": (("bf16", 72), ("fp16", 128))}
+
+
+def cases() -> list[tuple[str, str, int, str, int]]:
+    """(kernel, family, config index, dtype, head dim) for every compile the gate makes."""
+    return [(name, family, i, dtype, head_dim)
+            for name, (_, configs) in KERNELS.items() for family in configs
+            for i in range(len(configs[family])) for dtype, head_dim in SIGNATURES[family]]
+
+
+def signature(kernel, dtype: str) -> dict:
+    fn = getattr(kernel, "fn", kernel)
+    types = {}
+    for arg in inspect.signature(fn).parameters:
+        if arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+            types[arg] = f"*{dtype}"
+        elif arg in ("LSE", "DELTA"):
+            types[arg] = "*fp32"
+        elif arg == "PAD":
+            types[arg] = "*u8"
+        elif arg == "CU_SEQLENS":
+            types[arg] = "*i32"
+        elif arg in ("scale", "qk_scale"):
+            types[arg] = "fp32"
+        elif arg in ("H", "N") or not arg.isupper():
+            types[arg] = "i32"
+        else:
+            types[arg] = "constexpr"
+    return types
+
+
+def compile_case(case):
+    from fasttips.testing import compile_for_hopper
+
+    name, family, index, dtype, head_dim = case
+    kernel, configs = KERNELS[name]
+    cfg = configs[family][index]
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=T.block_d(head_dim), HAS_MASK=True, VARLEN=True,
+                      DOT_PRECISION="tf32",
+                      **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
+    types = signature(kernel, dtype)
+    # LSE / padding strides (multiples of N) are left unaligned: N = 257 is not a multiple of 16
+    aligned = [a for a, t in types.items() if t.startswith("*") or (
+        a.startswith("stride_") and a not in ("stride_lb", "stride_lh", "stride_pb")
+        and head_dim % 16 == 0)]
+    return compile_for_hopper(kernel, types, constexprs, num_warps=cfg["num_warps"],
+                              num_stages=cfg["num_stages"], divisible_by_16=tuple(aligned),
+                              name=f"{name}/{family}/{cfg}/{dtype}/d{head_dim}")
+
+
+def compile_all(workers: int | None = None) -> dict:
+    """{case: HopperReport or the exception raised while compiling it}."""
+    todo = cases()
+    workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
+    results = {}
+    # The workers must import triton in compile mode: under TRITON_INTERPRET=1 the helper
+    # @triton.jit functions the kernels call would be interpreter objects the compiler rejects.
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(compile_case, c): c for c in todo}
+            for fut in cf.as_completed(futures):
+                try:
+                    results[futures[fut]] = fut.result()
+                except Exception as exc:  # reported by the test of that case
+                    results[futures[fut]] = exc
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return results
