@@ -121,3 +121,35 @@ def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int
         has_hgmma="HGMMA" in sass,
         has_wgmma_ptx="wgmma" in compiled.asm["ptx"],
     )
+
+
+def compile_in_workers(compile_case, cases, workers: int | None = None) -> dict:
+    """Run ``compile_case(case)`` for every case in spawned processes with TRITON_INTERPRET=0.
+
+    Returns {case: HopperReport, or the exception its compile raised} so each case's test can report
+    its own failure. Spawned workers are needed because under TRITON_INTERPRET=1 the @triton.jit
+    helpers a kernel calls (tl.sum, tl.zeros, ...) are interpreter objects the compiler rejects;
+    ``compile_case`` must be a module-level function so it can be pickled.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    todo = list(cases)
+    workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"           # inherited by the spawned workers
+    results = {}
+    try:
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(compile_case, c): c for c in todo}
+            for fut in cf.as_completed(futures):
+                try:
+                    results[futures[fut]] = fut.result()
+                except Exception as exc:
+                    results[futures[fut]] = exc
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return results

@@ -8,10 +8,6 @@ spawned worker processes with TRITON_INTERPRET=0: under the interpreter, the lib
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
-import multiprocessing as mp
-import os
-
 BOTTLENECK = 256
 _FEATURE_POINTERS = ("zs_ptr", "zt_ptr", "ws_ptr", "wt_ptr", "z_ptr", "w_ptr")
 
@@ -58,22 +54,5 @@ def compile_case(case):
 
 def compile_all(workers: int | None = None) -> dict:
     """{case: HopperReport, or the exception its compile raised}."""
-    todo = cases()
-    workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"       # inherited by the spawned workers
-    results = {}
-    try:
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(compile_case, c): c for c in todo}
-            for fut in cf.as_completed(futures):
-                try:
-                    results[futures[fut]] = fut.result()
-                except Exception as exc:   # reported by that case's test
-                    results[futures[fut]] = exc
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    return results
+    from fasttips.testing import compile_in_workers
+    return compile_in_workers(compile_case, cases(), workers)
