@@ -19,7 +19,8 @@ from . import triton as T
 
 KERNELS = {"fwd": (K.attn_fwd_kernel, T.FWD_CONFIGS),
            "dq": (K.attn_bwd_dq_kernel, T.DQ_CONFIGS),
-           "dkdv": (K.attn_bwd_dkdv_kernel, T.DKDV_CONFIGS)}
+           "dkdv": (K.attn_bwd_dkdv_kernel, T.DKDV_CONFIGS),
+           "bwd_short": (K.attn_bwd_short_kernel, T.SHORT_BWD_CONFIGS)}
 SIGNATURES = {"long": (("bf16", 64), ("fp16", 64)), "short": (("bf16", 64), ("fp16", 64)),
               "wide": (("bf16", 72), ("fp16", 128))}
 
@@ -61,6 +62,9 @@ def compile_case(case):
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=T.block_d(head_dim), HAS_MASK=True, VARLEN=True,
                       DOT_PRECISION="tf32",
                       **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
+    if name == "bwd_short":  # one tile per head: no block / tail shapes beyond BLOCK
+        constexprs = {k: v for k, v in constexprs.items() if not k.startswith(("BLOCK_", "TAIL_"))}
+        constexprs.update(BLOCK=T.SHORT_BWD_BLOCK, BLOCK_D=T.block_d(head_dim))
     types = signature(kernel, dtype)
     # LSE / padding strides (multiples of N) are left unaligned: N = 257 is not a multiple of 16
     aligned = [a for a, t in types.items() if t.startswith("*") or (

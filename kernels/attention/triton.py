@@ -55,6 +55,13 @@ DKDV_CONFIGS = {
     "short": [_cfg(32, 64, 1, 4, 2, 32, 32), _cfg(64, 64, 1, 4, 2, 32, 32)],
     "wide": [_cfg(32, 64, 1, 8, 2)],
 }
+# One-tile backward for sequences of at most SHORT_BWD_BLOCK tokens and head dims ≤ 64 (the N = 50
+# local crops): dQ, dK, dV in one pass. Only warps and heads per program vary.
+SHORT_BWD_BLOCK = 64
+SHORT_BWD_MAX = SHORT_BWD_BLOCK  # tests set 0 to send short sequences through the two-pass backward
+SHORT_BWD_CONFIGS = {"short": [_cfg(SHORT_BWD_BLOCK, SHORT_BWD_BLOCK, 1, 4, 1),
+                               _cfg(SHORT_BWD_BLOCK, SHORT_BWD_BLOCK, 1, 8, 1),
+                               _cfg(SHORT_BWD_BLOCK, SHORT_BWD_BLOCK, 4, 8, 1)]}
 # Under the interpreter: small blocks so that tests hit full tiles, narrow key and row tails at
 # N = 50, and several heads per program. Tests may swap this dict (monkeypatch).
 INTERPRET_CONFIG = _cfg(32, 32, 2, 4, 1)
@@ -78,10 +85,13 @@ def _autotuned(name: str, family: str):
         "fwd": (K.attn_fwd_kernel, FWD_CONFIGS),
         "dkdv": (K.attn_bwd_dkdv_kernel, DKDV_CONFIGS),
         "dq": (K.attn_bwd_dq_kernel, DQ_CONFIGS),
+        "bwd_short": (K.attn_bwd_short_kernel, SHORT_BWD_CONFIGS),
     }[name]
     tconfigs = []
     for c in configs[family]:
         meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
+        if name == "bwd_short":
+            meta = {"HEADS_PER_PROG": c["HEADS_PER_PROG"]}
         tconfigs.append(triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"]))
     key = ["SEQ_BUCKET", "H", "HEAD_DIM", "HAS_MASK", "VARLEN"]
     return triton.autotune(configs=tconfigs, key=key)(kernel)
@@ -90,15 +100,17 @@ def _autotuned(name: str, family: str):
 def _launch(name: str, max_seqlen: int, n_seqs: int, H: int, program_axis: str, args: tuple,
             consts: dict):
     """Launch kernel ``name``: autotuned on a GPU, with INTERPRET_CONFIG under the interpreter."""
-    def grid(meta):  # one program per full block; the last one also takes the short remainder
-        return (max(1, max_seqlen // meta[program_axis]), triton.cdiv(H, meta["HEADS_PER_PROG"]),
-                n_seqs)
+    def grid(meta):  # one program per full block plus one for the short remainder (or one tile)
+        blocks = 1 if program_axis is None else triton.cdiv(max_seqlen, meta[program_axis])
+        return (blocks, triton.cdiv(H, meta["HEADS_PER_PROG"]), n_seqs)
 
     if interpreting():
         cfg = dict(INTERPRET_CONFIG)
         launch = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+        if name == "bwd_short":
+            launch = {"HEADS_PER_PROG": cfg["HEADS_PER_PROG"]}
         kernel = {"fwd": K.attn_fwd_kernel, "dkdv": K.attn_bwd_dkdv_kernel,
-                  "dq": K.attn_bwd_dq_kernel}[name]
+                  "dq": K.attn_bwd_dq_kernel, "bwd_short": K.attn_bwd_short_kernel}[name]
         kernel[grid(launch)](*args, **consts, **launch)
     else:
         _autotuned(name, family(max_seqlen, consts["HEAD_DIM"]))[grid](*args, **consts)
@@ -164,13 +176,20 @@ def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_se
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or n_seqs == 0 or max_seqlen == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty_like(lse)  # written by the dQ pass, read by the dK/dV pass
     pad, stride_pb = _pad_arg(key_padding_mask, q)
     cu = cu_seqlens if varlen else q
     consts = _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen)
     tail = (*_lse_strides(lse, varlen), stride_pb, H, N, _seq_bucket(max_seqlen), scale,
             scale * K.LOG2E)
     qkv = (*_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen))
+    if max_seqlen <= SHORT_BWD_MAX and q.shape[-1] <= 64:  # one tile per head: a single pass
+        _launch("bwd_short", max_seqlen, n_seqs, H, None,
+                (q, k, v, out, dout, lse, pad, dq, dk, dv, cu, *qkv, *_layout_strides(out, varlen),
+                 *_layout_strides(dout, varlen), *_layout_strides(dq, varlen),
+                 *_layout_strides(dk, varlen), *_layout_strides(dv, varlen), *tail),
+                dict(consts, BLOCK=SHORT_BWD_BLOCK))
+        return dq, dk, dv
+    delta = torch.empty_like(lse)  # written by the dQ pass, read by the dK/dV pass
     _launch("dq", max_seqlen, n_seqs, H, "BLOCK_M",
             (q, k, v, out, dout, lse, delta, pad, dq, cu, *qkv, *_layout_strides(out, varlen),
              *_layout_strides(dout, varlen), *_layout_strides(dq, varlen), *tail), consts)

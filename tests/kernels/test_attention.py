@@ -47,9 +47,13 @@ def _check_fwd_bwd(fn, ref_fn, inputs, seed):
 # interpreter parity (fp32)
 # ------------------------------------------------------------------------------------------------
 @interpreter
-@pytest.mark.parametrize("B,H,N,D", [(2, 3, 1, 64), (1, 3, 17, 72), (1, 5, 50, 64),
-                                     (1, 2, 100, 64), (1, 1, 257, 64), (1, 3, 33, 128)])
-def test_dense_matches_reference(B, H, N, D, seed, monkeypatch):
+@pytest.mark.parametrize("B,H,N,D,two_pass", [
+    (2, 3, 1, 64, False), (1, 3, 17, 72, False), (1, 5, 50, 64, False), (1, 5, 50, 64, True),
+    (1, 2, 100, 64, False), (1, 1, 257, 64, False), (1, 3, 33, 128, False)])
+def test_dense_matches_reference(B, H, N, D, two_pass, seed, monkeypatch):
+    # N ≤ 64 at D ≤ 64 takes the one-tile backward; two_pass sends it through dQ + dK/dV instead
+    if two_pass:
+        monkeypatch.setattr(T, "SHORT_BWD_MAX", 0)
     # 64-blocks for N ≥ 100: quicker at N = 257 (narrow tails: 1 row, 1 key past 256)
     if N == 100:  # tails as wide as a block, as the short-sequence configurations run them
         monkeypatch.setattr(T, "INTERPRET_CONFIG", T._cfg(64, 64, 1, 4, 1, 64, 64))
