@@ -1,17 +1,20 @@
-"""Triton flash-attention kernels (non-causal): forward, and backward as a dK/dV pass plus a dQ pass.
+"""Triton flash-attention kernels (non-causal).
+
+Forward: one kernel. Backward: a dQ pass (which also computes delta = rowsum(O∘dO)) then a dK/dV
+pass; sequences of at most 64 tokens instead take one fused pass (``attn_bwd_short_kernel``).
 
 Both layouts share one set of kernels. A program works on one (sequence b, group of heads) pair:
 - dense:  q[b, h, n, :] at ``b·stride_b + h·stride_h + n·stride_n``; every sequence has length N.
 - varlen: q[t, h, :] with t = cu_seqlens[b] + n, so ``stride_b = 0`` and the sequence start and length
   come from ``cu_seqlens``.
-LSE (natural log) and delta = rowsum(O∘dO) are fp32, [B, H, N] dense or [H, T] varlen.
+LSE (natural log) and delta are fp32, [B, H, N] dense or [H, T] varlen.
 
 Short-sequence tricks (kernel_anchors.md §2.1):
 - keys: the loop runs over full BLOCK_N tiles without bounds checks, then the 1..BLOCK_N-1 leftover
   keys take narrow TAIL_N-wide masked steps (N = 257 executes 272 key columns, not 320 or 384);
-- queries: a program whose row block would be cut short instead walks the leftover rows in TAIL_M-row
-  sub-blocks (N = 257 executes 272 query rows);
-- several heads per program (HEADS_PER_PROG) for the N = 50 local crops, to amortise the prologue.
+- queries: the rows past the last full block get a program of their own that walks them in
+  TAIL_M-row sub-blocks (N = 257 executes 272 query rows);
+- several heads per program (HEADS_PER_PROG) for short sequences, to amortise the prologue.
 Scores are kept in base 2: ``qk_scale = scale·log2(e)`` is folded in once and exp2 does the softmax.
 Rows whose keys are all padding get output 0 and LSE = +inf (so the backward's exp2(s − LSE) = 0).
 """
