@@ -14,6 +14,10 @@ Faults: SIGTERM/SIGINT finish the step, checkpoint and exit 0. A non-finite loss
 the step (no optimiser, EMA or center update) and is counted; ``train.max_nonfinite`` consecutive
 ones stop the run with a checkpoint of the last good state (exit 3). A CUDA OOM exits 4 with the
 memory options. A bad config exits 2 with the field and what it allows.
+
+Test hooks (environment, used by tests/test_train_faults.py): ``FASTTIPS_TEST_NAN_STEPS=2,3`` makes
+the loss of those (0-based) steps NaN; ``FASTTIPS_TEST_PAUSE_IN_CHECKPOINT=4`` stops inside the
+write of checkpoint 4, after the shards and before the completion marker, so a test can kill -9 there.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import random
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +171,6 @@ class Trainer:
     run_dir: Path
     resuming: bool = False
     progress: bool = True
-    log: object = field(default=None, repr=False)
 
     # -- set-up -----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -190,7 +193,7 @@ class Trainer:
             copy_into_teacher(teacher, model)    # teacher heads start as copies of the student's
         elif not ctx.sharded:
             model.to(ctx.device)
-            teacher.to(ctx.device) if hasattr(teacher, "to") else None
+            teacher.to(ctx.device)
         self.model, self.teacher = model, teacher
         self.loss_state = LossState(cfg, group=_world_group(ctx)).to(ctx.device)
         self.optimizer = build_optimizer(model, cfg, ctx.device)
@@ -211,11 +214,12 @@ class Trainer:
         self.nan_steps = {int(s) for s in os.environ.get("FASTTIPS_TEST_NAN_STEPS", "").split(",") if s}
 
     def prepare_run_dir(self) -> None:
+        # Every rank checks (before anyone writes), so every rank fails alike: no rank left waiting.
+        if not self.resuming and latest_checkpoint(self.run_dir / "checkpoints"):
+            raise ConfigError(f"train.run_dir: {self.run_dir} already holds a run; continue it with "
+                              f"--resume {self.run_dir} or choose another train.run_dir=...")
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not self.resuming and latest_checkpoint(self.run_dir / "checkpoints"):
-                raise ConfigError(f"train.run_dir: {self.run_dir} already holds a run; continue it with "
-                                  f"--resume {self.run_dir} or choose another train.run_dir=...")
             if not self.resuming:
                 config_lib.save(self.cfg, self.run_dir / CONFIG_FILE)
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -372,7 +376,7 @@ class Trainer:
         code, message = EXIT_OK, None
         with StopRequest() as stop:
             while self.step < total:
-                values = self.schedules(self.step) if callable(self.schedules) else self.schedules.at(self.step)
+                values = self.schedules(self.step)
                 batches = self.next_batches(iterator)
                 out = self.train_step(batches, values, stop)
                 self.step += 1

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fasttips import config as config_lib
 from fasttips.train import main
@@ -50,3 +51,18 @@ def test_a_finished_run_directory_is_not_overwritten(tmp_path, capsys):
     code = main(["data.source=synthetic", "vision.depth=1", "text.depth=1", f"train.run_dir={run_dir}"])
     assert code == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_out_of_memory_names_the_batch_size_and_the_options(tmp_path, capsys, monkeypatch):
+    from fasttips.train import Trainer
+
+    def oom(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train_step", oom)
+    code = main(["data.source=synthetic", "vision.depth=1", "text.depth=1", "data.batch_size=3",
+                 "heads.prototypes=64", f"train.run_dir={tmp_path / 'run'}", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 4
+    for words in ("out of memory", "data.batch_size=3", "optim.accum_steps", "train.activation_checkpointing"):
+        assert words in err, words
