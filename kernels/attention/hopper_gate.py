@@ -9,10 +9,7 @@ real launch specialises them (72-wide rows are not: those loads stay scalar, as 
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import inspect
-import multiprocessing as mp
-import os
 
 from . import kernels as K
 from . import triton as T
@@ -76,25 +73,7 @@ def compile_case(case):
 
 
 def compile_all(workers: int | None = None) -> dict:
-    """{case: HopperReport or the exception raised while compiling it}."""
-    todo = cases()
-    workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
-    results = {}
-    # The workers must import triton in compile mode: under TRITON_INTERPRET=1 the helper
-    # @triton.jit functions the kernels call would be interpreter objects the compiler rejects.
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(compile_case, c): c for c in todo}
-            for fut in cf.as_completed(futures):
-                try:
-                    results[futures[fut]] = fut.result()
-                except Exception as exc:  # reported by the test of that case
-                    results[futures[fut]] = exc
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    return results
+    """{case: HopperReport or the exception raised while compiling it}, compiled in spawned workers."""
+    from fasttips.testing import compile_in_workers
+
+    return compile_in_workers(compile_case, cases(), workers)

@@ -139,10 +139,16 @@ def _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen):
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
+MAX_SEQUENCES = 65535  # the sequences ride on the grid's z axis
+
+
 def _shape_info(q, cu_seqlens, max_seqlen):
-    if cu_seqlens is not None:
-        return cu_seqlens.numel() - 1, q.shape[1], 0
-    return q.shape[0], q.shape[1], q.shape[2]
+    n_seqs, H, N = ((cu_seqlens.numel() - 1, q.shape[1], 0) if cu_seqlens is not None
+                    else (q.shape[0], q.shape[1], q.shape[2]))
+    if n_seqs > MAX_SEQUENCES:
+        raise ValueError(f"{n_seqs} sequences in one call; at most {MAX_SEQUENCES} are supported "
+                         "(split the batch)")
+    return n_seqs, H, N
 
 
 def _pad_arg(key_padding_mask, q):
@@ -296,7 +302,11 @@ def attention(q, k, v, key_padding_mask=None, scale=None):
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
-    """Packed attention: q, k, v [T, H, D]; sequence i is rows cu_seqlens[i]:cu_seqlens[i+1]."""
+    """Packed attention: q, k, v [T, H, D]; sequence i is rows cu_seqlens[i]:cu_seqlens[i+1].
+
+    ``max_seqlen`` must be at least the longest sequence (it sizes the launch and is not checked);
+    pass it to avoid a host sync, and always under ``torch.compile``.
+    """
     q, k, v = _check_qkv(q, k, v, 3, "[T, H, D]")
     if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1
             or cu_seqlens.dtype not in (torch.int32, torch.int64)):
