@@ -185,6 +185,7 @@ class Trainer:
         teacher = Teacher(model, cfg)
         self.teacher_modules = list(_teacher_modules(teacher))
         self.loss_forward = fsdp.parallelize(model, self.teacher_modules, ctx, cfg, self.compute_losses)
+        self.gather_modules = [m for m in self.teacher_modules if fsdp.needs_gathering(m)]
         if meta:                                 # allocate the local shards, then initialise them
             model.to_empty(device=ctx.device)
             model.init_weights()
@@ -283,7 +284,7 @@ class Trainer:
         for i, batch in enumerate(batches):
             if ctx.sharded:
                 self.loss_forward.set_requires_gradient_sync(i == accum - 1)
-            with fsdp.gathered(self.teacher_modules):
+            with fsdp.gathered(self.gather_modules):
                 losses = self.loss_forward(self.teacher, self.loss_state, batch, values, cfg)
             loss = losses["loss"]
             if self.step in self.nan_steps:

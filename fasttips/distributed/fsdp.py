@@ -188,7 +188,17 @@ def shard(model: nn.Module, teacher_modules: list[nn.Module], ctx: DistContext, 
             register_fsdp_forward_method(head, "bottleneck")
     fully_shard(root, mesh=ctx.mesh, mp_policy=policy, reshard_after_forward=False)
     for module in teacher_modules:
-        fully_shard(module, mesh=ctx.mesh, mp_policy=policy)
+        for block in getattr(module, "blocks", None) or []:    # a full-EMA backbone: per block too
+            fully_shard(block, mesh=ctx.mesh, mp_policy=policy)
+        # Each teacher module is its own FSDP root, which by default stays gathered after forward;
+        # the EMA update needs it back in shards.
+        fully_shard(module, mesh=ctx.mesh, mp_policy=policy, reshard_after_forward=True)
+
+
+def needs_gathering(module: nn.Module) -> bool:
+    """Teacher modules the losses use outside ``forward`` (heads: ``bottleneck``, prototypes), as
+    opposed to a full-EMA backbone, which is only called and gathers block by block itself."""
+    return not isinstance(getattr(module, "blocks", None), nn.ModuleList)
 
 
 @contextmanager
@@ -220,6 +230,6 @@ def parallelize(model: nn.Module, teacher_modules: list[nn.Module], ctx: DistCon
     return root
 
 
-__all__ = ["DistContext", "init_distributed", "shutdown", "parallelize", "shard", "LossForward", "gathered", "block_lists",
+__all__ = ["DistContext", "init_distributed", "shutdown", "parallelize", "shard", "LossForward", "gathered", "needs_gathering", "block_lists",
            "head_modules", "apply_activation_checkpointing", "apply_compile", "mixed_precision_policy",
            "resolve_device", "resolve_param_dtype"]
