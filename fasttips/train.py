@@ -59,9 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
             "embedded demo data, on CPU, in a few minutes. Multi-GPU / multi-node:\n"
             "  torchrun --nproc_per_node=8 -m fasttips.train preset=vit-l data.source=shards data.path=...\n"
             "Settings come from the preset, then --config, then key=value overrides (later wins)."),
-        epilog=("exit codes: 0 done or stopped by SIGTERM/SIGINT with a checkpoint; 2 bad config;\n"
+        epilog=("run directory (train.run_dir): config.yaml (resolved), metrics.jsonl (one line per step),\n"
+                "checkpoints/step_NNNNNNNN/ (the last train.keep_ckpts; complete ones hold COMPLETE),\n"
+                "loss_curve.png, tensorboard/ (when tensorboard is installed).\n\n"
+                "exit codes: 0 done or stopped by SIGTERM/SIGINT with a checkpoint; 2 bad config;\n"
                 "3 too many consecutive non-finite losses; 4 CUDA out of memory.\n\n"
-                "config fields (key=value):\n" + config_lib.describe()))
+                f"config fields (key=value; defaults before the preset, presets: {', '.join(config_lib.PRESETS)}):\n"
+                + config_lib.describe()))
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. preset=vit-s train.steps=200 data.batch_size=64")
     parser.add_argument("--config", metavar="FILE", help="YAML file of config sections (see fields below)")
