@@ -139,6 +139,9 @@ def summarize(results: list[dict], seeds: list[int]) -> dict[str, dict]:
                        if all(isinstance(r.get(k), float) for r in runs)}
         columns[f"{name} mean"] = means[name]
     columns["diff"] = {k: means["iBOT++"][k] - means["iBOT"][k] for k in means["iBOT++"] if k in means["iBOT"]}
+    if len(seeds) > 1:   # spread of the per-seed paired differences: is the mean diff more than noise?
+        pairs = [(columns[f"iBOT s{s}"], columns[f"iBOT++ s{s}"]) for s in seeds]
+        columns["diff sd"] = {k: statistics.stdev(b[k] - a[k] for a, b in pairs) for k in columns["diff"]}
     return columns
 
 
@@ -165,11 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     text = table({**columns, "constant": baseline}, rows=SUMMARY_ROWS)
     command = "fasttips ablate " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = {"command": command, "seeds": seeds, "runs": results, "mean": {k: v for k, v in columns.items()
-                                                                          if k.endswith("mean") or k == "diff"},
+                                                                          if k.endswith("mean") or k.startswith("diff")},
                "constant_baseline": baseline}
     (out / "ablation.json").write_text(json.dumps(summary, indent=2))
     print(f"\niBOT (loss.ibot_tokens=masked) vs iBOT++ (loss.ibot_tokens=all), seeds {seeds}, "
-          f"{results[0]['n_images']} eval images (values in %, diff = iBOT++ - iBOT; constant = "
+          f"{results[0]['n_images']} eval images (values in %, diff = iBOT++ - iBOT, diff sd = "
+          f"its standard deviation over seeds; constant = "
           f"predicting background everywhere, or the best single class on object pixels)")
     print(text)
     print(f"wrote {out / 'ablation.json'}")
