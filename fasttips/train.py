@@ -187,6 +187,9 @@ class Trainer:
         meta = ctx.sharded and estimate_params(cfg) > META_INIT_PARAMS
         model = build_model(cfg, device="meta" if meta else "cpu")
         teacher = Teacher(model, cfg)
+        if not meta:                             # small models: whole on the device, then sharded
+            model.to(ctx.device)
+            teacher.to(ctx.device)
         self.teacher_modules = list(_teacher_modules(teacher))
         self.loss_forward = fsdp.parallelize(model, self.teacher_modules, ctx, cfg, self.compute_losses)
         self.gather_modules = [m for m in self.teacher_modules if fsdp.needs_gathering(m)]
@@ -196,9 +199,6 @@ class Trainer:
             for module in self.teacher_modules:
                 module.to_empty(device=ctx.device)
             copy_into_teacher(teacher, model)    # teacher heads start as copies of the student's
-        elif not ctx.sharded:
-            model.to(ctx.device)
-            teacher.to(ctx.device)
         self.model, self.teacher = model, teacher
         self.loss_state = LossState(cfg, group=_world_group(ctx)).to(ctx.device)
         self.optimizer = build_optimizer(model, cfg, ctx.device)
