@@ -95,3 +95,30 @@ def test_build_optimizer_rejects_a_frozen_model(cfg):
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         build_optimizer(frozen, cfg, torch.device("cpu"))
+
+
+def test_trainer_step_freezes_prototypes_and_accumulates(tmp_path):
+    """Through the engine: the first step leaves the prototypes (and their Adam state) untouched,
+    the second moves them; each step eats optim.accum_steps batches."""
+    from pathlib import Path
+
+    from fasttips.distributed.signals import StopRequest
+    from fasttips.train import Trainer
+    cfg = config_lib.load(None, ["data.source=synthetic", "vision.depth=1", "text.depth=1", "text.max_len=8",
+                                 "heads.hidden=32", "heads.bottleneck=16", "heads.prototypes=32",
+                                 "data.batch_size=2", "data.global_size=28", "data.local_size=14",
+                                 "optim.accum_steps=2", "optim.freeze_prototypes_steps=1",
+                                 "optim.warmup_steps=0", f"train.run_dir={tmp_path}"])
+    trainer = Trainer(cfg, Path(tmp_path), progress=False)
+    trainer.setup()
+    it = [iter(trainer.loader)]
+    proto = trainer.model.dino_head.prototypes.v
+    mlp = trainer.model.dino_head.mlp[0].weight
+    before = proto.detach().clone(), mlp.detach().clone()
+    out = trainer.train_step(trainer.next_batches(it), trainer.schedules(0), StopRequest())
+    assert out.images == 4 and not out.skipped
+    assert torch.equal(proto, before[0]) and not torch.equal(mlp, before[1])
+    assert proto not in trainer.optimizer.state                     # no Adam moments while frozen
+    trainer.train_step(trainer.next_batches(it), trainer.schedules(1), StopRequest())
+    assert not torch.equal(proto, before[0])
+    assert trainer.loader.state_dict()["batches"] == 4
