@@ -248,8 +248,17 @@ class Trainer:
         else:
             self.say(f"resume: {path} was written by {meta.get('world_size')} ranks, now "
                      f"{self.ctx.world_size}; RNG streams and data positions restart")
+        self._check_tokenizer(path)
         self.say(f"resume: from {path} (step {self.step})")
         _drop_metrics_after(self.run_dir / "metrics.jsonl", self.step, self.ctx.is_main)
+
+    def _check_tokenizer(self, path: Path) -> None:
+        """The text tower learned ids of the tokenizer saved with the checkpoint: insist on it."""
+        saved, tokenizer = path / "tokenizer.model", getattr(self.loader, "tokenizer", None)
+        if saved.is_file() and tokenizer is not None and hasattr(tokenizer, "serialized"):
+            if tokenizer.serialized() != saved.read_bytes():
+                raise ConfigError(f"--resume: the data's tokenizer differs from the one saved in {saved}; "
+                                  f"resume with data.tokenizer={saved}")
 
     # -- checkpoint state ---------------------------------------------------------------------------
     def stateful_modules(self) -> dict:
@@ -346,8 +355,14 @@ class Trainer:
         try:
             self.setup()
             self.prepare_run_dir()
+            if self.resuming:
+                self.resume()
         except ConfigError as exc:
             print(f"fasttips train: config error: {exc}", file=sys.stderr)
+            fsdp.shutdown(getattr(self, "ctx", None))
+            return EXIT_CONFIG
+        except (ValueError, FileNotFoundError) as exc:   # bad data path, tokenizer/vocab mismatch, ...
+            print(f"fasttips train: cannot start: {exc}", file=sys.stderr)
             fsdp.shutdown(getattr(self, "ctx", None))
             return EXIT_CONFIG
         try:
@@ -366,8 +381,6 @@ class Trainer:
 
     def _run(self) -> int:
         cfg, ctx = self.cfg, self.ctx
-        if self.resuming:
-            self.resume()
         total = cfg.train.steps
         self.say(f"fasttips train: run dir {self.run_dir}, preset {cfg.preset}, device {ctx.device} × "
                  f"{ctx.world_size}, {'FSDP2 ' if ctx.sharded else ''}{str(ctx.param_dtype).replace('torch.', '')}, "

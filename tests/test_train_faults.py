@@ -178,3 +178,5 @@ def test_bad_config_fails_with_a_clear_message(tmp_path, capsys):
         assert "config error" in err and words in err, err
     assert main(["--resume", str(tmp_path / "nowhere")]) == 2
     assert "--resume" in capsys.readouterr().err
+    assert main(["data.source=shards", f"data.path={tmp_path / 'no-shards'}", f"train.run_dir={tmp_path / 'x'}"]) == 2
+    assert "data.path" in capsys.readouterr().err
