@@ -86,7 +86,7 @@ def measure(bench: Bench, preset: str, batch: int, overrides: list[str], kernels
                              mfu=mfu(flops_per_image, images_per_s, trainer.peak),
                              overrides=overrides, kernels_env=kernels, first_step_s=first_s)
         finally:
-            del trainer
+            trainer = None                            # free the model before the next case
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -190,7 +190,7 @@ class Trainer:
         if not meta:                             # small models: whole on the device, then sharded
             model.to(ctx.device)
             teacher.to(ctx.device)
-        self.teacher_modules = list(_teacher_modules(teacher))
+        self.teacher_modules = teacher.modules_to_shard()
         self.loss_forward = fsdp.parallelize(model, self.teacher_modules, ctx, cfg, self.compute_losses)
         self.gather_modules = [m for m in self.teacher_modules if fsdp.needs_gathering(m)]
         if meta:                                 # allocate the local shards, then initialise them
@@ -439,11 +439,6 @@ class Trainer:
                   "peak_mem_gb": _peak_memory_gb(self.ctx.device),
                   "mfu": mfu(self.flops.per_image, per_device, self.peak),
                   "skipped": out.skipped, "nonfinite_total": self.nonfinite_total}
-        scale = getattr(self.model, "logit_scale", None)
-        if scale is not None:
-            full = scale.full_tensor() if hasattr(scale, "full_tensor") else scale
-            for i, s in enumerate(full.detach().float().tolist()):
-                record[f"logit_scale/{i}"] = s
         if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps or out.skipped:
             writer.write(step, record)
         terms = {k: v for k, v in out.terms.items() if k in self.loss_terms} or out.terms
@@ -464,13 +459,6 @@ def copy_into_teacher(teacher, model) -> None:
 def _world_group(ctx):
     import torch.distributed as dist
     return dist.group.WORLD if ctx.world_size > 1 else None
-
-
-def _teacher_modules(teacher):
-    """The teacher's nn.Modules that hold parameters (sharded like the student heads)."""
-    if hasattr(teacher, "modules_to_shard"):
-        return list(teacher.modules_to_shard())
-    return [m for m in getattr(teacher, "heads", {}).values()] if hasattr(teacher, "heads") else []
 
 
 def _get(values, key, default=None):
