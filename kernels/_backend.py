@@ -26,14 +26,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_AVAILABLE: bool | None = None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install
-        return False
-    return True
+    # A plain module-level cache (not lru_cache) so torch.compile can trace callers without warnings.
+    global _TRITON_AVAILABLE
+    if _TRITON_AVAILABLE is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON_AVAILABLE = True
+        except Exception:  # ImportError, or a broken install
+            _TRITON_AVAILABLE = False
+    return _TRITON_AVAILABLE
 
 
 def use_triton(*tensors: torch.Tensor | None, backend: str | None = None) -> bool:

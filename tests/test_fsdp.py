@@ -92,12 +92,8 @@ def _worker() -> None:
     rank, world = ctx.rank, ctx.world_size
     assert world == WORLD and ctx.sharded
     # Each rank's reference must not gather across ranks: give it a group of its own, on which
-    # the contrastive all-gather is the identity (torch's autograd all_gather cannot run its
-    # backward on a gloo subgroup: it addresses the scatter by global rank).
+    # the contrastive all-gather is the identity.
     own = [dist.new_group([r]) for r in range(world)][rank]
-    from fasttips.losses import contrastive
-    gather = contrastive._gather_with_grad
-    contrastive._gather_with_grad = lambda x, group=None: (x, 0) if group is own else gather(x, group)
     d = cfg.data
 
     def global_batch(seed):

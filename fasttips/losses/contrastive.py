@@ -19,14 +19,31 @@ from ._checks import check_rows
 NORM_EPS = 1e-6
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Rows of every rank, concatenated; the backward sums each rank's gradient for a rank's rows
+    (every rank's loss reads every row) and hands back this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.rows = group, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        start = dist.get_rank(ctx.group) * ctx.rows
+        return grad[start:start + ctx.rows], None
+
+
 def _gather_with_grad(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
     """Concatenate ``x`` from every rank (gradient flows back to each owner); return it and this
-    rank's row offset."""
-    if not (dist.is_available() and dist.is_initialized()):
+    rank's row offset. One process (or a group of one) is a no-op."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
-    parts = all_gather(x.contiguous(), group=group)
-    return torch.cat(parts, dim=0), dist.get_rank(group) * x.shape[0]
+    return _AllGatherWithGrad.apply(x, group), dist.get_rank(group) * x.shape[0]
 
 
 def _check_pair(image, text):
