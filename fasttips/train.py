@@ -387,6 +387,8 @@ class Trainer:
                  f"global batch {self.global_batch}, steps {self.step}→{total}")
         self.say(f"model: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters; "
                  f"FLOPs: {self.flops.describe()}")
+        self.say(f"data: {cfg.data.source} through the {getattr(self.loader, 'kind', 'synthetic')} loader, "
+                 f"{cfg.data.batch_size} images per process")
         writer = MetricsWriter(self.run_dir, enabled=ctx.is_main)
         bar = ProgressBar(total, self.step, enabled=self.progress and ctx.is_main,
                           every=max(1, total // 20))
@@ -419,6 +421,10 @@ class Trainer:
                     self.save_checkpoint()
         bar.close()
         writer.close()
+        skipped = {k: v for k, v in dict(getattr(self.loader, "stats", {}) or {}).items() if v}
+        if skipped:   # bad samples never stop a run, but they are always reported
+            print(f"fasttips train: data samples skipped and counted on rank {ctx.rank}: "
+                  + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())), flush=True)
         if ctx.is_main:
             png = plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
             if message:
