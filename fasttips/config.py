@@ -375,3 +375,7 @@ __all__ = ["Config", "ConfigError", "PRESETS", "load", "preset", "save", "set_va
                VisionConfig, TextConfig, HeadConfig, LossConfig, TeacherConfig, DataConfig,
                OptimConfig, TrainConfig, EvalConfig)]
 
+
+
+if __name__ == "__main__":  # `python -m fasttips.config` prints the field reference used in the README
+    print(describe())
