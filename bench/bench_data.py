@@ -102,15 +102,22 @@ def loader_kinds() -> list[str]:
     return ["pytorch"] + (["dali"] if dali_available() else [])
 
 
-def run(quick: bool, workers: int = 2, batch: int = 32) -> Bench:
+def run(quick: bool, workers: int = 2, batch: int = 32, results_dir: str | None = None) -> Bench:
     from fasttips.config import load
     from fasttips.data.loader import build_loader
 
-    bench = Bench("data", quick=quick, device="cpu", measure_device_ceilings=False)
+    bench = Bench("data", quick=quick, device="cpu", measure_device_ceilings=False, results_dir=results_dir)
     gpu = torch.cuda.is_available()
+    # quick without CUDA: a smoke pass of the bench itself (few images, small batches, a short
+    # window); the loaders' real throughput needs the full run on an otherwise idle machine
+    cpu_quick = quick and not gpu
+    if cpu_quick:
+        batch = min(batch, 8)
+    n_images = 32 if cpu_quick else 96 if quick else N_IMAGES
+    window_s = 1.5 if cpu_quick else 4 if quick else 20
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("FASTTIPS_DATA_DIR", os.path.join(tmp, "cache"))
-        shards = make_jpeg_shards(os.path.join(tmp, "shards"), 96 if quick else N_IMAGES)
+        shards = make_jpeg_shards(os.path.join(tmp, "shards"), n_images)
         recipes = RECIPES[:1] if quick else RECIPES
         for n_global, gsize, n_local, lsize in recipes:
             case = {"recipe": f"{n_global}x{gsize}+{n_local}x{lsize}", "batch": batch, "workers": workers}
@@ -129,7 +136,7 @@ def run(quick: bool, workers: int = 2, batch: int = 32) -> Bench:
                     return batch_
                 for _ in range(2):                     # start workers / build the DALI graph
                     fn()
-                timing, cpu_ms, load_avg = measure(fn, batch, seconds=4 if quick else 20)
+                timing, cpu_ms, load_avg = measure(fn, batch, seconds=window_s)
                 bench.add(case=case, impl=impl, timing=timing, images_per_s=batch / (timing["ms"] / 1e3),
                           cpu_ms_per_image=cpu_ms, load_avg=load_avg, cpu_count=os.cpu_count())
                 if hasattr(loader, "close"):

@@ -29,10 +29,14 @@ from harness import Bench, matmul_flops  # noqa: E402
 from fasttips.kernels import prototype_cross_entropy  # noqa: E402
 from fasttips.kernels.dino_loss import naive, reference  # noqa: E402
 
+BASELINE = "torch-eager"
 D = 256
 TOKENS = (4096, 16384, 32768)
 PROTOTYPES = (65536, 131072)
 TARGET = (16384, 65536)
+# CPU (no CUDA): a smoke pass of the bench itself at tiny shapes; the fasttips row is the op's CPU
+# dispatch (the chunked reference), and torch.compile is skipped (minutes of compile on 2 cores).
+CPU_TOKENS, CPU_PROTOTYPES = (64, 256), (1024,)
 
 
 def make_inputs(T, K, device, n_sets=2):
@@ -58,7 +62,8 @@ def _eager(**kw):
 
 
 def _fused(**kw):
-    return prototype_cross_entropy(**kw, backend="triton")
+    # the Triton kernels on CUDA; elsewhere the op's own dispatch (its reference)
+    return prototype_cross_entropy(**kw, backend="triton" if kw["student_z"].is_cuda else None)
 
 
 def _reference(**kw):
@@ -79,13 +84,18 @@ def _step(fn, backward):
 
 
 def run(quick: bool, compile_cases=(TARGET,), tokens=TOKENS, prototypes=PROTOTYPES,
-        impls=("fasttips", "torch-eager", "torch-compile", "reference")) -> Bench:
-    bench = Bench("dino_loss", quick=quick)
+        impls=("fasttips", "torch-eager", "torch-compile", "reference"), results_dir=None) -> Bench:
+    bench = Bench("dino_loss", quick=quick, results_dir=results_dir)
     if importlib.util.find_spec("xformers") is None:
         print("xformers: not importable, skipped", flush=True)
     else:
         print("xformers: importable, but no soft-target (DINO) cross-entropy is wired in; skipped", flush=True)
     device = bench.device
+    if device.type != "cuda":
+        print("no CUDA device: tiny CPU shapes; torch-compile skipped (needs CUDA here: compiling "
+              "takes minutes on CPU)", flush=True)
+        tokens, prototypes = CPU_TOKENS, CPU_PROTOTYPES
+        impls = tuple(i for i in impls if i != "torch-compile")
     compiled = torch.compile(naive.prototype_cross_entropy) if "torch-compile" in impls else None
 
     def _compiled(**kw):
@@ -121,7 +131,6 @@ def run(quick: bool, compile_cases=(TARGET,), tokens=TOKENS, prototypes=PROTOTYP
             del inputs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    bench.report(baseline="torch-eager")
     return bench
 
 
@@ -156,6 +165,7 @@ def main():
     if args.breakdown:
         kernel_breakdown()
     bench = run(args.quick, tokens=args.tokens, prototypes=args.prototypes, impls=impls)
+    bench.report(baseline=BASELINE)
     print("wrote", bench.write())
 
 

@@ -83,10 +83,13 @@ def cases(quick: bool, on_gpu: bool):
     return full[:1] + full[2:] if quick else full
 
 
-def run(quick: bool = False, sweep: bool = False) -> Bench:
-    bench = Bench("ema", quick=quick)
+def run(quick: bool = False, sweep: bool = False, results_dir: str | None = None) -> Bench:
+    bench = Bench("ema", quick=quick, results_dir=results_dir)
     device = bench.device
     on_gpu = device.type == "cuda"
+    if not on_gpu:
+        print("no CUDA device: shrunken heads on CPU; the CUDA-graph rows need CUDA and are skipped",
+              flush=True)
     momentum = torch.tensor(MOMENTUM, device=device)
     fns = impls(momentum)
     for c in cases(quick, on_gpu):

@@ -1,23 +1,38 @@
-"""The whole training step: images/s, MFU and peak memory, with and without the fasttips kernels.
+"""The whole training step: fasttips against a plain-PyTorch baseline of the same model.
 
-    python bench/bench_train_step.py [--quick] [--preset vit-l] [--batch 128,96,64] [--kernels reference,auto]
+    python bench/bench_train_step.py [--quick] [--preset vit-l] [--batch 128,96,64]
+                                     [--kernels plain,auto] [--no-max-batch]
 
 One step is exactly what ``fasttips train`` runs (``Trainer.train_step``): the packed student pass
 over the global, masked and local crops, the text tower, the CLIP, DINO and iBOT++ losses, backward,
-per-module clipping, AdamW and the head EMA, on synthetic batches already on the device. On a GPU the
+per-module clipping, AdamW and the EMA, on synthetic batches already on the device. On a GPU the
 step runs under FSDP2 with the bf16 MixedPrecisionPolicy (one rank), as training does.
 
-Implementations: ``torch-reference`` (FASTTIPS_KERNELS=reference: PyTorch attention, chunked
-prototype cross-entropy, foreach EMA; the baseline) and ``fasttips`` (FASTTIPS_KERNELS=auto: the
-Triton kernels on CUDA, the same references on CPU). ``--batch`` lists per-device batch sizes to try,
-largest first; the first that fits is measured (a CUDA OOM moves to the next).
-FLOPs come from the explicit model in ``fasttips.metrics.flop_model`` (matmul FLOPs, fwd + bwd);
-MFU is against the device's nominal dense bf16 peak (``fasttips.metrics.PEAK_BF16_FLOPS``), and
-``%peak`` in the table against the matmul ceiling the harness measured on this device.
+Implementations (``--kernels``), measured in the same process at the same batch:
+- ``fasttips`` (``auto``): the Triton kernels on CUDA (the references on CPU), head-only EMA, packed
+  multi-crop attention.
+- ``plain-pytorch`` (``plain``, the baseline): the same model and step with the four fasttips ops
+  swapped, inside this benchmark only (``plain_pytorch_ops``), for what a plain-PyTorch DINOv2-style
+  codebase runs: SDPA attention (one dense call per crop size), the unfused fp32 prototype
+  cross-entropy (``kernels/dino_loss/naive.py``, the full [rows × K] logits), and a full-model EMA
+  teacher (``teacher.mode=full_ema``: an EMA copy of the backbone that runs its own no-grad forward
+  for the targets) updated with ``_foreach_mul_`` + ``_foreach_add_``. The engine's code is untouched.
+- ``torch-reference`` (``reference``): FASTTIPS_KERNELS=reference, the engine's own PyTorch
+  references (not a realistic peer on GPU: seconds per step; opt-in).
+
+``--batch`` lists per-device batch sizes to try, largest first; the first at which every
+implementation fits is measured (a CUDA OOM moves to the next). On CUDA (not ``--quick``) a doubling
+search then finds the largest per-device batch each implementation can run (``max_batch`` in its row).
+FLOPs come from the explicit model in ``fasttips.metrics.flop_model`` (matmul FLOPs, fwd + bwd) of
+each implementation's own config: the full-EMA teacher's extra forward counts as work done, so the
+baseline's MFU is not flattered by it being slower. MFU is against the device's nominal dense bf16
+peak (``fasttips.metrics.PEAK_BF16_FLOPS``); ``%peak`` in the table against the matmul ceiling the
+harness measured on this device.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -31,17 +46,87 @@ import torch  # noqa: E402
 
 from harness import Bench  # noqa: E402
 
-BASELINE = "torch-reference"
-IMPLS = {"reference": BASELINE, "auto": "fasttips"}
-# (preset, per-device batch sizes to try, extra overrides) per device kind; quick runs shrink them.
+BASELINE = "plain-pytorch"
+# --kernels value → (row name, FASTTIPS_KERNELS, swap in the plain-PyTorch ops, extra overrides)
+IMPLS = {
+    "plain": (BASELINE, "reference", True, ["teacher.mode=full_ema"]),
+    "auto": ("fasttips", "auto", False, []),
+    "reference": ("torch-reference", "reference", False, []),
+}
+DEFAULT_KERNELS = ["plain", "auto"]
+# (preset, per-device batch sizes to try, extra overrides, fallback overrides when no batch fits:
+# vit-g "layers", the same widths at fewer blocks) per device kind; quick runs shrink them.
 CASES = {
-    "cuda": [("vit-l", [256, 192, 128, 96, 64, 32], [])],
-    "cpu": [("tiny", [16], []), ("vit-s", [4], ["data.n_local=2", "heads.prototypes=4096"])],
+    "cuda": [("vit-b", [256, 192, 128, 96, 64], [], None),
+             ("vit-l", [128, 96, 64, 32], [], None),
+             ("vit-g", [64, 32, 16], [], ["vision.depth=12"])],
+    "cpu": [("tiny", [16], [], None), ("vit-s", [4], ["data.n_local=2", "heads.prototypes=4096"], None)],
 }
 QUICK = {
-    "cuda": [("vit-s", [64], [])],
-    "cpu": [("tiny", [8], ["data.global_size=56", "data.local_size=28"])],
+    "cuda": [("vit-s", [64], [], None)],
+    "cpu": [("tiny", [4], ["data.global_size=56", "data.local_size=28"], None)],
 }
+MAX_BATCH_CAP = 2048
+
+
+# ------------------------------------------------------------------------------------------------
+# The plain-PyTorch baseline: the four fasttips ops swapped for what a plain codebase calls
+# ------------------------------------------------------------------------------------------------
+def sdpa_attention(q, k, v, key_padding_mask=None, scale=None, backend=None):
+    """Dense [B, H, N, D] attention through SDPA; the key padding mask becomes a boolean keep-mask."""
+    import torch.nn.functional as F
+    mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def sdpa_attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None, backend=None):
+    """Packed [T, H, D] attention as SDPA has no varlen: one dense call per run of equal-length
+    segments (per crop size, as DINOv2 runs its global and local crops), reading cu_seqlens on
+    the host."""
+    bounds = cu_seqlens.tolist()
+    outs, start = [], 0
+    while start < len(bounds) - 1:
+        length = bounds[start + 1] - bounds[start]
+        end = start + 1
+        while end < len(bounds) - 1 and bounds[end + 1] - bounds[end] == length:
+            end += 1
+        rows = slice(bounds[start], bounds[end])
+        views = [t[rows].unflatten(0, (end - start, length)).transpose(1, 2) for t in (q, k, v)]
+        out = sdpa_attention(*views, scale=scale)                       # [S, H, n, D]
+        outs.append(out.transpose(1, 2).flatten(0, 1))
+        start = end
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def naive_prototype_cross_entropy(*args, chunk_bytes=None, backend=None, **kwargs):
+    """The unfused fp32 loss: full [rows × K] logits and softmaxes (kernels/dino_loss/naive.py)."""
+    from fasttips.kernels.dino_loss import naive
+    return naive.prototype_cross_entropy(*args, **kwargs)
+
+
+@torch.no_grad()
+def foreach_ema_update_(teacher, student, momentum, backend=None):
+    """DINOv2's teacher update: ξ ← m·ξ, then ξ += (1 − m)·θ, over the whole model."""
+    teacher, student = list(teacher), list(student)
+    torch._foreach_mul_(teacher, float(momentum))
+    torch._foreach_add_(teacher, student, alpha=1.0 - float(momentum))
+
+
+@contextlib.contextmanager
+def plain_pytorch_ops():
+    """Swap ``fasttips.kernels``' public ops for the plain-PyTorch ones for the duration (the engine's
+    modules look them up as ``kernels.<op>`` at call time), and put the originals back after."""
+    import fasttips.kernels as ops
+    swaps = {"attention": sdpa_attention, "attention_varlen": sdpa_attention_varlen,
+             "prototype_cross_entropy": naive_prototype_cross_entropy, "ema_update_": foreach_ema_update_}
+    saved = {name: getattr(ops, name) for name in swaps}
+    try:
+        for name, fn in swaps.items():
+            setattr(ops, name, fn)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(ops, name, fn)
 
 
 def build_trainer(preset: str, batch: int, overrides: list[str], run_dir: str):
@@ -54,13 +139,34 @@ def build_trainer(preset: str, batch: int, overrides: list[str], run_dir: str):
     return trainer
 
 
+@contextlib.contextmanager
+def implementation(kernels: str):
+    """Environment and op swaps of one --kernels value; yields (row name, extra config overrides)."""
+    name, env, plain, extra = IMPLS[kernels]
+    previous = os.environ.get("FASTTIPS_KERNELS")
+    os.environ["FASTTIPS_KERNELS"] = env
+    try:
+        with plain_pytorch_ops() if plain else contextlib.nullcontext():
+            yield name, extra
+    finally:
+        if previous is None:
+            os.environ.pop("FASTTIPS_KERNELS", None)
+        else:
+            os.environ["FASTTIPS_KERNELS"] = previous
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def measure(bench: Bench, preset: str, batch: int, overrides: list[str], kernels: str) -> dict:
     """Time one (preset, batch, kernels) case and add its row; raises torch.OutOfMemoryError."""
     from fasttips.distributed.signals import StopRequest
     from fasttips.metrics import mfu
-    os.environ["FASTTIPS_KERNELS"] = kernels
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = build_trainer(preset, batch, overrides, run_dir)
+    with implementation(kernels) as (impl, extra), tempfile.TemporaryDirectory() as run_dir:
+        trainer = build_trainer(preset, batch, overrides + extra, run_dir)
         try:
             it = iter(trainer.loader)
             batches = [trainer.next_batches([it]) for _ in range(2)]
@@ -79,48 +185,112 @@ def measure(bench: Bench, preset: str, batch: int, overrides: list[str], kernels
             images_per_s = batch / (timing["ms"] * 1e-3)
             case = {"preset": preset, "batch_per_device": batch, "global_size": trainer.cfg.data.global_size,
                     "n_local": trainer.cfg.data.n_local, "local_size": trainer.cfg.data.local_size,
-                    "prototypes": trainer.cfg.heads.prototypes,
+                    "prototypes": trainer.cfg.heads.prototypes, "depth": trainer.cfg.vision.depth,
                     "precision": str(trainer.ctx.param_dtype).replace("torch.", "")}
-            return bench.add(case=case, impl=IMPLS[kernels], timing=timing, flops=flops_per_image * batch,
+            return bench.add(case=case, impl=impl, timing=timing, flops=flops_per_image * batch,
                              peak_mem=peak, images_per_s=images_per_s, gflop_per_image=flops_per_image / 1e9,
                              mfu=mfu(flops_per_image, images_per_s, trainer.peak),
-                             overrides=overrides, kernels_env=kernels, first_step_s=first_s)
+                             overrides=overrides + extra, kernels_env=os.environ["FASTTIPS_KERNELS"],
+                             teacher_mode=trainer.cfg.teacher.mode, first_step_s=first_s)
         finally:
             trainer = None                            # free the model before the next case
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _free()
+
+
+def fits(preset: str, batch: int, overrides: list[str], kernels: str) -> bool:
+    """Whether two training steps at this per-device batch run without a CUDA OOM."""
+    from fasttips.distributed.signals import StopRequest
+    with implementation(kernels) as (_, extra), tempfile.TemporaryDirectory() as run_dir:
+        trainer = None
+        try:
+            trainer = build_trainer(preset, batch, overrides + extra, run_dir)
+            it = iter(trainer.loader)
+            values = trainer.schedules(100)
+            for _ in range(2):   # the second step holds the optimiser state as well
+                trainer.train_step(trainer.next_batches([it]), values, StopRequest())
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            trainer = None
+            _free()
+
+
+def max_batch(preset: str, start: int, overrides: list[str], kernels: str, cap: int = MAX_BATCH_CAP) -> int:
+    """Doubling search from a batch known to fit: the largest power-of-two multiple of ``start``
+    that still runs (CUDA only: on CPU memory is not the limit)."""
+    best = start
+    while best * 2 <= cap and fits(preset, best * 2, overrides, kernels):
+        best *= 2
+    return best
 
 
 def run(quick: bool = False, presets: list[str] | None = None, batches: list[int] | None = None,
-        kernels: list[str] | None = None) -> Bench:
-    bench = Bench("train_step", quick=quick)
+        kernels: list[str] | None = None, results_dir: str | None = None,
+        search_max_batch: bool | None = None) -> Bench:
+    bench = Bench("train_step", quick=quick, results_dir=results_dir)
     kind = "cuda" if bench.device.type == "cuda" else "cpu"
+    kernels = kernels or DEFAULT_KERNELS
+    bad = [k for k in kernels if k not in IMPLS]
+    if bad:
+        raise ValueError(f"kernels: {bad} not allowed; choose from {list(IMPLS)}")
+    if search_max_batch is None:
+        search_max_batch = kind == "cuda" and not quick
+    if search_max_batch and kind != "cuda":
+        print("max-batch search skipped: it needs CUDA (CPU memory is not what limits the batch)", flush=True)
+        search_max_batch = False
     cases = (QUICK if quick else CASES)[kind]
     if presets:
-        cases = [(p, batches or [16], []) for p in presets]
+        cases = [(p, batches or [16], [], None) for p in presets]
     elif batches:
-        cases = [(p, batches, extra) for p, _, extra in cases]
-    for preset, sizes, extra in cases:
-        fitted = None
-        for batch in sizes:
-            try:
-                for k in kernels or ["reference", "auto"]:
-                    row = measure(bench, preset, batch, extra, k)
-                    mfu_text = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
-                    print(f"{preset} batch {batch} {row['impl']}: {row['images_per_s']:.1f} img/s, "
-                          f"MFU {mfu_text}, peak {_gib(row['peak_mem'])}, first step {row['first_step_s']:.1f} s",
-                          flush=True)
-                fitted = batch
-                break
-            except torch.OutOfMemoryError:
-                print(f"{preset} batch {batch}: out of memory, trying a smaller batch", flush=True)
-                gc.collect()
-                torch.cuda.empty_cache()
-        if fitted is None:
+        cases = [(p, batches, extra, fallback) for p, _, extra, fallback in cases]
+    for preset, sizes, extra, fallback in cases:
+        rows = _measure_first_fit(bench, preset, sizes, extra, kernels)
+        if rows is None and fallback:
+            print(f"{preset}: trying {fallback} (the same layers, fewer of them)", flush=True)
+            extra = extra + fallback
+            rows = _measure_first_fit(bench, preset, sizes, extra, kernels)
+        if rows is None:
             print(f"{preset}: no batch size in {sizes} fits", flush=True)
-    os.environ.pop("FASTTIPS_KERNELS", None)
+            continue
+        if search_max_batch:
+            for row, k in zip(rows, kernels):
+                row["max_batch"] = max_batch(preset, row["case"]["batch_per_device"], extra, k)
+                print(f"{preset} {row['impl']}: largest per-device batch {row['max_batch']}", flush=True)
+        _print_ratio(preset, rows)
     return bench
+
+
+def _measure_first_fit(bench, preset, sizes, extra, kernels):
+    """Rows of every implementation at the largest batch in ``sizes`` where all of them fit."""
+    for batch in sizes:
+        n_before = len(bench.rows)
+        try:
+            rows = []
+            for k in kernels:
+                row = measure(bench, preset, batch, extra, k)
+                mfu_text = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+                print(f"{preset} batch {batch} {row['impl']}: {row['images_per_s']:.1f} img/s, "
+                      f"MFU {mfu_text}, peak {_gib(row['peak_mem'])}, first step {row['first_step_s']:.1f} s",
+                      flush=True)
+                rows.append(row)
+            return rows
+        except torch.OutOfMemoryError:
+            del bench.rows[n_before:]                 # a batch is compared only where all impls ran
+            print(f"{preset} batch {batch}: out of memory, trying a smaller batch", flush=True)
+            _free()
+    return None
+
+
+def _print_ratio(preset, rows):
+    by_impl = {r["impl"]: r for r in rows}
+    if "fasttips" in by_impl and BASELINE in by_impl:
+        ours, base = by_impl["fasttips"], by_impl[BASELINE]
+        text = (f"{preset}: fasttips {ours['images_per_s'] / base['images_per_s']:.2f}x the plain-PyTorch "
+                f"images/s at batch {ours['case']['batch_per_device']} (target on H100: >= 1.5x)")
+        if "max_batch" in ours and "max_batch" in base:
+            text += f"; largest batch {ours['max_batch']} vs {base['max_batch']}"
+        print(text, flush=True)
 
 
 def _time_steps(bench: Bench, step, inputs, slow_ms: float = 500.0, slow_reps: int = 4) -> dict:
@@ -159,15 +329,17 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="one small case per device, short timing windows")
     parser.add_argument("--preset", action="append", help="preset(s) to time instead of the defaults")
     parser.add_argument("--batch", help="comma-separated per-device batch sizes to try, largest first")
-    parser.add_argument("--kernels", default="reference,auto",
-                        help="FASTTIPS_KERNELS values to compare (default: reference,auto)")
+    parser.add_argument("--kernels", default=",".join(DEFAULT_KERNELS),
+                        help=f"implementations to compare, from {list(IMPLS)} (default: plain,auto)")
+    parser.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search (CUDA)")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")] if args.batch else None
     kernels = [k.strip() for k in args.kernels.split(",")]
     bad = [k for k in kernels if k not in IMPLS]
     if bad:
         parser.error(f"--kernels: {bad} not allowed; choose from {list(IMPLS)}")
-    bench = run(args.quick, args.preset, batches, kernels)
+    bench = run(args.quick, args.preset, batches, kernels,
+                search_max_batch=False if args.no_max_batch else None)
     bench.report(baseline=BASELINE)
     print("wrote", bench.write())
     return 0

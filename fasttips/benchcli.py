@@ -1,10 +1,14 @@
 """``fasttips bench``: run the benchmarks in bench/ and print their ratio tables, or redraw the plots.
 
     fasttips bench [attention|dino-loss|ema|data|step|all ...] [--quick] [--plot] [--no-write]
+                   [--results DIR]
 
 Benchmarks are scripts in the source checkout's bench/ folder (they are not installed), each exposing
-``run(quick) -> harness.Bench``. Results are appended as JSON lines to bench/results/; ``--plot``
-redraws the PNG plots from those files (it runs nothing when given alone).
+``run(quick, results_dir=None) -> harness.Bench``. Results are appended as JSON lines to
+bench/results/ (or ``--results DIR``); ``--plot`` redraws the PNG plots from the JSON in that folder
+into its plots/ subfolder (it runs nothing when given alone). Without CUDA, ``--quick`` runs tiny
+shapes on the PyTorch reference backends (a smoke test of the benches; peers that need CUDA are
+skipped with a printed reason).
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import sys
 from pathlib import Path
 
 BENCHES = {
-    "attention": ("bench_attention.py", "torch-sdpa-best"),
+    "attention": ("bench_attention.py", "sdpa-default"),
     "dino-loss": ("bench_dino_loss.py", "naive-eager"),
     "ema": ("bench_ema.py", "foreach_lerp"),
     "data": ("bench_data.py", None),
@@ -49,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
                    "(under 2 minutes on a GPU; runs on CPU with the reference backends)")
     p.add_argument("--plot", action="store_true", help="redraw the PNG plots from bench/results/*.jsonl")
     p.add_argument("--no-write", action="store_true", help="print the tables but write no JSON")
+    p.add_argument("--results", metavar="DIR", default=None,
+                   help="folder for the JSON lines (and, with --plot, the source of plots/); default bench/results")
     return p
 
 
@@ -65,13 +71,16 @@ def main(argv=None) -> int:
     for name in names:
         filename, baseline = BENCHES[name]
         module = load_bench(filename)
-        bench = module.run(quick=args.quick)
+        bench = module.run(quick=args.quick, results_dir=args.results)
         bench.report(baseline=getattr(module, "BASELINE", baseline))
         if not args.no_write:
             print(f"wrote {bench.write()}")
     if args.plot:
         plots = load_bench("plots.py")
-        for path in plots.draw_all():
+        kwargs = {}
+        if args.results:
+            kwargs = {"results_dir": args.results, "out_dir": str(Path(args.results) / "plots")}
+        for path in plots.draw_all(**kwargs):
             print(f"plot {path}")
     return 0
 
