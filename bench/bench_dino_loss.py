@@ -36,7 +36,7 @@ PROTOTYPES = (65536, 131072)
 TARGET = (16384, 65536)
 # CPU (no CUDA): a smoke pass of the bench itself at tiny shapes; the fasttips row is the op's CPU
 # dispatch (the chunked reference), and torch.compile is skipped (minutes of compile on 2 cores).
-CPU_TOKENS, CPU_PROTOTYPES = (64, 256), (1024,)
+CPU_TOKENS, CPU_PROTOTYPES = (64, 192), (512,)
 
 
 def make_inputs(T, K, device, n_sets=2):

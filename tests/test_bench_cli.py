@@ -1,0 +1,140 @@
+"""`fasttips bench --quick` on CPU (reference backends, tiny shapes) writes valid JSON rows; the
+step benchmark's plain-PyTorch baseline ops match the references and are swapped back afterwards."""
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttips import benchcli
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+ENV_FIELDS = ("bench", "case", "impl", "ms", "p20", "p80", "reps", "device", "torch", "triton", "cuda",
+              "python", "git_commit", "date", "quick", "ceilings")
+FILE_STEM = {"attention": "attention", "dino-loss": "dino_loss", "ema": "ema", "data": "data",
+             "step": "train_step"}
+
+
+def _rows(folder: Path, name: str) -> list[dict]:
+    files = sorted(folder.glob(f"{FILE_STEM[name]}-*.jsonl"))
+    assert len(files) == 1, f"expected one results file for {name}, found {files}"
+    return [json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]
+
+
+def _check_rows(rows: list[dict], name: str) -> None:
+    assert rows, f"{name}: no rows written"
+    for row in rows:
+        for key in ENV_FIELDS:
+            assert key in row, f"{name}: row lacks {key!r}: {sorted(row)}"
+        assert row["bench"] == FILE_STEM[name] and row["quick"] is True
+        assert row["device"].startswith("cpu") and row["torch"] == torch.__version__
+        assert isinstance(row["case"], dict) and row["case"]
+        assert math.isfinite(row["ms"]) and row["ms"] > 0
+        assert row["p20"] <= row["p80"]
+        if name != "data":       # the loader bench's ms is a throughput window's mean, not the median
+            assert row["p20"] <= row["ms"] <= row["p80"]
+
+
+def _run(names, tmp_path, capsys):
+    assert benchcli.main([*names, "--quick", "--results", str(tmp_path)]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["attention", "ema", "step"])
+def test_quick_bench_writes_valid_json(name, tmp_path, capsys):
+    out = _run([name], tmp_path, capsys)
+    assert "wrote" in out and str(tmp_path) in out
+    rows = _rows(tmp_path, name)
+    _check_rows(rows, name)
+    impls = {r["impl"] for r in rows}
+    if name == "attention":
+        assert {"fasttips", "sdpa-default"} <= impls
+        assert "need CUDA" in out                      # CUDA-only peers are skipped with a reason
+        assert all(r["tflops"] > 0 and r["flops"] > 0 for r in rows)
+    if name == "ema":
+        assert {"fasttips", "foreach_lerp", "foreach_mul_add", "loop_lerp"} <= impls
+        assert all(r["gbps"] > 0 for r in rows)
+    if name == "step":
+        assert impls == {"fasttips", "plain-pytorch"}
+        by_impl = {r["impl"]: r for r in rows}
+        assert by_impl["plain-pytorch"]["teacher_mode"] == "full_ema"
+        assert by_impl["fasttips"]["teacher_mode"] == "head_ema"
+        assert by_impl["plain-pytorch"]["case"] == by_impl["fasttips"]["case"]   # same model, same batch
+        assert all(r["images_per_s"] > 0 and "max_batch" not in r for r in rows)  # no search on CPU
+
+
+def test_quick_dino_loss_on_cpu(tmp_path, capsys):
+    out = _run(["dino-loss"], tmp_path, capsys)
+    assert "torch-compile skipped" in out
+    rows = _rows(tmp_path, "dino-loss")
+    _check_rows(rows, "dino-loss")
+    assert {r["impl"] for r in rows} == {"fasttips", "torch-eager", "reference"}
+    assert {r["case"]["mode"] for r in rows} == {"fwd", "fwd_bwd"}
+
+
+@pytest.mark.slow
+def test_quick_all_writes_every_bench(tmp_path, capsys):
+    _run(["all"], tmp_path, capsys)
+    for name in FILE_STEM:
+        _check_rows(_rows(tmp_path, name), name)
+
+
+def test_unknown_bench_name_is_rejected(capsys):
+    assert benchcli.main(["attn"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
+
+
+# -- the plain-PyTorch baseline's ops (bench_train_step.plain_pytorch_ops) ------------------------
+@pytest.fixture(scope="module")
+def step_bench():
+    sys.path.insert(0, str(BENCH_DIR))
+    return benchcli.load_bench("bench_train_step.py")
+
+
+def test_plain_ops_match_references_and_are_restored(step_bench, seed):
+    import fasttips.kernels as ops
+    from fasttips.kernels.attention import reference as attn_ref
+    from fasttips.kernels.dino_loss import reference as loss_ref
+
+    originals = {n: getattr(ops, n) for n in ("attention", "attention_varlen", "prototype_cross_entropy",
+                                               "ema_update_")}
+    H, D = 3, 16
+    lengths = [9, 9, 4, 4, 4, 7]                       # runs of equal lengths, then a lone one
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, v = (torch.randn(int(cu[-1]), H, D) for _ in range(3))
+    qd, kd, vd = (torch.randn(2, H, 5, D) for _ in range(3))
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    K, d, rows = 40, 8, 6
+    loss_args = (torch.nn.functional.normalize(torch.randn(rows, d), dim=1), torch.randn(K, d), torch.rand(K) + 0.5,
+                 torch.nn.functional.normalize(torch.randn(rows, d), dim=1), torch.randn(K, d), torch.rand(K) + 0.5,
+                 torch.randperm(rows), torch.full((rows,), 1.0 / rows))
+    center = 0.1 * torch.randn(K)
+    teacher = [torch.randn(7), torch.randn(3, 2)]
+    student = [torch.randn(7), torch.randn(3, 2)]
+    with step_bench.plain_pytorch_ops():
+        assert ops.attention is step_bench.sdpa_attention
+        varlen = ops.attention_varlen(q, k, v, cu, max_seqlen=9)
+        dense = ops.attention(qd, kd, vd, key_padding_mask=pad)
+        loss, stat = ops.prototype_cross_entropy(*loss_args, center=center, chunk_bytes=1 << 20)
+        expected_t = [0.9 * t + 0.1 * s for t, s in zip(teacher, student)]
+        ops.ema_update_(teacher, student, 0.9)
+    assert {n: getattr(ops, n) for n in originals} == originals
+    torch.testing.assert_close(varlen, attn_ref.attention_varlen(q, k, v, cu), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense, attn_ref.attention(qd, kd, vd, key_padding_mask=pad), rtol=1e-5, atol=1e-5)
+    ref_loss, ref_stat = loss_ref.prototype_cross_entropy(*loss_args, center=center)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stat, ref_stat, rtol=1e-5, atol=1e-6)
+    for t, e in zip(teacher, expected_t):
+        torch.testing.assert_close(t, e)
+
+
+def test_plain_ops_are_restored_after_an_error(step_bench):
+    import fasttips.kernels as ops
+    before = ops.attention
+    with pytest.raises(RuntimeError, match="boom"):
+        with step_bench.plain_pytorch_ops():
+            raise RuntimeError("boom")
+    assert ops.attention is before
