@@ -1,17 +1,33 @@
 """Redraw the benchmark plots (PNG) from bench/results/*.jsonl.
 
-Each plot uses the newest run (by the row's ``date`` to the minute and ``git_commit``) of each device, so
-re-running a benchmark replaces its curves instead of piling them up. Used by ``fasttips bench --plot``.
+    python bench/plots.py [--results DIR] [--out DIR]        (or: fasttips bench --plot)
+
+One figure per (plot, device), named ``<stem>-<device slug>.png`` in bench/results/plots/:
+- ``attention_tflops``: attention useful TFLOP/s vs sequence length N, one line per implementation,
+  one panel per mode (fwd, fwd_bwd); the dense rows of bench_attention.py (the multi-crop rows have
+  no single N and are left out).
+- ``dino_loss_time`` / ``dino_loss_memory``: prototype cross-entropy time and peak extra memory vs
+  tokens T, one line per implementation, one panel per (K, mode); bench_dino_loss.py.
+- ``train_step``: training-step images/s and peak memory per preset (and batch), one bar per
+  implementation, MFU written on the bars; bench_train_step.py.
+
+Every (case, implementation) keeps only its newest row (by ``date``), so a re-run replaces its
+points and a partial re-run does not hide the older cases. The figure title names the device and
+the date range of the rows drawn.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
+import math
 import os
+import re
 from collections import defaultdict
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PLOTS_DIR = os.path.join(RESULTS_DIR, "plots")
+GIB = 2 ** 30
 
 
 def load_rows(results_dir: str = RESULTS_DIR) -> list[dict]:
@@ -22,92 +38,190 @@ def load_rows(results_dir: str = RESULTS_DIR) -> list[dict]:
     return rows
 
 
-def newest_run(rows: list[dict]) -> list[dict]:
-    """Keep, per (bench, device), only the rows of the most recent run."""
-    by_key = defaultdict(list)
+def newest_rows(rows: list[dict]) -> list[dict]:
+    """Keep the newest row of each (bench, device, case, impl); on equal dates the later line wins."""
+    latest: dict[tuple, dict] = {}
     for r in rows:
-        by_key[(r.get("bench"), r.get("device"))].append(r)
-    kept = []
-    for group in by_key.values():
-        run_of = lambda r: (r.get("date", "")[:16], r.get("git_commit"))  # noqa: E731
-        latest = max(run_of(r) for r in group)
-        kept += [r for r in group if run_of(r) == latest]
-    return kept
+        key = (r.get("bench"), r.get("device"), json.dumps(r.get("case", {}), sort_keys=True), r.get("impl"))
+        if key not in latest or r.get("date", "") >= latest[key].get("date", ""):
+            latest[key] = r
+    return list(latest.values())
 
 
-def _facets(rows, facet_keys):
-    out = defaultdict(list)
-    for r in rows:
-        out[tuple((k, r["case"].get(k)) for k in facet_keys if k in r["case"])].append(r)
-    return out
+def device_slug(device: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "unknown"
 
 
-def line_plot(rows, x_key, y_key, title, ylabel, path, facet_keys=(), logx=False):
-    """One figure per facet; one line per impl; x from the case, y from the row."""
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and value == value and value not in (float("inf"), float("-inf"))
+
+
+def _minor_label(value, _pos) -> str:
+    """Minor log ticks: label only the 2s and 5s of each decade, so the axis stays readable."""
+    if value <= 0:
+        return ""
+    lead = value / 10 ** math.floor(math.log10(value))
+    return f"{value:g}" if round(lead) in (2, 5) and abs(lead - round(lead)) < 1e-6 else ""
+
+
+def _impl_colors(rows) -> dict[str, str]:
+    """One colour per implementation, the same in every panel of a figure."""
+    impls = sorted({r["impl"] for r in rows})
+    return {impl: f"C{i % 10}" for i, impl in enumerate(impls)}
+
+
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
-    facets = _facets(rows, facet_keys)
-    if not facets:
-        return None
-    fig, axes = plt.subplots(1, len(facets), figsize=(5.5 * len(facets), 4), squeeze=False)
-    for ax, (facet, frows) in zip(axes[0], sorted(facets.items(), key=lambda kv: str(kv[0]))):
-        series = defaultdict(list)
-        for r in frows:
-            if r.get(y_key) is not None and x_key in r["case"]:
-                series[r["impl"]].append((r["case"][x_key], r[y_key]))
-        for impl, points in sorted(series.items()):
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl)
-        if logx:
-            ax.set_xscale("log", base=2)
-        ax.set_xlabel(x_key)
-        ax.set_ylabel(ylabel)
-        ax.set_title(", ".join(f"{k}={v}" for k, v in facet) or title, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    device = rows[0].get("device", "?")
-    date = rows[0].get("date", "")[:10]
-    fig.suptitle(f"{title} — {device}, {date}", fontsize=10)
+
+def _suptitle(fig, title: str, rows: list[dict]) -> None:
+    dates = sorted(r.get("date", "")[:10] for r in rows if r.get("date"))
+    span = dates[0] if dates and dates[0] == dates[-1] else (f"{dates[0]} to {dates[-1]}" if dates else "?")
+    fig.suptitle(f"{title}: {rows[0].get('device', '?')}, {span}", fontsize=10)
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
+# ------------------------------------------------------------------------------------------------
+# Line plots: y (a row field) vs x (a case field), one line per impl, one panel per facet
+# ------------------------------------------------------------------------------------------------
+def line_plot(rows, x_key, y_key, title, ylabel, path, facet_keys=(), logx=False, logy=False, scale=1.0):
+    usable = [r for r in rows if x_key in r.get("case", {}) and _finite(r.get(y_key))]
+    if not usable:
+        return None
+    facets = defaultdict(list)
+    for r in usable:
+        facets[tuple((k, r["case"].get(k)) for k in facet_keys)].append(r)
+    plt = _pyplot()
+    ncols = min(2, len(facets))
+    nrows = -(-len(facets) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 3.9 * nrows), squeeze=False)
+    colors = _impl_colors(usable)
+    for ax in axes.flat[len(facets):]:
+        ax.set_visible(False)
+    for ax, (facet, frows) in zip(axes.flat, sorted(facets.items(), key=lambda kv: str(kv[0]))):
+        series = defaultdict(list)
+        for r in frows:
+            series[r["impl"]].append((r["case"][x_key], r[y_key] * scale))
+        for impl, points in sorted(series.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl, color=colors[impl])
+        xs = sorted({r["case"][x_key] for r in frows})
+        if logx:
+            ax.set_xscale("log", base=2)
+        if logy:
+            from matplotlib.ticker import FuncFormatter
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))   # 20, not 2×10¹
+            ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
+            ax.tick_params(axis="y", which="minor", labelsize=6)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs])
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(ylabel)
+        ax.set_title(", ".join(f"{k}={v}" for k, v in facet), fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    _suptitle(fig, title, usable)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# The training step: bars per (preset, batch), one per impl
+# ------------------------------------------------------------------------------------------------
+def step_plot(rows, path):
+    usable = [r for r in rows if "preset" in r.get("case", {}) and _finite(r.get("images_per_s"))]
+    if not usable:
+        return None
+    groups = sorted({(r["case"]["preset"], r["case"].get("batch_per_device", 0)) for r in usable})
+    impls = sorted({r["impl"] for r in usable})
+    by_key = {(r["case"]["preset"], r["case"].get("batch_per_device", 0), r["impl"]): r for r in usable}
+    plt = _pyplot()
+    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(max(9.0, 2.2 * len(groups) * len(impls) / 2 + 5), 4.4))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        xs, speed, mem, labels = [], [], [], []
+        for g, (preset, batch) in enumerate(groups):
+            r = by_key.get((preset, batch, impl))
+            if r is None:
+                continue
+            xs.append(g + (i - (len(impls) - 1) / 2) * width)
+            speed.append(r["images_per_s"])
+            mem.append(r["peak_mem"] / GIB if _finite(r.get("peak_mem")) else 0.0)
+            label = f"MFU {r['mfu']:.0%}" if _finite(r.get("mfu")) else ""
+            if r.get("max_batch"):
+                label += f"\nmax {r['max_batch']}"
+            labels.append(label)
+        bars = ax_speed.bar(xs, speed, width, label=impl)
+        ax_speed.bar_label(bars, labels=labels, fontsize=7)
+        mem_bars = ax_mem.bar(xs, mem, width, label=impl)
+        ax_mem.bar_label(mem_bars, labels=[f"{m:.1f}" if m else "n/a" for m in mem], fontsize=7)
+    ticks = [f"{p}\nbatch {b}" for p, b in groups]
+    for ax, ylabel in ((ax_speed, "images/s per device"), (ax_mem, "peak memory (GiB)")):
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(ticks, fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+        ax.margins(y=0.15)
+    ax_speed.set_title("throughput (MFU on the bars)", fontsize=9)
+    ax_mem.set_title("peak allocated memory", fontsize=9)
+    _suptitle(fig, "training step", usable)
+    return _save(fig, path)
+
+
+def _dense_attention(rows):
+    return [r for r in rows if r["case"].get("layer") != "multicrop"]
+
+
+# (bench, file stem, draw(rows, path) -> path or None)
 PLOTS = [
-    # bench, x, y, title, ylabel, file stem, facets, logx
-    ("attention", "N", "tflops", "attention throughput", "useful TFLOP/s", "attention_tflops",
-     ("mode",), True),
-    ("dino_loss", "T", "ms", "prototype CE time", "ms", "dino_loss_time", ("K", "mode"), True),
-    ("dino_loss", "T", "peak_mem", "prototype CE peak extra memory", "bytes", "dino_loss_memory",
-     ("K", "mode"), True),
-    ("train_step", "batch", "images_per_s", "training step", "images/s", "train_step_images",
-     ("preset",), False),
-    ("train_step", "batch", "peak_mem", "training step memory", "bytes", "train_step_memory",
-     ("preset",), False),
+    ("attention", "attention_tflops", lambda rows, path: line_plot(
+        _dense_attention(rows), "N", "tflops", "attention (d=64, bf16), useful TFLOP/s vs sequence length",
+        "useful TFLOP/s", path,
+        facet_keys=("mode",), logx=True)),
+    ("dino_loss", "dino_loss_time", lambda rows, path: line_plot(
+        rows, "T", "ms", "prototype cross-entropy time vs tokens", "ms", path,
+        facet_keys=("K", "mode"), logx=True, logy=True)),
+    ("dino_loss", "dino_loss_memory", lambda rows, path: line_plot(
+        rows, "T", "peak_mem", "prototype cross-entropy peak extra memory vs tokens", "GiB", path,
+        facet_keys=("K", "mode"), logx=True, logy=True, scale=1 / GIB)),
+    ("train_step", "train_step", step_plot),
 ]
 
 
 def draw_all(results_dir: str = RESULTS_DIR, out_dir: str = PLOTS_DIR) -> list[str]:
-    rows = newest_run(load_rows(results_dir))
+    rows = newest_rows(load_rows(results_dir))
     written = []
-    for bench, x, y, title, ylabel, stem, facets, logx in PLOTS:
+    for bench, stem, draw in PLOTS:
         by_device = defaultdict(list)
         for r in rows:
             if r.get("bench") == bench:
                 by_device[r.get("device", "unknown")].append(r)
-        for device, drows in by_device.items():
-            slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
-            path = line_plot(drows, x, y, title, ylabel, os.path.join(out_dir, f"{stem}-{slug}.png"),
-                             facets, logx)
+        for device, drows in sorted(by_device.items()):
+            path = draw(drows, os.path.join(out_dir, f"{stem}-{device_slug(device)}.png"))
             if path:
                 written.append(path)
     return written
 
 
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=RESULTS_DIR, help="folder of *.jsonl results (default bench/results)")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: <results>/plots)")
+    args = p.parse_args(argv)
+    for path in draw_all(args.results, args.out or os.path.join(args.results, "plots")):
+        print(path)
+
+
 if __name__ == "__main__":
-    for p in draw_all():
-        print(p)
+    main()
