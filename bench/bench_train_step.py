@@ -278,7 +278,7 @@ def _measure_first_fit(bench, preset, sizes, extra, kernels):
         except torch.OutOfMemoryError:
             del bench.rows[n_before:]                 # a batch is compared only where all impls ran
             print(f"{preset} batch {batch}: out of memory, trying a smaller batch", flush=True)
-            _free()
+        _free()   # outside the except block: the exception's frames no longer pin the activations
     return None
 
 

@@ -138,3 +138,32 @@ def test_plain_ops_are_restored_after_an_error(step_bench):
         with step_bench.plain_pytorch_ops():
             raise RuntimeError("boom")
     assert ops.attention is before
+
+
+def test_max_batch_doubles_until_it_does_not_fit(step_bench, monkeypatch):
+    tried = []
+
+    def fits(preset, batch, overrides, kernels):
+        tried.append(batch)
+        return batch <= 50
+    monkeypatch.setattr(step_bench, "fits", fits)
+    assert step_bench.max_batch("vit-b", 6, [], "auto") == 48
+    assert tried == [12, 24, 48, 96]
+    assert step_bench.max_batch("vit-b", 6, [], "auto", cap=20) == 12     # never past the cap
+
+
+def test_first_fit_compares_impls_only_at_a_batch_where_all_ran(step_bench, monkeypatch):
+    import harness
+    bench = harness.Bench("unit", quick=True, device="cpu", measure_device_ceilings=False)
+
+    def measure(bench_, preset, batch, extra, kernels):
+        if kernels == "plain" and batch > 8:          # the baseline runs out of memory first
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return bench_.add({"preset": preset, "batch_per_device": batch}, step_bench.IMPLS[kernels][0],
+                          {"ms": 1.0, "p20": 1.0, "p80": 1.0, "n": 1}, images_per_s=batch / 1e-3, mfu=None,
+                          peak_mem=None, first_step_s=0.0)
+    monkeypatch.setattr(step_bench, "measure", measure)
+    rows = step_bench._measure_first_fit(bench, "vit-b", [32, 16, 8], [], ["auto", "plain"])
+    assert [r["case"]["batch_per_device"] for r in rows] == [8, 8]
+    assert [r["case"]["batch_per_device"] for r in bench.rows] == [8, 8]   # the OOM'd batches left no rows
+    assert step_bench._measure_first_fit(bench, "vit-b", [32, 16], [], ["auto", "plain"]) is None
