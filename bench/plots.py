@@ -142,16 +142,22 @@ def step_plot(rows, path):
     usable = [r for r in rows if "preset" in r.get("case", {}) and _finite(r.get("images_per_s"))]
     if not usable:
         return None
-    groups = sorted({(r["case"]["preset"], r["case"].get("batch_per_device", 0)) for r in usable})
-    impls = sorted({r["impl"] for r in usable})
-    by_key = {(r["case"]["preset"], r["case"].get("batch_per_device", 0), r["impl"]): r for r in usable}
+    def group(r):      # a preset cut to fewer blocks (vit-g "layers") is its own group
+        blocks = r["case"].get("depth") if any("vision.depth" in o for o in r.get("overrides") or []) else None
+        return r["case"]["preset"], blocks, r["case"].get("batch_per_device", 0)
+
+    by_key = {}
+    for r in sorted(usable, key=lambda r: r.get("date", "")):   # the newest row of a bar wins
+        by_key[group(r) + (r["impl"],)] = r
+    groups = sorted({key[:3] for key in by_key}, key=lambda g: (_preset_rank(g[0]), g[1] or 0, g[2]))
+    impls = sorted({key[3] for key in by_key})
     plt = _pyplot()
     fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(max(9.0, 2.2 * len(groups) * len(impls) / 2 + 5), 4.4))
     width = 0.8 / len(impls)
     for i, impl in enumerate(impls):
         xs, speed, mem, labels = [], [], [], []
-        for g, (preset, batch) in enumerate(groups):
-            r = by_key.get((preset, batch, impl))
+        for g, key in enumerate(groups):
+            r = by_key.get(key + (impl,))
             if r is None:
                 continue
             xs.append(g + (i - (len(impls) - 1) / 2) * width)
@@ -159,13 +165,13 @@ def step_plot(rows, path):
             mem.append(r["peak_mem"] / GIB if _finite(r.get("peak_mem")) else 0.0)
             label = f"MFU {r['mfu']:.0%}" if _finite(r.get("mfu")) else ""
             if r.get("max_batch"):
-                label += f"\nmax {r['max_batch']}"
+                label += f"\nmax batch {r['max_batch']}"
             labels.append(label)
         bars = ax_speed.bar(xs, speed, width, label=impl)
         ax_speed.bar_label(bars, labels=labels, fontsize=7)
         mem_bars = ax_mem.bar(xs, mem, width, label=impl)
         ax_mem.bar_label(mem_bars, labels=[f"{m:.1f}" if m else "n/a" for m in mem], fontsize=7)
-    ticks = [f"{p}\nbatch {b}" for p, b in groups]
+    ticks = [f"{p}{f' ({n} blocks)' if n else ''}\nbatch {b}" for p, n, b in groups]
     for ax, ylabel in ((ax_speed, "images/s per device"), (ax_mem, "peak memory (GiB)")):
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(ticks, fontsize=8)
@@ -177,6 +183,13 @@ def step_plot(rows, path):
     ax_mem.set_title("peak allocated memory", fontsize=9)
     _suptitle(fig, "training step", usable)
     return _save(fig, path)
+
+
+PRESET_ORDER = ("tiny", "vit-s", "vit-b", "vit-l", "so400m", "vit-g")   # by model size
+
+
+def _preset_rank(preset: str) -> tuple[int, str]:
+    return (PRESET_ORDER.index(preset) if preset in PRESET_ORDER else len(PRESET_ORDER), preset)
 
 
 def _dense_attention(rows):

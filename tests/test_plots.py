@@ -42,6 +42,8 @@ def _write_results(folder: Path, seed_rows: int = 0) -> None:
         for impl, mfu in (("fasttips", 0.3), ("plain-pytorch", 0.1)):
             step.add({"preset": preset, "batch_per_device": 32}, impl, timing(), flops=1e12,
                      peak_mem=20 * 2**30, images_per_s=100.0 * mfu, mfu=mfu, max_batch=64)
+    step.add({"preset": "vit-g", "batch_per_device": 16, "depth": 12}, "fasttips", timing(), peak_mem=None,
+             images_per_s=12.0, mfu=None, overrides=["vision.depth=12"])   # vit-g layers, no CUDA memory
     step.write()
 
 
