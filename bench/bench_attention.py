@@ -31,6 +31,7 @@ BASELINE = "sdpa-default"   # what `F.scaled_dot_product_attention` picks by its
 DENSE_CASES = [(64, 24, 257), (64, 24, 1025), (256, 24, 50)]  # (B, H, N) at d = 64
 D = 64
 MULTICROP = dict(images=32, H=24, n_global=2, n_local=8, N_global=257, N_local=50)
+MULTICROP_CPU = dict(images=2, H=2, n_global=2, n_local=4, N_global=65, N_local=17)  # CPU smoke pass
 
 
 def attention_bytes(B, H, N, D, mode, elem=2):
@@ -124,22 +125,24 @@ def bench_dense(bench: Bench, impls: dict, B: int, H: int, N: int, device, n_inp
             torch.cuda.empty_cache() if device.type == "cuda" else None
 
 
-def bench_multicrop(bench: Bench, sdpa_backend: str, device):
+def bench_multicrop(bench: Bench, sdpa_backend: str, device, m: dict = MULTICROP):
     """One packed varlen launch for all crops vs one launch per crop size (dense layouts)."""
-    m = MULTICROP
     H = m["H"]
+    on_gpu = device.type == "cuda"
+    backend = "triton" if on_gpu else None        # on CPU: the op's own dispatch (its reference)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
     n_g, n_l = m["images"] * m["n_global"], m["images"] * m["n_local"]
     lengths = [m["N_global"]] * n_g + [m["N_local"]] * n_l
     cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
     T, split = int(cu[-1]), n_g * m["N_global"]
     # Every variant takes the packed [T, H, D] tensors a ViT's qkv projection gives for the
     # concatenated crops; the per-size variants take free [B, H, N, D] views of them.
-    sets = [[torch.randn(T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    sets = [[torch.randn(T, H, D, device=device, dtype=dtype, requires_grad=True)
              for _ in range(3)] for _ in range(2)]
-    douts = [torch.randn(T, H, D, device=device, dtype=torch.bfloat16) for _ in range(2)]
+    douts = [torch.randn(T, H, D, device=device, dtype=dtype) for _ in range(2)]
 
     def varlen(q, k, v):
-        return ops.attention_varlen(q, k, v, cu, max_seqlen=m["N_global"], backend="triton")
+        return ops.attention_varlen(q, k, v, cu, max_seqlen=m["N_global"], backend=backend)
 
     def per_size(attn):
         def views(t):
@@ -154,13 +157,14 @@ def bench_multicrop(bench: Bench, sdpa_backend: str, device):
 
     runs = {
         "fasttips-varlen-1-launch": varlen,
-        "fasttips-per-size-2-launches": per_size(lambda q, k, v: ops.attention(q, k, v, backend="triton")),
+        "fasttips-per-size-2-launches": per_size(lambda q, k, v: ops.attention(q, k, v, backend=backend)),
         f"sdpa-{sdpa_backend}-per-size": per_size(_sdpa(sdpa_backend)),
     }
     flops_fwd = attention_varlen_flops(lengths, H, D, "fwd")
     for mode in ("fwd", "fwd_bwd"):
         case = {"layer": "multicrop", "images": m["images"], "global": f"{n_g}x{m['N_global']}",
-                "local": f"{n_l}x{m['N_local']}", "H": H, "D": D, "dtype": "bf16", "mode": mode}
+                "local": f"{n_l}x{m['N_local']}", "H": H, "D": D, "dtype": "bf16" if on_gpu else "fp32",
+                "mode": mode}
         flops = flops_fwd * (3.5 if mode == "fwd_bwd" else 1.0)
         for name, fn in runs.items():
             try:
@@ -188,10 +192,10 @@ def run(quick: bool, flex: bool = True, results_dir: str | None = None) -> Bench
     device = bench.device
     if device.type != "cuda":
         print("no CUDA device: running a tiny CPU smoke pass (reference backend only); skipped, they "
-              "need CUDA: sdpa-flash, sdpa-efficient, sdpa-cudnn, flex, flash-attn, xformers, the "
-              "multi-crop layer", flush=True)
+              "need CUDA: sdpa-flash, sdpa-efficient, sdpa-cudnn, flex, flash-attn, xformers", flush=True)
         impls = {"fasttips": lambda q, k, v: ops.attention(q, k, v), "sdpa-default": _sdpa("default")}
         bench_dense(bench, impls, 2, 2, 50, device, n_inputs=1)
+        bench_multicrop(bench, "default", device, MULTICROP_CPU)
         return bench
     impls = implementations(flex)
     for B, H, N in DENSE_CASES:

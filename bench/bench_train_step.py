@@ -79,11 +79,21 @@ def sdpa_attention(q, k, v, key_padding_mask=None, scale=None, backend=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+_BOUNDS_CACHE: list = [None, None]   # (the last cu_seqlens tensor, its values on the host)
+
+
+def _host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
+    if _BOUNDS_CACHE[0] is not cu_seqlens:
+        _BOUNDS_CACHE[:] = [cu_seqlens, cu_seqlens.tolist()]
+    return _BOUNDS_CACHE[1]
+
+
 def sdpa_attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None, backend=None):
     """Packed [T, H, D] attention as SDPA has no varlen: one dense call per run of equal-length
     segments (per crop size, as DINOv2 runs its global and local crops), reading cu_seqlens on
-    the host."""
-    bounds = cu_seqlens.tolist()
+    the host once per forward (every layer gets the same cu_seqlens tensor, so the read is cached;
+    DINOv2 knows its crop sizes without asking the device)."""
+    bounds = _host_bounds(cu_seqlens)
     outs, start = [], 0
     while start < len(bounds) - 1:
         length = bounds[start + 1] - bounds[start]

@@ -277,14 +277,15 @@ class Bench:
         cases: dict[str, list[dict]] = {}
         for row in self.rows:
             cases.setdefault(json.dumps(row["case"], sort_keys=True), []).append(row)
-        header = f"  {'impl':<24}{'ms':>10}{'p20–p80':>20}{'TFLOP/s':>9}{'GB/s':>9}{'%peak':>7}{'×base':>7}"
+        width = max([24] + [len(str(r["impl"])) + 2 for r in self.rows])
+        header = f"  {'impl':<{width}}{'ms':>10}{'p20–p80':>20}{'TFLOP/s':>9}{'GB/s':>9}{'%peak':>7}{'×base':>7}"
         for key, rows in cases.items():
             lines += [f"case {key}", header]
             base = next((r["ms"] for r in rows if r["impl"] == baseline), None)
             for r in rows:
                 pct = r["pct_matmul_peak"] if r["pct_matmul_peak"] is not None else r["pct_copy_bw"]
                 lines.append(
-                    f"  {r['impl']:<24}{r['ms']:>10.4f}{_span(r):>20}{_fmt(r['tflops'], 9, 1)}"
+                    f"  {r['impl']:<{width}}{r['ms']:>10.4f}{_span(r):>20}{_fmt(r['tflops'], 9, 1)}"
                     f"{_fmt(r['gbps'], 9, 0)}{_fmt(pct, 7, 1)}"
                     f"{_fmt(base / r['ms'] if base and r['ms'] > 0 else None, 7, 2)}")
         text = "\n".join(lines)

@@ -54,6 +54,8 @@ def test_quick_bench_writes_valid_json(name, tmp_path, capsys):
         assert {"fasttips", "sdpa-default"} <= impls
         assert "need CUDA" in out                      # CUDA-only peers are skipped with a reason
         assert all(r["tflops"] > 0 and r["flops"] > 0 for r in rows)
+        multicrop = {r["impl"] for r in rows if r["case"].get("layer") == "multicrop"}
+        assert multicrop == {"fasttips-varlen-1-launch", "fasttips-per-size-2-launches", "sdpa-default-per-size"}
     if name == "ema":
         assert {"fasttips", "foreach_lerp", "foreach_mul_add", "loop_lerp"} <= impls
         assert all(r["gbps"] > 0 for r in rows)
