@@ -165,6 +165,12 @@ def implementation(kernels: str):
             os.environ["FASTTIPS_KERNELS"] = previous
 
 
+def _is_oom(exc: BaseException) -> bool:
+    """A CUDA OOM, including the ones that surface as a plain RuntimeError (cuBLAS/cuDNN workspaces)."""
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "alloc_failed" in text
+
+
 def _free():
     gc.collect()
     if torch.cuda.is_available():
@@ -219,7 +225,9 @@ def fits(preset: str, batch: int, overrides: list[str], kernels: str) -> bool:
             for _ in range(2):   # the second step holds the optimiser state as well
                 trainer.train_step(trainer.next_batches([it]), values, StopRequest())
             return True
-        except torch.OutOfMemoryError:
+        except RuntimeError as exc:             # torch.OutOfMemoryError is a RuntimeError
+            if not _is_oom(exc):
+                raise
             return False
         finally:
             trainer = None
@@ -285,7 +293,9 @@ def _measure_first_fit(bench, preset, sizes, extra, kernels):
                       flush=True)
                 rows.append(row)
             return rows
-        except torch.OutOfMemoryError:
+        except RuntimeError as exc:             # torch.OutOfMemoryError is a RuntimeError
+            if not _is_oom(exc):
+                raise
             del bench.rows[n_before:]                 # a batch is compared only where all impls ran
             print(f"{preset} batch {batch}: out of memory, trying a smaller batch", flush=True)
         _free()   # outside the except block: the exception's frames no longer pin the activations

@@ -169,3 +169,15 @@ def test_first_fit_compares_impls_only_at_a_batch_where_all_ran(step_bench, monk
     assert [r["case"]["batch_per_device"] for r in rows] == [8, 8]
     assert [r["case"]["batch_per_device"] for r in bench.rows] == [8, 8]   # the OOM'd batches left no rows
     assert step_bench._measure_first_fit(bench, "vit-b", [32, 16], [], ["auto", "plain"]) is None
+
+
+def test_first_fit_reraises_errors_that_are_not_out_of_memory(step_bench, monkeypatch):
+    import harness
+    bench = harness.Bench("unit", quick=True, device="cpu", measure_device_ceilings=False)
+
+    def measure(*args):
+        raise RuntimeError("shape mismatch in layer 3")
+    monkeypatch.setattr(step_bench, "measure", measure)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        step_bench._measure_first_fit(bench, "vit-b", [32, 16], [], ["auto"])
+    assert step_bench._is_oom(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
