@@ -2,7 +2,6 @@
 step benchmark's plain-PyTorch baseline ops match the references and are swapped back afterwards."""
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
