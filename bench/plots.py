@@ -179,6 +179,11 @@ def step_plot(rows, path):
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
         ax.margins(y=0.15)
+    if not any(_finite(r.get("peak_mem")) for r in by_key.values()):
+        ax_mem.cla()
+        ax_mem.set_axis_off()
+        ax_mem.text(0.5, 0.5, "peak memory not measured\n(only CUDA allocations are counted)",
+                    ha="center", va="center", transform=ax_mem.transAxes, fontsize=9)
     ax_speed.set_title("throughput (MFU on the bars)", fontsize=9)
     ax_mem.set_title("peak allocated memory", fontsize=9)
     _suptitle(fig, "training step", usable)
