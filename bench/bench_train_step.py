@@ -259,7 +259,8 @@ def run(quick: bool = False, presets: list[str] | None = None, batches: list[int
         search_max_batch = False
     cases = (QUICK if quick else CASES)[kind]
     if presets:
-        cases = [(p, batches or [16], [], None) for p in presets]
+        fallbacks = {c[0]: c[3] for c in CASES["cuda"]}           # vit-g → its layers when it does not fit
+        cases = [(p, batches or [16], [], fallbacks.get(p)) for p in presets]
     elif batches:
         cases = [(p, batches, extra, fallback) for p, _, extra, fallback in cases]
     for preset, sizes, extra, fallback in cases:
