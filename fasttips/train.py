@@ -39,6 +39,7 @@ from fasttips.distributed import fsdp
 from fasttips.distributed.checkpoint import (CheckpointManager, latest_checkpoint, restore_training_state,
                                              training_state)
 from fasttips.distributed.signals import StopRequest
+from fasttips.eval.periodic import maybe_evaluate
 from fasttips.metrics import (MetricsWriter, ProgressBar, flop_model, mfu, peak_flops, plot_loss_curve,
                               text_mlp_hidden)
 from fasttips.optim import build_optimizer, clip_gradients, clip_modules, is_prototype, set_hyperparameters
@@ -419,6 +420,10 @@ class Trainer:
                     break
                 if self.step % cfg.train.ckpt_every == 0 or self.step == total:
                     self.save_checkpoint()
+                # eval.every: every rank evaluates (sharded forwards); rank 0's writer logs it
+                record = maybe_evaluate(self.step, self.model, getattr(self.loader, "tokenizer", None), cfg)
+                if record:
+                    writer.write(self.step, record)
         bar.close()
         writer.close()
         skipped = {k: v for k, v in dict(getattr(self.loader, "stats", {}) or {}).items() if v}

@@ -32,8 +32,16 @@ def data_dir(tmp_path_factory):
 def trained_run(data_dir, tmp_path_factory):
     from fasttips import train
     run_dir = tmp_path_factory.mktemp("eval_train") / "run"
-    assert train.main(["--no-progress", *SMALL, "train.steps=2", f"train.run_dir={run_dir}"]) == 0
+    assert train.main(["--no-progress", *SMALL, "train.steps=2", "eval.every=2", f"train.run_dir={run_dir}"]) == 0
     return run_dir
+
+
+def test_training_logs_periodic_evaluation(trained_run):
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/seg/miou" in r]
+    assert [r["step"] for r in evals] == [2]                     # eval.every=2 over 2 steps
+    assert evals[0]["eval/n_images"] == 8 and 0.0 <= evals[0]["eval/ret/cls1_alt/i2t_r5"] <= 1.0
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
 
 
 def test_fasttips_eval_on_a_trained_checkpoint(trained_run, tmp_path, capsys):
