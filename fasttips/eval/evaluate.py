@@ -84,9 +84,11 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 def encode_images(model, images: torch.Tensor, batch_size: int = 32) -> dict[str, torch.Tensor]:
     """Vision outputs for all images, in batches: {"cls1" [N, D], "cls2" [N, D], "patch" [N, Np, D]}."""
     device = _device_of(model)
+    # the stored parameter dtype (fp32 under FSDP mixed precision, which casts inputs itself)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     outs: dict[str, list[torch.Tensor]] = {"cls1": [], "cls2": [], "patch": []}
     for i in range(0, images.shape[0], batch_size):
-        y = model.vision(images[i:i + batch_size].to(device))
+        y = model.vision(images[i:i + batch_size].to(device, dtype))
         for k in outs:
             outs[k].append(y[k].float().cpu())
     return {k: torch.cat(v) for k, v in outs.items()}
