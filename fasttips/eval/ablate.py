@@ -13,7 +13,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 VARIANTS = (("masked", "iBOT"), ("all", "iBOT++"))
@@ -75,6 +74,16 @@ def _finished(run_dir: Path, steps: int) -> bool:
     return latest is not None and latest[0] >= steps
 
 
+def _step_seconds(run_dir: Path) -> float:
+    """Total training step time logged in the run's metrics.jsonl (excludes start-up and evaluation;
+    also right for a run trained by an earlier invocation)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return float("nan")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sum(r.get("step_time_s", 0.0) for r in records if "loss" in r)
+
+
 def train_and_evaluate(args, seed: int, tokens: str, out: Path, eval_set_cache: dict) -> dict:
     from fasttips import config as config_mod
     from fasttips import train
@@ -86,7 +95,6 @@ def train_and_evaluate(args, seed: int, tokens: str, out: Path, eval_set_cache: 
     run_dir = out / f"seed{seed}-{tokens}"
     over = train_overrides(args, seed, tokens, run_dir)
     steps = config_mod.load(None, over).train.steps    # training always checkpoints its last step
-    t0 = time.time()
     if _finished(run_dir, steps):
         print(f"[ablate] {run_dir}: already trained, evaluating", flush=True)
     else:
@@ -94,15 +102,14 @@ def train_and_evaluate(args, seed: int, tokens: str, out: Path, eval_set_cache: 
         rc = train.main(["--no-progress", *over])
         if rc not in (0, None):
             raise RuntimeError(f"training {run_dir} failed with exit code {rc}")
-    train_s = time.time() - t0
     model, tokenizer, cfg, ckpt = load_for_eval(run_dir)
     n = args.n_images or cfg.eval.n_images
     key = (n, cfg.data.global_size)
     if key not in eval_set_cache:
         eval_set_cache[key] = load_eval_set(cfg, n_images=n)
     result = evaluate(model, tokenizer, cfg, eval_set=eval_set_cache[key], n_images=n)
-    result.update(seed=seed, ibot_tokens=tokens, checkpoint=str(ckpt), train_seconds=round(train_s, 1),
-                  overrides=over)
+    result.update(seed=seed, ibot_tokens=tokens, checkpoint=str(ckpt),
+                  train_step_seconds=round(_step_seconds(run_dir), 1), overrides=over)
     return result
 
 
