@@ -109,6 +109,22 @@ def test_list_is_one_pass_with_one_varlen_attention_per_layer(model, monkeypatch
     assert calls == {"dense": len(model.vision.blocks), "varlen": 0}
 
 
+def test_packing_layout_is_built_once_and_inference_mode_kept_apart(model):
+    from fasttips.models import Packing
+    a, b = Packing.from_lengths([6, 6, 11], "cpu"), Packing.from_lengths([6, 6, 11], "cpu")
+    assert a.cu_seqlens is b.cu_seqlens and a.token_seq is b.token_seq          # no rebuild per call
+    assert a.cu_seqlens.tolist() == [0, 6, 12, 23] and a.token_seq.tolist() == [0] * 6 + [1] * 6 + [2] * 11
+    assert Packing.from_lengths([4, 4], "cpu").token_seq is None
+    crops = [crop(2, 42), crop(3, 28)]
+    with torch.inference_mode():
+        model.vision(crops)
+        inference = Packing.from_lengths([6, 6, 11], "cpu")
+    assert inference.cu_seqlens is not a.cu_seqlens and not a.cu_seqlens.is_inference()
+    out = model.vision(crops)                 # after an inference-mode pass of the same layout
+    sum(o["patch"].sum() for o in out).backward()
+    assert model.vision.blocks[0].attn.qkv.weight.grad is not None
+
+
 def test_bf16_autocast_keeps_fp32_residual_and_stays_close(model):
     crops, mask = [crop(2, 28), crop(2, 42)], [random_mask(2, 4), None]
     ref = model.vision(crops, mask)

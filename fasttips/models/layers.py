@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -65,15 +66,11 @@ class Packing:
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device, key_padding_mask=None) -> "Packing":
-        lens = torch.tensor(lengths, dtype=torch.int64, device=device)
-        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        lengths = [int(n) for n in lengths]
         uniform = lengths[0] if lengths and all(n == lengths[0] for n in lengths) else None
         if key_padding_mask is not None and uniform is None:
             raise ValueError("Packing: key_padding_mask needs sequences of equal length")
-        token_seq = None
-        if uniform is None:   # token → sequence index, built here so forward passes never mutate it
-            token_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens,
-                                                output_size=sum(lengths))
+        lens, cu, token_seq = _packing_tensors(tuple(lengths), torch.device(device), uniform is None)
         return cls(lens, cu, max(lengths, default=0), uniform, key_padding_mask, token_seq)
 
     @property
@@ -85,6 +82,39 @@ class Packing:
         if self.uniform is not None:
             return per_sequence.repeat_interleave(self.uniform, dim=0)
         return per_sequence[self.token_seq]
+
+
+_PACKING_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_PACKING_CACHE_SIZE = 32
+
+
+def _packing_tensors(lengths: tuple[int, ...], device: torch.device, with_token_seq: bool):
+    """(lengths int64 [S], cu_seqlens int32 [S + 1], token → sequence [T] or None) on ``device``.
+
+    A training step packs the same few layouts again and again (each crop set, each caption batch),
+    and building these from Python lists is a host → device copy that waits for the device. So they
+    are built once per (layout, device) and reused; nothing ever writes into them.
+    """
+    # inference-mode tensors cannot be saved for backward later, so they are kept apart; traced
+    # (fake / meta) tensors are never cached
+    cacheable = device.type != "meta" and not torch.compiler.is_compiling()
+    key = (lengths, device, with_token_seq, torch.is_inference_mode_enabled())
+    hit = _PACKING_CACHE.get(key) if cacheable else None
+    if hit is not None:
+        _PACKING_CACHE.move_to_end(key)
+        return hit
+    lens = torch.tensor(lengths, dtype=torch.int64, device=device)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    token_seq = None
+    if with_token_seq:    # token → sequence index, built here so forward passes never mutate it
+        token_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens,
+                                            output_size=sum(lengths))
+    hit = (lens, cu, token_seq)
+    if cacheable:
+        _PACKING_CACHE[key] = hit
+        if len(_PACKING_CACHE) > _PACKING_CACHE_SIZE:
+            _PACKING_CACHE.popitem(last=False)
+    return hit
 
 
 class Attention(nn.Module):
