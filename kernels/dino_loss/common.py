@@ -46,8 +46,9 @@ def check_arguments(student_z, student_v, student_g, teacher_z, teacher_v, teach
                               f"got shape {tuple(pairs.shape)}")
     need(weights.shape == (S,), f"weights must be [S] = [{S}], got shape {tuple(weights.shape)}")
     if S and teacher_z.shape[0]:
-        # One small reduction; an out-of-range index would otherwise read garbage inside a kernel.
-        lo, hi = int(pairs.min()), int(pairs.max())
+        # One small reduction and one host read (not two); an out-of-range index would otherwise
+        # read garbage inside a kernel.
+        lo, hi = torch.stack(torch.aminmax(pairs)).tolist()
         need(0 <= lo and hi < teacher_z.shape[0],
              f"pairs must index teacher rows in [0, {teacher_z.shape[0]}), got values in [{lo}, {hi}]")
     elif S:
