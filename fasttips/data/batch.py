@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-CAPTION_KINDS = ("alt", "short", "long")
+from .shards import CAPTION_KINDS     # ("alt", "short", "long"): caption_kind is the index
+
 BATCH_KEYS = ("global_crops", "local_crops", "masks", "alt_ids", "alt_pad", "syn_ids", "syn_pad",
               "caption_kind", "keys")
 

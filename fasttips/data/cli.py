@@ -17,9 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .shards import IMAGE_EXTS, SKIP_REASONS, ShardWriter, index_shards, list_shards, total_skipped
-
-CAPTION_FIELDS = ("alt", "short", "long")
+from .shards import (CAPTION_KINDS, IMAGE_EXTS, SKIP_REASONS, ShardWriter, index_shards, list_shards,
+                     total_skipped)
 
 
 def _key_for(rel: str, used: set) -> str:
@@ -67,7 +66,7 @@ def pack(images: str, captions: str, out: str, samples_per_shard: int = 1000, pr
                 print(f"{captions}:{lineno}: not a JSON object with an 'image' field; skipped", file=sys.stderr)
                 counts["bad_line"] += 1
                 continue
-            caps = {k: rec[k].strip() for k in CAPTION_FIELDS if isinstance(rec.get(k), str) and rec[k].strip()}
+            caps = {k: rec[k].strip() for k in CAPTION_KINDS if isinstance(rec.get(k), str) and rec[k].strip()}
             if not caps:
                 counts["missing_caption"] += 1
                 continue

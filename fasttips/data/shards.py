@@ -31,6 +31,7 @@ log = logging.getLogger("fasttips.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 CAPTION_EXT = "json"
+CAPTION_KINDS = ("alt", "short", "long")    # the caption granularities; the order gives batch["caption_kind"]
 INDEX_VERSION = 1
 SKIP_REASONS = ("corrupt_image", "missing_caption", "non_image_member", "unreadable_shard")
 
@@ -155,14 +156,15 @@ class ShardIndex:
 
 
 def parse_captions(data: bytes) -> dict[str, str]:
-    """The non-empty string captions of a .json member ({} if it is not a JSON object)."""
+    """The non-empty string captions (keys ``CAPTION_KINDS``) of a .json member; other fields are
+    ignored, and a member that is not a JSON object, or holds none of them, gives {}."""
     try:
         obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return {}
     if not isinstance(obj, dict):
         return {}
-    return {k: v.strip() for k, v in obj.items() if isinstance(v, str) and v.strip()}
+    return {k: obj[k].strip() for k in CAPTION_KINDS if isinstance(obj.get(k), str) and obj[k].strip()}
 
 
 def image_is_valid(data: bytes) -> bool:

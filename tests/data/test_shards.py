@@ -96,6 +96,8 @@ def bad_shards(tmp_path, seed):
         _add(tar, "emptycap.json", b'{"alt": "", "short": "   "}')
         _add(tar, "badjson.jpg", jpeg(rng))                  # caption that is not JSON
         _add(tar, "badjson.json", b"{not json")
+        _add(tar, "otherkeys.jpg", jpeg(rng))                # JSON without alt / short / long
+        _add(tar, "otherkeys.json", b'{"caption": "a cat", "objects": []}')
         _add(tar, "README.txt", b"hello")                    # non-image member
         _add(tar, "labels.cls", b"3")                        # non-image member
     (tmp_path / "garbage.tar").write_bytes(os.urandom(3000))  # unreadable shard
@@ -106,7 +108,7 @@ def bad_shards(tmp_path, seed):
     return tmp_path, good
 
 
-EXPECTED = {"corrupt_image": 2, "missing_caption": 3, "non_image_member": 2, "unreadable_shard": 2}
+EXPECTED = {"corrupt_image": 2, "missing_caption": 4, "non_image_member": 2, "unreadable_shard": 2}
 
 
 def test_bad_input_is_skipped_counted_and_reported(bad_shards, caplog):
