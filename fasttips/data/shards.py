@@ -32,7 +32,8 @@ log = logging.getLogger("fasttips.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 CAPTION_EXT = "json"
 CAPTION_KINDS = ("alt", "short", "long")    # the caption granularities; the order gives batch["caption_kind"]
-INDEX_VERSION = 1
+INDEX_VERSION = 2            # 2: captions are the CAPTION_KINDS fields only
+VALIDATE_CHUNK = 256         # images decoded per batch while indexing
 SKIP_REASONS = ("corrupt_image", "missing_caption", "non_image_member", "unreadable_shard")
 
 
@@ -218,13 +219,12 @@ def _scan(shard: str) -> tuple[list[Sample], dict[str, int]]:
         log.warning("skipping unreadable shard %s (%s)", shard, exc)
         skipped["unreadable_shard"] = 1
         return [], skipped
-    samples = []
+    candidates = []                                      # (key, image ext): caption checked, image not yet
     with open(shard, "rb") as f:
         def read(off_size):
             f.seek(off_size[0])
             return f.read(off_size[1])
 
-        candidates = []
         for key in order:
             members = groups[key]
             image_ext = next((e for e in IMAGE_EXTS if e in members), None)
@@ -234,16 +234,21 @@ def _scan(shard: str) -> tuple[list[Sample], dict[str, int]]:
             if CAPTION_EXT not in members or not parse_captions(read(members[CAPTION_EXT])):
                 skipped["missing_caption"] += 1
                 continue
-            candidates.append((key, image_ext, read(members[image_ext])))
-    with ThreadPoolExecutor(max_workers=2) as pool:    # PIL releases the GIL while decoding
-        valid = list(pool.map(lambda c: image_is_valid(c[2]), candidates))
-    for (key, image_ext, _), ok in zip(candidates, valid):
-        if not ok:
-            skipped["corrupt_image"] += 1
-            continue
-        members = groups[key]
-        extras = {e: members[e] for e in members if e not in (image_ext, CAPTION_EXT)}
-        samples.append(Sample(shard, key, (image_ext, *members[image_ext]), members[CAPTION_EXT], extras))
+            candidates.append((key, image_ext))
+        samples = []
+        # decode in chunks, so only VALIDATE_CHUNK encoded images are held at once (shards can be GBs)
+        with ThreadPoolExecutor(max_workers=2) as pool:  # PIL releases the GIL while decoding
+            for start in range(0, len(candidates), VALIDATE_CHUNK):
+                chunk = candidates[start:start + VALIDATE_CHUNK]
+                images = [read(groups[key][ext]) for key, ext in chunk]
+                for (key, image_ext), ok in zip(chunk, pool.map(image_is_valid, images)):
+                    if not ok:
+                        skipped["corrupt_image"] += 1
+                        continue
+                    members = groups[key]
+                    extras = {e: members[e] for e in members if e not in (image_ext, CAPTION_EXT)}
+                    samples.append(Sample(shard, key, (image_ext, *members[image_ext]), members[CAPTION_EXT],
+                                          extras))
     return samples, skipped
 
 
@@ -253,7 +258,9 @@ def _write_dali_index(path: Path, samples: list[Sample]) -> None:
     for s in samples:
         ext, off, size = s.image
         lines.append(f"img {off} {size} {s.key}.{ext} json {s.caption[0]} {s.caption[1]} {s.key}.json")
-    path.write_text("\n".join(lines) + "\n")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)              # atomic: another rank's DALI reader may be reading this file
 
 
 def index_shard(shard: str, rebuild: bool = False) -> ShardIndex:
