@@ -29,7 +29,7 @@ import torch
 
 from .augment import (ASPECT, BLUR_KERNEL, BLUR_SIGMA, GRAY_P, IMAGENET_MEAN, IMAGENET_STD, JITTER,
                       JITTER_P, SOLARIZE_THRESHOLD, crop_recipes)
-from .pipeline import assemble, mix_seed
+from .pipeline import assemble, mix_seed, seed_words
 from .shards import parse_captions, split_name
 
 log = logging.getLogger("fasttips.data")
@@ -122,7 +122,7 @@ class DaliLoader:
         indexes = [ix for ix in indexes if ix.samples]
         # DALI reads shards in list order through a bounded shuffle buffer: shuffle the shard order
         # once from train.seed (the same on every rank, so the ranks' sample ranges stay disjoint).
-        order = np.random.default_rng([cfg.train.seed, 0x736861]).permutation(len(indexes))
+        order = np.random.default_rng(seed_words(cfg.train.seed, 0x736861)).permutation(len(indexes))
         indexes = [indexes[i] for i in order]
         self.paths = [ix.shard for ix in indexes]
         self.index_paths = [ix.dali_index for ix in indexes]

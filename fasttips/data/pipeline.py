@@ -21,6 +21,11 @@ from .captions import sample_captions
 from .shards import Sample, rank_slice
 
 
+def seed_words(*parts: int) -> list[int]:
+    """Integers as a numpy seed list; negative ones (``train.seed=-1``) wrap to 64 bits, others are kept."""
+    return [int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]
+
+
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers (stable across runs and machines)."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
@@ -51,7 +56,8 @@ class SampleStream:
 
     @functools.lru_cache(maxsize=4)
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.spec.seed, epoch, self.spec.rank]).permutation(len(self.samples))
+        rng = np.random.default_rng(seed_words(self.spec.seed, epoch, self.spec.rank))
+        return rng.permutation(len(self.samples))
 
     def at(self, position: int) -> tuple[int, Sample]:
         epoch, i = divmod(position, len(self.samples))

@@ -69,6 +69,14 @@ def test_pytorch_loader_same_batches_with_any_worker_count(tiny_shards):
 
 
 @pytest.mark.parametrize("kind", LOADERS)
+def test_negative_seed_is_a_seed_like_any_other(kind, tiny_shards):
+    a = take(build_loader(tiny_cfg(tiny_shards, f"data.loader={kind}", "train.seed=-1")), 2)
+    b = take(build_loader(tiny_cfg(tiny_shards, f"data.loader={kind}", "train.seed=-1")), 2)
+    assert [x["keys"] for x in a] == [x["keys"] for x in b]
+    assert all(torch.equal(x["global_crops"], y["global_crops"]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("kind", LOADERS)
 def test_two_ranks_split_without_overlap(kind, tiny_shards):
     cfg = tiny_cfg(tiny_shards, f"data.loader={kind}")
     per_rank = []
