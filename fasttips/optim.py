@@ -99,11 +99,12 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float,
                         freeze_prototypes: bool) -> None:
-    """Apply this step's lr and weight decay to every group through its multipliers."""
+    """Apply this step's lr and weight decay to every group through its multipliers (1 when a group
+    has none, e.g. a plain optimiser not built from :func:`param_groups`)."""
     for group in optimizer.param_groups:
         frozen = freeze_prototypes and group.get("prototype", False)
-        group["lr"] = 0.0 if frozen else lr * group["lr_mult"]
-        group["weight_decay"] = weight_decay * group["wd_mult"]
+        group["lr"] = 0.0 if frozen else lr * group.get("lr_mult", 1.0)
+        group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
 
 
 def clip_modules(model: nn.Module) -> dict[str, list[nn.Parameter]]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from fasttips.data.batch import check_batch
 from fasttips.losses import Centering, contrastive_loss, dino_loss, ibot_loss, ibot_rows, koleo_loss
+from fasttips.optim import clip_gradients, clip_modules, set_hyperparameters
 
 TERMS = ("clip_alt", "clip_syn", "dino", "ibot", "koleo")
 
@@ -150,29 +151,8 @@ def compute_losses(model: nn.Module, teacher, state: LossState, batch: dict, ste
 # single-process step: forward, backward, per-module clipping, optimiser step, EMA update
 # ------------------------------------------------------------------------------------------------
 def clip_units(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Clipping units (DINOv2: backbone and each head separately): vision, text, each head, other."""
-    units: dict[str, list[nn.Parameter]] = {"vision": [], "text": [], "dino_head": [], "other": []}
-    if model.ibot_head is not model.dino_head:
-        units["ibot_head"] = []
-    owner = {}
-    for name in units:
-        if name != "other":
-            for p in getattr(model, name).parameters():
-                owner[id(p)] = name
-    for p in model.parameters():
-        if p.requires_grad:
-            units[owner.get(id(p), "other")].append(p)
-    return {k: v for k, v in units.items() if v}
-
-
-def _set_hyperparameters(optimizer, lr: float, weight_decay: float, prototype_ids: set,
-                         freeze_prototypes: bool) -> None:
-    """Per group: lr · lr_mult and wd · wd_mult (1 when absent); prototype groups get lr 0 while frozen."""
-    for group in optimizer.param_groups:
-        frozen = freeze_prototypes and (group.get("prototype", False)
-                                        or all(id(p) in prototype_ids for p in group["params"]))
-        group["lr"] = 0.0 if frozen else lr * group.get("lr_mult", 1.0)
-        group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
+    """Clipping units (DINOv2: backbone and each head separately): ``fasttips.optim.clip_modules``."""
+    return clip_modules(model)
 
 
 def train_step(model: nn.Module, teacher, state: LossState, optimizer: torch.optim.Optimizer,
@@ -182,23 +162,16 @@ def train_step(model: nn.Module, teacher, state: LossState, optimizer: torch.opt
     prototype_params = [p for head in {id(model.dino_head): model.dino_head,
                                        id(model.ibot_head): model.ibot_head}.values()
                         for p in head.prototypes.parameters()]
-    _set_hyperparameters(optimizer, values.lr, values.weight_decay, {id(p) for p in prototype_params},
-                         values.freeze_prototypes)
+    # A plain optimiser (no ``param_groups`` multipliers) gets the bare lr / wd; the frozen prototypes
+    # are held still below by dropping their gradient, whatever the grouping.
+    set_hyperparameters(optimizer, values.lr, values.weight_decay, values.freeze_prototypes)
     optimizer.zero_grad(set_to_none=True)
     losses = compute_losses(model, teacher, state, batch, values, cfg)
     losses["loss"].backward()
     if values.freeze_prototypes:       # DINOv2 cancels the last layer's gradient (Adam moments too)
         for p in prototype_params:
             p.grad = None
-    norms = {}
-    for name, params in clip_units(model).items():
-        grads = [p for p in params if p.grad is not None]
-        if not grads:
-            continue
-        if cfg.optim.clip_grad > 0:
-            norms[name] = torch.nn.utils.clip_grad_norm_(grads, cfg.optim.clip_grad)
-        else:
-            norms[name] = torch.nn.utils.get_total_norm([p.grad for p in grads])
+    norms = clip_gradients(clip_modules(model), cfg.optim.clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     teacher.update(model, values.momentum)
