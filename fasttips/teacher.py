@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from fasttips import kernels
+from fasttips.optim import clean_name
 
 MODES = ("head_ema", "full_ema")
 FEATURES = ("detached", "separate_no_grad")
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -32,14 +32,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None else t
 
 
-def _clean(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
 def _named_params(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {_clean(n): p for n, p in module.named_parameters()}
+    return {clean_name(n): p for n, p in module.named_parameters()}
 
 
 class Teacher(nn.Module):
