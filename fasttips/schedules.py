@@ -53,7 +53,8 @@ class Schedules:
     """All per-step values from a ``fasttips.config.Config``.
 
     The peak lr is ``optim.lr · sqrt(global_batch / 1024)`` with global_batch = data.batch_size ·
-    world_size (config comment, DINOv2 rule).
+    world_size (config comment, DINOv2 rule). ``world_size`` counts the batches per optimiser step:
+    the trainer passes processes × ``optim.accum_steps``.
     """
 
     def __init__(self, cfg, world_size: int = 1):
