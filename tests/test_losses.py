@@ -367,7 +367,6 @@ def test_contrastive_bad_inputs():
     with pytest.raises(ValueError, match="kind='cosine'"):
         contrastive_loss("cosine", torch.randn(3, 4), torch.randn(3, 4), torch.zeros(1))
     with pytest.raises(ValueError, match="needs logit_bias"):
-        siglip_loss  # noqa: B018 (imported for the public API)
         contrastive_loss("siglip", torch.randn(3, 4), torch.randn(3, 4), torch.zeros(1))
 
 
