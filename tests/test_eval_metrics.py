@@ -38,6 +38,27 @@ def test_recall_ties_count_against_the_query():
     assert r["i2t_r4"] == 1.0 and r["t2i_r4"] == 1.0     # k = N always finds it
 
 
+def test_recall_duplicate_captions_are_interchangeable():
+    # texts 0 and 1 are the same caption, so their embeddings (columns) are equal
+    sim = torch.tensor([[0.9, 0.9, 0.1],
+                        [0.8, 0.8, 0.2],
+                        [0.1, 0.1, 0.7]])
+    plain = recall_at_k(sim, ks=(1,))
+    assert plain["i2t_r1"] == pytest.approx(1 / 3)        # the tie with the copy counts against
+    pos = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    r = recall_at_k(sim, ks=(1,), positives=pos)
+    assert r["i2t_r1"] == 1.0 and r["t2i_r1"] == 1.0
+    pos[2, 2] = False
+    with pytest.raises(ValueError, match="diagonal"):
+        recall_at_k(sim, positives=pos)
+
+
+def test_recall_nan_scores_are_misses():
+    r = recall_at_k(torch.full((4, 4), math.nan), ks=(1, 4))
+    assert r["i2t_r1"] == 0.0 and r["t2i_r1"] == 0.0
+    assert r["i2t_r4"] == 1.0 and r["t2i_r4"] == 1.0
+
+
 def test_recall_random_is_near_chance(seed):
     n, trials = 50, 40
     r1 = [recall_at_k(torch.randn(n, n))["i2t_r1"] for _ in range(trials)]

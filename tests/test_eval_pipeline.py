@@ -89,6 +89,18 @@ def test_confused_class_names_score_zero(seed):
     assert res["ret/cls1_alt/i2t_r1"] == 1.0     # retrieval does not use class names
 
 
+def test_duplicate_captions_are_not_retrieval_errors(seed):
+    from fasttips.eval.evaluate import same_text
+    assert same_text(["a b", "A  b", "c"]).tolist() == [[True, True, False], [True, True, False],
+                                                        [False, False, True]]
+    es = make_eval_set(torch.Generator().manual_seed(seed))
+    es.captions["alt"][1] = es.captions["alt"][0]          # two images share one alt-text ...
+    es.images[1, 1] = 0.0                                  # ... and the oracle embeds both as image 0
+    res = evaluate(OracleModel(), OracleTokenizer(), eval_set=es, n_images=N)
+    assert res["ret/cls1_alt/i2t_r1"] == 1.0
+    assert res["ret/cls1_alt/t2i_r1"] == 1.0
+
+
 def test_eval_set_validates_its_fields():
     with pytest.raises(ValueError, match="captions"):
         EvalSet(torch.zeros(2, 3, 8, 8), {"alt": ["one"]})

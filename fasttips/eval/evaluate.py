@@ -105,12 +105,24 @@ def encode_texts(model, tokenizer, texts: list[str], batch_size: int = 128) -> t
     return torch.cat(chunks)
 
 
-def retrieval_metrics(cls1, cls2, text_emb: dict[str, torch.Tensor]) -> dict[str, float]:
+def same_text(texts: list[str]) -> torch.Tensor:
+    """bool [N, N]: True where two captions are the same text (as the tokenizer sees it: lower-cased)."""
+    norm = [" ".join(t.lower().split()) for t in texts]
+    ids = {t: i for i, t in enumerate(dict.fromkeys(norm))}
+    code = torch.tensor([ids[t] for t in norm])
+    return code[:, None] == code[None, :]
+
+
+def retrieval_metrics(cls1, cls2, text_emb: dict[str, torch.Tensor],
+                      captions: dict[str, list[str]] | None = None) -> dict[str, float]:
+    """Recall@{1,5} per caption kind. With ``captions``, images whose captions are the same text are
+    interchangeable answers (a duplicate caption is not a retrieval error)."""
     out = {}
     for kind, emb in text_emb.items():
         image = cls1 if kind == "alt" else cls2          # CLS#1 ↔ alt-text, CLS#2 ↔ synthetic captions
         sim = normalize(image) @ normalize(emb).T
-        for name, value in recall_at_k(sim, ks=(1, 5)).items():
+        positives = same_text(captions[kind]) if captions is not None and kind in captions else None
+        for name, value in recall_at_k(sim, ks=(1, 5), positives=positives).items():
             out[f"ret/{'cls1' if kind == 'alt' else 'cls2'}_{kind}/{name}"] = value
     return out
 
@@ -180,7 +192,7 @@ def evaluate(model, tokenizer, cfg=None, eval_set: EvalSet | None = None, n_imag
         model.train(was_training)
 
     result: dict = {"n_images": len(eval_set)}
-    result.update(retrieval_metrics(feats["cls1"], feats["cls2"], text_emb))
+    result.update(retrieval_metrics(feats["cls1"], feats["cls2"], text_emb, captions))
     if eval_set.labels is not None:
         # classes that compete; labels re-indexed into that subset
         keep = torch.tensor(eval_set.classify_classes or list(range(len(eval_set.class_names))))

@@ -17,13 +17,18 @@ def _check_matrix(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected a 2-D tensor, got {getattr(x, 'shape', type(x))}")
 
 
-def recall_at_k(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+def recall_at_k(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5),
+                positives: torch.Tensor | None = None) -> dict[str, float]:
     """Image↔text retrieval recall for paired data: ``similarity[i, j]`` scores image i against text j
-    and text i is the one true match of image i (the diagonal).
+    and text i is the true match of image i (the diagonal).
 
-    R@k is the fraction of queries whose true match is among the k best-scored candidates. Ties are
-    counted against the query (a candidate scoring *equal* to the true match ranks ahead of it), so a
-    constant similarity gives R@k = 0 rather than a lucky 1.
+    ``positives`` (bool [N, N], optional, must hold the diagonal) marks further correct pairs, e.g.
+    ``positives[i, j]`` when texts i and j are the same caption: then either image is a right answer
+    for that text and either copy of the text a right answer for image i.
+
+    R@k is the fraction of queries with a correct candidate among the k best-scored candidates. Ties
+    are counted against the query (a wrong candidate scoring *equal* to the best correct one ranks
+    ahead of it), so a constant similarity gives R@k = 0 rather than a lucky 1.
     Returns {"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"} (one pair per k), in [0, 1].
     """
     _check_matrix("similarity", similarity)
@@ -34,11 +39,22 @@ def recall_at_k(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[
     if any(k < 1 for k in ks):
         raise ValueError(f"ks: each k must be >= 1, got {ks}")
     sim = similarity.float()
-    true = sim.diagonal()
+    sim = sim.masked_fill(sim.isnan(), -math.inf)          # a NaN score (diverged model) is never a hit
     eye = torch.eye(n_img, dtype=torch.bool, device=sim.device)
-    # rank of the true match = how many other candidates score at least as high (0 = first place)
-    i2t_rank = ((sim >= true[:, None]) & ~eye).sum(dim=1)
-    t2i_rank = ((sim >= true[None, :]) & ~eye).sum(dim=0)
+    if positives is None:
+        pos = eye
+    else:
+        if tuple(positives.shape) != (n_img, n_img) or positives.dtype != torch.bool:
+            raise ValueError(f"positives: expected a bool [{n_img}, {n_img}] matrix, got "
+                             f"{positives.dtype} {list(positives.shape)}")
+        pos = positives.to(sim.device)
+        if not pos.diagonal().all():
+            raise ValueError("positives: the diagonal (text i matches image i) must be True")
+    # rank of the best correct candidate = how many wrong candidates score at least as high (0 = first)
+    best_i2t = sim.masked_fill(~pos, -math.inf).amax(dim=1)
+    best_t2i = sim.masked_fill(~pos, -math.inf).amax(dim=0)
+    i2t_rank = ((sim >= best_i2t[:, None]) & ~pos).sum(dim=1)
+    t2i_rank = ((sim >= best_t2i[None, :]) & ~pos).sum(dim=0)
     out = {}
     for k in ks:
         out[f"i2t_r{k}"] = (i2t_rank < k).float().mean().item()
