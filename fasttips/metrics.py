@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from fasttips.models.text import text_mlp_hidden
+
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; MFU is not reported elsewhere.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
                    "A10G": 125e12, "L4": 121e12, "B200": 2250e12}
@@ -46,20 +48,20 @@ def _vision_pass(cfg, size: int) -> float:
     return embed + v.depth * _block_flops(tokens, v.width, v.mlp_hidden, v.ffn)
 
 
-def text_mlp_hidden(cfg) -> int:
-    """The text MLP follows the vision tower's nominal width (3/2 of a SwiGLU branch; models/text.py)."""
-    v = cfg.vision
-    return v.mlp_hidden * 3 // 2 if v.ffn == "swiglu" else v.mlp_hidden
-
-
 def _text_pass(cfg) -> float:
     return cfg.text.depth * _block_flops(cfg.text.max_len, cfg.vision.width, text_mlp_hidden(cfg), "relu")
 
 
-def _head_row(cfg) -> float:
+def head_params(cfg) -> int:
+    """Matmul weights of one projection head: its MLP (width → hidden → … → bottleneck, ``nlayers``
+    linears; models/heads.py) and the prototype layer (bottleneck → K)."""
     h = cfg.heads
-    mlp = cfg.vision.width * h.hidden + max(0, h.nlayers - 2) * h.hidden * h.hidden + h.hidden * h.bottleneck
-    return 2 * (mlp + h.bottleneck * h.prototypes)
+    dims = [cfg.vision.width] + [h.hidden] * (h.nlayers - 1) + [h.bottleneck]
+    return sum(a * b for a, b in zip(dims[:-1], dims[1:])) + h.bottleneck * h.prototypes
+
+
+def _head_row(cfg) -> float:
+    return 2 * head_params(cfg)
 
 
 @dataclass
@@ -235,5 +237,5 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | No
     return Path(png_path)
 
 
-__all__ = ["FlopModel", "flop_model", "peak_flops", "mfu", "MetricsWriter", "read_metrics", "ProgressBar",
-           "plot_loss_curve", "PEAK_BF16_FLOPS"]
+__all__ = ["FlopModel", "flop_model", "head_params", "text_mlp_hidden", "peak_flops", "mfu", "MetricsWriter",
+           "read_metrics", "ProgressBar", "plot_loss_curve", "PEAK_BF16_FLOPS"]

@@ -40,8 +40,8 @@ from fasttips.distributed.checkpoint import (CheckpointManager, latest_checkpoin
                                              training_state)
 from fasttips.distributed.signals import StopRequest
 from fasttips.eval.periodic import maybe_evaluate
-from fasttips.metrics import (MetricsWriter, ProgressBar, flop_model, mfu, peak_flops, plot_loss_curve,
-                              text_mlp_hidden)
+from fasttips.metrics import (MetricsWriter, ProgressBar, flop_model, head_params, mfu, peak_flops,
+                              plot_loss_curve, text_mlp_hidden)
 from fasttips.optim import build_optimizer, clip_gradients, clip_modules, is_prototype, set_hyperparameters
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_OOM = 0, 2, 3, 4
@@ -146,11 +146,11 @@ def seed_everything(seed: int) -> None:
 
 def estimate_params(cfg) -> int:
     """Rough parameter count from the config (decides meta-device initialisation)."""
-    v, h = cfg.vision, cfg.heads
+    v = cfg.vision
     vision_block = 4 * v.width ** 2 + (3 if v.ffn == "swiglu" else 2) * v.width * v.mlp_hidden
     text_block = 4 * v.width ** 2 + 2 * v.width * text_mlp_hidden(cfg)
-    head = v.width * h.hidden + (h.nlayers - 2) * h.hidden ** 2 + h.hidden * h.bottleneck + h.bottleneck * h.prototypes
-    return v.depth * vision_block + cfg.text.depth * text_block + cfg.text.vocab_size * v.width + 2 * head
+    heads = (1 if cfg.heads.shared else 2) * head_params(cfg)
+    return v.depth * vision_block + cfg.text.depth * text_block + cfg.text.vocab_size * v.width + heads
 
 
 META_INIT_PARAMS = 100_000_000
@@ -328,17 +328,21 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.teacher.update(model, _get(values, "momentum"))
         seconds = time.perf_counter() - t0
+        # One more sync for everything logged: the loss terms (mean over ranks) and the grad norms
+        # (already global), read back together rather than one .item() per norm.
         scalars = self._mean_over_ranks(torch.stack([loss_sum.float().reshape(())] + list(term_sums.values())))
-        return StepOutcome(scalars[0], dict(zip(term_sums, scalars[1:])),
-                           {k: float(v) for k, v in norms.items()}, skipped, stop_now, seconds, images)
+        host = torch.cat([scalars] + [n.reshape(1).to(scalars) for n in norms.values()]).tolist()
+        n_scalars = scalars.numel()
+        return StepOutcome(host[0], dict(zip(term_sums, host[1:n_scalars])),
+                           dict(zip(norms, host[n_scalars:])), skipped, stop_now, seconds, images)
 
-    def _mean_over_ranks(self, values: torch.Tensor) -> list[float]:
+    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
         if self.ctx.world_size > 1:
             values = values.clone()
             dist.all_reduce(values)
             values /= self.ctx.world_size
-        return values.tolist()
+        return values
 
     def next_batches(self, iterator):
         batches = []

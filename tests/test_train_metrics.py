@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fasttips import config as config_lib
-from fasttips.metrics import MetricsWriter, ProgressBar, flop_model, mfu, peak_flops, plot_loss_curve, read_metrics
+from fasttips.metrics import (MetricsWriter, ProgressBar, flop_model, head_params, mfu, peak_flops, plot_loss_curve,
+                              read_metrics)
 from fasttips.models import build_model
 
 
@@ -48,6 +49,15 @@ def test_flop_model_counts_matmuls_of_the_real_model():
     cfg.data.n_local = 0
     one_pass = flop_model(cfg).vision / 3 / 2                     # fwd+bwd = 3×, two global views
     assert sum(counted) + attention == pytest.approx(one_pass, rel=1e-9)
+
+
+@pytest.mark.parametrize("nlayers", [1, 2, 3])
+def test_head_params_match_the_head_module(nlayers):
+    """The head FLOPs and the meta-init size estimate use the head's real weights, any nlayers."""
+    cfg = config_lib.load(None, [f"heads.nlayers={nlayers}"])
+    head = build_model(cfg, device="meta").dino_head
+    weights = sum(m.weight.numel() for m in head.modules() if isinstance(m, torch.nn.Linear))
+    assert head_params(cfg) == weights + head.prototypes.v.numel()
 
 
 def test_mfu_and_peak():

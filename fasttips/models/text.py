@@ -80,12 +80,16 @@ class TextEncoder(nn.Module):
         return (x * valid).sum(1) / (valid.sum(1) + 1e-8)
 
 
-def text_from_config(cfg) -> TextEncoder:
-    """Width and heads follow the vision tower; so does the MLP width, which for a SwiGLU vision
-    tower is the nominal MLP width (3/2 of each SwiGLU branch: 4096 → 6144 for ViT-g, which gives
-    TIPS' 389 M text parameters)."""
+def text_mlp_hidden(cfg) -> int:
+    """The text MLP width follows the vision tower's nominal MLP width: for a SwiGLU vision tower
+    3/2 of each SwiGLU branch (4096 → 6144 for ViT-g, which gives TIPS' 389 M text parameters)."""
     v = cfg.vision
-    mlp = v.mlp_hidden * 3 // 2 if v.ffn == "swiglu" else v.mlp_hidden
+    return v.mlp_hidden * 3 // 2 if v.ffn == "swiglu" else v.mlp_hidden
+
+
+def text_from_config(cfg) -> TextEncoder:
+    """Width and heads follow the vision tower; so does the MLP width (``text_mlp_hidden``)."""
+    v = cfg.vision
     return TextEncoder(vocab_size=cfg.text.vocab_size, width=v.width, depth=cfg.text.depth,
-                       heads=v.heads, mlp_hidden=mlp, max_len=cfg.text.max_len,
+                       heads=v.heads, mlp_hidden=text_mlp_hidden(cfg), max_len=cfg.text.max_len,
                        ln_eps=cfg.text.ln_eps, dropout=cfg.text.dropout)
