@@ -7,8 +7,8 @@ proto travels inside checkpoints (``serialized()`` / ``from_bytes``).
 """
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
@@ -53,16 +53,16 @@ class Tokenizer:
             raise ValueError("Tokenizer.train: no non-empty texts to train on")
         if vocab_size < 8:
             raise ValueError(f"Tokenizer.train: vocab_size must be >= 8, got {vocab_size}")
-        with tempfile.TemporaryDirectory() as tmp:
-            corpus = Path(tmp) / "corpus.txt"
-            corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
-            prefix = Path(tmp) / "spm"
-            spm.SentencePieceTrainer.train(
-                input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
-                character_coverage=1.0, hard_vocab_limit=False, pad_id=PAD_ID, unk_id=1, bos_id=-1,
-                eos_id=-1, num_threads=2, minloglevel=2, input_sentence_size=2_000_000,
-                shuffle_input_sentence=True)
-            proto = Path(str(prefix) + ".model").read_bytes()
+        # From memory to memory: a corpus file or model prefix would be recorded (as a random temp
+        # path) in the model's trainer spec, so two trainings on the same texts (two ranks, a rerun
+        # after the cache was cleared) would give different bytes and fail the resume check.
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            character_coverage=1.0, hard_vocab_limit=False, pad_id=PAD_ID, unk_id=1, bos_id=-1,
+            eos_id=-1, num_threads=2, minloglevel=2, input_sentence_size=2_000_000,
+            shuffle_input_sentence=True)
+        proto = model.getvalue()
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_bytes(proto)

@@ -39,6 +39,12 @@ def test_serialized_round_trip(tok, tmp_path):
     assert torch.equal(loaded.encode(texts)[0], tok.encode(texts)[0])
 
 
+def test_training_is_byte_reproducible(tok):
+    """Ranks that train the tokenizer side by side (and a rerun) must get the very same model bytes:
+    a resume compares them with the checkpoint's tokenizer.model."""
+    assert Tokenizer.train(TEXTS, vocab_size=120, max_len=12).serialized() == tok.serialized()
+
+
 def test_foreign_model_without_pad_is_shifted(tmp_path):
     """A model whose id 0 is <unk> (e.g. Llama-style) gets every id shifted so 0 stays padding."""
     corpus = tmp_path / "c.txt"
