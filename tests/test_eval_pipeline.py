@@ -144,3 +144,35 @@ def test_constant_baseline_hand_computed():
     assert base["seg/pixel_acc"] == pytest.approx(0.6)
     assert base["seg/miou_fg"] == pytest.approx(0.75 / 2)     # "circle" on the 4 object pixels: 3/4
     assert base["seg/pixel_acc_fg"] == pytest.approx(0.75)
+
+
+def test_eval_set_from_shards_with_masks_of_several_sizes(tmp_path, caplog):
+    """Masks of different sizes are scored at the model's input size, not silently dropped."""
+    import io
+    import json
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from fasttips.data.shards import ShardWriter
+    from fasttips.eval.data import load_eval_set
+
+    def png(array):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, "PNG")
+        return buf.getvalue()
+
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": ["background", "circle"]}))
+    with ShardWriter(tmp_path, samples_per_shard=10) as w:
+        for i, side in enumerate((40, 40, 60)):
+            mask = np.zeros((side, side), np.uint8)
+            mask[: side // 2] = 1                          # top half is the object
+            w.write(f"k{i}", png(np.stack([mask * 200] * 3, -1)), "png", {"alt": f"alt {i}"},
+                    extras={"mask.png": png(mask)})
+    with caplog.at_level(logging.WARNING, logger="fasttips.eval"):
+        es = load_eval_set(None, path=str(tmp_path), n_images=3, size=28)
+    assert "different sizes" in caplog.text
+    assert es.masks is not None and tuple(es.masks.shape) == (3, 28, 28)
+    assert (es.masks[:, :14] == 1).all() and (es.masks[:, 14:] == 0).all()
+    assert es.labels.tolist() == [1, 1, 1] and es.class_names == ["background", "circle"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from .metrics import IGNORE_INDEX
 
 MASK_MEMBER = "mask.png"
 _CACHE: dict = {}
+log = logging.getLogger("fasttips.eval")
 
 
 def _square(img: Image.Image) -> Image.Image:
@@ -34,7 +36,7 @@ def _square(img: Image.Image) -> Image.Image:
 
 
 def _find_classes(shards: list[str]) -> list[str]:
-    for folder in {Path(s).parent for s in shards}:
+    for folder in sorted({Path(s).parent for s in shards}):
         for candidate in (folder / "classes.json", folder.parent / "classes.json",
                           folder.parent.parent / "classes.json"):
             if candidate.is_file():
@@ -100,8 +102,18 @@ def load_eval_set(cfg=None, split: str = "eval", path: str | None = None, n_imag
     finally:
         reader.close()
     pixels = normalize(torch.from_numpy(np.stack(images)), pixel_norm)
-    mask_t = torch.from_numpy(np.stack(masks)) if with_masks and len({m.shape for m in masks}) == 1 else None
+    if with_masks and len({m.shape for m in masks}) > 1:
+        # one tensor needs one size: masks of different sizes (all square now) are scored at the
+        # model's input size instead of their own
+        log.warning("eval data: masks of %d different sizes; scoring segmentation at %dx%d",
+                    len({m.shape for m in masks}), size, size)
+        masks = [np.asarray(Image.fromarray(m.astype(np.int32)).resize((size, size), Image.NEAREST),
+                            dtype=np.int64) for m in masks]
+    mask_t = torch.from_numpy(np.stack(masks)) if with_masks else None
     label_t = torch.tensor(labels) if with_masks and min(labels) >= 0 else None
+    if with_masks and label_t is None:
+        log.warning("eval data: %d image(s) have no foreground object, so no zero-shot classification "
+                    "(cls/*) is scored", sum(label < 0 for label in labels))
     eval_set = EvalSet(pixels, captions, class_names if with_masks else [], mask_t, label_t, keys,
                        classify_classes=([i for i, c in enumerate(class_names) if c != "background"]
                                          if with_masks else None))
