@@ -98,9 +98,9 @@ def sinkhorn_log_scaling(row_lse: Callable[[torch.Tensor], torch.Tensor],
     Q/ΣQ is a uniform column scale, and a uniform scale of c only rescales r, which the final column
     normalisation cancels, so it is left out (log c starts at 0).
     """
-    n_total = all_reduce_(torch.tensor([float(n_rows)], dtype=torch.float64, device=device),
-                          group=group).item()
-    log_k, log_b = math.log(K), math.log(max(n_total, 1.0))
+    # the global row count stays on the device: log B_tot is only ever subtracted (no host sync)
+    n_total = all_reduce_(torch.full((1,), float(n_rows), dtype=torch.float64, device=device), group=group)
+    log_k, log_b = math.log(K), n_total.clamp_min(1.0).log().to(torch.float32)
     log_c = torch.zeros(n_rows, dtype=torch.float32, device=device)
     log_r = None
     for it in range(n_iterations):
