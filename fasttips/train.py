@@ -295,21 +295,23 @@ class Trainer:
         centers = {k: v.clone() for k, v in self.loss_state.state_dict().items()}
         accum = len(batches)
         loss_sum, term_sums, images = None, {}, 0
-        for i, batch in enumerate(batches):
-            if ctx.sharded:
-                self.loss_forward.set_requires_gradient_sync(i == accum - 1)
-            with fsdp.gathered(self.gather_modules):
+        # The teacher heads are gathered once for all micro-batches (one all-gather per step, not
+        # per micro-batch) and sharded again before the EMA update.
+        with fsdp.gathered(self.gather_modules):
+            for i, batch in enumerate(batches):
+                if ctx.sharded:
+                    self.loss_forward.set_requires_gradient_sync(i == accum - 1)
                 losses = self.loss_forward(self.teacher, self.loss_state, batch, values, cfg)
-            loss = losses["loss"]
-            if self.step in self.nan_steps:
-                loss = loss * float("nan")                      # fault injection (tests)
-            (loss / accum).backward()
-            loss_sum = loss.detach() / accum if loss_sum is None else loss_sum + loss.detach() / accum
-            for k, v in losses.items():
-                if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
-                    v = v.detach().float().reshape(()).to(loss.device)
-                    term_sums[k] = term_sums.get(k, 0) + v / accum
-            images += batch["alt_ids"].shape[0]
+                loss = losses["loss"]
+                if self.step in self.nan_steps:
+                    loss = loss * float("nan")                      # fault injection (tests)
+                (loss / accum).backward()
+                loss_sum = loss.detach() / accum if loss_sum is None else loss_sum + loss.detach() / accum
+                for k, v in losses.items():
+                    if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
+                        v = v.detach().float().reshape(()).to(loss.device)
+                        term_sums[k] = term_sums.get(k, 0) + v / accum
+                images += batch["alt_ids"].shape[0]
         if freeze:        # DINOv2 drops the frozen prototypes' gradient: no Adam moments either
             for p in self.prototype_params:
                 p.grad = None

@@ -229,7 +229,9 @@ def _worker() -> None:
 
     # trainer -----------------------------------------------------------------------------------
     run_dir = tmp / "run"
-    trainer_cfg = config_lib.load(None, SMALL + ["train.steps=3", "train.ckpt_every=2", f"train.run_dir={run_dir}"])
+    # two micro-batches per step: the sharded Trainer's accumulation path (teacher heads gathered once)
+    trainer_cfg = config_lib.load(None, SMALL + ["train.steps=3", "train.ckpt_every=2", "optim.accum_steps=2",
+                                                 f"train.run_dir={run_dir}"])
     assert Trainer(trainer_cfg, run_dir, progress=False).run() == 0
     trainer_cfg.train.steps = 4
     assert Trainer(trainer_cfg, run_dir, resuming=True, progress=False).run() == 0
