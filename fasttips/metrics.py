@@ -10,7 +10,9 @@ forward). Per token and block, with width D, MLP hidden H and N tokens in the se
   or ``teacher.mode=full_ema``;
 - text: the two captions (alt-text for CLS#1, synthetic for CLS#2), padded length ``text.max_len``;
 - heads: the DINO head on the local CLS rows (student) and the global CLS rows (teacher, forward
-  only), the iBOT head on every patch of the masked view (student) and of the full view (teacher);
+  only), the iBOT head on the patch rows of the masked view (student) and of the full view
+  (teacher): every patch for iBOT++ (``loss.ibot_tokens=all``), the expected number of masked ones
+  for masked-only iBOT (``mask_probability`` × the mean of ``mask_ratio``);
 - contrastive logits: two [B_global × B_global × D] products (negligible, but counted).
 """
 from __future__ import annotations
@@ -90,6 +92,8 @@ def flop_model(cfg, global_batch: int | None = None) -> FlopModel:
         vision += d.n_global * _vision_pass(cfg, d.global_size) * no_grad
     text = 2 * _text_pass(cfg) * grad
     patches = (d.global_size // cfg.vision.patch_size) ** 2
+    if cfg.loss.ibot_tokens == "masked":     # only the masked patches reach the iBOT head
+        patches *= d.mask_probability * sum(d.mask_ratio) / 2
     dino_rows = d.n_local + (d.n_global if d.n_global > 1 else 0)
     heads = _head_row(cfg) * (dino_rows * grad + d.n_global * no_grad
                               + d.n_global * patches * grad + d.n_global * patches * no_grad)

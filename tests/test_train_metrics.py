@@ -51,6 +51,16 @@ def test_flop_model_counts_matmuls_of_the_real_model():
     assert sum(counted) + attention == pytest.approx(one_pass, rel=1e-9)
 
 
+def test_masked_only_ibot_counts_the_expected_masked_patches():
+    base = ["preset=vit-l", "data.n_local=0", "heads.prototypes=1024", "data.mask_probability=0.5",
+            "data.mask_ratio=[0.1,0.5]"]
+    full = flop_model(config_lib.load(None, base))
+    masked = flop_model(config_lib.load(None, base + ["loss.ibot_tokens=masked"]))
+    head_row = full.heads / (1 + 256 * 3 + 256)
+    assert masked.heads == pytest.approx(head_row * (1 + 256 * 0.15 * 3 + 256 * 0.15))
+    assert (masked.vision, masked.text) == (full.vision, full.text)
+
+
 @pytest.mark.parametrize("nlayers", [1, 2, 3])
 def test_head_params_match_the_head_module(nlayers):
     """The head FLOPs and the meta-init size estimate use the head's real weights, any nlayers."""
