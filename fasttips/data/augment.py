@@ -150,7 +150,8 @@ def augment_crop(img: Image.Image, recipe: CropRecipe, rng: np.random.Generator)
 
 def decode_rgb(data: bytes, min_side: int = 0) -> Image.Image:
     """Decode to RGB; a large JPEG is decoded at a reduced scale (1/2, 1/4, 1/8) when its shorter
-    side stays >= ``min_side``, which is much faster and loses nothing the crops would keep."""
+    side stays >= ``min_side``, which is much faster and keeps the crops at (about) their output
+    resolution (see ``min_decode_side``)."""
     img = Image.open(io.BytesIO(data))
     if img.format == "JPEG" and min_side > 0:
         short = min(img.width, img.height)
@@ -163,7 +164,9 @@ def decode_rgb(data: bytes, min_side: int = 0) -> Image.Image:
 
 
 def min_decode_side(recipes: list[CropRecipe]) -> int:
-    """Shorter side that still gives every crop at least its output resolution at its smallest scale."""
+    """Shorter side at which a square crop of the smallest scale still has its output resolution.
+    (At the extreme aspect 3/4 such a crop is sqrt(3/4) = 0.87 of it on its short side: slight
+    upsampling of the rare smallest, most elongated crops, the price of the faster decode.)"""
     return max(int(math.ceil(r.size / math.sqrt(r.scale[0]))) for r in recipes)
 
 
