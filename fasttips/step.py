@@ -32,6 +32,11 @@ class LossState(nn.Module):
         self.ibot_center = Centering(K, m, group)
         self.group = group
 
+    def begin_step(self) -> None:
+        """Call once per optimiser step, before its micro-batches (one center update per step)."""
+        self.dino_center.begin_step()
+        self.ibot_center.begin_step()
+
 
 def _get(values, key, default=None):
     if isinstance(values, dict):
@@ -166,6 +171,7 @@ def train_step(model: nn.Module, teacher, state: LossState, optimizer: torch.opt
     # are held still below by dropping their gradient, whatever the grouping.
     set_hyperparameters(optimizer, values.lr, values.weight_decay, values.freeze_prototypes)
     optimizer.zero_grad(set_to_none=True)
+    state.begin_step()
     losses = compute_losses(model, teacher, state, batch, values, cfg)
     losses["loss"].backward()
     if values.freeze_prototypes:       # DINOv2 cancels the last layer's gradient (Adam moments too)

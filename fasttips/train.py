@@ -292,7 +292,9 @@ class Trainer:
         t0 = time.perf_counter()
         freeze = bool(_get(values, "freeze_prototypes", False))
         set_hyperparameters(self.optimizer, _get(values, "lr"), _get(values, "weight_decay"), freeze)
+        # Saved before begin_step so that a skipped step leaves the centers exactly as they were.
         centers = {k: v.clone() for k, v in self.loss_state.state_dict().items()}
+        self.loss_state.begin_step()          # one center update per optimiser step, not per micro-batch
         accum = len(batches)
         loss_sum, term_sums, images = None, {}, 0
         # The teacher heads are gathered once for all micro-batches (one all-gather per step, not

@@ -295,6 +295,24 @@ def test_centering_checkpoints_pending_statistic(seed):
         a.update(torch.randn(6))
 
 
+def test_centering_with_accumulation_updates_once_per_step(seed):
+    """With begin_step (the training loop), micro-batches share one center and average their stats."""
+    K, m = 7, 0.9
+    centering = Centering(K, momentum=m)
+    expected = torch.zeros(K)
+    for step in range(3):
+        centering.begin_step()
+        torch.testing.assert_close(centering.center, expected)
+        stats = [torch.randn(K) for _ in range(3)]            # three micro-batches of one step
+        for stat in stats:
+            torch.testing.assert_close(centering.current(), expected)   # same center for all three
+            centering.update(stat)
+        expected = m * expected + (1 - m) * torch.stack(stats).mean(dim=0)
+    centering.begin_step()
+    torch.testing.assert_close(centering.center, expected)
+    assert expected.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # Contrastive
 # ------------------------------------------------------------------------------------------------

@@ -7,6 +7,11 @@ is all-reduced *asynchronously*; the next ``current()`` call waits for it and ap
 
 The center and the pending statistic are buffers, so the state checkpoints exactly; a checkpoint taken
 between ``update`` and the next ``current`` keeps the pending statistic and applies it on resume.
+
+Gradient accumulation: once ``begin_step()`` has been called (the training loop calls it at the start
+of every optimiser step), the center changes only there. The micro-batches of one step are all centred
+with the same center and their statistics are averaged into one update, so accumulating k micro-batches
+gives the same center as one batch of k times the size (not a momentum of 0.9^k).
 Sinkhorn-Knopp centering uses no center; it is done inside ``fasttips.kernels.prototype_cross_entropy``.
 """
 from __future__ import annotations
@@ -32,7 +37,9 @@ class Centering(nn.Module):
         self.register_buffer("center", torch.zeros(dim))
         self.register_buffer("pending", torch.zeros(dim))          # mean statistic not yet applied
         self.register_buffer("has_pending", torch.zeros(1, dtype=torch.bool))
+        self.register_buffer("n_pending", torch.zeros(1))          # micro-batches averaged in pending
         self._work = None                                          # in-flight all-reduce, if any
+        self._stepwise = False                                     # set by begin_step()
 
     def _wait(self) -> None:
         if self._work is not None:
@@ -40,12 +47,28 @@ class Centering(nn.Module):
             self._work = None
 
     @torch.no_grad()
-    def current(self) -> torch.Tensor:
-        """The center to use for this batch (applies the previous batch's statistic first)."""
+    def _apply_pending(self) -> None:
         self._wait()
         if bool(self.has_pending):
             self.center.mul_(self.momentum).add_(self.pending, alpha=1.0 - self.momentum)
             self.has_pending.zero_()
+            self.n_pending.zero_()
+
+    @torch.no_grad()
+    def begin_step(self) -> None:
+        """Start of an optimiser step: apply the previous step's (averaged) statistic. From the first
+        call on, ``current()`` no longer applies anything itself (see the module docstring)."""
+        self._stepwise = True
+        self._apply_pending()
+
+    @torch.no_grad()
+    def current(self) -> torch.Tensor:
+        """The center to use for this batch (applies the previous batch's statistic first, unless
+        the loop marks steps with ``begin_step``)."""
+        if self._stepwise:
+            self._wait()
+        else:
+            self._apply_pending()
         return self.center
 
     @torch.no_grad()
@@ -63,11 +86,23 @@ class Centering(nn.Module):
         if batch_mean.numel() != self.center.numel():
             raise ValueError(f"Centering.update: batch_mean must have {self.center.numel()} entries, "
                              f"got shape {list(batch_mean.shape)}")
-        self.pending.copy_(batch_mean.detach().reshape(-1).float())
-        self.has_pending.fill_(True)
+        stat = batch_mean.detach().reshape(-1).float()
         if _distributed(self.group):
             # Pre-divide so the SUM all-reduce yields the mean of per-rank means (DINOv2).
-            self.pending.div_(dist.get_world_size(self.group))
+            stat = stat / dist.get_world_size(self.group)
+        if self._stepwise and bool(self.has_pending):
+            # Another micro-batch of the same step: fold it into the running mean (synchronously;
+            # only the step's first statistic overlaps its all-reduce with the backward).
+            if _distributed(self.group):
+                dist.all_reduce(stat, group=self.group)
+            n = float(self.n_pending)
+            self.pending.mul_(n / (n + 1)).add_(stat, alpha=1.0 / (n + 1))
+            self.n_pending.add_(1)
+            return
+        self.pending.copy_(stat)
+        self.has_pending.fill_(True)
+        self.n_pending.fill_(1)
+        if _distributed(self.group):
             self._work = dist.all_reduce(self.pending, group=self.group, async_op=True)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
