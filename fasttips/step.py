@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fasttips.data.batch import check_batch
+from fasttips.data.batch import check_batch, to_device
 from fasttips.losses import Centering, contrastive_loss, dino_loss, ibot_loss, ibot_rows, koleo_loss
 from fasttips.optim import clip_gradients, clip_modules, set_hyperparameters
 
@@ -46,10 +46,6 @@ def _get(values, key, default=None):
 
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _prototypes(head) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +79,7 @@ def compute_losses(model: nn.Module, teacher, state: LossState, batch: dict, ste
         raise ValueError(f"local_crops: {n_local_rows} rows is not a multiple of the batch size {B}")
     L = n_local_rows // B
     check_batch(batch, G, L, patch)
-    batch = _to(batch, _device_of(model))
+    batch = to_device(batch, _device_of(model))
     globals_, masks = batch["global_crops"], batch["masks"]
 
     # 1. one packed student pass: unmasked globals, masked globals, local crops

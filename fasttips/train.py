@@ -27,7 +27,7 @@ import random
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ import torch
 
 from fasttips import config as config_lib
 from fasttips.config import ConfigError
+from fasttips.data.batch import to_device
 from fasttips.distributed import fsdp
 from fasttips.distributed.checkpoint import (CheckpointManager, latest_checkpoint, restore_training_state,
                                              training_state)
@@ -290,8 +291,8 @@ class Trainer:
     def train_step(self, batches, values, stop: StopRequest) -> StepOutcome:
         cfg, ctx, model = self.cfg, self.ctx, self.model
         t0 = time.perf_counter()
-        freeze = bool(_get(values, "freeze_prototypes", False))
-        set_hyperparameters(self.optimizer, _get(values, "lr"), _get(values, "weight_decay"), freeze)
+        freeze = values.freeze_prototypes
+        set_hyperparameters(self.optimizer, values.lr, values.weight_decay, freeze)
         # Saved before begin_step so that a skipped step leaves the centers exactly as they were.
         centers = {k: v.clone() for k, v in self.loss_state.state_dict().items()}
         self.loss_state.begin_step()          # one center update per optimiser step, not per micro-batch
@@ -330,7 +331,7 @@ class Trainer:
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.teacher.update(model, _get(values, "momentum"))
+            self.teacher.update(model, values.momentum)
         seconds = time.perf_counter() - t0
         # One more sync for everything logged: the loss terms (mean over ranks) and the grad norms
         # (already global), read back together rather than one .item() per norm.
@@ -356,7 +357,7 @@ class Trainer:
             except StopIteration:                    # a finite loader: next epoch
                 iterator[0] = iter(self.loader)
                 batch = next(iterator[0])
-            batches.append(_to_device(batch, self.ctx.device))
+            batches.append(to_device(batch, self.ctx.device))
         return batches
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -453,7 +454,7 @@ class Trainer:
         record = {"loss": out.loss, **{(f"loss/{k}" if k in self.loss_terms else k): v
                                        for k, v in out.terms.items()},
                   **{f"grad_norm/{k}": v for k, v in out.grad_norms.items()},
-                  **{k: float(v) for k, v in _items(values)},
+                  **{k: float(v) for k, v in asdict(values).items() if not isinstance(v, bool)},
                   "images_per_s": per_device * self.ctx.world_size, "step_time_s": out.seconds,
                   "peak_mem_gb": _peak_memory_gb(self.ctx.device),
                   "mfu": mfu(self.flops.per_image, per_device, self.peak),
@@ -478,21 +479,6 @@ def copy_into_teacher(teacher, model) -> None:
 def _world_group(ctx):
     import torch.distributed as dist
     return dist.group.WORLD if ctx.world_size > 1 else None
-
-
-def _get(values, key, default=None):
-    if isinstance(values, dict):
-        return values.get(key, default)
-    return getattr(values, key, default)
-
-
-def _items(values):
-    items = values.items() if isinstance(values, dict) else vars(values).items()
-    return [(k, v) for k, v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _peak_memory_gb(device: torch.device) -> float:

@@ -26,6 +26,11 @@ BATCH_KEYS = ("global_crops", "local_crops", "masks", "alt_ids", "alt_pad", "syn
               "caption_kind", "keys")
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch with every tensor on ``device`` (a no-op for tensors already there)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def synthetic_batch(batch_size: int, global_size: int, local_size: int, n_global: int = 1,
                     n_local: int = 2, patch_size: int = 14, max_len: int = 16, vocab_size: int = 100,
                     mask_ratio: float = 0.3, generator: torch.Generator | None = None) -> dict:
