@@ -14,6 +14,7 @@ Parameters with the same multipliers share a group. The schedules (lr, wd) chang
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 
@@ -142,5 +143,24 @@ def clip_gradients(units: dict[str, list[nn.Parameter]], max_norm: float) -> dic
     return norms
 
 
-__all__ = ["param_groups", "build_optimizer", "set_hyperparameters", "clip_modules", "clip_gradients",
+@torch.no_grad()
+def clamp_logit_scale_(model: nn.Module, max_logit_scale: float) -> None:
+    """After an optimiser step: clamp the model's ``logit_scale`` (log 1/τ) in place to
+    ``≤ ln(max_logit_scale)``, as OpenCLIP does.
+
+    The cap lives here rather than in the loss because clamping ``exp(logit_scale)`` inside the
+    forward zeroes the gradient above the cap, and the parameter could then never come back down.
+    Only the upper bound of ``loss.max_logit_scale`` is enforced. Under FSDP2 the parameter is a
+    DTensor; the clamp is element-wise, so each rank clamps its own shard.
+    """
+    param = getattr(model, "logit_scale", None)
+    if param is None:
+        return
+    if max_logit_scale <= 0:
+        raise ValueError(f"clamp_logit_scale_: max_logit_scale must be > 0, got {max_logit_scale}")
+    local = param.to_local() if hasattr(param, "to_local") else param
+    local.clamp_(max=math.log(max_logit_scale))
+
+
+__all__ = ["clamp_logit_scale_", "param_groups", "build_optimizer", "set_hyperparameters", "clip_modules", "clip_gradients",
            "lr_mult", "weight_decay_mult", "layer_id", "clean_name", "is_prototype"]

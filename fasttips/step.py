@@ -17,7 +17,7 @@ from torch import nn
 
 from fasttips.data.batch import check_batch, to_device
 from fasttips.losses import Centering, contrastive_loss, dino_loss, ibot_loss, ibot_rows, koleo_loss
-from fasttips.optim import clip_gradients, clip_modules, set_hyperparameters
+from fasttips.optim import clamp_logit_scale_, clip_gradients, clip_modules, set_hyperparameters
 
 TERMS = ("clip_alt", "clip_syn", "dino", "ibot", "koleo")
 
@@ -99,7 +99,7 @@ def compute_losses(model: nn.Module, teacher, state: LossState, batch: dict, ste
     scale, bias = model.logit_scale, model.logit_bias
     for i, (name, cls, txt) in enumerate((("clip_alt", "cls1", alt_text), ("clip_syn", "cls2", syn_text))):
         out[name] = contrastive_loss(lc.contrastive, full[cls][:B], txt, scale[i:i + 1], bias[i:i + 1],
-                                     lc.max_logit_scale, state.group)
+                                     group=state.group)
 
     # 3. teacher targets from the unmasked globals (no grad, fp32)
     feats = teacher.global_features(model, globals_, student_unmasked=full)
@@ -142,7 +142,8 @@ def compute_losses(model: nn.Module, teacher, state: LossState, batch: dict, ste
                    + lc.dino_weight * out["dino"] + lc.ibot_weight * out["ibot"]
                    + lc.koleo_weight * out["koleo"])
     with torch.no_grad():
-        inv_temp = scale.detach().float().exp().clamp(max=lc.max_logit_scale)
+        # exactly the scale the losses used (the parameter is capped after each optimiser step)
+        inv_temp = scale.detach().float().exp()
         out["logit_scale_alt"], out["logit_scale_syn"] = inv_temp[0], inv_temp[1]
         out["teacher_temp"] = torch.tensor(float(teacher_temp))
     return out
@@ -176,6 +177,7 @@ def train_step(model: nn.Module, teacher, state: LossState, optimizer: torch.opt
     norms = clip_gradients(clip_modules(model), cfg.optim.clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    clamp_logit_scale_(model, cfg.loss.max_logit_scale)
     teacher.update(model, values.momentum)
     result = {k: float(v.detach()) for k, v in losses.items()}
     result.update({f"grad_norm_{k}": float(v) for k, v in norms.items()})

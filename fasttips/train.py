@@ -43,7 +43,8 @@ from fasttips.distributed.signals import StopRequest
 from fasttips.eval.periodic import maybe_evaluate
 from fasttips.metrics import (MetricsWriter, ProgressBar, flop_model, head_params, mfu, peak_flops,
                               plot_loss_curve, text_mlp_hidden)
-from fasttips.optim import build_optimizer, clip_gradients, clip_modules, is_prototype, set_hyperparameters
+from fasttips.optim import (build_optimizer, clamp_logit_scale_, clip_gradients, clip_modules, is_prototype,
+                            set_hyperparameters)
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_OOM = 0, 2, 3, 4
 CONFIG_FILE = "config.yaml"
@@ -331,6 +332,7 @@ class Trainer:
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            clamp_logit_scale_(model, cfg.loss.max_logit_scale)   # OpenCLIP's cap, on the parameter
             self.teacher.update(model, values.momentum)
         seconds = time.perf_counter() - t0
         # One more sync for everything logged: the loss terms (mean over ranks) and the grad norms

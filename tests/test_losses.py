@@ -345,7 +345,7 @@ def test_clip_matches_naive(seed, dtype, B):
     u = torch.randn(B, 7, dtype=dtype, requires_grad=True)
     v = torch.randn(B, 7, dtype=dtype, requires_grad=True)
     log_scale = torch.tensor([math.log(1 / 0.07)], dtype=dtype, requires_grad=True)
-    loss = clip_loss(u, v, log_scale, max_logit_scale=100.0)
+    loss = clip_loss(u, v, log_scale)
     want = naive_clip(u, v, log_scale.double().exp()[0])
     close(loss, want.to(loss.dtype), dtype)
     for a, b in zip(torch.autograd.grad(loss, [u, v, log_scale]),
@@ -353,13 +353,43 @@ def test_clip_matches_naive(seed, dtype, B):
         close(a, b.to(a.dtype), dtype, scale=10)
 
 
-def test_clip_scale_is_clamped(seed):
-    u, v = torch.randn(4, 3), torch.randn(4, 3)
-    log_scale = torch.tensor([math.log(1000.0)], requires_grad=True)
-    loss = clip_loss(u, v, log_scale, max_logit_scale=100.0)
-    close(loss, naive_clip(u, v, 100.0).float(), torch.float32)
+def _anti_aligned_pairs(B=4, D=3):
+    """Each text is the opposite of its image, so a sharper softmax (larger scale) only raises the
+    loss: the gradient wrt the scale is positive and gradient descent must lower it."""
+    u = torch.randn(B, D)
+    return u, -u
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_scale_above_the_cap_still_gets_a_gradient(seed, kind):
+    """No clamp in the forward: above ln(100) the loss is the plain formula at exp(logit_scale), and
+    its gradient can push the parameter back down (the cap is applied to the parameter after each
+    optimiser step, fasttips.optim.clamp_logit_scale_)."""
+    u, v = _anti_aligned_pairs()
+    log_scale = torch.tensor([math.log(200.0)], requires_grad=True)
+    bias = torch.tensor([-3.0])
+    loss = contrastive_loss(kind, u, v, log_scale, bias)
+    if kind == "clip":
+        want = naive_clip(u, v, 200.0)
+    else:
+        want = naive_siglip(u, v, 200.0, -3.0)
+    close(loss, want.float(), torch.float32)
     (grad,) = torch.autograd.grad(loss, [log_scale])
-    assert grad.abs().item() == 0.0                    # clamped: the scale stops moving up
+    assert grad.item() > 0                              # descent lowers the scale
+    with torch.no_grad():
+        log_scale -= 1e-3 * grad
+    assert log_scale.item() < math.log(200.0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1 / 0.07, 99.0])
+def test_clip_below_the_cap_is_the_old_formula(seed, scale):
+    """Below the cap, dropping the forward clamp changes nothing: exp(s).clamp(max=100) = exp(s)."""
+    u, v = torch.randn(5, 4), torch.randn(5, 4)
+    log_scale = torch.tensor([math.log(scale)])
+    old_scale = min(math.exp(log_scale.item()), 100.0)
+    close(clip_loss(u, v, log_scale), naive_clip(u, v, old_scale).float(), torch.float32)
+    close(siglip_loss(u, v, log_scale, torch.tensor([-2.0])),
+          naive_siglip(u, v, old_scale, -2.0).float(), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

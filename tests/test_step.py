@@ -145,3 +145,16 @@ def test_thirty_steps_on_one_batch_lower_the_loss(seed):
               for s in range(30)]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.7 * first, [round(x, 3) for x in losses]
+
+
+def test_train_step_caps_the_logit_scale_after_the_optimiser_step(seed):
+    """The forward uses exp(logit_scale) as is; the optimiser step is followed by the clamp of the
+    parameter to ln(loss.max_logit_scale) (OpenCLIP), so the logged scale is the one the loss used."""
+    import math
+    cfg, model, teacher, state = setup(**{"optim.warmup_steps": 0, "loss.max_logit_scale": 20.0})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    with torch.no_grad():
+        model.logit_scale.fill_(4.0)                                  # above ln(20) ≈ 3.0
+    out = train_step(model, teacher, state, optimizer, batch_for(cfg), 0, cfg, Schedules(cfg))
+    assert out["logit_scale_alt"] == pytest.approx(math.exp(4.0), rel=1e-5)
+    torch.testing.assert_close(model.logit_scale.detach(), torch.full((2,), math.log(20.0)))

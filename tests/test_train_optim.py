@@ -8,7 +8,7 @@ import torch
 
 from fasttips import config as config_lib
 from fasttips.models import build_model
-from fasttips.optim import (build_optimizer, clip_gradients, clip_modules, layer_id, lr_mult, param_groups,
+from fasttips.optim import (build_optimizer, clamp_logit_scale_, clip_gradients, clip_modules, layer_id, lr_mult, param_groups,
                             set_hyperparameters, weight_decay_mult)
 
 
@@ -122,3 +122,37 @@ def test_trainer_step_freezes_prototypes_and_accumulates(tmp_path):
     trainer.train_step(trainer.next_batches(it), trainer.schedules(1), StopRequest())
     assert not torch.equal(proto, before[0])
     assert trainer.loader.state_dict()["batches"] == 4
+
+
+def test_clamp_logit_scale_caps_the_parameter_in_place():
+    holder = torch.nn.Module()
+    holder.logit_scale = torch.nn.Parameter(torch.tensor([6.0, 1.5]))
+    param = holder.logit_scale
+    clamp_logit_scale_(holder, max_logit_scale=100.0)
+    assert holder.logit_scale is param                               # in place: the optimiser keeps it
+    torch.testing.assert_close(param.detach(), torch.tensor([math.log(100.0), 1.5]))
+    clamp_logit_scale_(torch.nn.Linear(2, 2), 100.0)                # no logit_scale: nothing to do
+
+
+def test_trainer_step_clamps_the_logit_scale(tmp_path):
+    """An optimiser step through the engine leaves logit_scale at most ln(loss.max_logit_scale), and the
+    logged inverse temperature is the one the loss used (exp of the parameter before the step)."""
+    from pathlib import Path
+
+    from fasttips.distributed.signals import StopRequest
+    from fasttips.train import Trainer
+    cfg = config_lib.load(None, ["data.source=synthetic", "vision.depth=1", "text.depth=1", "text.max_len=8",
+                                 "heads.hidden=32", "heads.bottleneck=16", "heads.prototypes=32",
+                                 "data.batch_size=2", "data.global_size=28", "data.local_size=14",
+                                 "optim.warmup_steps=0", "loss.max_logit_scale=50.0",
+                                 f"train.run_dir={tmp_path}"])
+    trainer = Trainer(cfg, Path(tmp_path), progress=False)
+    trainer.setup()
+    with torch.no_grad():
+        trainer.model.logit_scale.copy_(torch.tensor([6.0, 2.0]))   # alt above ln(50), syn below
+    out = trainer.train_step(trainer.next_batches([iter(trainer.loader)]), trainer.schedules(0), StopRequest())
+    assert not out.skipped
+    assert out.terms["logit_scale_alt"] == pytest.approx(math.exp(6.0), rel=1e-5)   # unclamped in the loss
+    alt, syn = trainer.model.logit_scale.detach().tolist()
+    assert alt == pytest.approx(math.log(50.0), abs=1e-6)
+    assert syn != 2.0 and syn < math.log(50.0)                      # below the cap: a plain Adam step

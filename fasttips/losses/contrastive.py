@@ -1,12 +1,16 @@
 """Image-text contrastive losses (reference_math.md §2.7; DESIGN.md "contrastive").
 
-CLIP: with L2-normalised image rows u and text rows v, ``S = exp(logit_scale)·u vᵀ`` (the scale clamped
-at ``max_logit_scale``) and ``L = ½[CE_rows(S) + CE_cols(S)]`` against the matching pair.
+CLIP: with L2-normalised image rows u and text rows v, ``S = exp(logit_scale)·u vᵀ`` and
+``L = ½[CE_rows(S) + CE_cols(S)]`` against the matching pair.
 SigLIP (ablation): ``L = −(1/B) Σ_ij log σ(z_ij (t·u_i·v_j + b))``, z = +1 on the diagonal, −1 elsewhere.
 
 Across ranks the features are all-gathered *with gradient*; each rank scores its local rows against
 the gathered ones, so the per-rank loss is the global loss restricted to local rows, and the mean
 over ranks (what FSDP's gradient averaging computes) is exactly the global-batch loss.
+
+The scale is not clamped here: a clamp on ``exp(logit_scale)`` zeroes its gradient once the cap is
+reached, so the parameter could never come back down. As in OpenCLIP, the parameter itself is clamped
+to ``ln(loss.max_logit_scale)`` after every optimiser step (``fasttips.optim.clamp_logit_scale_``).
 """
 from __future__ import annotations
 
@@ -65,10 +69,10 @@ def _scalar(name, t):
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-              max_logit_scale: float = 100.0, group=None) -> torch.Tensor:
+              group=None) -> torch.Tensor:
     """CLIP softmax loss; ``logit_scale`` = log(1/τ) (one value, learnable)."""
     _check_pair(image, text)
-    scale = _upcast(_scalar("logit_scale", logit_scale)).exp().clamp(max=max_logit_scale)
+    scale = _upcast(_scalar("logit_scale", logit_scale)).exp()
     u = F.normalize(_upcast(image), dim=-1, eps=NORM_EPS)
     v = F.normalize(_upcast(text), dim=-1, eps=NORM_EPS)
     u_all, offset = _gather_with_grad(u, group)
@@ -80,10 +84,10 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
 
 
 def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor, max_logit_scale: float = 100.0, group=None) -> torch.Tensor:
+                logit_bias: torch.Tensor, group=None) -> torch.Tensor:
     """SigLIP sigmoid loss; ``logit_scale`` = log t, ``logit_bias`` = b (one value each)."""
     _check_pair(image, text)
-    scale = _upcast(_scalar("logit_scale", logit_scale)).exp().clamp(max=max_logit_scale)
+    scale = _upcast(_scalar("logit_scale", logit_scale)).exp()
     bias = _upcast(_scalar("logit_bias", logit_bias))
     u = F.normalize(_upcast(image), dim=-1, eps=NORM_EPS)
     v = F.normalize(_upcast(text), dim=-1, eps=NORM_EPS)
@@ -95,12 +99,11 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tens
     return -F.logsigmoid(sign * logits).sum() / u.shape[0]
 
 
-def contrastive_loss(kind: str, image, text, logit_scale, logit_bias=None, max_logit_scale=100.0,
-                     group=None) -> torch.Tensor:
+def contrastive_loss(kind: str, image, text, logit_scale, logit_bias=None, group=None) -> torch.Tensor:
     if kind == "clip":
-        return clip_loss(image, text, logit_scale, max_logit_scale, group)
+        return clip_loss(image, text, logit_scale, group)
     if kind == "siglip":
         if logit_bias is None:
             raise ValueError("contrastive_loss: kind='siglip' needs logit_bias")
-        return siglip_loss(image, text, logit_scale, logit_bias, max_logit_scale, group)
+        return siglip_loss(image, text, logit_scale, logit_bias, group)
     raise ValueError(f"contrastive_loss: kind={kind!r} is not allowed; choose 'clip' or 'siglip'")
