@@ -3,7 +3,9 @@
 The teacher targets of batch i are ``softmax((l_t − c)/τ_t)`` with the center ``c`` built from batches
 ≤ i−1. After the targets are computed the batch statistic (mean teacher logit over this rank's rows)
 is all-reduced *asynchronously*; the next ``current()`` call waits for it and applies
-``c ← m·c + (1−m)·mean_over_ranks(stat)``. The initial center is 0.
+``c ← m·c + (1−m)·mean_over_ranks(stat)``. The initial center is 0. A rank without teacher rows
+(``update(None)``, e.g. masked-only iBOT with no masked patch) joins the all-reduce but is left out of
+the mean; when no rank has a row the center does not move.
 
 The center and the pending statistic are buffers, so the state checkpoints exactly; a checkpoint taken
 between ``update`` and the next ``current`` keeps the pending statistic and applies it on resume.
@@ -39,12 +41,35 @@ class Centering(nn.Module):
         self.register_buffer("has_pending", torch.zeros(1, dtype=torch.bool))
         self.register_buffer("n_pending", torch.zeros(1))          # micro-batches averaged in pending
         self._work = None                                          # in-flight all-reduce, if any
+        self._reducing = None                                      # its [Σ stat, ranks with rows]
         self._stepwise = False                                     # set by begin_step()
 
     def _wait(self) -> None:
         if self._work is not None:
             self._work.wait()
             self._work = None
+            reduced, self._reducing = self._reducing, None
+            self._fold_reduced(reduced)
+
+    @torch.no_grad()
+    def _fold_reduced(self, reduced: torch.Tensor) -> None:
+        """``reduced`` = [Σ_ranks stat, number of ranks that had rows]: fold the mean over those
+        ranks into ``pending``; nothing when no rank had a row (such a batch must not move the center)."""
+        ranks = float(reduced[-1])
+        if ranks > 0:
+            self._fold(reduced[:-1] / ranks)
+
+    @torch.no_grad()
+    def _fold(self, stat: torch.Tensor) -> None:
+        """Queue ``stat``, or average it into the statistic already queued for this optimiser step."""
+        if self._stepwise and bool(self.has_pending):
+            n = float(self.n_pending)
+            self.pending.mul_(n / (n + 1)).add_(stat, alpha=1.0 / (n + 1))
+            self.n_pending.add_(1)
+            return
+        self.pending.copy_(stat)
+        self.has_pending.fill_(True)
+        self.n_pending.fill_(1)
 
     @torch.no_grad()
     def _apply_pending(self) -> None:
@@ -75,35 +100,32 @@ class Centering(nn.Module):
     def update(self, batch_mean: torch.Tensor | None) -> None:
         """Queue this batch's statistic (mean teacher logit over this rank's rows, shape [K]).
 
-        ``None`` means this rank had no teacher rows (e.g. no masked patch): it then contributes
-        the current center, so every rank still joins the all-reduce.
+        ``None`` means this rank had no teacher rows (e.g. no masked patch). Across ranks the
+        statistic is the mean over the ranks that had rows (every rank still joins the all-reduce,
+        a rank without rows with weight 0); a batch without rows on any rank leaves the center as it is.
         """
         self._wait()
-        if batch_mean is None:
-            if not _distributed(self.group):
-                return
-            batch_mean = self.current()
-        if batch_mean.numel() != self.center.numel():
+        if batch_mean is not None and batch_mean.numel() != self.center.numel():
             raise ValueError(f"Centering.update: batch_mean must have {self.center.numel()} entries, "
                              f"got shape {list(batch_mean.shape)}")
-        stat = batch_mean.detach().reshape(-1).float()
-        if _distributed(self.group):
-            # Pre-divide so the SUM all-reduce yields the mean of per-rank means (DINOv2).
-            stat = stat / dist.get_world_size(self.group)
-        if self._stepwise and bool(self.has_pending):
-            # Another micro-batch of the same step: fold it into the running mean (synchronously;
-            # only the step's first statistic overlaps its all-reduce with the backward).
-            if _distributed(self.group):
-                dist.all_reduce(stat, group=self.group)
-            n = float(self.n_pending)
-            self.pending.mul_(n / (n + 1)).add_(stat, alpha=1.0 / (n + 1))
-            self.n_pending.add_(1)
+        if not _distributed(self.group):
+            if batch_mean is not None:
+                self._fold(batch_mean.detach().reshape(-1).float())
             return
-        self.pending.copy_(stat)
-        self.has_pending.fill_(True)
-        self.n_pending.fill_(1)
-        if _distributed(self.group):
-            self._work = dist.all_reduce(self.pending, group=self.group, async_op=True)
+        # [stat, 1] from a rank with rows, [0, 0] from one without: the SUM gives the sum over the
+        # ranks with rows and their count (DINOv2's mean of per-rank means when every rank has rows).
+        packed = torch.zeros(self.center.numel() + 1, dtype=torch.float32, device=self.center.device)
+        if batch_mean is not None:
+            packed[:-1] = batch_mean.detach().reshape(-1).float()
+            packed[-1] = 1.0
+        if self._stepwise and bool(self.has_pending):
+            # Another micro-batch of the same step: reduced synchronously (only the step's first
+            # statistic overlaps its all-reduce with the backward).
+            dist.all_reduce(packed, group=self.group)
+            self._fold_reduced(packed)
+            return
+        self._reducing = packed
+        self._work = dist.all_reduce(packed, group=self.group, async_op=True)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._wait()                      # never checkpoint a half-reduced statistic

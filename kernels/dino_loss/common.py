@@ -68,6 +68,17 @@ def weight_normed(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return g.float().reshape(-1, 1) * v / v.norm(dim=1, keepdim=True)
 
 
+def center_statistic(teacher_z: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """mean_rows(z_t W_tᵀ) [K] in fp32 (linear in z_t, so the rows are averaged first, never [T × K]).
+
+    Zeros when there is no teacher row (a mean over nothing would be NaN). Such a batch must not move
+    a softmax center: the losses hand ``None`` to ``Centering.update`` for it, not these zeros.
+    """
+    if teacher_z.shape[0] == 0:
+        return torch.zeros(w_t.shape[0], dtype=torch.float32, device=w_t.device)
+    return teacher_z.float().mean(dim=0) @ w_t.float().t()
+
+
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -7,7 +7,8 @@ Math (reference_math.md §2.2, §2.3, §7):
     p   = softmax((l_t − c)/τ_t)  or  SinkhornKnopp(l_t/τ_t) (teacher targets)
     s   = z_s W_sᵀ / τ_s
     loss = Σ_j w_j · Σ_k −p[pair_j, k] · log_softmax(s_j)_k
-    center statistic = mean_rows(l_t)                        (for the one-step-late center update)
+    center statistic = mean_rows(l_t)                        (for the one-step-late center update;
+                                                              zeros when there is no teacher row)
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def teacher_targets(teacher_z, teacher_v, teacher_g, center, teacher_temp, cente
             probs = sinkhorn_knopp(logits, teacher_temp, sk_iterations, group)
         else:
             raise ValueError(f"centering={centering!r}; choose 'softmax' or 'sinkhorn_knopp'")
-        return probs, logits.mean(dim=0)
+        stat = logits.mean(dim=0) if logits.shape[0] else logits.new_zeros(logits.shape[1])
+        return probs, stat
 
 
 def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_v, teacher_g,

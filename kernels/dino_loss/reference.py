@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import check_arguments, sinkhorn_log_scaling, teacher_bias, weight_normed
+from .common import check_arguments, center_statistic, sinkhorn_log_scaling, teacher_bias, weight_normed
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 _LIVE_ROW_TENSORS = 5   # s, u, p, softmax(s), ds: fp32 [chunk × K] tensors alive at the peak
@@ -107,7 +107,7 @@ def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_
     with torch.no_grad():
         w_t = weight_normed(teacher_v.detach(), teacher_g.detach())
         teacher_z = teacher_z.detach()
-        center_stat = teacher_z.float().mean(dim=0) @ w_t.t()   # mean_rows(z_t W_tᵀ), linear in z_t
+        center_stat = center_statistic(teacher_z, w_t)          # mean_rows(z_t W_tᵀ); zeros for no rows
         bias = teacher_bias(center, teacher_temp, centering, K, w_t.device,
                             sinkhorn=lambda: _sinkhorn_bias(teacher_z, w_t, teacher_temp, int(sk_iterations),
                                                             group, chunk_bytes))

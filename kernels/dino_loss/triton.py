@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting, warn_once
-from .common import check_arguments, sinkhorn_log_scaling, teacher_bias, weight_normed
+from .common import check_arguments, center_statistic, sinkhorn_log_scaling, teacher_bias, weight_normed
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -437,7 +437,7 @@ def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_
     w_s = weight_normed(student_v, student_g).to(dtype).contiguous()   # autograd: dW_s → v, g
     with torch.no_grad():
         w_t32 = weight_normed(teacher_v.detach(), teacher_g.detach())
-        center_stat = teacher_z.detach().float().mean(dim=0) @ w_t32.t()   # mean_rows(z_t W_tᵀ)
+        center_stat = center_statistic(teacher_z.detach(), w_t32)   # mean_rows(z_t W_tᵀ); zeros for no rows
         w_t = w_t32.to(dtype).contiguous()
         z_t = teacher_z.detach().to(dtype).contiguous()
         bias = teacher_bias(center, teacher_temp, centering, K, student_z.device,

@@ -60,7 +60,7 @@ def assert_matches(actual, expected, dtype=torch.float32):
                           actual, expected):
         assert torch.isfinite(a).all(), f"{name}: non-finite values"
         # atol relative to the tensor's scale: each entry is a sum over ~K or ~S products.
-        scale = e.abs().max().clamp(min=1.0).item()
+        scale = e.abs().amax().clamp(min=1.0).item() if e.numel() else 1.0
         torch.testing.assert_close(a.float(), e.float(), atol=atol * scale, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
@@ -126,6 +126,25 @@ def test_center_is_ignored_by_sinkhorn_and_used_by_softmax(seed):
         assert not torch.allclose(moved[0], moved[1])
 
 
+def without_rows(problem):
+    """The same prototypes with no student and no teacher row (masked-only iBOT, no masked patch)."""
+    return dict(problem, **{k: problem[k][:0] for k in ("student_z", "teacher_z", "pairs", "weights")})
+
+
+@pytest.mark.parametrize("centering", CENTERINGS)
+@pytest.mark.parametrize("backend", ["triton", "reference", "naive"])
+def test_no_rows_give_a_zero_loss_and_a_zero_center_stat(seed, backend, centering):
+    """A mean over zero teacher rows is NaN; the op returns zeros instead (and a zero loss whose
+    gradient is zero), so a rank without rows can still run it."""
+    problem = without_rows(make_problem(S=6, T=4, K=130, d=16))
+    fn = naive.prototype_cross_entropy if backend == "naive" else prototype_cross_entropy
+    kwargs = {} if backend == "naive" else dict(backend=backend)
+    loss, stat, grad_z, grad_v, grad_g = run(fn, problem, centering=centering, **kwargs)
+    assert loss.item() == 0.0 and grad_z.shape == (0, 16)
+    assert stat.shape == (130,) and stat.dtype == torch.float32 and torch.count_nonzero(stat) == 0
+    assert torch.count_nonzero(grad_v) == 0 and torch.count_nonzero(grad_g) == 0
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(pairs=torch.tensor([0, 1, 99])), "pairs must index teacher rows"),
     (dict(pairs=torch.tensor([0.0, 1.0, 2.0])), "pairs must be an integer tensor"),
@@ -167,9 +186,14 @@ def _sk_rank(rank, world, init_file, problems, expected_total, backends):
         dist.destroy_process_group()
 
 
-def test_sinkhorn_row_sums_across_two_gloo_ranks(seed, tmp_path):
-    """SK over 2 ranks' teacher rows equals SK over all rows in one process, for both backends."""
+@pytest.mark.parametrize("rank1_rows", [True, False], ids=["both_ranks_have_rows", "rank1_has_none"])
+def test_sinkhorn_row_sums_across_two_gloo_ranks(seed, tmp_path, rank1_rows):
+    """SK over 2 ranks' teacher rows equals SK over all rows in one process, for both backends. A rank
+    without rows still joins every all-reduce (else the other rank hangs) and adds nothing to the
+    normalisation: rank 0 then gets the single-process SK over its own rows."""
     problems = [make_problem(S=10 + r, T=6 + r, K=150, d=16) for r in range(2)]
+    if not rank1_rows:
+        problems[1] = without_rows(problems[1])
     # One process holding both ranks' rows: same loss as the sum of the two distributed ones.
     whole = dict(problems[0])
     for key in ("student_z", "teacher_z", "weights"):
