@@ -4,6 +4,7 @@ The DINO/iBOT prototype cross-entropy runs through ``fasttips.kernels.prototype_
 whose contract computes in fp32; their fp64 cases are therefore checked at fp32 tolerance.
 """
 import math
+import time
 
 import pytest
 import torch
@@ -313,6 +314,23 @@ def test_centering_with_accumulation_updates_once_per_step(seed):
     assert expected.abs().sum() > 0
 
 
+def test_centering_ignores_a_batch_without_rows(seed):
+    """update(None) (no teacher row) neither moves the center nor counts in a step's mean."""
+    K, m = 6, 0.9
+    centering = Centering(K, momentum=m)
+    start = torch.randn(K)
+    centering.center.copy_(start)
+    centering.begin_step()
+    centering.update(None)
+    centering.begin_step()
+    assert torch.equal(centering.center, start)
+    stat = torch.randn(K)
+    centering.update(stat)
+    centering.update(None)                                    # a later micro-batch without rows
+    centering.begin_step()
+    torch.testing.assert_close(centering.center, m * start + (1 - m) * stat)
+
+
 # ------------------------------------------------------------------------------------------------
 # Contrastive
 # ------------------------------------------------------------------------------------------------
@@ -494,3 +512,79 @@ def test_two_ranks_match_the_global_batch(seed, tmp_path):
         close(results[r][4], 0.1 * stats.mean(dim=0), torch.float32)  # mean of per-rank means
     sig_ref = naive_siglip(u_all, v_all, torch.tensor(2.0).exp(), -3.0)
     close(sum(results[r][3] for r in range(world)) / world, sig_ref.float(), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Two ranks, rank 1 without any row: masked-only iBOT + Sinkhorn-Knopp, and the centers
+# ------------------------------------------------------------------------------------------------
+def _rank_without_rows_worker(rank, world, store, inputs, results):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    # A short collective timeout: a rank that skips an all-reduce fails the test instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        masks, student, teacher, student_protos, teacher_protos, center0 = inputs[rank]
+        rows = student.clone().requires_grad_()
+        protos = tuple(p.clone().requires_grad_() for p in student_protos)
+        loss, stat = ibot_loss(rows, teacher, masks, protos, teacher_protos, tokens="masked",
+                               centering="sinkhorn_knopp")
+        loss.backward()
+        # softmax centering: rank 1 (no rows) is left out of the mean, not counted as a zero or a center
+        centering = Centering(center0.numel(), momentum=0.9)
+        centering.begin_step()
+        centering.update(stat)
+        centering.begin_step()
+        # no rank has a row: the center stays exactly where it was
+        idle = Centering(center0.numel(), momentum=0.9)
+        idle.center.copy_(center0)
+        idle.begin_step()
+        idle.update(None)
+        idle.begin_step()
+        results[rank] = (loss.detach(), stat, centering.center.clone(), idle.center.clone(),
+                         protos[0].grad.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_masked_ibot_sinkhorn_with_a_rank_without_masked_patches(seed, tmp_path):
+    """Rank 1 has no masked patch: it must still join SK's all-reduces (no hang), its loss is 0, and
+    rank 0 gets the single-process SK over its own rows (rank 1 adds nothing to the normalisation)."""
+    import torch.multiprocessing as mp
+    world, M, N, d, K = 2, 2, 6, 4, 9
+    masks0 = torch.zeros(M, N, dtype=torch.bool)
+    masks0[0, :3] = True
+    masks0[1, 4] = True
+    R = int(masks0.sum())
+    student_protos, teacher_protos = prototypes(K, d, torch.float32), prototypes(K, d, torch.float32)
+    center0 = torch.randn(K)
+    inputs = [(masks0, unit_rows(R, d, torch.float32), unit_rows(R, d, torch.float32), student_protos,
+               teacher_protos, center0),
+              (torch.zeros(M, N, dtype=torch.bool), unit_rows(0, d, torch.float32),
+               unit_rows(0, d, torch.float32), student_protos, teacher_protos, center0)]
+    results = mp.Manager().dict()
+    ctx = mp.spawn(_rank_without_rows_worker, args=(world, str(tmp_path / "store"), inputs, results),
+                   nprocs=world, join=False)
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank hung in a collective")
+    want, want_stat = ibot_loss(inputs[0][1], inputs[0][2], masks0, student_protos, teacher_protos,
+                                tokens="masked", centering="sinkhorn_knopp")
+    # the independent formula: SK over rank 0's R rows, token weight 1/(n_masked(image)·M)
+    P = naive_sinkhorn(inputs[0][2], *teacher_protos, 0.04)
+    image_of = masks0.nonzero()[:, 0]
+    weight = 1.0 / (masks0.sum(dim=1)[image_of].double() * M)
+    naive = sum(weight[j] * naive_ce(P[j], inputs[0][1][j], *student_protos, 0.1) for j in range(R))
+    close(results[0][0], want, torch.float32)
+    close(results[0][0], naive.float(), torch.float32)
+    assert results[1][0].item() == 0.0 and results[1][1] is None
+    assert torch.count_nonzero(results[1][4]) == 0                   # zero gradient, but a gradient
+    close(results[0][2], 0.1 * want_stat, torch.float32)            # rank 0's statistic alone
+    close(results[1][2], 0.1 * want_stat, torch.float32)            # (the same center on both ranks)
+    for r in range(world):
+        assert torch.equal(results[r][3], center0)

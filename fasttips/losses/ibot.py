@@ -68,10 +68,12 @@ def ibot_loss(student: torch.Tensor, teacher: torch.Tensor, masks: torch.Tensor,
     tv, tg = check_prototypes("ibot_loss: teacher_prototypes", teacher_prototypes, d)
     if tv.shape[0] != sv.shape[0]:
         raise ValueError(f"ibot_loss: teacher has K={tv.shape[0]} prototypes, student K={sv.shape[0]}")
-    if R == 0:         # masked-only iBOT on a batch with no masked patch
-        return student.sum() * 0.0 + sv.sum() * 0.0, None
+    # R == 0 (masked-only iBOT, no masked patch on this rank) still runs the op: its loss is 0, and
+    # Sinkhorn-Knopp's all-reduces must be joined by every rank or the others wait forever.
     pairs = torch.arange(R, device=student.device)
-    return kernels.prototype_cross_entropy(
+    loss, center_stat = kernels.prototype_cross_entropy(
         student, sv, sg, teacher.detach(), tv.detach(), tg.detach(), pairs, weights,
         center=center, student_temp=student_temp, teacher_temp=teacher_temp, centering=centering,
         sk_iterations=sk_iterations, group=group)
+    # No rows: no statistic (Centering.update(None) keeps the center where it is).
+    return loss, (center_stat if R else None)
