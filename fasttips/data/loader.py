@@ -49,15 +49,27 @@ def shard_captions(indexes, limit: int = MAX_TOKENIZER_CAPTIONS) -> list[str]:
     return texts
 
 
+def tokenizer_cache_key(indexes, vocab_size: int) -> str:
+    """What the trained tokenizer depends on: each shard's path *and content* (size and mtime in ns,
+    the same cheap fingerprint as the shard index, so a shard rewritten in place trains a new one),
+    the vocabulary size and the caption cap."""
+    parts = []
+    for ix in indexes:
+        st = os.stat(ix.shard)
+        parts.append(f"{ix.shard}|{st.st_size}|{st.st_mtime_ns}")
+    parts.append(f"vocab={vocab_size}|captions<={MAX_TOKENIZER_CAPTIONS}")
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def resolve_tokenizer(cfg, indexes) -> Tokenizer:
     """data.tokenizer if given, else a SentencePiece model trained on the shards' captions (cached by
-    shard set and vocabulary size, so every rank and every rerun gets the same one)."""
+    shard set, shard contents and vocabulary size, so every rank and every rerun gets the same one)."""
     max_len = cfg.text.max_len
     if cfg.data.tokenizer:
         tok = Tokenizer.load(cfg.data.tokenizer, max_len)
     else:
-        key = hashlib.sha1(("\n".join(ix.shard for ix in indexes) + f"|{cfg.text.vocab_size}").encode())
-        path = cache_dir() / "tokenizers" / f"spm-{cfg.text.vocab_size}-{key.hexdigest()[:16]}.model"
+        key = tokenizer_cache_key(indexes, cfg.text.vocab_size)
+        path = cache_dir() / "tokenizers" / f"spm-{cfg.text.vocab_size}-{key}.model"
         if path.is_file():
             tok = Tokenizer.load(path, max_len)
         else:

@@ -67,3 +67,54 @@ def test_bad_input_is_named(tok, tmp_path):
         tok.encode("a string")
     with pytest.raises(ValueError, match="no non-empty texts"):
         Tokenizer.train(["", "  "], vocab_size=50)
+
+
+def _write_captioned_shards(folder, captions):
+    """Two shards of tiny JPEGs whose alt-texts are ``captions`` (cycled), written in place."""
+    import numpy as np
+
+    from data_helpers import jpeg
+    from fasttips.data.shards import ShardWriter
+    rng = np.random.default_rng(0)
+    with ShardWriter(folder, prefix="shard", samples_per_shard=6) as w:
+        for i in range(12):
+            text = captions[i % len(captions)]
+            w.write(f"s{i:04d}", jpeg(rng), "jpg", {"alt": text, "short": text, "long": text})
+    return w.paths
+
+
+def test_cached_tokenizer_follows_the_shard_contents(tmp_path, monkeypatch):
+    """The tokenizer trained from shard captions is cached per shard *content*: unchanged shards
+    reuse it, a shard rewritten in place with other captions trains a new one."""
+    from data_helpers import tiny_cfg
+    from fasttips.data import loader
+    from fasttips.data.shards import index_shards
+
+    trainings = []
+    real_train = Tokenizer.train.__func__
+
+    def counting_train(cls, texts, *args, **kwargs):
+        trainings.append(list(texts))
+        return real_train(cls, texts, *args, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "train", classmethod(counting_train))
+    cfg = tiny_cfg(tmp_path)
+
+    def resolve():
+        return loader.resolve_tokenizer(cfg, index_shards(loader.resolve_shards(cfg)))
+
+    _write_captioned_shards(tmp_path, ["a red circle on a plain background", "a blue square"])
+    first = resolve()
+    again = resolve()
+    assert len(trainings) == 1 and again.serialized() == first.serialized()    # cache hit
+
+    # Same paths, other captions (longer, so the tar size changes as well as its mtime).
+    _write_captioned_shards(tmp_path, ["zebra giraffe elephant hippopotamus crocodile " * 8,
+                                       "xylophone quartet violoncello harpsichord " * 8])
+    rewritten = resolve()
+    assert len(trainings) == 2 and any("zebra" in t for t in trainings[1])
+    assert rewritten.serialized() != first.serialized()
+    def pieces(tok, text):
+        return int((~tok.encode([text])[1]).sum())
+    assert pieces(rewritten, "zebra giraffe") < pieces(first, "zebra giraffe")   # trained on the new words
+    assert resolve().serialized() == rewritten.serialized() and len(trainings) == 2
