@@ -1,17 +1,21 @@
-"""The NVIDIA DALI loader: ``fn.readers.webdataset`` + multi-crop augmentation in one DALI graph.
+"""The NVIDIA DALI loader: ``fn.readers.webdataset``, decoding and the geometric crops in one DALI
+graph; the photometric augmentation batched in torch on the same device.
 
 With a CUDA device (``nvidia.dali.backend.GetCUDADeviceCount() > 0``) images are decoded with
-``device='mixed'`` (nvJPEG) and every augmentation runs on the GPU (``device_id`` = the local rank);
-without one the same graph runs on the CPU (``device_id=None``, data_notes.md §1). The recipe matches
-``augment.py`` (DINOv2's effective probabilities); blur and solarize use DALI conditionals so that
-unselected samples skip the op, which matters on CPU. Crops are resized bicubically on the GPU; on
-the CPU DALI uses bilinear (about 15% less CPU per image in DALI's resampler; antialiased either way).
+``device='mixed'`` (nvJPEG) and cropped on the GPU (``device_id`` = the local rank); without one the
+same graph runs on the CPU (``device_id=None``, data_notes.md §1). Per crop the graph does DINOv2's
+random resized crop and flip and returns uint8 CHW; ``photometric.py`` then applies jitter, grayscale,
+blur and solarize with the recipe of ``augment.py`` to the whole batch, on the crops' device (DALI's
+CPU operators are 4–5× slower with per-sample random arguments; see that module). Crops are resized
+bicubically on the GPU; on the CPU DALI uses bilinear (about 15% less CPU per image in DALI's
+resampler; antialiased either way).
 
 The reader gets the validated ``.idx`` files written by ``shards.index_shard``, so it only ever sees
 good samples (bad ones were skipped and counted when the shards were indexed). Each rank reads its own
 contiguous part of the samples (``shard_id``/``num_shards``, ``stick_to_shard``) in an order that DALI
 reshuffles every epoch from the pipeline seed (train.seed, rank). Captions, tokenization and iBOT masks
-are done in Python on the batch, with the same functions as the PyTorch loader.
+are done in Python on the batch, with the same functions as the PyTorch loader. The photometric draws
+are seeded per (train.seed, rank, batch, crop), so they need no state to resume.
 
 Resuming: ``state_dict()`` stores the batch counter and a DALI pipeline checkpoint (reader position
 and every random generator, ``enable_checkpointing``; base64 text). ``load_state_dict`` rebuilds the
@@ -27,8 +31,8 @@ import os
 import numpy as np
 import torch
 
-from .augment import (ASPECT, BLUR_KERNEL, BLUR_SIGMA, GRAY_P, IMAGENET_MEAN, IMAGENET_STD, JITTER,
-                      JITTER_P, SOLARIZE_THRESHOLD, crop_recipes)
+from .augment import ASPECT, crop_recipes
+from .photometric import photometric
 from .pipeline import assemble, mix_seed, seed_words
 from .shards import parse_captions, split_name
 
@@ -44,42 +48,24 @@ def cuda_devices() -> int:
         return 0
 
 
-def _build_pipeline(paths, index_paths, recipes, cfg_data, batch_size: int, num_threads: int, device_id,
+def _build_pipeline(paths, index_paths, recipes, batch_size: int, num_threads: int, device_id,
                     seed: int, rank: int, world_size: int, shuffle_buffer: int, interp: str = "cubic",
                     checkpoint: bytes | None = None):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
     interp_type = {"cubic": types.INTERP_CUBIC, "linear": types.INTERP_LINEAR}[interp]
-    mean = [0.0, 0.0, 0.0] if cfg_data.pixel_norm == "tips" else [m * 255 for m in IMAGENET_MEAN]
-    std = [255.0] * 3 if cfg_data.pixel_norm == "tips" else [s * 255 for s in IMAGENET_STD]
 
-    def augment(image, recipe):
+    def geometry(image, recipe):
+        """Random resized crop + flip, as uint8 CHW: the photometric part runs in torch (module doc)."""
         crop = fn.random_resized_crop(image, size=[recipe.size, recipe.size], random_area=list(recipe.scale),
                                       random_aspect_ratio=list(ASPECT), interp_type=interp_type,
                                       antialias=True)
-        if fn.random.coin_flip(probability=JITTER_P, dtype=types.BOOL):
-            crop = fn.color_twist(
-                crop,
-                brightness=fn.random.uniform(range=[1 - JITTER["brightness"], 1 + JITTER["brightness"]]),
-                contrast=fn.random.uniform(range=[1 - JITTER["contrast"], 1 + JITTER["contrast"]]),
-                saturation=fn.random.uniform(range=[1 - JITTER["saturation"], 1 + JITTER["saturation"]]),
-                hue=fn.random.uniform(range=[-JITTER["hue"] * 360, JITTER["hue"] * 360]))  # DALI hue: degrees
-        if fn.random.coin_flip(probability=GRAY_P, dtype=types.BOOL):
-            crop = fn.color_twist(crop, saturation=0.0)            # luma gray, kept as 3 channels
-        if recipe.blur_p > 0:
-            if fn.random.coin_flip(probability=recipe.blur_p, dtype=types.BOOL):
-                crop = fn.gaussian_blur(crop, window_size=BLUR_KERNEL,  # DINOv2: kernel 9
-                                        sigma=fn.random.uniform(range=list(BLUR_SIGMA)))
-        if recipe.solarize_p > 0:
-            if fn.random.coin_flip(probability=recipe.solarize_p, dtype=types.BOOL):
-                high = crop >= SOLARIZE_THRESHOLD
-                crop = fn.cast(high * (255 - crop) + (crop < SOLARIZE_THRESHOLD) * crop, dtype=types.UINT8)
-        return fn.crop_mirror_normalize(crop, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std,
+        return fn.crop_mirror_normalize(crop, dtype=types.UINT8, output_layout="CHW",
                                         mirror=fn.random.coin_flip(probability=0.5))
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=2, enable_conditionals=True, enable_checkpointing=True)
+                  prefetch_queue_depth=2, enable_checkpointing=True)
     def multicrop_pipeline():
         encoded, captions = fn.readers.webdataset(
             paths=paths, index_paths=index_paths, ext=["img", "json"], random_shuffle=True,
@@ -87,7 +73,7 @@ def _build_pipeline(paths, index_paths, recipes, cfg_data, batch_size: int, num_
             stick_to_shard=True, name="Reader")
         source = fn.get_property(encoded, key="source_info")
         image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        crops = [augment(image, r) for r in recipes]
+        crops = [geometry(image, r) for r in recipes]
         return (*crops, fn.pad(captions, fill_value=0), captions.shape(), fn.pad(source, fill_value=0),
                 source.shape())
 
@@ -102,14 +88,15 @@ def _strings(padded, lengths) -> list[str]:
 
 
 def _to_torch(tensor_list, device) -> torch.Tensor:
-    """A dense DALI batch -> torch tensor (on the GPU for a GPU pipeline, else CPU)."""
+    """A dense DALI batch -> torch tensor (on the GPU for a GPU pipeline, else CPU). The CPU tensor
+    shares DALI's buffer, which stays valid until the next ``run()``: use it before that."""
     if device.type == "cuda":
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
         t = tensor_list.as_tensor()
         out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
         feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
         return out
-    return torch.from_numpy(np.array(tensor_list.as_tensor()))
+    return torch.from_numpy(np.asarray(tensor_list.as_tensor()))
 
 
 class DaliLoader:
@@ -146,7 +133,7 @@ class DaliLoader:
 
         def build(checkpoint=None):
             return _build_pipeline(
-                self.paths, self.index_paths, self.recipes, self.cfg.data, self.batch_size, threads,
+                self.paths, self.index_paths, self.recipes, self.batch_size, threads,
                 self.device_id, seed, self.rank, self.world_size,
                 shuffle_buffer=min(SHUFFLE_BUFFER, max(self.batch_size, self.num_samples)),
                 interp="cubic" if self.device_id is not None else "linear", checkpoint=checkpoint)
@@ -171,7 +158,10 @@ class DaliLoader:
         out = self._pipe.run()
         n_crops = len(self.recipes)
         G = self.cfg.data.n_global
-        crops = [_to_torch(out[i], self.device) for i in range(n_crops)]
+        crops = [photometric(_to_torch(out[i], self.device), recipe,
+                             np.random.default_rng(seed_words(self.cfg.train.seed, self.rank, self.batches, i,
+                                                              0x70686F74)), self.cfg.data.pixel_norm)
+                 for i, recipe in enumerate(self.recipes)]
         captions = [parse_captions(s.encode()) for s in _strings(out[n_crops], out[n_crops + 1])]
         keys = [split_name(s.rsplit(":", 1)[-1])[0] for s in _strings(out[n_crops + 2], out[n_crops + 3])]
         B = len(keys)

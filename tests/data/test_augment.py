@@ -73,29 +73,52 @@ def test_decode_draft_keeps_enough_resolution(seed):
     assert augment.min_decode_side(recipes) == max(math.ceil(224 / math.sqrt(0.32)), math.ceil(98 / math.sqrt(0.05)))
 
 
+def jitter_in_sequence(x, b, c, s, h, order):
+    """The four jitter steps applied one after the other to pixels x [P, 3]."""
+    for op in order:
+        if op == 0:
+            x = b * x
+        elif op == 1:
+            x = c * x + (1 - c) * (x @ augment.LUMA).mean()
+        elif op == 2:
+            x = s * x + (1 - s) * (x @ augment.LUMA)[:, None]
+        else:
+            x = x @ augment.hue_matrix(h).T
+    return x
+
+
 def test_color_jitter_affine_equals_the_four_steps_in_sequence(seed):
     """One affine map == brightness, contrast (mean luma at that point), saturation, hue in order."""
     x0 = np.random.default_rng(seed).uniform(0, 255, size=(500, 3))
     for k in range(10):
         A, t = augment.jitter_affine(x0.mean(0), np.random.default_rng([seed, k]))
-        rng = np.random.default_rng([seed, k])
-        J = augment.JITTER
-        b, c = rng.uniform(1 - J["brightness"], 1 + J["brightness"]), rng.uniform(1 - J["contrast"], 1 + J["contrast"])
-        s, h = rng.uniform(1 - J["saturation"], 1 + J["saturation"]), rng.uniform(-J["hue"], J["hue"])
-        x = x0.copy()
-        for op in rng.permutation(4):
-            if op == 0:
-                x = b * x
-            elif op == 1:
-                x = c * x + (1 - c) * (x @ augment.LUMA).mean()
-            elif op == 2:
-                x = s * x + (1 - s) * (x @ augment.LUMA)[:, None]
-            else:
-                x = x @ augment.hue_matrix(h).T
-        np.testing.assert_allclose(x0 @ A.T + t, x, rtol=1e-9, atol=1e-9)
+        (b,), (c,), (s,), (h,), (order,) = augment.jitter_draws(np.random.default_rng([seed, k]), 1)
+        assert sorted(order) == [0, 1, 2, 3]
+        np.testing.assert_allclose(x0 @ A.T + t, jitter_in_sequence(x0, b, c, s, h, order), rtol=1e-9, atol=1e-9)
     hm = augment.hue_matrix(0.1)
     np.testing.assert_allclose(augment.LUMA @ hm, augment.LUMA, atol=1e-3)   # hue keeps luma
     np.testing.assert_allclose(hm @ np.ones(3), np.ones(3), atol=1e-9)        # and grays
+
+
+def test_batched_jitter_parts_equal_the_steps_sample_by_sample(seed):
+    """The vectorised composition of n jitters: sample i's map is its own draws' steps in sequence."""
+    n = 48
+    A, t0, T = augment.jitter_parts(np.random.default_rng(seed), n)
+    draws = augment.jitter_draws(np.random.default_rng(seed), n)
+    rng = np.random.default_rng(seed + 1)
+    for i in range(n):
+        x0 = rng.uniform(0, 255, size=(50, 3)) * rng.uniform(0.2, 1.0, size=3)       # a tinted image
+        expected = jitter_in_sequence(x0, *(d[i] for d in draws))
+        np.testing.assert_allclose(x0 @ A[i].T + t0[i] + T[i] @ x0.mean(0), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_jitter_draws_span_the_ranges_and_every_order(seed):
+    b, c, s, h, order = augment.jitter_draws(np.random.default_rng(seed), 4000)
+    J = augment.JITTER
+    for v, lo, hi in ((b, 1 - J["brightness"], 1 + J["brightness"]), (c, 1 - J["contrast"], 1 + J["contrast"]),
+                      (s, 1 - J["saturation"], 1 + J["saturation"]), (h, -J["hue"], J["hue"])):
+        assert lo <= v.min() < lo + 0.01 and hi - 0.01 < v.max() <= hi
+    assert len({tuple(o) for o in order}) == 24                         # all 4! step orders occur
 
 
 def test_color_jitter_applies_the_affine_map_to_pixels(seed):
