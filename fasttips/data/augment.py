@@ -88,59 +88,48 @@ _SAT_GRAY = np.outer(np.ones(3), LUMA)          # x -> gray(x) in every channel
 _LEVELS = np.arange(256, dtype=np.float64)
 
 
-def hue_matrix(turns) -> np.ndarray:
-    """RGB -> RGB rotation of the chroma plane by ``turns`` (a float, or an array -> [..., 3, 3])."""
-    angle = 2 * np.pi * np.asarray(turns, dtype=np.float64)
-    c, s = np.cos(angle), np.sin(angle)
-    rot = np.zeros(angle.shape + (3, 3))
-    rot[..., 0, 0], rot[..., 1, 1], rot[..., 1, 2], rot[..., 2, 1], rot[..., 2, 2] = 1.0, c, -s, s, c
+def hue_matrix(turns: float) -> np.ndarray:
+    c, s = math.cos(2 * math.pi * turns), math.sin(2 * math.pi * turns)
+    rot = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
     return _YIQ_INV @ rot @ _YIQ
 
 
-def jitter_draws(rng: np.random.Generator, n: int) -> tuple[np.ndarray, ...]:
-    """Random factors of n colour jitters: brightness, contrast, saturation, hue turns [n] and the
-    order of the four steps [n, 4]."""
-    b = rng.uniform(1 - JITTER["brightness"], 1 + JITTER["brightness"], size=n)
-    c = rng.uniform(1 - JITTER["contrast"], 1 + JITTER["contrast"], size=n)
-    s = rng.uniform(1 - JITTER["saturation"], 1 + JITTER["saturation"], size=n)
-    hue = rng.uniform(-JITTER["hue"], JITTER["hue"], size=n)
-    order = np.argsort(rng.random((n, 4)), axis=1)
-    return b, c, s, hue, order
-
-
-def jitter_parts(rng: np.random.Generator, n: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """n colour jitters, each an affine map ``x -> A x + t`` on RGB with ``t = t0 + T m`` for the
-    crop's mean colour ``m`` (same units as x). Returns ``(A [n,3,3], t0 [n,3], T [n,3,3])``.
+def jitter_parts(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Colour jitter as an affine map ``x -> A x + t`` on RGB, with ``t = t0 + T m`` for the crop's
+    mean colour ``m`` (same units as x). Returns ``(A, t0, T)``.
 
     Brightness (scale), saturation (blend with luma), hue (YIQ rotation, as DALI's color_twist does)
     and contrast (blend with the mean luma of the image *at that point*) are composed in a random
     order, like torchvision's ColorJitter. Every step is affine, so the mean luma at any point is a
     linear function of ``m``: carrying that dependence in ``T`` lets a whole batch be jittered on its
     device without reading the means back (``photometric.py``). One pass over the pixels instead of
-    four (torchvision also clamps between steps; we clamp once at the end).
+    four (torchvision also clamps between steps; we clamp once at the end). Scalar on purpose: a few
+    3×3 products per sample are cheaper in a loop than vectorised with masks, even for a batch.
     """
-    b, c, s, hue, order = jitter_draws(rng, n)
-    b, c, s = (v[:, None, None] for v in (b, c, s))
-    H = hue_matrix(hue)
-    A, t0, T = np.tile(np.eye(3), (n, 1, 1)), np.zeros((n, 3, 1)), np.zeros((n, 3, 3))  # t0 as a column
-    ones = np.ones((3, 1))
-    for position in range(4):
-        step = order[:, position, None, None]
-        steps = (
-            (b * A, b * t0, b * T),                                   # brightness
-            (c * A, c * t0 + (1 - c) * (ones @ (LUMA @ t0)[:, None]),  # contrast: mean luma now =
-             c * T + (1 - c) * (ones @ (LUMA @ (A + T))[:, None])),  #   LUMA·t0 + LUMA (A + T) m
-            tuple(s * M + (1 - s) * (_SAT_GRAY @ M) for M in (A, t0, T)),   # saturation
-            (H @ A, H @ t0, H @ T),                                   # hue
-        )
-        A, t0, T = (np.select([step == k for k in range(4)], [st[i] for st in steps]) for i in range(3))
-    return A, t0[:, :, 0], T
+    b = rng.uniform(1 - JITTER["brightness"], 1 + JITTER["brightness"])
+    c = rng.uniform(1 - JITTER["contrast"], 1 + JITTER["contrast"])
+    s = rng.uniform(1 - JITTER["saturation"], 1 + JITTER["saturation"])
+    hue = rng.uniform(-JITTER["hue"], JITTER["hue"])
+    A, t0, T = np.eye(3), np.zeros(3), np.zeros((3, 3))
+    for op in rng.permutation(4):
+        if op == 0:
+            A, t0, T = b * A, b * t0, b * T
+        elif op == 1:       # mean luma now = LUMA·t0 + (LUMA (A + T))·m
+            t0 = c * t0 + (1 - c) * float(LUMA @ t0)
+            T = c * T + (1 - c) * np.outer(np.ones(3), LUMA @ (A + T))
+            A = c * A
+        elif op == 2:
+            A, t0, T = (s * M + (1 - s) * (_SAT_GRAY @ M) for M in (A, t0, T))
+        else:
+            H = hue_matrix(hue)
+            A, t0, T = H @ A, H @ t0, H @ T
+    return A, t0, T
 
 
 def jitter_affine(mean_rgb: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One ``jitter_parts`` for an image of mean colour ``mean_rgb``: ``(A, t)`` with ``x -> A x + t``."""
     A, t0, T = jitter_parts(rng)
-    return A[0], t0[0] + T[0] @ mean_rgb
+    return A, t0 + T @ mean_rgb
 
 
 def color_jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:

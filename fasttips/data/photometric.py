@@ -31,7 +31,8 @@ def colour_maps(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
     jitter = rng.random(n) < JITTER_P
     gray = rng.random(n) < GRAY_P
     A, t0, T = np.tile(np.eye(3), (n, 1, 1)), np.zeros((n, 3)), np.zeros((n, 3, 3))
-    A[jitter], t0[jitter], T[jitter] = jitter_parts(rng, int(jitter.sum()))
+    for i in np.flatnonzero(jitter):
+        A[i], t0[i], T[i] = jitter_parts(rng)
     A[gray], t0[gray], T[gray] = _SAT_GRAY @ A[gray], t0[gray] @ _SAT_GRAY.T, _SAT_GRAY @ T[gray]
     return A, t0, T
 
