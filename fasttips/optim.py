@@ -162,5 +162,5 @@ def clamp_logit_scale_(model: nn.Module, max_logit_scale: float) -> None:
     local.clamp_(max=math.log(max_logit_scale))
 
 
-__all__ = ["clamp_logit_scale_", "param_groups", "build_optimizer", "set_hyperparameters", "clip_modules", "clip_gradients",
-           "lr_mult", "weight_decay_mult", "layer_id", "clean_name", "is_prototype"]
+__all__ = ["clamp_logit_scale_", "param_groups", "build_optimizer", "set_hyperparameters", "clip_modules",
+           "clip_gradients", "lr_mult", "weight_decay_mult", "layer_id", "clean_name", "is_prototype"]

@@ -8,8 +8,8 @@ import torch
 
 from fasttips import config as config_lib
 from fasttips.models import build_model
-from fasttips.optim import (build_optimizer, clamp_logit_scale_, clip_gradients, clip_modules, layer_id, lr_mult, param_groups,
-                            set_hyperparameters, weight_decay_mult)
+from fasttips.optim import (build_optimizer, clamp_logit_scale_, clip_gradients, clip_modules, layer_id, lr_mult,
+                            param_groups, set_hyperparameters, weight_decay_mult)
 
 
 @pytest.fixture(scope="module")
