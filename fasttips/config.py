@@ -6,6 +6,8 @@ directory as YAML so a run can be reproduced or resumed.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -324,6 +326,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.mask_ratio: need 0 <= lo <= hi <= 1, got {cfg.data.mask_ratio}")
     if not 0.0 <= cfg.data.caption_short_prob <= 1.0:
         raise ConfigError(f"data.caption_short_prob: must be in [0, 1], got {cfg.data.caption_short_prob}")
+    if cfg.loss.max_logit_scale <= 0:
+        raise ConfigError(f"loss.max_logit_scale: must be > 0, got {cfg.loss.max_logit_scale}")
+    if cfg.loss.init_logit_scale > math.log(cfg.loss.max_logit_scale) + 1e-6:
+        # the parameter is clamped to ln(max) after each step; starting above it would train one step unclamped
+        raise ConfigError(f"loss.init_logit_scale: {cfg.loss.init_logit_scale} is above "
+                          f"ln(loss.max_logit_scale) = {math.log(cfg.loss.max_logit_scale):.4f}")
     if cfg.data.source == "shards" and not cfg.data.path:
         raise ConfigError("data.path: required when data.source=shards (a folder or glob of .tar shards)")
     if cfg.teacher.mode == "full_ema" and cfg.teacher.features == "detached":

@@ -45,7 +45,8 @@ def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_
     weight-norm direction [K, d] and gain [K] of the prototype layers (student: with grad; teacher:
     the EMA copy). Teacher targets: softmax((z_t W_tᵀ − center)/teacher_temp), or Sinkhorn-Knopp
     (``centering="sinkhorn_knopp"``, row sums all-reduced over ``group``). Returns
-    ``(loss, center_stat)`` where center_stat [K] = mean over teacher rows of z_t W_tᵀ (fp32, no grad).
+    ``(loss, center_stat)`` where center_stat [K] = mean over teacher rows of z_t W_tᵀ (fp32, no grad;
+    zeros when there is no teacher row).
     ``chunk_bytes`` caps the reference path's per-chunk [rows × K] working set.
     """
     args = (student_z, student_v, student_g, teacher_z, teacher_v, teacher_g, pairs, weights)

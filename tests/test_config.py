@@ -38,6 +38,8 @@ def test_overrides_are_typed():
     ("data.batch_size=0", "data.batch_size: must be >= 1"),
     ("train.steps", "expected key=value"),
     ("data.source=shards", "data.path: required when data.source=shards"),
+    ("loss.init_logit_scale=5", "loss.init_logit_scale: 5.0 is above ln(loss.max_logit_scale) = 4.6052"),
+    ("loss.max_logit_scale=0", "loss.max_logit_scale: must be > 0"),
 ])
 def test_bad_config_names_the_field(override, expected):
     with pytest.raises(ConfigError) as err:
