@@ -4,7 +4,9 @@ compiled ahead of time for sm_90a (no GPU needed), checked by ``fasttips.testing
 Each configuration is compiled in bf16 and in fp16, at the head dims its list serves (64 for "long"
 and "short"; 72 and 128 for "wide"), with key padding and varlen on so that every optional path is in
 the code. Pointers, and strides where the head dim makes them so, are declared multiples of 16 as a
-real launch specialises them (72-wide rows are not: those loads stay scalar, as they would on the GPU).
+real launch specialises them. At head dim 72 Triton specialises no stride (72 is not a multiple of 16);
+the kernels are compiled with the ROW_ALIGN = 8 that every launch passes there (the wrapper copies
+tensors whose strides are not multiples of 8), which is what lets those loads be 16 bytes wide.
 ``compile_all`` spreads the compiles over processes (seconds each, mostly ptxas and Python).
 """
 from __future__ import annotations
@@ -57,7 +59,7 @@ def compile_case(case):
     kernel, configs = KERNELS[name]
     cfg = configs[family][index]
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=T.block_d(head_dim), HAS_MASK=True, VARLEN=True,
-                      DOT_PRECISION="tf32",
+                      DOT_PRECISION="tf32", ROW_ALIGN=T.row_align(head_dim),
                       **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
     if name == "bwd_short":  # one tile per head: no block / tail shapes beyond BLOCK
         constexprs = {k: v for k, v in constexprs.items() if not k.startswith(("BLOCK_", "TAIL_"))}

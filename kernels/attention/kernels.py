@@ -40,6 +40,21 @@ def _sequence(cu_seqlens, b, N, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _aligned_strides(stride_b, stride_h, stride_n, ROW_ALIGN: tl.constexpr):
+    """One tensor's (batch, head, token) strides, written so that the compiler sees they are
+    multiples of ROW_ALIGN. Triton learns divisibility only from its launch specialisation, which
+    knows 16 and nothing smaller: at head dim 72 the strides are multiples of 8, not 16, and without
+    this every row element is loaded on its own (one 64-bit address each; the dK/dV kernel spilled).
+    The launch guarantees the multiple (triton.py ``_kernel_layout``), so x // a * a == x (except on
+    dims of size 1, whose only index is 0); ROW_ALIGN = 1 leaves the code as it was."""
+    if ROW_ALIGN > 1:
+        stride_b = stride_b // ROW_ALIGN * ROW_ALIGN
+        stride_h = stride_h // ROW_ALIGN * ROW_ALIGN
+        stride_n = stride_n // ROW_ALIGN * ROW_ALIGN
+    return stride_b, stride_h, stride_n
+
+
+@triton.jit
 def _load_rows(base, rows, row_limit, stride_n, dims, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                ROW_BOUNDS: tl.constexpr):
     """A [rows, BLOCK_D] tile; rows past row_limit and dims past HEAD_DIM read as 0."""
@@ -127,7 +142,7 @@ def attn_fwd_kernel(Q, K, V, O, LSE, PAD, CU_SEQLENS,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
                     HEADS_PER_PROG: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """Grid: (cdiv(max_seqlen, BLOCK_M), cdiv(H, HEADS_PER_PROG), number of sequences).
 
     Program m < N // BLOCK_M owns the full row block m; program N // BLOCK_M takes the short
@@ -135,6 +150,11 @@ def attn_fwd_kernel(Q, K, V, O, LSE, PAD, CU_SEQLENS,
     measured 1.4× slower at N = 257 on an H100: these programs are latency-bound, so a separate
     program runs the remainder in parallel.)
     """
+    # strides the launch guarantees to be multiples of ROW_ALIGN (see _aligned_strides)
+    stride_qb, stride_qh, stride_qn = _aligned_strides(stride_qb, stride_qh, stride_qn, ROW_ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned_strides(stride_kb, stride_kh, stride_kn, ROW_ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned_strides(stride_vb, stride_vh, stride_vn, ROW_ALIGN)
+    stride_ob, stride_oh, stride_on = _aligned_strides(stride_ob, stride_oh, stride_on, ROW_ALIGN)
     pid_m = tl.program_id(0)
     b = tl.program_id(2)
     seq_start, seq_len = _sequence(CU_SEQLENS, b, N, VARLEN)
@@ -229,8 +249,15 @@ def attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, PAD, DQ, CU_SEQLENS,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
                        HEADS_PER_PROG: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """Grid: (cdiv(max_seqlen, BLOCK_M), cdiv(H, HEADS_PER_PROG), number of sequences)."""
+    # strides the launch guarantees to be multiples of ROW_ALIGN (see _aligned_strides)
+    stride_qb, stride_qh, stride_qn = _aligned_strides(stride_qb, stride_qh, stride_qn, ROW_ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned_strides(stride_kb, stride_kh, stride_kn, ROW_ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned_strides(stride_vb, stride_vh, stride_vn, ROW_ALIGN)
+    stride_ob, stride_oh, stride_on = _aligned_strides(stride_ob, stride_oh, stride_on, ROW_ALIGN)
+    stride_dob, stride_doh, stride_don = _aligned_strides(stride_dob, stride_doh, stride_don, ROW_ALIGN)
+    stride_dqb, stride_dqh, stride_dqn = _aligned_strides(stride_dqb, stride_dqh, stride_dqn, ROW_ALIGN)
     pid_m = tl.program_id(0)
     b = tl.program_id(2)
     seq_start, seq_len = _sequence(CU_SEQLENS, b, N, VARLEN)
@@ -333,8 +360,15 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PAD, DK, DV, CU_SEQLENS,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
                          HEADS_PER_PROG: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """Grid: (cdiv(max_seqlen, BLOCK_N), cdiv(H, HEADS_PER_PROG), number of sequences)."""
+    # strides the launch guarantees to be multiples of ROW_ALIGN (see _aligned_strides)
+    stride_qb, stride_qh, stride_qn = _aligned_strides(stride_qb, stride_qh, stride_qn, ROW_ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned_strides(stride_kb, stride_kh, stride_kn, ROW_ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned_strides(stride_vb, stride_vh, stride_vn, ROW_ALIGN)
+    stride_dob, stride_doh, stride_don = _aligned_strides(stride_dob, stride_doh, stride_don, ROW_ALIGN)
+    stride_dkb, stride_dkh, stride_dkn = _aligned_strides(stride_dkb, stride_dkh, stride_dkn, ROW_ALIGN)
+    stride_dvb, stride_dvh, stride_dvn = _aligned_strides(stride_dvb, stride_dvh, stride_dvn, ROW_ALIGN)
     pid_n = tl.program_id(0)
     b = tl.program_id(2)
     seq_start, seq_len = _sequence(CU_SEQLENS, b, N, VARLEN)
@@ -384,8 +418,18 @@ def attn_bwd_short_kernel(Q, K, V, O, DO, LSE, PAD, DQ, DK, DV, CU_SEQLENS,
                           stride_lb, stride_lh, stride_pb, H, N, SEQ_BUCKET, scale, qk_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
                           HEADS_PER_PROG: tl.constexpr, HAS_MASK: tl.constexpr,
-                          VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          ROW_ALIGN: tl.constexpr):
     """Grid: (1, cdiv(H, HEADS_PER_PROG), number of sequences); every sequence has ≤ BLOCK tokens."""
+    # strides the launch guarantees to be multiples of ROW_ALIGN (see _aligned_strides)
+    stride_qb, stride_qh, stride_qn = _aligned_strides(stride_qb, stride_qh, stride_qn, ROW_ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned_strides(stride_kb, stride_kh, stride_kn, ROW_ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned_strides(stride_vb, stride_vh, stride_vn, ROW_ALIGN)
+    stride_ob, stride_oh, stride_on = _aligned_strides(stride_ob, stride_oh, stride_on, ROW_ALIGN)
+    stride_dob, stride_doh, stride_don = _aligned_strides(stride_dob, stride_doh, stride_don, ROW_ALIGN)
+    stride_dqb, stride_dqh, stride_dqn = _aligned_strides(stride_dqb, stride_dqh, stride_dqn, ROW_ALIGN)
+    stride_dkb, stride_dkh, stride_dkn = _aligned_strides(stride_dkb, stride_dkh, stride_dkn, ROW_ALIGN)
+    stride_dvb, stride_dvh, stride_dvn = _aligned_strides(stride_dvb, stride_dvh, stride_dvn, ROW_ALIGN)
     b = tl.program_id(2)
     seq_start, seq_len = _sequence(CU_SEQLENS, b, N, VARLEN)
     idx = tl.arange(0, BLOCK)

@@ -72,6 +72,16 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def row_align(head_dim: int) -> int:
+    """The multiple (in elements) that every batch / head / token stride is brought to before a
+    launch and that the kernels then declare to the compiler (``ROW_ALIGN``): 8 for head dims like
+    72, whose rows are 16-byte multiples in 16-bit types although 72 is not a multiple of 16, so
+    that their loads are 16 bytes wide instead of one element. 1 (nothing declared) for multiples
+    of 16, which Triton's own launch specialisation already covers, and for head dims that are
+    not a multiple of 8."""
+    return 8 if head_dim % 16 == 8 else 1
+
+
 def family(max_seqlen: int, head_dim: int) -> str:
     """Which configuration list serves this launch."""
     if block_d(head_dim) > 64:
@@ -136,7 +146,7 @@ def _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen):
     D = q.shape[-1]
     return dict(HEAD_DIM=D, BLOCK_D=block_d(D),
                 HAS_MASK=key_padding_mask is not None, VARLEN=cu_seqlens is not None,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROW_ALIGN=row_align(D))
 
 
 MAX_SEQUENCES = 65535  # the sequences ride on the grid's z axis
@@ -158,6 +168,7 @@ def _pad_arg(key_padding_mask, q):
 
 
 def _forward_impl(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+    q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
     varlen = cu_seqlens is not None
     n_seqs, H, N = _shape_info(q, cu_seqlens, max_seqlen)
     out = torch.empty_like(q)
@@ -178,7 +189,7 @@ def _forward_impl(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
 def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
     varlen = cu_seqlens is not None
     n_seqs, H, N = _shape_info(q, cu_seqlens, max_seqlen)
-    dout = _last_dim_contiguous(dout)
+    dout, q, k, v, out = (_kernel_layout(t) for t in (dout, q, k, v, out))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or n_seqs == 0 or max_seqlen == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
@@ -258,8 +269,15 @@ flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if the kernels can index it as it is, else a contiguous copy: the last dim must be
+    contiguous, and the other strides multiples of ``row_align`` (the kernels assume it; strides
+    of size-1 dims are never multiplied by a nonzero index, so they may be anything). Copies only
+    unusual layouts: a contiguous tensor, or a slice of a fused qkv projection, passes as it is."""
+    align = row_align(t.shape[-1])
+    strides_ok = all(stride % align == 0 for stride, size in zip(t.stride()[:-1], t.shape[:-1])
+                     if size > 1)
+    return t if t.stride(-1) == 1 and strides_ok else t.contiguous()
 
 
 def _check_qkv(q, k, v, rank: int, layout: str):
@@ -279,7 +297,7 @@ def _check_qkv(q, k, v, rank: int, layout: str):
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"head dim D={q.shape[-1]} is not supported; the Triton kernel allows "
                          f"D ≤ {MAX_HEAD_DIM}")
-    return _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    return _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
 
 
 def _default_scale(q, scale):
