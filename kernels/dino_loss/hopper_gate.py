@@ -9,7 +9,7 @@ spawned worker processes with TRITON_INTERPRET=0: under the interpreter, the lib
 from __future__ import annotations
 
 BOTTLENECK = 256
-_FEATURE_POINTERS = ("zs_ptr", "zt_ptr", "ws_ptr", "wt_ptr", "z_ptr", "w_ptr")
+_FEATURE_POINTERS = ("zs_ptr", "zt_ptr", "ws_ptr", "wt_ptr", "z_ptr", "w_ptr", "ds_ptr")   # ds: the slab
 
 
 def cases() -> list[tuple[str, int]]:
@@ -20,7 +20,7 @@ def cases() -> list[tuple[str, int]]:
 def signature(kernel) -> dict:
     sig = {}
     for name in kernel.arg_names:
-        if name.startswith("BLOCK") or name in ("PRECISION", "EVEN_K"):
+        if name.startswith(("BLOCK", "K_TILES")) or name in ("PRECISION", "EVEN_K"):
             sig[name] = "constexpr"
         elif name in _FEATURE_POINTERS:
             sig[name] = "*bf16"
@@ -43,7 +43,7 @@ def compile_case(case):
     kernel = T.KERNELS[name]
     cfg = T.CONFIGS[name][index]
     sig = signature(kernel)
-    constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=BOTTLENECK, PRECISION="tf32")
+    constexprs = dict(T._meta(cfg), BLOCK_D=BOTTLENECK, PRECISION="tf32")
     if name in T.EVEN_K_KERNELS:
         constexprs["EVEN_K"] = True
     aligned = tuple(a for a, t in sig.items()

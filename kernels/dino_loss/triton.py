@@ -17,6 +17,15 @@ Kernels
   Each program owns its rows of dW, so no atomics and the result is deterministic.
 - ``_token_lse_kernel`` / ``_prototype_lse_kernel``: LSE over prototypes (per row) and over rows (per
   prototype) of z W_tᵀ·scale + bias, the two reductions of Sinkhorn-Knopp in factorised form.
+- ``_grad_s_kernel``    the opt-in "slab" backward: 2-D grid of (rows block × K_TILES prototype blocks),
+  recomputes s, u once and writes ds = coef·(softmax(s) − p) into a [chunk × K] slab in the features'
+  dtype; the host then runs dz = dS·W_s and dW += dSᵀ·z_s with torch.matmul, chunk by chunk.
+
+Backward selection: ``FASTTIPS_DINO_BACKWARD=fused|slab``, read each time the backward runs. ``fused``
+(default) is the measured path: ``_grad_z_kernel`` + ``_grad_w_kernel``, 6 GEMM-equivalents. ``slab``
+does 2 recompute GEMMs in Triton + 2 cuBLAS GEMMs, with a slab of at most SLAB_BYTES (256 MiB: 2048
+rows at K = 65536 in bf16). The slab path is checked by the interpreter and the compile gate only:
+**unmeasured on a GPU** (NOTES.md says how to measure it).
 
 On GPU the kernels take bf16/fp16 features with d ≤ 256; fp32 features or a wider bottleneck go to the
 chunked reference with a warning (see ``_unsupported_on_gpu``). Measurements: NOTES.md.
@@ -24,6 +33,7 @@ chunked reference with a warning (see ``_unsupported_on_gpu``). Measurements: NO
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -176,6 +186,52 @@ def _grad_w_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, lse_s_pt
 
 
 @triton.jit
+def _grad_s_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, lse_s_ptr, lse_t_ptr, coef_ptr,
+                   ds_ptr, S, K, D, stride_zs, stride_zt, stride_ws, stride_wt, stride_ds, s_scale, t_scale,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, K_TILES: tl.constexpr,
+                   PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
+    """Program (i, j): the dS slab tiles of rows block i × prototype blocks [j·K_TILES, (j+1)·K_TILES),
+    ds = coef·(softmax(s) − p) recomputed as in ``_grad_z_kernel`` and stored in the slab's dtype.
+
+    K_TILES = 1 is one tile per program (no loop, most programs); a few tiles per program keep the row
+    tiles in shared memory while W streams through, for fewer bytes read per product."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < S
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    t_rows = tl.load(pairs_ptr + rows, mask=row_ok, other=0)
+    lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)
+    coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)     # w_i·grad/τ_s
+    zs = tl.load(zs_ptr + rows[:, None] * stride_zs + dims[None, :],
+                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    zt = tl.load(zt_ptr + t_rows[:, None] * stride_zt + dims[None, :],
+                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    k_begin = tl.program_id(1) * (K_TILES * BLOCK_K)
+    for k0 in range(k_begin, tl.minimum(k_begin + K_TILES * BLOCK_K, K), BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        if EVEN_K:   # every prototype of the block exists: masks along K would only cost
+            w_mask = dim_ok[None, :]
+            bias = tl.load(bias_ptr + ks) * 1.4426950408889634
+        else:
+            w_mask = k_ok[:, None] & dim_ok[None, :]
+            bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * 1.4426950408889634
+        ws = tl.load(ws_ptr + ks[:, None] * stride_ws + dims[None, :], mask=w_mask, other=0.0)   # [BK, D]
+        wt = tl.load(wt_ptr + ks[:, None] * stride_wt + dims[None, :], mask=w_mask, other=0.0)
+        s2 = tl.dot(zs, tl.trans(ws), input_precision=PRECISION) * s_scale
+        u2 = tl.dot(zt, tl.trans(wt), input_precision=PRECISION) * t_scale + bias[None, :]
+        q = tl.exp2(s2 - lse_s[:, None])               # softmax(s)
+        p = tl.exp2(u2 - lse_t[:, None])               # teacher target
+        ds = (coef[:, None] * (q - p)).to(ds_ptr.dtype.element_ty)
+        out = ds_ptr + rows[:, None] * stride_ds + ks[None, :]
+        if EVEN_K:
+            tl.store(out, ds, mask=row_ok[:, None])
+        else:        # the slab has no columns past K
+            tl.store(out, ds, mask=row_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
 def _token_lse_kernel(z_ptr, w_ptr, bias_ptr, out_ptr, N, K, D, stride_z, stride_w, scale,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                       PRECISION: tl.constexpr):
@@ -235,24 +291,33 @@ def _prototype_lse_kernel(z_ptr, w_ptr, row_bias_ptr, out_ptr, N, K, D, stride_z
 # Launch configurations: one list per kernel. The Hopper compile gate (hopper_gate.py) compiles every
 # entry; on CUDA the autotuner picks among them; the interpreter uses INTERPRET_CONFIG.
 # ------------------------------------------------------------------------------------------------
-def _cfg(block_m, block_k, warps, stages):
-    return dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+def _cfg(block_m, block_k, warps, stages, **constexprs):
+    return dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **constexprs)
+
+
+def _meta(config: dict) -> dict:
+    """The constexprs of a launch configuration (everything but num_warps / num_stages)."""
+    return {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
 
 
 CONFIGS = {   # chosen so that each compiles for sm_90a with HGMMA, no spills and ≤ 227 KB shared memory
     "_forward_kernel": [_cfg(128, 32, 8, 2), _cfg(64, 64, 8, 2)],
     "_grad_z_kernel": [_cfg(64, 64, 8, 2), _cfg(64, 32, 8, 3)],
     "_grad_w_kernel": [_cfg(32, 64, 8, 3), _cfg(32, 128, 8, 2)],
+    # one tile per program (K_TILES=1), or 16 tiles with W streamed past resident row tiles
+    "_grad_s_kernel": [_cfg(128, 64, 8, 1, K_TILES=1), _cfg(64, 128, 8, 1, K_TILES=1),
+                       _cfg(64, 64, 8, 2, K_TILES=16), _cfg(128, 32, 8, 2, K_TILES=16)],
     "_token_lse_kernel": [_cfg(128, 128, 8, 2)],
     "_prototype_lse_kernel": [_cfg(128, 128, 8, 2)],
 }
 INTERPRET_CONFIG = _cfg(32, 64, 4, 1)
+INTERPRET_EXTRA = {"_grad_s_kernel": dict(K_TILES=2)}   # a loop of 2 tiles, the last one past K when K is odd
 KERNELS = {"_forward_kernel": _forward_kernel, "_grad_z_kernel": _grad_z_kernel,
-           "_grad_w_kernel": _grad_w_kernel, "_token_lse_kernel": _token_lse_kernel,
+           "_grad_w_kernel": _grad_w_kernel, "_grad_s_kernel": _grad_s_kernel, "_token_lse_kernel": _token_lse_kernel,
            "_prototype_lse_kernel": _prototype_lse_kernel}
 
 
-EVEN_K_KERNELS = ("_forward_kernel", "_grad_z_kernel")   # take EVEN_K: skip per-element K masks
+EVEN_K_KERNELS = ("_forward_kernel", "_grad_z_kernel", "_grad_s_kernel")   # take EVEN_K: skip per-element K masks
 
 
 def _even_k(meta) -> bool:   # K_SPLIT is a multiple of every BLOCK_K (see _k_split)
@@ -261,7 +326,7 @@ def _even_k(meta) -> bool:   # K_SPLIT is a multiple of every BLOCK_K (see _k_sp
 
 @functools.lru_cache(maxsize=None)
 def _tuned(name: str):
-    configs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_K": c["BLOCK_K"]}, num_warps=c["num_warps"],
+    configs = [triton.Config(_meta(c), num_warps=c["num_warps"],
                              num_stages=c["num_stages"]) for c in CONFIGS[name]]
     kernel = KERNELS[name]
     if name in EVEN_K_KERNELS:
@@ -269,22 +334,24 @@ def _tuned(name: str):
     return triton.autotune(configs, key=["K", "D"])(kernel)
 
 
-def _launch(name: str, rows: int, row_major: bool, *args, BLOCK_D: int, PRECISION: str, splits: int = 1):
-    """Grid over row blocks (token-major kernels) or prototype blocks (prototype-major kernels),
-    times ``splits`` K-slices for the split-K kernels."""
+def _launch(name: str, rows: int, row_major: bool, *args, BLOCK_D: int, PRECISION: str, splits: int = 1,
+            k_tiles: int = 0):
+    """Grid over row blocks (token-major kernels) or prototype blocks (prototype-major kernels), times
+    ``splits`` K-slices for the split-K kernels, or (slab kernel) times the groups of K_TILES BLOCK_K-blocks
+    that cover ``k_tiles`` prototypes."""
+    def grid(meta):
+        second = triton.cdiv(k_tiles, meta["BLOCK_K"] * meta.get("K_TILES", 1)) if k_tiles else splits
+        return triton.cdiv(rows, meta["BLOCK_M" if row_major else "BLOCK_K"]), second
+
     if interpreting():
-        c = INTERPRET_CONFIG
-        block = c["BLOCK_M"] if row_major else c["BLOCK_K"]
-        extra = {}
+        c = dict(INTERPRET_CONFIG, **INTERPRET_EXTRA.get(name, {}))
+        extra = {k: v for k, v in _meta(c).items() if k not in ("BLOCK_M", "BLOCK_K")}
         if name in EVEN_K_KERNELS:
             extra["EVEN_K"] = args[KERNELS[name].arg_names.index("K")] % c["BLOCK_K"] == 0
-        grid = (triton.cdiv(rows, block), splits)
-        KERNELS[name][grid](*args, BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_D=BLOCK_D,
-                            PRECISION=PRECISION, **extra)
+        KERNELS[name][grid(c)](*args, BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_D=BLOCK_D,
+                               PRECISION=PRECISION, **extra)
         return
-    key = "BLOCK_M" if row_major else "BLOCK_K"
-    _tuned(name)[lambda meta: (triton.cdiv(rows, meta[key]), splits)](*args, BLOCK_D=BLOCK_D,
-                                                                       PRECISION=PRECISION)
+    _tuned(name)[grid](*args, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
 
 
 K_SPLIT_ALIGN = 128         # a multiple of every BLOCK_K, so no K-block straddles two slices
@@ -358,22 +425,83 @@ class _FusedPrototypeCE(torch.autograd.Function):
         s_scale, t_scale, student_temp = ctx.scales
         S, D = student_z.shape
         K = w_s.shape[0]
+        mode = backward_mode()
         coef = (grad_loss.float() * weights.float() / student_temp).contiguous()
-        k_split, splits = _k_split(S, K, student_z.device)
-        dz_slices = torch.empty(splits, S, D, dtype=torch.float32, device=student_z.device)
-        dw = torch.empty(K, D, dtype=torch.float32, device=w_s.device)
-        opts = dict(BLOCK_D=_block_d(D), PRECISION=_precision(student_z.dtype))
         common = (student_z, teacher_z, pairs, w_s, w_t, bias, lse_s, lse_t, coef)
-        if S:
-            _launch("_grad_z_kernel", S, True, *common, dz_slices, S, K, D, k_split, student_z.stride(0),
-                    teacher_z.stride(0), w_s.stride(0), w_t.stride(0), dz_slices.stride(0), dz_slices.stride(1),
-                    s_scale, t_scale, splits=splits, **opts)
-            _launch("_grad_w_kernel", K, False, *common, dw, S, K, D, student_z.stride(0),
-                    teacher_z.stride(0), w_s.stride(0), w_t.stride(0), dw.stride(0), s_scale, t_scale, **opts)
+        if not S:
+            dz = torch.zeros(S, D, dtype=torch.float32, device=student_z.device)
+            dw = torch.zeros(K, D, dtype=torch.float32, device=w_s.device)
+        elif mode == "slab":
+            dz, dw = _slab_backward(common, s_scale, t_scale)
         else:
-            dw.zero_()
-        dz = dz_slices[0] if splits == 1 else dz_slices.sum(dim=0)
+            dz, dw = _fused_backward(common, s_scale, t_scale)
         return (dz.to(student_z.dtype), dw.to(w_s.dtype)) + (None,) * 7
+
+
+def _fused_backward(common, s_scale, t_scale):
+    """dz and dW (fp32) by the two fused kernels, each recomputing s and u: 6 GEMM-equivalents."""
+    student_z, teacher_z, pairs, w_s, w_t = common[:5]
+    S, D = student_z.shape
+    K = w_s.shape[0]
+    opts = dict(BLOCK_D=_block_d(D), PRECISION=_precision(student_z.dtype))
+    k_split, splits = _k_split(S, K, student_z.device)
+    dz_slices = torch.empty(splits, S, D, dtype=torch.float32, device=student_z.device)
+    dw = torch.empty(K, D, dtype=torch.float32, device=w_s.device)
+    _launch("_grad_z_kernel", S, True, *common, dz_slices, S, K, D, k_split, student_z.stride(0),
+            teacher_z.stride(0), w_s.stride(0), w_t.stride(0), dz_slices.stride(0), dz_slices.stride(1),
+            s_scale, t_scale, splits=splits, **opts)
+    _launch("_grad_w_kernel", K, False, *common, dw, S, K, D, student_z.stride(0),
+            teacher_z.stride(0), w_s.stride(0), w_t.stride(0), dw.stride(0), s_scale, t_scale, **opts)
+    dz = dz_slices[0] if splits == 1 else dz_slices.sum(dim=0)
+    return dz, dw
+
+
+def _slab_backward(common, s_scale, t_scale):
+    """dz and dW through a [chunk × K] dS slab per chunk of rows: the slab kernel recomputes s and u
+    once (2 GEMM-equivalents), then dz = dS·W_s and dW += dSᵀ·z_s run in cuBLAS (2 GEMMs).
+
+    The slab has the features' dtype, like the bf16 ds operand of the fused kernels' products. dz gets
+    one rounding to that dtype (the fused path rounds its fp32 dz once too); dW is summed over chunks
+    in an fp32 accumulator, so each chunk adds one rounding of its partial product.
+    """
+    student_z, teacher_z, pairs, w_s, w_t, bias, lse_s, lse_t, coef = common
+    S, D = student_z.shape
+    K = w_s.shape[0]
+    opts = dict(BLOCK_D=_block_d(D), PRECISION=_precision(student_z.dtype))
+    rows = min(S, slab_rows(K, student_z.element_size()))
+    slab = torch.empty(rows, K, dtype=student_z.dtype, device=student_z.device)
+    dz = torch.empty(S, D, dtype=student_z.dtype, device=student_z.device)
+    dw = None
+    for a in range(0, S, rows):
+        b = min(S, a + rows)
+        ds, zs = slab[: b - a], student_z[a:b]
+        _launch("_grad_s_kernel", b - a, True, zs, teacher_z, pairs[a:b], w_s, w_t, bias, lse_s[a:b],
+                lse_t[a:b], coef[a:b], ds, b - a, K, D, zs.stride(0), teacher_z.stride(0), w_s.stride(0),
+                w_t.stride(0), ds.stride(0), s_scale, t_scale, k_tiles=K, **opts)
+        torch.matmul(ds, w_s, out=dz[a:b])
+        part = (ds.t() @ zs).float()
+        dw = part if dw is None else dw.add_(part)
+    return dz, dw
+
+
+BACKWARD_VARIABLE = "FASTTIPS_DINO_BACKWARD"
+BACKWARDS = ("fused", "slab")
+SLAB_BYTES = 256 * 2**20    # dS slab budget: 2048 rows at K = 65536 in bf16. Tests shrink it.
+SLAB_ROW_ALIGN = 128        # a multiple of every BLOCK_M: chunks start on row-block (and 16-byte) boundaries
+
+
+def backward_mode() -> str:
+    """FASTTIPS_DINO_BACKWARD, read at each backward: ``fused`` (default) or ``slab``."""
+    value = os.environ.get(BACKWARD_VARIABLE, "fused").strip().lower() or "fused"
+    if value not in BACKWARDS:
+        raise ValueError(f"{BACKWARD_VARIABLE}={value!r} is not allowed; choose one of {list(BACKWARDS)}")
+    return value
+
+
+def slab_rows(K: int, itemsize: int) -> int:
+    """Rows per dS chunk: as many as SLAB_BYTES holds, in whole row blocks, at least one block."""
+    align = INTERPRET_CONFIG["BLOCK_M"] if interpreting() else SLAB_ROW_ALIGN
+    return max(align, SLAB_BYTES // (max(K, 1) * itemsize) // align * align)
 
 
 # ------------------------------------------------------------------------------------------------

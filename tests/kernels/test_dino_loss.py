@@ -96,6 +96,62 @@ def test_triton_split_k_slices_merge_exactly(seed, monkeypatch, K):
         assert_matches(run(prototype_cross_entropy, problem, backend="triton", centering=centering), expected)
 
 
+# ------------------------------------------------------------------------------------------------
+# The opt-in dS slab backward (FASTTIPS_DINO_BACKWARD=slab): same numbers as the fused backward
+# ------------------------------------------------------------------------------------------------
+def run_triton_with_backward(monkeypatch, mode, problem, **kwargs):
+    monkeypatch.setenv("FASTTIPS_DINO_BACKWARD", mode)
+    return run(prototype_cross_entropy, problem, backend="triton", **kwargs)
+
+
+@pytest.mark.parametrize("centering", CENTERINGS)
+@pytest.mark.parametrize("pairing", ["many_to_one", "one_to_one"])
+def test_slab_backward_matches_fused_and_naive(seed, monkeypatch, centering, pairing):
+    """K = 1000 (a partial K-block), odd row counts, zero-weight rows, and a slab budget of one row
+    block so that the chunk loop runs twice (45 / 37 rows in chunks of 32)."""
+    from fasttips.kernels.dino_loss import triton as dino_triton
+    monkeypatch.setattr(dino_triton, "SLAB_BYTES", 1)
+    problem = make_problem(pairing=pairing, S=45 if pairing == "many_to_one" else 37, K=1000)
+    assert dino_triton.slab_rows(1000, 4) < problem["student_z"].shape[0]
+    kwargs = dict(student_temp=0.1, teacher_temp=0.04, centering=centering)
+    expected = run(naive.prototype_cross_entropy, problem, **kwargs)
+    slab = run_triton_with_backward(monkeypatch, "slab", problem, **kwargs)
+    fused = run_triton_with_backward(monkeypatch, "fused", problem, **kwargs)
+    assert_matches(slab, expected)
+    assert_matches(slab, fused)
+    zero_rows = problem["weights"] == 0
+    assert torch.count_nonzero(slab[2][zero_rows]) == 0
+
+
+@pytest.mark.parametrize("k_tiles", [1, 3])
+@pytest.mark.parametrize("K", [1024, 1000])
+def test_slab_kernel_tiles_per_program(seed, monkeypatch, k_tiles, K):
+    """One tile per program and a loop of 3 (whose last program runs past K); K a multiple of the
+    block (EVEN_K, unmasked loads and stores) or not; chunk = 2 row blocks, so a partial last chunk."""
+    from fasttips.kernels.dino_loss import triton as dino_triton
+    monkeypatch.setattr(dino_triton, "INTERPRET_EXTRA", {"_grad_s_kernel": dict(K_TILES=k_tiles)})
+    monkeypatch.setattr(dino_triton, "SLAB_BYTES", 64 * K * 4)
+    problem = make_problem(S=71, T=20, K=K, d=16)
+    expected = run(naive.prototype_cross_entropy, problem, centering="softmax")
+    assert_matches(run_triton_with_backward(monkeypatch, "slab", problem, centering="softmax"), expected)
+
+
+def test_slab_chunks_are_sized_by_bytes():
+    from fasttips.kernels.dino_loss import triton as dino_triton
+    align = dino_triton.INTERPRET_CONFIG["BLOCK_M"]      # the interpreter's row block (128 on GPU)
+    K, budget = 65536, dino_triton.SLAB_BYTES
+    rows = dino_triton.slab_rows(K, 2)
+    assert rows % align == 0 and rows * K * 2 <= budget < (rows + align) * K * 2
+    assert dino_triton.slab_rows(10**9, 2) == align      # at least one row block, whatever the budget
+
+
+def test_backward_variable_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("FASTTIPS_DINO_BACKWARD", "fast")
+    problem = make_problem(S=5, T=3, K=70, d=8)
+    with pytest.raises(ValueError, match=r"FASTTIPS_DINO_BACKWARD='fast'.*\['fused', 'slab'\]"):
+        run(prototype_cross_entropy, problem, backend="triton")
+
+
 def test_reference_chunks_are_invisible(seed):
     """One-row chunks, odd chunks and one big chunk give the same numbers (chunks are sized by bytes)."""
     problem = make_problem(S=23, T=9, K=300, d=16)
@@ -228,10 +284,15 @@ def test_hopper_compile_gate(case, hopper_reports):
 # CUDA (skipped without a GPU)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
+@pytest.mark.parametrize("backward", ["fused", "slab"])
 @pytest.mark.parametrize("centering", CENTERINGS)
 @pytest.mark.parametrize("pairing", ["many_to_one", "one_to_one"])
-def test_cuda_bf16_within_2x_of_torch(seed, centering, pairing):
-    """bf16 features, fp32 head parameters: kernel error ≤ 2 × (bf16-autocast torch error) vs fp32."""
+def test_cuda_bf16_within_2x_of_torch(seed, monkeypatch, backward, centering, pairing):
+    """bf16 features, fp32 head parameters: kernel error ≤ 2 × (bf16-autocast torch error) vs fp32.
+    The slab backward runs in 256-row chunks, so dW sums several bf16-rounded chunk products."""
+    from fasttips.kernels.dino_loss import triton as dino_triton
+    monkeypatch.setenv("FASTTIPS_DINO_BACKWARD", backward)
+    monkeypatch.setattr(dino_triton, "SLAB_BYTES", 256 * 4097 * 2)
     problem = make_problem(S=1000 if pairing == "one_to_one" else 700, T=100, K=4097, d=256, pairing=pairing,
                            device="cuda")
     kwargs = dict(centering=centering, teacher_temp=0.04, student_temp=0.1)
