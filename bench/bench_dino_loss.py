@@ -3,6 +3,8 @@
 Implementations, all on the same inputs (bf16 L2-normalised features, fp32 head parameters, as under
 bf16 autocast in training):
 - fasttips         the Triton kernels (no [T × K] tensor)
+- fasttips-slab    the same forward, backward through the opt-in dS slab (FASTTIPS_DINO_BACKWARD=slab,
+                   a [chunk × K] bf16 slab + 2 cuBLAS GEMMs); fwd+bwd rows only, CUDA only
 - torch-eager      naive.py under bf16 autocast: bf16 logits GEMMs, fp32 softmax/CE (DINOv2-style)
 - torch-compile    the same function through torch.compile (only where --compile-cases allows: slow
                    to compile, so by default at the target case T = 16384, K = 65536)
@@ -15,6 +17,7 @@ Run: python bench/bench_dino_loss.py [--quick]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
@@ -70,11 +73,29 @@ def _reference(**kw):
     return reference.prototype_cross_entropy(**kw)
 
 
-def _step(fn, backward):
+@contextlib.contextmanager
+def _dino_backward(mode):
+    """FASTTIPS_DINO_BACKWARD=mode for the duration (None: leave it as it is)."""
+    if mode is None:
+        yield
+        return
+    saved = os.environ.get("FASTTIPS_DINO_BACKWARD")
+    os.environ["FASTTIPS_DINO_BACKWARD"] = mode
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("FASTTIPS_DINO_BACKWARD", None)
+        else:
+            os.environ["FASTTIPS_DINO_BACKWARD"] = saved
+
+
+def _step(fn, backward, dino_backward=None):
     def call(inputs):
         if backward:
-            loss, _ = fn(**inputs)
-            loss.backward()
+            with _dino_backward(dino_backward):     # read by the op's backward, so held across it
+                loss, _ = fn(**inputs)
+                loss.backward()
             for k in ("student_z", "student_v", "student_g"):
                 inputs[k].grad = None
         else:
@@ -83,8 +104,11 @@ def _step(fn, backward):
     return call
 
 
+SLAB = "fasttips-slab"
+
+
 def run(quick: bool, compile_cases=(TARGET,), tokens=TOKENS, prototypes=PROTOTYPES,
-        impls=("fasttips", "torch-eager", "torch-compile", "reference"), results_dir=None) -> Bench:
+        impls=("fasttips", SLAB, "torch-eager", "torch-compile", "reference"), results_dir=None) -> Bench:
     bench = Bench("dino_loss", quick=quick, results_dir=results_dir)
     if importlib.util.find_spec("xformers") is None:
         print("xformers: not importable, skipped", flush=True)
@@ -95,14 +119,16 @@ def run(quick: bool, compile_cases=(TARGET,), tokens=TOKENS, prototypes=PROTOTYP
         print("no CUDA device: tiny CPU shapes; torch-compile skipped (needs CUDA here: compiling "
               "takes minutes on CPU)", flush=True)
         tokens, prototypes = CPU_TOKENS, CPU_PROTOTYPES
-        impls = tuple(i for i in impls if i != "torch-compile")
+        print(f"{SLAB}: skipped (without CUDA the op runs its chunked reference, not the kernels)", flush=True)
+        impls = tuple(i for i in impls if i not in ("torch-compile", SLAB))
     compiled = torch.compile(naive.prototype_cross_entropy) if "torch-compile" in impls else None
 
     def _compiled(**kw):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=kw["student_z"].is_cuda):
             return compiled(**kw)
 
-    fns = {"fasttips": _fused, "torch-eager": _eager, "torch-compile": _compiled, "reference": _reference}
+    fns = {"fasttips": _fused, SLAB: _fused, "torch-eager": _eager, "torch-compile": _compiled,
+           "reference": _reference}
     for T in tokens:
         for K in prototypes:
             inputs = make_inputs(T, K, device)
@@ -116,7 +142,9 @@ def run(quick: bool, compile_cases=(TARGET,), tokens=TOKENS, prototypes=PROTOTYP
                         continue
                     if impl == "reference" and T * K > TARGET[0] * TARGET[1]:
                         continue       # fp32 reference at the largest shapes costs minutes of device time
-                    step = _step(fns[impl], backward)
+                    if impl == SLAB and not backward:
+                        continue       # same forward as fasttips
+                    step = _step(fns[impl], backward, dino_backward="slab" if impl == SLAB else None)
                     try:
                         step(inputs[0])     # compile / autotune outside the memory measurement
                         peak = bench.peak_memory(step, inputs[0])
@@ -134,18 +162,18 @@ def run(quick: bool, compile_cases=(TARGET,), tokens=TOKENS, prototypes=PROTOTYP
     return bench
 
 
-def kernel_breakdown(T=TARGET[0], K=TARGET[1]):
+def kernel_breakdown(T=TARGET[0], K=TARGET[1], dino_backward="fused"):
     """CUDA time per kernel of one fused fwd+bwd (torch.profiler) and the autotuner's choices."""
     from fasttips.kernels.dino_loss import triton as dino_triton
     inputs = make_inputs(T, K, "cuda", n_sets=1)[0]
-    step = _step(_fused, True)
+    step = _step(_fused, True, dino_backward=dino_backward)
     step(inputs)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             step(inputs)
         torch.cuda.synchronize()
-    print(f"kernel breakdown, T={T} K={K} d={D}, 3 × fwd+bwd:")
+    print(f"kernel breakdown, T={T} K={K} d={D}, backward={dino_backward}, 3 × fwd+bwd:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     for name in dino_triton.CONFIGS:
         best = getattr(dino_triton._tuned(name), "best_config", None)
@@ -157,13 +185,15 @@ def main():
     parser.add_argument("--quick", action="store_true", help="short timing windows")
     parser.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS))
     parser.add_argument("--prototypes", type=int, nargs="*", default=list(PROTOTYPES))
-    parser.add_argument("--breakdown", action="store_true", help="profile the fused kernels at the target")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="profile the kernels at the target, with the fused and then the slab backward")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
     args = parser.parse_args()
-    impls = ("fasttips", "torch-eager", "reference") if args.no_compile else (
-        "fasttips", "torch-eager", "torch-compile", "reference")
+    impls = ("fasttips", SLAB, "torch-eager", "reference") if args.no_compile else (
+        "fasttips", SLAB, "torch-eager", "torch-compile", "reference")
     if args.breakdown:
-        kernel_breakdown()
+        for mode in ("fused", "slab"):
+            kernel_breakdown(dino_backward=mode)
     bench = run(args.quick, tokens=args.tokens, prototypes=args.prototypes, impls=impls)
     bench.report(baseline=BASELINE)
     print("wrote", bench.write())
