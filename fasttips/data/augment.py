@@ -84,7 +84,7 @@ _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523,
 _YIQ_INV = np.linalg.inv(_YIQ)
 
 
-_SAT_GRAY = np.outer(np.ones(3), LUMA)          # x -> gray(x) in every channel
+GRAY_MATRIX = np.outer(np.ones(3), LUMA)        # x -> gray(x) in every channel
 _LEVELS = np.arange(256, dtype=np.float64)
 
 
@@ -119,7 +119,7 @@ def jitter_parts(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.n
             T = c * T + (1 - c) * np.outer(np.ones(3), LUMA @ (A + T))
             A = c * A
         elif op == 2:
-            A, t0, T = (s * M + (1 - s) * (_SAT_GRAY @ M) for M in (A, t0, T))
+            A, t0, T = (s * M + (1 - s) * (GRAY_MATRIX @ M) for M in (A, t0, T))
         else:
             H = hue_matrix(hue)
             A, t0, T = H @ A, H @ t0, H @ T

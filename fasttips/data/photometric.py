@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import (BLUR_KERNEL, BLUR_SIGMA, GRAY_P, IMAGENET_MEAN, IMAGENET_STD, JITTER_P, PIXEL_NORMS,
-                      SOLARIZE_THRESHOLD, CropRecipe, _SAT_GRAY, jitter_parts)
+                      SOLARIZE_THRESHOLD, CropRecipe, GRAY_MATRIX, jitter_parts)
 
 
 def colour_maps(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -33,7 +33,7 @@ def colour_maps(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
     A, t0, T = np.tile(np.eye(3), (n, 1, 1)), np.zeros((n, 3)), np.zeros((n, 3, 3))
     for i in np.flatnonzero(jitter):
         A[i], t0[i], T[i] = jitter_parts(rng)
-    A[gray], t0[gray], T[gray] = _SAT_GRAY @ A[gray], t0[gray] @ _SAT_GRAY.T, _SAT_GRAY @ T[gray]
+    A[gray], t0[gray], T[gray] = GRAY_MATRIX @ A[gray], t0[gray] @ GRAY_MATRIX.T, GRAY_MATRIX @ T[gray]
     return A, t0, T
 
 
