@@ -1,6 +1,6 @@
 """Data loader throughput: images/s of each loader for DINO-style multi-crop recipes.
 
-    python bench/bench_data.py [--quick] [--workers N] [--batch B]
+    python bench/bench_data.py [--quick] [--workers N] [--batch B] [--dali-ops]
 
 The images are 200 JPEGs (quality 90, 400–640 px wide) cut and rescaled from scikit-image's sample
 photos, in 4 shards written to a temp folder. Recipes: 1×224 + 8×98 (the TIPSv2 default) and
@@ -14,6 +14,11 @@ The CPU machine is shared, so wall-clock throughput depends on what else runs. E
 also records ``cpu_ms_per_image``: CPU time of this process and all its worker processes (from
 /proc, Linux) per image over the timed window, and ``load_avg`` at the start; ``2000 /
 cpu_ms_per_image`` is the throughput two otherwise idle cores would give.
+
+``--dali-ops`` (DALI on the CPU only) times single DALI operators on 294² crops of the same JPEGs, with
+one argument value for the whole batch against a per-sample random one (``dali-op-const`` /
+``dali-op-per-sample``, CPU-ms per image per op). It is the measurement behind ``photometric.py``:
+the DALI loader does jitter and blur in torch because the per-sample form is several times slower.
 """
 from __future__ import annotations
 
@@ -145,12 +150,71 @@ def run(quick: bool, workers: int = 2, batch: int = 32, results_dir: str | None 
     return bench
 
 
+def dali_op_costs(shards: str, bench: Bench, batch: int = 32, threads: int = 2, reps: int = 4,
+                  size: int = 294, seconds: float = 6.0) -> None:
+    """CPU-ms per image of one DALI op applied ``reps`` times to a resized crop, minus the same graph
+    without the op, with a constant argument and with a per-sample random one."""
+    import glob
+
+    from nvidia.dali import fn, pipeline_def, types
+
+    paths = sorted(glob.glob(os.path.join(shards, "*.tar")))
+
+    def ops(kind):
+        rand = kind == "per-sample"
+        def value(lo, hi, const):
+            return fn.random.uniform(range=[lo, hi]) if rand else const
+        return {
+            "none": lambda x: x,
+            "gaussian_blur": lambda x: fn.gaussian_blur(x, window_size=9, sigma=value(0.1, 2.0, 1.0)),
+            "color_twist": lambda x: fn.color_twist(x, brightness=value(0.6, 1.4, 1.1),
+                                                    contrast=value(0.6, 1.4, 0.9),
+                                                    saturation=value(0.8, 1.2, 1.1), hue=value(-36.0, 36.0, 10.0)),
+        }
+
+    def cpu_ms(op):
+        @pipeline_def(batch_size=batch, num_threads=threads, device_id=None, seed=0, prefetch_queue_depth=2)
+        def graph():
+            encoded, _ = fn.readers.webdataset(paths=paths, ext=["jpg", "json"], name="Reader")
+            image = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+            crop = fn.resize(image, size=[size, size], antialias=False, interp_type=types.INTERP_LINEAR)
+            return tuple(op(crop) for _ in range(reps))
+        pipe = graph()
+        pipe.build()
+        for _ in range(2):
+            pipe.run()
+        timing, cpu, load_avg = measure(pipe.run, batch, seconds)
+        return timing, cpu, load_avg
+
+    for kind in ("const", "per-sample"):
+        table = ops(kind)
+        _, base, _ = cpu_ms(table["none"])
+        for name in ("gaussian_blur", "color_twist"):
+            timing, cpu, load_avg = cpu_ms(table[name])
+            bench.add(case={"op": name, "crop": size, "batch": batch, "threads": threads},
+                      impl=f"dali-op-{kind}", timing=timing, cpu_ms_per_image_per_op=(cpu - base) / reps,
+                      load_avg=load_avg, cpu_count=os.cpu_count())
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one recipe, fewer images, short timing windows")
     p.add_argument("--workers", type=int, default=2, help="PyTorch worker processes / DALI threads (default 2)")
     p.add_argument("--batch", type=int, default=32, help="images per batch (default 32)")
+    p.add_argument("--dali-ops", action="store_true",
+                   help="instead: DALI CPU op cost with constant vs per-sample arguments (needs DALI)")
     args = p.parse_args(argv)
+    if args.dali_ops:
+        bench = Bench("data", quick=args.quick, device="cpu", measure_device_ceilings=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            dali_op_costs(make_jpeg_shards(tmp, 64 if args.quick else N_IMAGES), bench,
+                          seconds=2.0 if args.quick else 6.0)
+        bench.report()
+        for row in bench.rows:
+            print(f"  {row['impl']:<20} {row['case']['op']:<14} {row['cpu_ms_per_image_per_op']:6.2f} "
+                  f"CPU-ms per image per op on {row['case']['crop']}² crops")
+        print("results:", bench.write())
+        return
     bench = run(args.quick, args.workers, args.batch)
     bench.report(baseline=BASELINE)
     for row in bench.rows:

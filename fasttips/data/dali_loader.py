@@ -6,7 +6,7 @@ With a CUDA device (``nvidia.dali.backend.GetCUDADeviceCount() > 0``) images are
 same graph runs on the CPU (``device_id=None``, data_notes.md §1). Per crop the graph does DINOv2's
 random resized crop and flip and returns uint8 CHW; ``photometric.py`` then applies jitter, grayscale,
 blur and solarize with the recipe of ``augment.py`` to the whole batch, on the crops' device (DALI's
-CPU operators are 4–5× slower with per-sample random arguments; see that module). Crops are resized
+CPU operators are about 4× slower with per-sample random arguments; see that module). Crops are resized
 bicubically on the GPU; on the CPU DALI uses bilinear (about 15% less CPU per image in DALI's
 resampler; antialiased either way).
 

@@ -7,10 +7,11 @@ borders), solarize, then the pixel normalisation. Order and probabilities are th
 ``augment.augment_crop``.
 
 Why not in DALI: on the CPU, DALI 2.4 operators given a per-sample argument (a random σ, random jitter
-factors) are 4–5× slower per pixel than with one value for the whole batch (blur of a 98² crop: 1.0 ms
-against 0.2 ms; ``color_twist`` of a 294² crop: 2.4 ms against 0.4 ms). Those two ops were 9 of the
-17 CPU-ms per image of the DALI graph; batched here they cost about 1.5. The same code then runs on
-the GPU after nvJPEG decoding, and is tested on the CPU.
+factors) are about 4× slower per pixel than with one value for the whole batch (``python
+bench/bench_data.py --dali-ops``, 294² crops: ``gaussian_blur`` 8.2 against 1.9 CPU-ms per image,
+``color_twist`` 2.8 against 0.7). Those two ops were 9 of the 17 CPU-ms per image of the DALI graph;
+batched here they cost about 1.5. The same code then runs on the GPU after nvJPEG decoding, and is
+tested on the CPU.
 
 All random draws come from the numpy ``rng`` the caller seeds per (seed, rank, batch, crop), in a
 fixed order, so a resumed loader repeats them without saving any state.
