@@ -18,7 +18,8 @@ import torch
 from . import demo
 from .batch import synthetic_batch
 from .pipeline import SampleStream, StreamSpec
-from .shards import (SKIP_REASONS, MemberReader, cache_dir, index_shards, list_shards, total_skipped)
+from .shards import (SKIP_REASONS, MemberReader, cache_dir, fingerprint, index_shards, list_shards,
+                     total_skipped)
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("fasttips.data")
@@ -50,13 +51,10 @@ def shard_captions(indexes, limit: int = MAX_TOKENIZER_CAPTIONS) -> list[str]:
 
 
 def tokenizer_cache_key(indexes, vocab_size: int) -> str:
-    """What the trained tokenizer depends on: each shard's path *and content* (size and mtime in ns,
-    the same cheap fingerprint as the shard index, so a shard rewritten in place trains a new one),
-    the vocabulary size and the caption cap."""
-    parts = []
-    for ix in indexes:
-        st = os.stat(ix.shard)
-        parts.append(f"{ix.shard}|{st.st_size}|{st.st_mtime_ns}")
+    """What the trained tokenizer depends on: each shard's path *and content* (``shards.fingerprint``,
+    as for the shard index, so a shard rewritten in place trains a new one), the vocabulary size and
+    the caption cap."""
+    parts = [f"{ix.shard}|{fingerprint(ix.shard)}" for ix in indexes]
     parts.append(f"vocab={vocab_size}|captions<={MAX_TOKENIZER_CAPTIONS}")
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 

@@ -194,7 +194,8 @@ def _index_paths(shard: str) -> tuple[Path, Path]:
     return base.with_name(base.name + ".json"), base.with_name(base.name.replace(".index", "") + ".idx")
 
 
-def _fingerprint(shard: str) -> list[int]:
+def fingerprint(shard: str) -> list[int]:
+    """A cheap content fingerprint of a shard file: [size, mtime in ns] (a rewrite changes it)."""
     st = os.stat(shard)
     return [st.st_size, st.st_mtime_ns]
 
@@ -267,11 +268,11 @@ def index_shard(shard: str, rebuild: bool = False) -> ShardIndex:
     """The validated index of one shard, built on first use and cached until the tar changes."""
     shard = os.path.abspath(shard)
     json_path, dali_path = _index_paths(shard)
-    fingerprint = _fingerprint(shard) if os.path.isfile(shard) else None
-    if not rebuild and fingerprint and json_path.is_file():
+    stamp = fingerprint(shard) if os.path.isfile(shard) else None
+    if not rebuild and stamp and json_path.is_file():
         try:
             d = json.loads(json_path.read_text())
-            if d.get("version") == INDEX_VERSION and d.get("fingerprint") == fingerprint:
+            if d.get("version") == INDEX_VERSION and d.get("fingerprint") == stamp:
                 samples = [Sample(shard, s["key"], tuple(s["image"]), tuple(s["caption"]),
                                   {k: tuple(v) for k, v in s.get("extras", {}).items()}) for s in d["samples"]]
                 if not dali_path.is_file():
@@ -280,10 +281,10 @@ def index_shard(shard: str, rebuild: bool = False) -> ShardIndex:
         except (OSError, ValueError, KeyError, TypeError):
             pass                                         # a damaged index is rebuilt below
     samples, skipped = _scan(shard)
-    if fingerprint is None:                              # not a file: nothing to cache
+    if stamp is None:                                    # not a file: nothing to cache
         return ShardIndex(shard, samples, skipped, None)
     _write_dali_index(dali_path, samples)
-    payload = {"version": INDEX_VERSION, "fingerprint": fingerprint, "skipped": skipped,
+    payload = {"version": INDEX_VERSION, "fingerprint": stamp, "skipped": skipped,
                "samples": [{"key": s.key, "image": list(s.image), "caption": list(s.caption),
                             "extras": {k: list(v) for k, v in s.extras.items()}} for s in samples]}
     tmp = json_path.with_name(json_path.name + f".tmp{os.getpid()}")
