@@ -17,7 +17,6 @@ Run: python bench/bench_dino_loss.py [--quick]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import os
 import sys
@@ -27,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from harness import Bench, matmul_flops  # noqa: E402
+from harness import Bench, env_var, matmul_flops  # noqa: E402
 
 from fasttips.kernels import prototype_cross_entropy  # noqa: E402
 from fasttips.kernels.dino_loss import naive, reference  # noqa: E402
@@ -73,27 +72,10 @@ def _reference(**kw):
     return reference.prototype_cross_entropy(**kw)
 
 
-@contextlib.contextmanager
-def _dino_backward(mode):
-    """FASTTIPS_DINO_BACKWARD=mode for the duration (None: leave it as it is)."""
-    if mode is None:
-        yield
-        return
-    saved = os.environ.get("FASTTIPS_DINO_BACKWARD")
-    os.environ["FASTTIPS_DINO_BACKWARD"] = mode
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("FASTTIPS_DINO_BACKWARD", None)
-        else:
-            os.environ["FASTTIPS_DINO_BACKWARD"] = saved
-
-
 def _step(fn, backward, dino_backward=None):
     def call(inputs):
         if backward:
-            with _dino_backward(dino_backward):     # read by the op's backward, so held across it
+            with env_var("FASTTIPS_DINO_BACKWARD", dino_backward):     # read by the op's backward, so held across it
                 loss, _ = fn(**inputs)
                 loss.backward()
             for k in ("student_z", "student_v", "student_g"):

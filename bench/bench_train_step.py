@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from harness import Bench  # noqa: E402
+from harness import Bench, env_var  # noqa: E402
 
 BASELINE = "plain-pytorch"
 # --kernels value → (row name, FASTTIPS_KERNELS, swap in the plain-PyTorch ops, extra overrides)
@@ -153,16 +153,8 @@ def build_trainer(preset: str, batch: int, overrides: list[str], run_dir: str):
 def implementation(kernels: str):
     """Environment and op swaps of one --kernels value; yields (row name, extra config overrides)."""
     name, env, plain, extra = IMPLS[kernels]
-    previous = os.environ.get("FASTTIPS_KERNELS")
-    os.environ["FASTTIPS_KERNELS"] = env
-    try:
-        with plain_pytorch_ops() if plain else contextlib.nullcontext():
-            yield name, extra
-    finally:
-        if previous is None:
-            os.environ.pop("FASTTIPS_KERNELS", None)
-        else:
-            os.environ["FASTTIPS_KERNELS"] = previous
+    with env_var("FASTTIPS_KERNELS", env), plain_pytorch_ops() if plain else contextlib.nullcontext():
+        yield name, extra
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -13,6 +13,7 @@ device-to-device copy's GB/s. Peers are measured in the same process, never copi
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -64,6 +65,24 @@ def ema_bytes(n_params: int, student_bytes: int = 4, teacher_bytes: int = 4) -> 
 # ------------------------------------------------------------------------------------------------
 # Environment and device ceilings
 # ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """``os.environ[name] = value`` for the duration (``None``: leave it as it is), then the old value
+    back (for the kernels' environment switches, e.g. FASTTIPS_KERNELS, FASTTIPS_DINO_BACKWARD)."""
+    if value is None:
+        yield
+        return
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 def _git_commit() -> str | None:
     """HEAD of this checkout (+"-dirty"), or $FASTTIPS_GIT_COMMIT where the copy has no .git
     (the GPU machine gets a bare copy of the working tree)."""

@@ -80,3 +80,15 @@ def test_rows_are_json_with_env_fields(tmp_path):
 def test_bad_name_is_rejected():
     with pytest.raises(ValueError, match="name"):
         harness.Bench("a/b", device="cpu")
+
+
+def test_env_var_sets_then_restores(monkeypatch):
+    monkeypatch.delenv("FASTTIPS_TEST_SWITCH", raising=False)
+    with harness.env_var("FASTTIPS_TEST_SWITCH", "a"):
+        assert os.environ["FASTTIPS_TEST_SWITCH"] == "a"
+        with harness.env_var("FASTTIPS_TEST_SWITCH", "b"):
+            assert os.environ["FASTTIPS_TEST_SWITCH"] == "b"
+        assert os.environ["FASTTIPS_TEST_SWITCH"] == "a"
+        with harness.env_var("FASTTIPS_TEST_SWITCH", None):       # None: left as it is
+            assert os.environ["FASTTIPS_TEST_SWITCH"] == "a"
+    assert "FASTTIPS_TEST_SWITCH" not in os.environ
