@@ -15,7 +15,8 @@
 
 namespace {
 
-constexpr int kMaxTries = 10;
+constexpr int kMaxTries = 10;     // placements tried per block (DINOv2's value)
+constexpr int kFinishTries = 30;  // per finishing block: fitting a leftover of 1-3 patches needs more tries
 
 struct SplitMix64 {
     uint64_t state;
@@ -40,11 +41,23 @@ uint64_t image_seed(uint64_t seed, uint64_t index) {
     return seed * 0x9E3779B97F4A7C15ULL + index * 0xD1B54A32D192ED03ULL + 1ULL;
 }
 
-// One block: up to kMaxTries placements; returns the number of newly masked patches (0 = none fit).
-int place_block(SplitMix64& rng, uint8_t* mask, int height, int width, int budget, int min_patches,
-                double log_lo, double log_hi) {
-    for (int attempt = 0; attempt < kMaxTries; ++attempt) {
-        const double area = rng.uniform(static_cast<double>(min_patches), static_cast<double>(budget));
+// True if the rectangle overlaps the mask or shares an edge with a masked patch.
+bool touches_mask(const uint8_t* mask, int height, int width, int top, int left, int h, int w) {
+    for (int i = std::max(0, top - 1); i < std::min(height, top + h + 1); ++i) {
+        const bool row_outside = i < top || i >= top + h;
+        for (int j = std::max(0, left - 1); j < std::min(width, left + w + 1); ++j) {
+            if (row_outside && (j < left || j >= left + w)) continue;  // a corner does not join a block
+            if (mask[i * width + j]) return true;
+        }
+    }
+    return false;
+}
+
+// One block: up to `tries` placements; returns the number of newly masked patches (0 = none fit).
+int place_block(SplitMix64& rng, uint8_t* mask, int height, int width, double area_lo, double area_hi,
+                int budget, int tries, double log_lo, double log_hi) {
+    for (int attempt = 0; attempt < tries; ++attempt) {
+        const double area = rng.uniform(area_lo, area_hi);
         const double aspect = std::exp(rng.uniform(log_lo, log_hi));
         const int h = static_cast<int>(std::sqrt(area * aspect) + 0.5);
         const int w = static_cast<int>(std::sqrt(area / aspect) + 0.5);
@@ -55,33 +68,52 @@ int place_block(SplitMix64& rng, uint8_t* mask, int height, int width, int budge
         for (int i = 0; i < h; ++i)
             for (int j = 0; j < w; ++j) already += mask[(top + i) * width + left + j];
         const int fresh = h * w - already;
-        if (fresh > 0 && fresh <= budget) {  // never overshoot the target; overlap is fine
-            for (int i = 0; i < h; ++i)
-                for (int j = 0; j < w; ++j) mask[(top + i) * width + left + j] = 1;
-            return fresh;
-        }
+        if (fresh <= 0 || fresh > budget) continue;  // never overshoot the target; overlap is fine
+        if (h * w == 1 && !touches_mask(mask, height, width, top, left, 1, 1)) continue;  // no isolated patch
+        for (int i = 0; i < h; ++i)
+            for (int j = 0; j < w; ++j) mask[(top + i) * width + left + j] = 1;
+        return fresh;
     }
     return 0;
 }
 
+bool has_masked_neighbour(const uint8_t* mask, int height, int width, int k) {
+    const int i = k / width, j = k % width;
+    return (j > 0 && mask[k - 1]) || (j + 1 < width && mask[k + 1]) || (i > 0 && mask[k - width]) ||
+           (i + 1 < height && mask[k + width]);
+}
+
+// The rare shortfall: mask random unmasked neighbours of the mask (any patch if it is empty).
+void grow_at_edge(SplitMix64& rng, uint8_t* mask, int height, int width, int missing) {
+    const int n = height * width;
+    std::vector<int> edge;
+    for (int added = 0; added < missing; ++added) {
+        edge.clear();
+        for (int k = 0; k < n; ++k)
+            if (!mask[k] && has_masked_neighbour(mask, height, width, k)) edge.push_back(k);
+        if (edge.empty())
+            for (int k = 0; k < n; ++k)
+                if (!mask[k]) edge.push_back(k);
+        const int64_t pick = rng.randint(0, static_cast<int64_t>(edge.size()) - 1);
+        mask[edge[static_cast<size_t>(pick)]] = 1;
+    }
+}
+
 void one_mask(SplitMix64& rng, uint8_t* mask, int height, int width, int count, int min_patches,
               int max_patches, double log_lo, double log_hi) {
-    const int n = height * width;
     int done = 0;
     while (done < count) {
         const int budget = std::min(count - done, max_patches);
-        if (budget < min_patches) break;  // too little left for a block: top up below
-        const int delta = place_block(rng, mask, height, width, budget, min_patches, log_lo, log_hi);
+        const int delta =
+            budget >= min_patches
+                ? place_block(rng, mask, height, width, min_patches, budget, budget, kMaxTries, log_lo, log_hi)
+                // finishing block: may overlap the mask by up to min_patches - budget
+                : place_block(rng, mask, height, width, budget, min_patches, budget, kFinishTries, log_lo,
+                              log_hi);
         if (delta == 0) break;
         done += delta;
     }
-    while (done < count) {  // top-up: single random unmasked patches
-        const int64_t k = rng.randint(0, n - 1);
-        if (!mask[k]) {
-            mask[k] = 1;
-            ++done;
-        }
-    }
+    if (done < count) grow_at_edge(rng, mask, height, width, count - done);
 }
 
 PyObject* block_masks(PyObject*, PyObject* args) {

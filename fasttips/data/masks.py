@@ -1,13 +1,17 @@
-"""iBOT block masks with DINOv2 semantics (reference_math.md §5.2).
+"""iBOT block masks with DINOv2 semantics (docs/loss_math.md, masking).
 
 Two levels:
 
 * ``block_mask`` / ``block_masks``: BEiT-style rectangular blocks on an ``h × w`` patch grid until a
   target patch count is reached. A block's area is drawn from U(min_patches, remaining budget capped at
   max_patches), its aspect ratio from exp(U(log a, log 1/a)); up to 10 placements are tried per block
-  and a block may overlap earlier ones. DINOv2 stops when no block makes progress, which can leave an
-  image a few patches short; we then top up with single random patches so every image gets **exactly**
-  its target count (the stratified ratios below are then met exactly).
+  and a block may overlap earlier ones. Once less than ``min_patches`` is left, smaller *finishing*
+  blocks keep being drawn (area U(left, min_patches), up to 30 placements, counting only their new
+  patches), so the target is almost always met by blocks. A 1×1 block is only placed next to the mask.
+  DINOv2 stops when no block makes progress, which can leave an image a few patches short; in that rare
+  case (a few % of masks on a 16×16 grid) we grow the mask at its edge, one random unmasked neighbour of
+  a masked patch at a time, so every image gets **exactly** its target count (the stratified ratios
+  below are then met exactly) and no masked patch is ever isolated.
 * ``batch_masks``: the collate-level rule over the ``n`` global crops of a batch: ``int(n · p)`` images
   are masked, their ratios are stratified over ``[lo, hi]`` (image i draws from U(r_i, r_{i+1}) with
   ``r = linspace(lo, hi, n_masked + 1)``), the rest get empty masks, and the order is shuffled.
@@ -25,7 +29,8 @@ import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
-MAX_TRIES = 10
+MAX_TRIES = 10      # placements tried per block (DINOv2's value)
+FINISH_TRIES = 30   # per finishing block: fitting a leftover of 1-3 patches needs more tries
 
 
 class SplitMix64:
@@ -68,11 +73,23 @@ def _check_args(height, width, counts, min_patches, max_patches, min_aspect):
             raise ValueError(f"block_masks: each count must be in [0, {height * width}], got {c}")
 
 
-def _place_block(rng: SplitMix64, mask: bytearray, height: int, width: int, budget: int,
-                 min_patches: int, log_aspect: tuple[float, float], trace: list | None) -> int:
-    """Try up to MAX_TRIES blocks; return how many new patches the first useful one masked."""
-    for _ in range(MAX_TRIES):
-        area = rng.uniform(min_patches, budget)
+def _touches_mask(mask: bytearray, height: int, width: int, top: int, left: int, h: int, w: int) -> bool:
+    """True if the rectangle overlaps the mask or shares an edge with a masked patch."""
+    for i in range(max(0, top - 1), min(height, top + h + 1)):
+        row_outside = i < top or i >= top + h
+        for j in range(max(0, left - 1), min(width, left + w + 1)):
+            if row_outside and (j < left or j >= left + w):
+                continue           # a corner: touching diagonally does not join a block
+            if mask[i * width + j]:
+                return True
+    return False
+
+
+def _place_block(rng: SplitMix64, mask: bytearray, height: int, width: int, area_range: tuple[int, int],
+                 budget: int, tries: int, log_aspect: tuple[float, float], trace: list | None) -> int:
+    """Try up to ``tries`` blocks; return how many new patches the first useful one masked."""
+    for _ in range(tries):
+        area = rng.uniform(area_range[0], area_range[1])
         aspect = math.exp(rng.uniform(log_aspect[0], log_aspect[1]))
         h = int(math.sqrt(area * aspect) + 0.5)
         w = int(math.sqrt(area / aspect) + 0.5)
@@ -82,37 +99,57 @@ def _place_block(rng: SplitMix64, mask: bytearray, height: int, width: int, budg
         left = rng.randint(0, width - w)
         already = sum(mask[(top + i) * width + left + j] for i in range(h) for j in range(w))
         new = h * w - already
-        if 0 < new <= budget:      # never overshoot the target; overlap is fine
-            for i in range(h):
-                row = (top + i) * width + left
-                for j in range(w):
-                    mask[row + j] = 1
-            if trace is not None:
-                trace.append(("block", top, left, h, w))
-            return new
+        if not 0 < new <= budget:  # never overshoot the target; overlap is fine
+            continue
+        if h * w == 1 and not _touches_mask(mask, height, width, top, left, 1, 1):
+            continue               # a lone 1×1 block would be an isolated patch
+        for i in range(h):
+            row = (top + i) * width + left
+            for j in range(w):
+                mask[row + j] = 1
+        if trace is not None:
+            trace.append(("block", top, left, h, w))
+        return new
     return 0
+
+
+def _has_masked_neighbour(mask: bytearray, height: int, width: int, k: int) -> bool:
+    i, j = divmod(k, width)
+    return ((j > 0 and mask[k - 1]) or (j + 1 < width and mask[k + 1])
+            or (i > 0 and mask[k - width]) or (i + 1 < height and mask[k + width]))
+
+
+def _grow_at_edge(rng: SplitMix64, mask: bytearray, height: int, width: int, missing: int,
+                  trace: list | None) -> None:
+    """The rare shortfall: mask random unmasked neighbours of the mask (any patch if it is empty)."""
+    n = height * width
+    for _ in range(missing):
+        edge = [k for k in range(n) if not mask[k] and _has_masked_neighbour(mask, height, width, k)]
+        if not edge:
+            edge = [k for k in range(n) if not mask[k]]
+        k = edge[rng.randint(0, len(edge) - 1)]
+        mask[k] = 1
+        if trace is not None:
+            trace.append(("patch", k // width, k % width, 1, 1))
 
 
 def _one_mask(rng: SplitMix64, height: int, width: int, count: int, min_patches: int,
               max_patches: int, log_aspect: tuple[float, float], trace: list | None = None) -> bytearray:
-    n = height * width
-    mask = bytearray(n)
+    mask = bytearray(height * width)
     done = 0
     while done < count:
         budget = min(count - done, max_patches)
-        if budget < min_patches:
-            break                  # too little left for a block: top up below
-        delta = _place_block(rng, mask, height, width, budget, min_patches, log_aspect, trace)
+        if budget >= min_patches:
+            delta = _place_block(rng, mask, height, width, (min_patches, budget), budget, MAX_TRIES,
+                                 log_aspect, trace)
+        else:                      # finishing block: may overlap the mask by up to min_patches - budget
+            delta = _place_block(rng, mask, height, width, (budget, min_patches), budget, FINISH_TRIES,
+                                 log_aspect, trace)
         if delta == 0:
             break
         done += delta
-    while done < count:           # top-up: single random unmasked patches
-        k = rng.randint(0, n - 1)
-        if not mask[k]:
-            mask[k] = 1
-            done += 1
-            if trace is not None:
-                trace.append(("patch", k // width, k % width, 1, 1))
+    if done < count:
+        _grow_at_edge(rng, mask, height, width, count - done, trace)
     return mask
 
 
