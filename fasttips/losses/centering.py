@@ -1,4 +1,4 @@
-"""Softmax centering with DINOv2 semantics (reference_math.md §2.2).
+"""Softmax centering with DINOv2 semantics (docs/loss_math.md, centering).
 
 The teacher targets of batch i are ``softmax((l_t − c)/τ_t)`` with the center ``c`` built from batches
 ≤ i−1. After the targets are computed the batch statistic (mean teacher logit over this rank's rows)
@@ -43,6 +43,7 @@ class Centering(nn.Module):
         self._work = None                                          # in-flight all-reduce, if any
         self._reducing = None                                      # its [Σ stat, ranks with rows]
         self._stepwise = False                                     # set by begin_step()
+        self._updates_this_step = 0                                # host-side count, since begin_step()
 
     def _wait(self) -> None:
         if self._work is not None:
@@ -51,33 +52,39 @@ class Centering(nn.Module):
             reduced, self._reducing = self._reducing, None
             self._fold_reduced(reduced)
 
+    # Everything below runs on the device without reading a value back to the host (no sync in the
+    # training step): "is a statistic pending" and "did any rank have rows" are device tensors used
+    # as 0/1 weights, never Python branches.
     @torch.no_grad()
     def _fold_reduced(self, reduced: torch.Tensor) -> None:
         """``reduced`` = [Σ_ranks stat, number of ranks that had rows]: fold the mean over those
         ranks into ``pending``; nothing when no rank had a row (such a batch must not move the center)."""
-        ranks = float(reduced[-1])
-        if ranks > 0:
-            self._fold(reduced[:-1] / ranks)
+        ranks = reduced[-1:]
+        self._fold(reduced[:-1] / ranks.clamp(min=1.0), present=(ranks > 0).to(reduced.dtype))
 
     @torch.no_grad()
-    def _fold(self, stat: torch.Tensor) -> None:
-        """Queue ``stat``, or average it into the statistic already queued for this optimiser step."""
-        if self._stepwise and bool(self.has_pending):
-            n = float(self.n_pending)
-            self.pending.mul_(n / (n + 1)).add_(stat, alpha=1.0 / (n + 1))
-            self.n_pending.add_(1)
-            return
-        self.pending.copy_(stat)
-        self.has_pending.fill_(True)
-        self.n_pending.fill_(1)
+    def _fold(self, stat: torch.Tensor, present: torch.Tensor | None = None) -> None:
+        """Queue ``stat`` (``present`` = 0 means "no rows on any rank": nothing is queued). Within one
+        optimiser step (after ``begin_step``) it is averaged into the statistic already queued."""
+        present = torch.ones_like(self.n_pending) if present is None else present.to(self.n_pending)
+        # Without begin_step a new statistic replaces the queued one; an absent one keeps it.
+        queued = self.n_pending if self._stepwise else self.n_pending * (1.0 - present)
+        total = queued + present
+        # torch.where, not multiplication by 0/1, so that a NaN left in a buffer never leaks through.
+        kept = torch.where(queued > 0, self.pending * queued, torch.zeros_like(self.pending))
+        added = torch.where(present > 0, stat * present, torch.zeros_like(self.pending))
+        self.pending.copy_(torch.where(total > 0, (kept + added) / total.clamp(min=1.0), self.pending))
+        self.n_pending.copy_(total)
+        self.has_pending.copy_(total > 0)
 
     @torch.no_grad()
     def _apply_pending(self) -> None:
         self._wait()
-        if bool(self.has_pending):
-            self.center.mul_(self.momentum).add_(self.pending, alpha=1.0 - self.momentum)
-            self.has_pending.zero_()
-            self.n_pending.zero_()
+        moved = self.center * self.momentum + self.pending * (1.0 - self.momentum)
+        self.center.copy_(torch.where(self.has_pending, moved, self.center))
+        self.has_pending.zero_()
+        self.n_pending.zero_()
+        self._updates_this_step = 0
 
     @torch.no_grad()
     def begin_step(self) -> None:
@@ -108,6 +115,8 @@ class Centering(nn.Module):
         if batch_mean is not None and batch_mean.numel() != self.center.numel():
             raise ValueError(f"Centering.update: batch_mean must have {self.center.numel()} entries, "
                              f"got shape {list(batch_mean.shape)}")
+        first_of_step = self._updates_this_step == 0
+        self._updates_this_step += 1
         if not _distributed(self.group):
             if batch_mean is not None:
                 self._fold(batch_mean.detach().reshape(-1).float())
@@ -118,8 +127,8 @@ class Centering(nn.Module):
         if batch_mean is not None:
             packed[:-1] = batch_mean.detach().reshape(-1).float()
             packed[-1] = 1.0
-        if self._stepwise and bool(self.has_pending):
-            # Another micro-batch of the same step: reduced synchronously (only the step's first
+        if self._stepwise and not first_of_step:
+            # Another micro-batch of the same step: reduced at once (only the step's first
             # statistic overlaps its all-reduce with the backward).
             dist.all_reduce(packed, group=self.group)
             self._fold_reduced(packed)
