@@ -46,5 +46,5 @@ def test_tiny_model_and_layout_errors(tmp_path, tiny):
         run_suite(model, tok, cfg, "knn", tmp_path, tmp_path)
     (tmp_path / "val" / "n00000009" / "x.JPEG").unlink()
     (tmp_path / "val" / "n00000009").rmdir()
-    res, _ = run_suite(model, tok, cfg, "knn", tmp_path, tmp_path)
+    res, _ = run_suite(model, tok, cfg, "knn", tmp_path, tmp_path, workers=1)
     assert res["metrics"]["kNN CLS#2 top-3 acc"] == 1.0 and 0 <= res["metrics"]["kNN CLS#2 top-1 acc"] <= 1

@@ -14,9 +14,11 @@ from test_segmentation import write_ade
 
 
 def eval_parser():
-    """``fasttips eval``'s own parser with the suite options added, as the CLI will have it."""
+    """``fasttips eval``'s own parser with the suite options (added here until the CLI registers them;
+    either way they must not clash with the command's own options)."""
     from fasttips.eval.cli import _configure
-    return add_arguments(_configure(argparse.ArgumentParser(prog="fasttips eval")))
+    parser = _configure(argparse.ArgumentParser(prog="fasttips eval"))
+    return parser if "--suite" in parser._option_string_actions else add_arguments(parser)
 
 
 def test_parse_suites():
@@ -74,3 +76,31 @@ def test_suite_root_overrides_and_bad_values(tmp_path, tiny, capsys):
     args = parser.parse_args(["RUN", "--suite", "coco"])
     assert run_from_args(args, model, tok, cfg, default_out=tmp_path) == 2
     assert "--data-root: needed for suite 'coco'" in capsys.readouterr().err
+
+
+def test_fasttips_eval_cli_runs_the_suites_on_a_checkpoint(tmp_path, capsys):
+    """``fasttips eval CKPT --suite ... --data-root DIR`` end to end, once the CLI has the suite options."""
+    import torch.distributed.checkpoint as dcp
+
+    from fasttips import config as config_mod
+    from fasttips.data.tokenizer import Tokenizer
+    from fasttips.eval import cli
+    from fasttips.models import build_model
+    from suite_helpers import TINY
+
+    if "--suite" not in cli._configure(argparse.ArgumentParser())._option_string_actions:
+        pytest.skip("fasttips/eval/cli.py does not register the suite options yet (wiring pending)")
+    cfg = config_mod.load(None, TINY + ["data.global_size=28"])
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    dcp.save({"model": build_model(cfg, device="cpu").state_dict()}, checkpoint_id=str(ckpt))
+    config_mod.save(cfg, ckpt / "config.yaml")
+    tok = Tokenizer.train(["a photo of a red circle", "the blue square"] * 20, vocab_size=40)
+    (ckpt / "tokenizer.model").write_bytes(tok.serialized())
+    (ckpt / "COMPLETE").write_text("1\n")
+    root = tmp_path / "data"
+    write_karpathy(root / "coco", "coco", n_test=2)
+    rc = cli.main([str(tmp_path / "run"), "--suite", "coco", "--data-root", str(root), "--workers", "0",
+                   "--out", str(tmp_path / "out")])
+    assert rc == 0
+    assert "CLS#1 image->text R@1" in capsys.readouterr().out
+    assert "coco" in json.loads((tmp_path / "out" / "suites.json").read_text())["suites"]

@@ -86,7 +86,8 @@ def test_voc_and_context_ignore_background_and_void(tmp_path, seed, context):
 def test_tiny_model_runs_the_value_attention_protocol(tmp_path, tiny, seed):
     model, tok, cfg = tiny
     write_ade(tmp_path, np.random.default_rng(seed), n=2)
-    res, _ = run_suite(model, tok, cfg, "ade20k", tmp_path, tmp_path, batch_size=3)
+    # windows of both images share batches of 3; one decoding worker process
+    res, _ = run_suite(model, tok, cfg, "ade20k", tmp_path, tmp_path, batch_size=3, workers=1)
     assert res["protocol"] == {"size": 28, "stride": 14, "tokens": "values", "templates": 9}
     assert 0.0 <= res["metrics"]["mIoU"] <= 1.0 and len(res["iou_per_class"]) == 150
 

@@ -64,15 +64,21 @@ def embed(ctx: SuiteContext, items, what: str) -> tuple[dict[str, torch.Tensor],
 
 
 def knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, n_classes: int,
-                k: int = K, temperature: float = TEMPERATURE, chunk: int = 1024) -> torch.Tensor:
-    """Class votes ``[N_query, n_classes]`` from the k most similar bank rows (inputs unit vectors)."""
+                k: int = K, temperature: float = TEMPERATURE, chunk: int = 1024,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Class votes ``[N_query, n_classes]`` (on the CPU) from the k most similar bank rows (inputs unit
+    vectors). The similarity search runs on ``device``; on a GPU the bank is held in bf16 (an ImageNet
+    train bank is 1.28M rows), and similarities are turned back to fp32 before the exponential."""
+    device = torch.device(device)
+    store = torch.bfloat16 if device.type == "cuda" else torch.float32
     k = min(k, bank.shape[0])
+    bank_d, labels_d = bank.to(device, store), bank_labels.to(device)
     votes = []
     for i in range(0, query.shape[0], chunk):
-        sim, idx = (query[i:i + chunk] @ bank.T).topk(k, dim=1)
-        weight = (sim / temperature).exp()
-        v = torch.zeros(sim.shape[0], n_classes, dtype=weight.dtype)
-        votes.append(v.scatter_add_(1, bank_labels[idx], weight))
+        sim, idx = (query[i:i + chunk].to(device, store) @ bank_d.T).topk(k, dim=1)
+        weight = (sim.float() / temperature).exp()
+        v = torch.zeros(sim.shape[0], n_classes, device=device)
+        votes.append(v.scatter_add_(1, labels_d[idx], weight).cpu())
     return torch.cat(votes)
 
 
@@ -87,7 +93,7 @@ def run(ctx: SuiteContext, root: Path) -> dict:
     t = min(5, C)
     metrics = {}
     for cls in ("cls1", "cls2"):
-        top = knn_predict(query[cls], bank[cls], bank_labels, C).topk(t, dim=1).indices
+        top = knn_predict(query[cls], bank[cls], bank_labels, C, device=ctx.device).topk(t, dim=1).indices
         hit = top == labels[:, None]
         metrics[f"kNN CLS#{cls[-1]} top-1 acc"] = hit[:, 0].float().mean().item()
         metrics[f"kNN CLS#{cls[-1]} top-{t} acc"] = hit.any(dim=1).float().mean().item()

@@ -110,6 +110,11 @@ class SegDataset(torch.utils.data.Dataset):
         return pixels, target, i
 
 
+def _as_is(sample):
+    """One sample per step, unbatched (a module-level function, so worker processes can pickle it)."""
+    return sample
+
+
 def windows(h: int, w: int, side: int, stride: int) -> list[tuple[int, int, int, int]]:
     """(y1, y2, x1, x2) of the sliding windows covering an h×w image (the last ones flush with the
     border), as mmsegmentation's slide inference places them."""
@@ -181,7 +186,7 @@ def run(ctx: SuiteContext, root: Path, suite: str) -> dict:
     cm = torch.zeros(C, C, dtype=torch.long)
     skipped = 0
     data = torch.utils.data.DataLoader(SegDataset(pairs, side), batch_size=None, shuffle=False,
-                                       num_workers=ctx.workers, collate_fn=lambda x: x)
+                                       num_workers=ctx.workers, collate_fn=_as_is)
     progress = Progress(ctx, suite, len(pairs), unit="images")
     # windows of several images share a batch; an image is scored once its last window has run
     pending: list[tuple[dict, tuple[int, int, int, int], torch.Tensor]] = []
