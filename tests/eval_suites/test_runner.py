@@ -76,6 +76,10 @@ def test_suite_root_overrides_and_bad_values(tmp_path, tiny, capsys):
     args = parser.parse_args(["RUN", "--suite", "coco"])
     assert run_from_args(args, model, tok, cfg, default_out=tmp_path) == 2
     assert "--data-root: needed for suite 'coco'" in capsys.readouterr().err
+    args = parser.parse_args(["RUN", "--suite", "flickr30k", "--suite-root", f"flickr30k={tmp_path / 'elsewhere'}",
+                              "--image-size", "30"])
+    assert run_from_args(args, model, tok, cfg, default_out=tmp_path) == 2
+    assert "--image-size: 30 is not a positive multiple of the patch size 14" in capsys.readouterr().err
 
 
 def test_fasttips_eval_cli_runs_the_suites_on_a_checkpoint(tmp_path, capsys):

@@ -115,6 +115,14 @@ def run_suites(model, tokenizer, cfg, suites: list[str], data_root: str | Path |
 
     size = image_size or (cfg.data.global_size if cfg is not None else 224)
     pixel_norm = cfg.data.pixel_norm if cfg is not None else "tips"
+    patch = model.vision.patch_embed.patch_size
+    checks = [("--image-size", size, any(s not in ("ade20k", "voc", "context") for s in suites)),
+              ("--seg-size", seg_size, any(s in ("ade20k", "voc", "context") for s in suites))]
+    for flag, value, used in checks:
+        if used and (value < patch or value % patch):
+            raise ValueError(f"{flag}: {value} is not a positive multiple of the patch size {patch}")
+    if seg_stride < 1:
+        raise ValueError(f"--seg-stride: must be >= 1, got {seg_stride}")
     device = torch.device(device)
     ctx = SuiteContext(model=model, tokenizer=tokenizer, device=device, batch_size=batch_size, image_size=size,
                        pixel_norm=pixel_norm, workers=workers, progress_every=progress_every, limit=limit,
