@@ -112,6 +112,24 @@ def test_value_attention_keeps_patches_apart(tiny, seed):
         assert not torch.allclose(a[1:], b[1:])
 
 
+def test_value_attention_matches_the_hand_written_block(tiny, seed):
+    """x + LS(proj(v(LN x))), then the MLP residual and the final LayerNorm: the TIPS notebook's
+    value-attention pass, written out by hand on the 1-block model's embedded tokens."""
+    model, _, _ = tiny
+    vision, block = model.vision, model.vision.blocks[-1]
+    img = torch.rand(2, 3, 28, 42)
+    with torch.no_grad():
+        x = vision._embed(img, None, {})                                  # [B, 2 + N, D]
+        D = x.shape[-1]
+        v = block.attn.qkv(block.norm1(x))[..., 2 * D:]
+        x = x + block.ls1(block.attn.proj(v))
+        x = x + block.ls2(block.mlp(block.norm2(x)))
+        expected = vision.norm(x)[:, vision.n_cls:]
+        with value_attention(vision):
+            got = vision(img)["patch"]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_windows_cover_the_image_flush_with_the_border():
     assert windows(28, 42, 28, 14) == [(0, 28, 0, 28), (0, 28, 14, 42)]
     wins = windows(30, 50, 28, 14)
@@ -138,3 +156,11 @@ def test_layout_errors_name_the_missing_path(tmp_path, tiny):
         run_suite(model, tok, cfg, "ade20k", tmp_path, tmp_path)
     with pytest.raises(DatasetLayoutError, match="voc: missing file .*ImageSets/Segmentation/val.txt"):
         run_suite(model, tok, cfg, "voc", tmp_path / "voc", tmp_path)
+
+
+def test_an_unreadable_label_map_is_skipped_and_counted(tmp_path, seed):
+    write_ade(tmp_path, np.random.default_rng(seed), n=2)
+    (tmp_path / "annotations" / "validation" / "ADE_val_00000002.png").write_bytes(b"not a png")
+    tok = OracleTokenizer(prompt_lookup(META["ade20k"]))
+    res, _ = run_suite(OracleModel(256), tok, None, "ade20k", tmp_path, tmp_path, seg_tokens="final")
+    assert res["n_images"] == 1 and res["n_skipped"] == 1 and res["metrics"]["pixel accuracy"] > 0.9
