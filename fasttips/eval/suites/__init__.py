@@ -1,0 +1,193 @@
+"""Standard benchmarks with the TIPS protocol, read from local dataset folders (nothing is downloaded).
+
+Suites: ``imagenet`` (zero-shot classification), ``coco`` and ``flickr30k`` (image-text retrieval,
+Karpathy test split), ``ade20k``, ``voc``, ``context`` (zero-shot segmentation), ``knn`` (k-NN probe on
+frozen CLS features). ``run_suites`` runs a list of them on a loaded model; ``add_arguments`` and
+``run_from_args`` hook them into ``fasttips eval``. Layouts and protocol: docs/eval_suites.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .common import DatasetLayoutError, SuiteContext
+
+# suite → its folder under --data-root (override with --suite-root SUITE=PATH)
+DEFAULT_DIRS = {
+    "imagenet": "imagenet",
+    "coco": "coco",
+    "flickr30k": "flickr30k",
+    "ade20k": "ADEChallengeData2016",
+    "voc": "VOCdevkit/VOC2012",
+    "context": "VOCdevkit/VOC2010",
+    "knn": "imagenet",
+}
+SUITES = tuple(DEFAULT_DIRS)
+JSON_NAME = "suites.json"
+
+__all__ = ["SUITES", "DatasetLayoutError", "add_arguments", "parse_suites", "run_suites", "run_from_args"]
+
+
+def parse_suites(text: str) -> list[str]:
+    """"imagenet,coco" → ["imagenet", "coco"]; "all" → every suite; unknown names are an error."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if names == ["all"]:
+        return list(SUITES)
+    bad = [n for n in names if n not in SUITES]
+    if bad or not names:
+        raise ValueError(f"--suite: unknown suite {bad[0] if bad else text!r}; choose from {', '.join(SUITES)} "
+                         "(comma-separated) or 'all'")
+    return list(dict.fromkeys(names))
+
+
+def _parse_roots(pairs: list[str] | None) -> dict[str, Path]:
+    roots = {}
+    for pair in pairs or []:
+        name, sep, path = pair.partition("=")
+        if not sep or name not in SUITES:
+            raise ValueError(f"--suite-root: expected SUITE=PATH with SUITE one of {', '.join(SUITES)}, got {pair!r}")
+        roots[name] = Path(path)
+    return roots
+
+
+def _check_layout(suite: str, root: Path) -> None:
+    """List the suite's files now, so a wrong layout stops the run before hours of other suites."""
+    if suite == "imagenet":
+        from .imagenet import list_val
+        list_val(root)
+    elif suite in ("coco", "flickr30k"):
+        from .retrieval import read_karpathy
+        read_karpathy(root, suite)
+    elif suite in ("ade20k", "voc", "context"):
+        from .segmentation import list_pairs
+        list_pairs(suite, root)
+    else:
+        from .knn import list_split_pair
+        list_split_pair(root)
+
+
+def _run_one(ctx: SuiteContext, suite: str, root: Path) -> dict:
+    if suite == "imagenet":
+        from .imagenet import run
+        return run(ctx, root)
+    if suite in ("coco", "flickr30k"):
+        from .retrieval import run
+        return run(ctx, root, suite)
+    if suite in ("ade20k", "voc", "context"):
+        from .segmentation import run
+        return run(ctx, root, suite)
+    from .knn import run
+    return run(ctx, root)
+
+
+def run_suites(model, tokenizer, cfg, suites: list[str], data_root: str | Path | None, device="cpu",
+               batch_size: int = 64, out_dir: str | Path | None = None, *, roots: dict[str, Path] | None = None,
+               image_size: int | None = None, workers: int = 0, progress_every: int = 50,
+               limit: int | None = None, seg_size: int = 448, seg_stride: int = 336,
+               seg_tokens: str = "values", log=None) -> dict:
+    """Run ``suites`` on ``model``; return {"suites": {suite: result}, "settings": {...}} and, with
+    ``out_dir``, write it to ``out_dir/suites.json`` after every suite (a crash keeps finished ones).
+
+    Each result holds "metrics" and "chance" ({name: fraction}) plus counts. Raises
+    ``DatasetLayoutError`` (a one-line message naming the missing file or folder) before any suite runs
+    when a dataset folder is not laid out as expected."""
+    from .report import write_json
+
+    for s in suites:
+        if s not in SUITES:
+            raise ValueError(f"suites: unknown suite {s!r}; choose from {', '.join(SUITES)}")
+    if seg_tokens not in ("values", "final"):
+        raise ValueError(f"seg_tokens: {seg_tokens!r}; choose 'values' (TIPS protocol) or 'final'")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    roots = dict(roots or {})
+    for s in suites:
+        if s not in roots:
+            if data_root is None:
+                raise ValueError(f"--data-root: needed for suite {s!r} (or give --suite-root {s}=PATH)")
+            roots[s] = Path(data_root) / DEFAULT_DIRS[s]
+    for s in suites:
+        _check_layout(s, roots[s])
+
+    size = image_size or (cfg.data.global_size if cfg is not None else 224)
+    pixel_norm = cfg.data.pixel_norm if cfg is not None else "tips"
+    patch = model.vision.patch_embed.patch_size
+    checks = [("--image-size", size, any(s not in ("ade20k", "voc", "context") for s in suites)),
+              ("--seg-size", seg_size, any(s in ("ade20k", "voc", "context") for s in suites))]
+    for flag, value, used in checks:
+        if used and (value < patch or value % patch):
+            raise ValueError(f"{flag}: {value} is not a positive multiple of the patch size {patch}")
+    if seg_stride < 1:
+        raise ValueError(f"--seg-stride: must be >= 1, got {seg_stride}")
+    device = torch.device(device)
+    ctx = SuiteContext(model=model, tokenizer=tokenizer, device=device, batch_size=batch_size, image_size=size,
+                       pixel_norm=pixel_norm, workers=workers, progress_every=progress_every, limit=limit,
+                       seg_size=seg_size, seg_stride=seg_stride, seg_tokens=seg_tokens, log=log)
+    settings = {"image_size": size, "pixel_norm": pixel_norm, "batch_size": batch_size, "device": str(device),
+                "limit": limit, "roots": {s: str(roots[s]) for s in suites}}
+    payload: dict = {"suites": {}, "settings": settings}
+    was_training = model.training
+    model.eval()
+    try:
+        for s in suites:
+            t0 = time.perf_counter()
+            result = _run_one(ctx, s, roots[s])
+            result["seconds"] = round(time.perf_counter() - t0, 1)
+            payload["suites"][s] = result
+            if out_dir is not None:
+                write_json(Path(out_dir) / JSON_NAME, payload)
+    finally:
+        model.train(was_training)
+    return payload
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Register the benchmark options on ``fasttips eval``'s parser (``--device``, ``--out`` and ``--json``
+    are the command's own)."""
+    g = parser.add_argument_group("standard benchmarks (replace the demo evaluation when --suite is given)")
+    g.add_argument("--suite", default=None, metavar="LIST",
+                   help=f"comma-separated benchmarks to run: {', '.join(SUITES)}, or 'all'")
+    g.add_argument("--data-root", default=None, metavar="DIR",
+                   help="folder holding the datasets: " + ", ".join(f"{s}: DIR/{d}" for s, d in DEFAULT_DIRS.items()))
+    g.add_argument("--suite-root", action="append", default=None, metavar="SUITE=PATH",
+                   help="a dataset folder outside --data-root (repeatable)")
+    g.add_argument("--batch-size", type=int, default=64, help="images (segmentation: windows) per batch (default 64)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="input side for classification, retrieval and kNN (default: data.global_size of the run)")
+    g.add_argument("--seg-size", type=int, default=448, help="segmentation short side and window (default 448)")
+    g.add_argument("--seg-stride", type=int, default=336, help="segmentation window stride (default 336)")
+    g.add_argument("--seg-tokens", default="values", choices=("values", "final"),
+                   help="patch features for segmentation: 'values' (TIPS: value-attention last block) or "
+                        "'final' (the ordinary output patch tokens)")
+    g.add_argument("--workers", type=int, default=4, help="image decoding processes (default 4; 0 = in process)")
+    g.add_argument("--progress-every", type=int, default=50, help="a progress line every N batches (0 = none)")
+    g.add_argument("--limit", type=int, default=None, help="only the first N samples of each split (smoke runs)")
+    return parser
+
+
+def run_from_args(args, model, tokenizer, cfg, default_out: str | Path) -> int:
+    """``fasttips eval ... --suite LIST``: run, print one table, write ``suites.json``; 2 on bad input."""
+    import json
+
+    from .report import table
+    try:
+        suites = parse_suites(args.suite)
+        out = Path(args.out) if getattr(args, "out", None) else Path(default_out)
+        payload = run_suites(model, tokenizer, cfg, suites, args.data_root, device=getattr(args, "device", "cpu"),
+                             batch_size=args.batch_size, out_dir=out, roots=_parse_roots(args.suite_root),
+                             image_size=args.image_size, workers=args.workers, progress_every=args.progress_every,
+                             limit=args.limit, seg_size=args.seg_size, seg_stride=args.seg_stride,
+                             seg_tokens=args.seg_tokens)
+    except (ValueError, DatasetLayoutError) as e:
+        print(f"fasttips eval: {e}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False):
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        print(table(payload["suites"]))
+        print(f"wrote {out / JSON_NAME}")
+    return 0

@@ -1,0 +1,102 @@
+"""k-nearest-neighbour probe on frozen CLS#1 / CLS#2 features (DINO's protocol): every training image
+is embedded once; each validation image takes its k = 20 most cosine-similar training images, each
+votes for its class with weight exp(similarity / 0.07), and the class with the largest vote wins.
+
+Accepted layout of ``ROOT`` (default ``DATA_ROOT/imagenet``): ``ROOT/train/<class>/*`` and
+``ROOT/val/<class>/*`` (ImageFolder pair; val classes must be train classes), or for ImageNet-1k a flat
+``ROOT/val`` with a labels file as the ``imagenet`` suite accepts it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .common import (DatasetLayoutError, ImageListDataset, Progress, SuiteContext, encode_image_batch, limited,
+                     load_metadata, loader, require_dir, to_pixels)
+from .imagenet import image_folder, list_val
+
+SUITE = "knn"
+K = 20
+TEMPERATURE = 0.07
+
+
+def list_split_pair(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]]]:
+    train_dir = require_dir(root / "train", SUITE, "training images train/<class>/*")
+    classes, train_pairs = image_folder(train_dir)
+    if not train_pairs:
+        raise DatasetLayoutError(f"{SUITE}: no images in class folders under {train_dir}")
+    index = {c: i for i, c in enumerate(classes)}
+    val_dir = require_dir(root / "val", SUITE, "validation images val/<class>/*")
+    if any(d.is_dir() for d in val_dir.iterdir()):
+        val_classes, val_pairs = image_folder(val_dir)
+        extra = sorted(set(val_classes) - set(index))
+        if extra:
+            raise DatasetLayoutError(f"{SUITE}: val class folder {val_dir / extra[0]} has no train/{extra[0]}")
+        val = [(p, index[c]) for p, c in val_pairs]
+    else:
+        if classes != load_metadata("imagenet")["wnids"]:
+            raise DatasetLayoutError(f"{SUITE}: {val_dir} holds images directly, which only works when "
+                                     "train/ holds exactly the 1000 ImageNet-1k wnid folders")
+        val = list_val(root)[1]
+    return classes, [(p, index[c]) for p, c in train_pairs], val
+
+
+@torch.no_grad()
+def embed(ctx: SuiteContext, items, what: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    """Normalised CLS#1 / CLS#2 features and labels of the readable images; how many were skipped."""
+    from fasttips.eval.zeroshot import normalize
+    feats: dict[str, list[torch.Tensor]] = {"cls1": [], "cls2": []}
+    labels, skipped = [], 0
+    batches = loader(ImageListDataset(items, ctx.image_size), ctx)
+    progress = Progress(ctx, f"{SUITE} {what}", len(batches))
+    for good, dropped in batches:
+        skipped += dropped
+        if good:
+            out = encode_image_batch(ctx, to_pixels([g[0] for g in good], ctx.pixel_norm))
+            for k in feats:
+                feats[k].append(normalize(out[k]))
+            labels.extend(g[1] for g in good)
+        progress.step(len(good))
+    if not labels:
+        raise DatasetLayoutError(f"{SUITE}: none of the {len(items)} {what} images could be read")
+    return {k: torch.cat(v) for k, v in feats.items()}, torch.tensor(labels), skipped
+
+
+def knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, n_classes: int,
+                k: int = K, temperature: float = TEMPERATURE, chunk: int = 1024,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Class votes ``[N_query, n_classes]`` (on the CPU) from the k most similar bank rows (inputs unit
+    vectors). The similarity search runs on ``device``; on a GPU the bank is held in bf16 (an ImageNet
+    train bank is 1.28M rows), and similarities are turned back to fp32 before the exponential."""
+    device = torch.device(device)
+    store = torch.bfloat16 if device.type == "cuda" else torch.float32
+    k = min(k, bank.shape[0])
+    bank_d, labels_d = bank.to(device, store), bank_labels.to(device)
+    votes = []
+    for i in range(0, query.shape[0], chunk):
+        sim, idx = (query[i:i + chunk].to(device, store) @ bank_d.T).topk(k, dim=1)
+        weight = (sim.float() / temperature).exp()
+        v = torch.zeros(sim.shape[0], n_classes, device=device)
+        votes.append(v.scatter_add_(1, labels_d[idx], weight).cpu())
+    return torch.cat(votes)
+
+
+@torch.no_grad()
+def run(ctx: SuiteContext, root: Path) -> dict:
+    classes, train, val = list_split_pair(root)
+    train, val = limited(train, ctx), limited(val, ctx)
+    ctx.say(f"[{SUITE}] {len(train)} train / {len(val)} val images, {len(classes)} classes, k={K}, T={TEMPERATURE}")
+    bank, bank_labels, skipped_train = embed(ctx, train, "train")
+    query, labels, skipped_val = embed(ctx, val, "val")
+    C = len(classes)
+    t = min(5, C)
+    metrics = {}
+    for cls in ("cls1", "cls2"):
+        top = knn_predict(query[cls], bank[cls], bank_labels, C, device=ctx.device).topk(t, dim=1).indices
+        hit = top == labels[:, None]
+        metrics[f"kNN CLS#{cls[-1]} top-1 acc"] = hit[:, 0].float().mean().item()
+        metrics[f"kNN CLS#{cls[-1]} top-{t} acc"] = hit.any(dim=1).float().mean().item()
+    chance = {name: (1 if "top-1" in name else t) / C for name in metrics}
+    return {"metrics": metrics, "chance": chance, "n_train": len(bank_labels), "n_val": len(labels),
+            "n_skipped": skipped_train + skipped_val, "n_classes": C, "k": K, "temperature": TEMPERATURE}

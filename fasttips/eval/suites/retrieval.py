@@ -1,0 +1,120 @@
+"""Zero-shot image-text retrieval on COCO and Flickr30k, Karpathy test split (5,000 / 1,000 images),
+the first 5 captions of each image, Recall@1/5/10 in both directions, for CLS#1 and CLS#2.
+
+Accepted layout of ``ROOT`` (default ``DATA_ROOT/coco`` or ``DATA_ROOT/flickr30k``):
+  ``ROOT/dataset_coco.json`` (or ``dataset_flickr30k.json``), Karpathy's split file:
+  ``images[].{filename, filepath?, split, sentences[].raw}``; each image is read from
+  ``ROOT/<filepath>/<filename>`` (COCO: ``ROOT/val2014/COCO_val2014_….jpg``), or for Flickr30k,
+  which has no filepath, from ``ROOT/flickr30k-images/<filename>`` or ``ROOT/<filename>``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .common import (DatasetLayoutError, ImageListDataset, Progress, SuiteContext, encode_image_batch,
+                     encode_text_list, limited, loader, require_file, to_pixels)
+
+SPLIT_FILES = {"coco": "dataset_coco.json", "flickr30k": "dataset_flickr30k.json"}
+CAPTIONS_PER_IMAGE = 5
+KS = (1, 5, 10)
+
+
+def read_karpathy(root: Path, suite: str, split: str = "test") -> list[tuple[Path, list[str]]]:
+    """[(image path, its first 5 captions)] of the split, in file order."""
+    path = require_file(root / SPLIT_FILES[suite], suite, "Karpathy split JSON")
+    try:
+        images = json.loads(path.read_text())["images"]
+    except (ValueError, KeyError) as e:
+        raise DatasetLayoutError(f"{suite}: {path} is not a Karpathy split file (no 'images' list): {e}") from None
+    out = []
+    for entry in images:
+        if entry.get("split") != split:
+            continue
+        caps = [s["raw"].strip() for s in entry.get("sentences", [])][:CAPTIONS_PER_IMAGE]
+        if len(caps) < CAPTIONS_PER_IMAGE:
+            raise DatasetLayoutError(f"{suite}: {path}: image {entry.get('filename')!r} has {len(caps)} "
+                                     f"captions, the protocol needs {CAPTIONS_PER_IMAGE}")
+        if "filepath" in entry:
+            candidates = [root / entry["filepath"] / entry["filename"]]
+        else:
+            candidates = [root / "flickr30k-images" / entry["filename"], root / entry["filename"]]
+        image = next((c for c in candidates if c.is_file()), candidates[0])
+        out.append((image, caps))
+    if not out:
+        raise DatasetLayoutError(f"{suite}: {path} has no images in split {split!r}")
+    missing = next((p for p, _ in out if not p.is_file()), None)
+    if missing is not None:
+        raise DatasetLayoutError(f"{suite}: missing file {missing} (named in {path.name})")
+    return out
+
+
+def multi_caption_recall(sim: torch.Tensor, text_image: torch.Tensor, ks=KS) -> dict[str, float]:
+    """Recall@k for ``sim [N_images, N_texts]`` where text j describes image ``text_image[j]``.
+
+    image→text: a hit when any of the image's captions is among its k best texts; text→image: a hit
+    when the text's image is among its k best images. Ties count against the query (a wrong candidate
+    scoring equal to the best right one ranks ahead of it), as in ``fasttips.eval.metrics.recall_at_k``.
+    """
+    n_img, n_txt = sim.shape
+    if text_image.shape != (n_txt,):
+        raise ValueError(f"text_image: expected [{n_txt}] image indices, got {list(text_image.shape)}")
+    sim = sim.float().masked_fill(sim.isnan(), -math.inf)
+    pos = text_image[None, :] == torch.arange(n_img)[:, None]                       # [N_img, N_txt]
+    best_i2t = sim.masked_fill(~pos, -math.inf).amax(dim=1)
+    i2t_rank = ((sim >= best_i2t[:, None]) & ~pos).sum(dim=1)
+    best_t2i = sim.gather(0, text_image[None, :]).squeeze(0)
+    t2i_rank = ((sim >= best_t2i[None, :]) & ~pos).sum(dim=0)
+    out = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = (i2t_rank < k).float().mean().item()
+        out[f"t2i_r{k}"] = (t2i_rank < k).float().mean().item()
+    return out
+
+
+def chance_recall(n_img: int, n_txt: int, per_image: int, k: int) -> tuple[float, float]:
+    """Expected R@k of a random ranking: (image→text, text→image)."""
+    miss = 1.0
+    for j in range(min(k, n_txt)):               # none of the image's captions in k random draws
+        miss *= max(n_txt - per_image - j, 0) / (n_txt - j)
+    return 1.0 - miss, min(k, n_img) / n_img
+
+
+@torch.no_grad()
+def run(ctx: SuiteContext, root: Path, suite: str) -> dict:
+    pairs = limited(read_karpathy(root, suite), ctx)
+    ctx.say(f"[{suite}] {len(pairs)} test images, {CAPTIONS_PER_IMAGE * len(pairs)} captions")
+    feats: dict[str, list[torch.Tensor]] = {"cls1": [], "cls2": []}
+    kept: list[int] = []
+    skipped = 0
+    batches = loader(ImageListDataset([(p, i) for i, (p, _) in enumerate(pairs)], ctx.image_size), ctx)
+    progress = Progress(ctx, suite, len(batches))
+    from fasttips.eval.zeroshot import normalize
+    for good, dropped in batches:
+        skipped += dropped
+        if good:
+            out = encode_image_batch(ctx, to_pixels([g[0] for g in good], ctx.pixel_norm))
+            for k in feats:
+                feats[k].append(normalize(out[k]))
+            kept.extend(g[1] for g in good)
+        progress.step(len(good))
+    if len(kept) < 2:
+        raise DatasetLayoutError(f"{suite}: fewer than 2 readable test images under {root}")
+    # an unreadable image takes its captions out with it, so every text still has its image
+    texts = [c for i in kept for c in pairs[i][1]]
+    text_image = torch.arange(len(kept)).repeat_interleave(CAPTIONS_PER_IMAGE)
+    text_emb = normalize(encode_text_list(ctx, texts))
+    metrics, chance = {}, {}
+    for cls in ("cls1", "cls2"):
+        sim = torch.cat(feats[cls]) @ text_emb.T
+        for name, value in multi_caption_recall(sim, text_image).items():
+            direction, k = name.split("_r")
+            label = f"CLS#{cls[-1]} {'image->text' if direction == 'i2t' else 'text->image'} R@{k}"
+            metrics[label] = value
+            c_i2t, c_t2i = chance_recall(len(kept), len(texts), CAPTIONS_PER_IMAGE, int(k))
+            chance[label] = c_i2t if direction == "i2t" else c_t2i
+    return {"metrics": metrics, "chance": chance, "n_images": len(kept), "n_captions": len(texts),
+            "n_skipped": skipped}
