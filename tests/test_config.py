@@ -123,6 +123,18 @@ def test_n_cls_is_not_a_setting_but_old_configs_still_load(tmp_path):
         config.load(overrides=["vision.n_cls=3"])
 
 
+def test_literal_tuples_are_the_one_source_of_allowed_values():
+    from fasttips.data import augment
+    from fasttips.kernels.dino_loss import common
+    from fasttips.losses import ibot
+    from fasttips import teacher
+    assert augment.PIXEL_NORMS is config.PIXEL_NORMS
+    assert common.CENTERINGS is config.CENTERINGS
+    assert ibot.TOKENS is config.IBOT_TOKENS
+    assert (teacher.MODES, teacher.FEATURES) == (config.TEACHER_MODES, config.TEACHER_FEATURES)
+    assert "sinkhorn_knopp" in config.CENTERINGS
+
+
 def test_yaml_then_overrides_then_round_trip(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("preset: vit-s\ntrain:\n  steps: 3\nloss:\n  ibot_tokens: masked\n")
