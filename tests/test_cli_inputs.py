@@ -102,3 +102,10 @@ def test_eval_rejects_missing_data_and_a_missing_gpu_before_loading(tmp_path, mo
     with pytest.raises(SystemExit):
         eval_cli.main([str(tmp_path), "--n-images", "1"])
     assert "--n-images: must be >= 2" in capsys.readouterr().err
+
+
+def test_tokenizer_without_captions_says_so_in_one_line(tmp_path, capsys):
+    folder = _shards_with_problems(tmp_path / "s", np.random.default_rng(3), good=0)
+    code = data_cli.main(["tokenizer", str(folder), "--out", str(tmp_path / "t.model")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "no usable caption" in err and "\n" not in err

@@ -124,7 +124,13 @@ def _cmd_tokenizer(args) -> int:
     from .tokenizer import Tokenizer
     indexes = index_shards(list_shards(args.shards, what="SHARDS"))
     texts = shard_captions(indexes, limit=args.max_captions)
-    tok = Tokenizer.train(texts, args.vocab_size, path=args.out, model_type=args.model_type)
+    if not texts:
+        raise ValueError(f"SHARDS={args.shards!r}: no usable caption to train on "
+                         f"(fasttips data check {args.shards} lists what was skipped)")
+    try:
+        tok = Tokenizer.train(texts, args.vocab_size, path=args.out, model_type=args.model_type)
+    except RuntimeError as exc:                # SentencePiece's own errors, e.g. a vocabulary too small
+        raise ValueError(f"SentencePiece could not train: {str(exc).strip().splitlines()[-1]}") from None
     print(f"trained {tok.vocab_size} pieces on {len(texts)} captions -> {args.out}")
     return 0
 
