@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import textwrap
 import warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -559,8 +560,8 @@ def _type_text(typ: Any, meta) -> str:
 
 
 def describe() -> str:
-    """Two lines per field: name, type, allowed range and default; then what it means (used by
-    ``--help`` and the README)."""
+    """Per field: a line with its name, type, allowed range and default, then what it means, indented
+    and wrapped at 100 columns (used by ``--help`` and the README)."""
     lines = []
     cfg = Config()
     for sec in _section_names():
@@ -569,7 +570,8 @@ def describe() -> str:
         for f in fields(obj):
             default = getattr(obj, f.name)
             lines.append(f"  {sec}.{f.name} ({_type_text(hints[f.name], f.metadata)}) = {default!r}")
-            lines.append(f"      {f.metadata['help']}")
+            lines += textwrap.wrap(f.metadata["help"], width=100, initial_indent=" " * 6,
+                                   subsequent_indent=" " * 6, break_on_hyphens=False)
     return "\n".join(lines)
 
 
