@@ -192,6 +192,7 @@ def test_describe_gives_type_range_default_and_help_for_every_field():
     assert "  data.global_scale (float,float, each in (0, 1], low <= high) = (0.32, 1.0)" in text
     assert "  train.steps (int, >= 1) = 100" in text
     help_lines: dict[str, list[str]] = {}
+    key = ""
     for line in text.splitlines():
         if line.startswith("      "):
             assert len(line) <= 100, line
