@@ -1,16 +1,21 @@
 """Configuration: dataclasses, named presets, YAML files and dotted ``key=value`` overrides.
 
-Every field has a default; presets change a few of them. A wrong key or value fails at start with
-a ``ConfigError`` that names the field and what is allowed. The resolved config is saved to the run
-directory as YAML so a run can be reproduced or resumed.
+Every field has a default, a help text and, where it has one, its allowed range, declared beside it
+with ``setting(...)``; ``validate`` checks every range generically, then the few rules that tie two
+fields together. Allowed words are the ``Literal`` types below: the one place they are written
+(other modules import the tuples, e.g. ``CENTERINGS``). A wrong key or value fails at start with a
+``ConfigError`` that names the field and what is allowed; nothing is changed behind the user's back.
+The resolved config is saved to the run directory as YAML so a run can be reproduced or resumed.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
-
+import textwrap
+import warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -20,128 +25,205 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
+# Allowed words: written once here; code elsewhere imports the tuples.
+# ----------------------------------------------------------------------------------------------
+Ffn = Literal["gelu", "swiglu"]
+ContrastiveLoss = Literal["clip", "siglip"]
+Centering = Literal["softmax", "sinkhorn_knopp"]
+IbotTokens = Literal["all", "masked"]
+TeacherMode = Literal["head_ema", "full_ema"]
+TeacherFeatures = Literal["detached", "separate_no_grad"]
+MomentumSchedule = Literal["cosine", "constant"]
+DataSource = Literal["demo", "shards", "synthetic"]
+LoaderKind = Literal["auto", "dali", "pytorch"]
+PixelNorm = Literal["tips", "imagenet"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+FFNS = get_args(Ffn)
+CONTRASTIVE_LOSSES = get_args(ContrastiveLoss)
+CENTERINGS = get_args(Centering)
+IBOT_TOKENS = get_args(IbotTokens)
+TEACHER_MODES = get_args(TeacherMode)
+TEACHER_FEATURES = get_args(TeacherFeatures)
+PIXEL_NORMS = get_args(PixelNorm)
+
+
+def setting(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, ordered: bool = False):
+    """A config field: default, one-line help (meaning and unit) and its allowed range.
+
+    ``ge``/``gt``/``le``/``lt`` bound a number (each element of a pair); ``ordered`` asks a pair to
+    be (low, high). Every float must also be finite. ``validate`` checks these for every field.
+    """
+    return field(default=default, metadata={"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt,
+                                            "ordered": ordered})
+
+
+# ----------------------------------------------------------------------------------------------
 # Sections
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class VisionConfig:
-    width: int = 384
-    depth: int = 12
-    heads: int = 6
-    mlp_hidden: int = 1536            # SwiGLU: hidden of each of the two branches
-    ffn: Literal["gelu", "swiglu"] = "gelu"
-    patch_size: int = 14
-    pos_grid: int = 16                # learned 2-D position grid, resized to the crop
-    layerscale: float = 0.0           # 0 = no LayerScale (TIPS scenic); else init value
-    drop_path: float = 0.0            # uniform stochastic depth
-    ln_eps: float = 1e-6
-    qkv_bias: bool = True
-    n_cls: int = 2                    # CLS#1 (alt-text) and CLS#2 (synthetic caption)
+    """The image tower: a ViT with two CLS tokens."""
+    width: int = setting(384, "token width D of the image tower (channels)", ge=1)
+    depth: int = setting(12, "transformer blocks", ge=1)
+    heads: int = setting(6, "attention heads; must divide vision.width (the presets keep 64 channels "
+                            "per head, the attention kernel's head size)", ge=1)
+    mlp_hidden: int = setting(1536, "hidden channels of each block's MLP (swiglu: of each of its two "
+                                    "branches)", ge=1)
+    ffn: Ffn = setting("gelu", "block MLP: GELU MLP or SwiGLU")
+    patch_size: int = setting(14, "patch side in pixels; data.global_size and data.local_size must be "
+                                  "multiples of it", ge=1)
+    pos_grid: int = setting(16, "side of the learned 2-D position grid (in patches), resized to each "
+                                "crop's patch grid", ge=1)
+    layerscale: float = setting(0.0, "LayerScale initial value; 0 = no LayerScale (as TIPS)", ge=0)
+    drop_path: float = setting(0.0, "stochastic-depth probability, the same in every block; 0 = off",
+                               ge=0, lt=1)
+    ln_eps: float = setting(1e-6, "LayerNorm epsilon", gt=0)
+    qkv_bias: bool = setting(True, "bias on the query/key/value projection")
+    # Not a setting: TIPS has exactly two CLS tokens, CLS#1 (alt-text) and CLS#2 (synthetic caption).
+    n_cls: ClassVar[int] = 2
 
 
 @dataclass
 class TextConfig:
-    vocab_size: int = 32000
-    depth: int = 12                   # width, heads and MLP follow the vision tower
-    max_len: int = 64
-    ln_eps: float = 1e-6
-    dropout: float = 0.0
+    """The text tower (its width, heads and MLP width follow the image tower)."""
+    vocab_size: int = setting(32000, "SentencePiece vocabulary size (id 0 is padding)", ge=2)
+    depth: int = setting(12, "transformer blocks", ge=1)
+    max_len: int = setting(64, "tokens per caption; longer captions are cut", ge=1)
+    ln_eps: float = setting(1e-6, "LayerNorm epsilon", gt=0)
+    dropout: float = setting(0.0, "dropout probability on each block's attention and MLP outputs",
+                             ge=0, lt=1)
 
 
 @dataclass
 class HeadConfig:
-    hidden: int = 2048
-    bottleneck: int = 256
-    prototypes: int = 65536
-    nlayers: int = 3
-    shared: bool = False              # one head for DINO and iBOT
+    """The DINO and iBOT projection heads: MLP → L2-normalised bottleneck → prototypes."""
+    hidden: int = setting(2048, "hidden channels of each head MLP", ge=1)
+    bottleneck: int = setting(256, "channels of the L2-normalised bottleneck", ge=1)
+    prototypes: int = setting(65536, "prototypes K: outputs of the weight-normed last layer", ge=1)
+    nlayers: int = setting(3, "linear layers of each head MLP (D → hidden → … → bottleneck)", ge=1)
+    shared: bool = setting(False, "one head for DINO and iBOT instead of two")
 
 
 @dataclass
 class LossConfig:
-    contrastive: Literal["clip", "siglip"] = "clip"
-    contrastive_weight: float = 0.5   # per contrastive loss (TIPS: 1/2 (L + L^))
-    dino_weight: float = 1.0
-    ibot_weight: float = 1.0
-    koleo_weight: float = 0.0
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    teacher_temp_final: float = 0.07
-    teacher_temp_warmup_steps: int = 30
-    centering: Literal["softmax", "sinkhorn_knopp"] = "softmax"
-    center_momentum: float = 0.9
-    sk_iterations: int = 3
-    ibot_tokens: Literal["all", "masked"] = "all"   # "all" = iBOT++; "masked" = DINOv2 iBOT
-    ibot_masked_weight: float = 1.0
-    ibot_visible_weight: float = 1.0
-    init_logit_scale: float = 2.6592600  # log(1/0.07)
-    max_logit_scale: float = 100.0
+    """Loss terms, their weights and temperatures (docs/loss_math.md)."""
+    contrastive: ContrastiveLoss = setting("clip", "image-text loss: CLIP softmax or SigLIP sigmoid")
+    contrastive_weight: float = setting(0.5, "weight of each of the two contrastive losses (CLS#1 ↔ "
+                                             "alt-text, CLS#2 ↔ synthetic caption); 0.5 = TIPS's ½(L + L̂)",
+                                        ge=0)
+    dino_weight: float = setting(1.0, "weight of the DINO loss (CLS#1 of local crops vs teacher)", ge=0)
+    ibot_weight: float = setting(1.0, "weight of the iBOT/iBOT++ patch loss", ge=0)
+    koleo_weight: float = setting(0.0, "weight of the KoLeo spread loss on CLS#1; 0 = not computed",
+                                  ge=0)
+    student_temp: float = setting(0.1, "student softmax temperature", gt=0)
+    teacher_temp: float = setting(0.04, "teacher softmax temperature at step 0", gt=0)
+    teacher_temp_final: float = setting(0.07, "teacher temperature after the warm-up", gt=0)
+    teacher_temp_warmup_steps: int = setting(30, "optimiser steps of the linear ramp from "
+                                                 "loss.teacher_temp to loss.teacher_temp_final", ge=0)
+    centering: Centering = setting("softmax", "how teacher targets are centred: a running center "
+                                              "(softmax) or Sinkhorn-Knopp")
+    center_momentum: float = setting(0.9, "EMA momentum of the softmax centers", ge=0, le=1)
+    sk_iterations: int = setting(3, "Sinkhorn-Knopp iterations (loss.centering=sinkhorn_knopp)", ge=1)
+    ibot_tokens: IbotTokens = setting("all", "patch tokens in the iBOT loss: all = iBOT++ (TIPSv2), "
+                                             "masked = DINOv2's iBOT")
+    ibot_masked_weight: float = setting(1.0, "iBOT++ weight of the masked patch tokens", ge=0)
+    ibot_visible_weight: float = setting(1.0, "iBOT++ weight of the visible patch tokens "
+                                              "(unused with loss.ibot_tokens=masked)", ge=0)
+    init_logit_scale: float = setting(2.6592600, "initial log(1/τ) of each contrastive loss "
+                                                 "(2.659 = log(1/0.07)); at most ln(loss.max_logit_scale)")
+    max_logit_scale: float = setting(100.0, "cap on 1/τ = exp(logit scale), applied after each step",
+                                     gt=0)
 
 
 @dataclass
 class TeacherConfig:
-    mode: Literal["head_ema", "full_ema"] = "head_ema"
-    features: Literal["detached", "separate_no_grad"] = "detached"
-    momentum: float = 0.994
-    momentum_final: float = 1.0
-    schedule: Literal["cosine", "constant"] = "cosine"
+    """The EMA teacher."""
+    mode: TeacherMode = setting("head_ema", "head_ema = EMA of the heads only (TIPSv2); full_ema = EMA "
+                                            "copy of the image tower too (TIPS v1 / DINOv2)")
+    features: TeacherFeatures = setting("detached", "head_ema only: teacher features are the student's "
+                                                    "unmasked forward, detached, or a separate no-grad "
+                                                    "eval-mode pass (full_ema runs its own EMA backbone)")
+    momentum: float = setting(0.994, "EMA momentum at step 0 (teacher ← m·teacher + (1−m)·student)",
+                              ge=0, le=1)
+    momentum_final: float = setting(1.0, "EMA momentum at the last step (teacher.schedule=cosine)",
+                                    ge=0, le=1)
+    schedule: MomentumSchedule = setting("cosine", "momentum: cosine from teacher.momentum to "
+                                                   "teacher.momentum_final over train.steps, or constant")
 
 
 @dataclass
 class DataConfig:
-    source: Literal["demo", "shards", "synthetic"] = "demo"
-    path: str = ""                    # shard folder / glob when source = shards
-    loader: Literal["auto", "dali", "pytorch"] = "auto"
-    batch_size: int = 32              # images per process
-    num_workers: int = 2
-    global_size: int = 224
-    n_global: int = 1
-    global_scale: tuple[float, float] = (0.32, 1.0)
-    local_size: int = 98
-    n_local: int = 8
-    local_scale: tuple[float, float] = (0.05, 0.32)
-    mask_probability: float = 0.5
-    mask_ratio: tuple[float, float] = (0.1, 0.5)
-    caption_short_prob: float = 0.5   # CLS#2 gets "short" with this probability, else "long"
-    pixel_norm: Literal["tips", "imagenet"] = "tips"
-    tokenizer: str = ""               # SentencePiece .model; empty = train one from the captions
+    """Images, captions, crops and masks."""
+    source: DataSource = setting("demo", "demo = the embedded demo set; shards = WebDataset tars at "
+                                         "data.path; synthetic = random tensors (speed tests)")
+    path: str = setting("", "shard folder, .tar file or glob (data.source=shards)")
+    loader: LoaderKind = setting("auto", "auto = DALI when installed, else PyTorch")
+    batch_size: int = setting(32, "images per process per micro-batch", ge=1)
+    num_workers: int = setting(2, "loader worker processes (pytorch) or threads (DALI) per process",
+                               ge=0)
+    global_size: int = setting(224, "global crop side in pixels", ge=1)
+    n_global: int = setting(1, "global crops per image (2 = DINOv2 cross-global pairs)", ge=1)
+    global_scale: tuple[float, float] = setting((0.32, 1.0), "(min, max) fraction of the image area a "
+                                                             "global crop covers", gt=0, le=1, ordered=True)
+    local_size: int = setting(98, "local crop side in pixels", ge=1)
+    n_local: int = setting(8, "local crops per image (0 = none)", ge=0)
+    local_scale: tuple[float, float] = setting((0.05, 0.32), "(min, max) fraction of the image area a "
+                                                             "local crop covers", gt=0, le=1, ordered=True)
+    mask_probability: float = setting(0.5, "probability that a global crop gets an iBOT mask", ge=0, le=1)
+    mask_ratio: tuple[float, float] = setting((0.1, 0.5), "(min, max) fraction of a masked crop's "
+                                                          "patches that are masked", ge=0, le=1, ordered=True)
+    caption_short_prob: float = setting(0.5, "probability that CLS#2 gets the short synthetic caption "
+                                             "(else the long one)", ge=0, le=1)
+    pixel_norm: PixelNorm = setting("tips", "pixel normalisation: tips = [0, 1] only; imagenet = "
+                                            "ImageNet mean/std")
+    tokenizer: str = setting("", "SentencePiece .model file; empty = train one from the captions")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3                  # peak lr at batch 1024 (scaled by sqrt(global_batch/1024))
-    min_lr: float = 1e-6
-    warmup_steps: int = 10
-    weight_decay: float = 0.04
-    weight_decay_final: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: float = 1.0
-    patch_embed_lr_mult: float = 0.2
-    freeze_prototypes_steps: int = 0
-    clip_grad: float = 3.0            # per module; 0 disables
-    accum_steps: int = 1
+    """AdamW and its schedules."""
+    lr: float = setting(1e-3, "peak learning rate at a global batch of 1024 images (scaled by "
+                              "sqrt(global batch / 1024))", gt=0)
+    min_lr: float = setting(1e-6, "learning rate at the end of the cosine decay", ge=0)
+    warmup_steps: int = setting(10, "optimiser steps of linear lr warm-up from 0", ge=0)
+    weight_decay: float = setting(0.04, "weight decay at step 0", ge=0)
+    weight_decay_final: float = setting(0.2, "weight decay at the last step (cosine)", ge=0)
+    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW (beta1, beta2)", ge=0, lt=1)
+    layer_decay: float = setting(1.0, "layer-wise lr decay per block, counted from the top; 1 = off",
+                                 gt=0, le=1)
+    patch_embed_lr_mult: float = setting(0.2, "lr multiplier of the patch embedding", ge=0)
+    freeze_prototypes_steps: int = setting(0, "optimiser steps during which the prototype layers are "
+                                              "not updated", ge=0)
+    clip_grad: float = setting(3.0, "max gradient norm per module (backbone, each head); 0 = no clipping",
+                               ge=0)
+    accum_steps: int = setting(1, "micro-batches accumulated per optimiser step", ge=1)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    run_dir: str = "runs/default"
-    log_every: int = 1
-    ckpt_every: int = 50
-    keep_ckpts: int = 2
-    max_nonfinite: int = 5            # consecutive non-finite losses before stopping
-    compile: bool = False
-    activation_checkpointing: bool = False
+    """The run: length, device, logging and checkpoints."""
+    steps: int = setting(100, "optimiser steps in the run", ge=1)
+    seed: int = setting(0, "random seed (any integer; each rank adds 1000 × its rank)")
+    device: Device = setting("auto", "auto = CUDA when available, else CPU")
+    precision: Precision = setting("auto", "parameter precision: auto = bf16 on CUDA, fp32 on CPU")
+    run_dir: str = setting("runs/default", "output folder: config, metrics, checkpoints, plots")
+    log_every: int = setting(1, "metrics line every N steps (also the last and every skipped step)", ge=1)
+    ckpt_every: int = setting(50, "checkpoint every N steps (and at the end and when stopped)", ge=1)
+    keep_ckpts: int = setting(2, "complete checkpoints kept; older ones are deleted", ge=1)
+    max_nonfinite: int = setting(5, "consecutive non-finite steps (skipped) before the run stops", ge=1)
+    compile: bool = setting(False, "torch.compile the model")
+    activation_checkpointing: bool = setting(False, "recompute block activations in the backward "
+                                                    "(less memory, more compute)")
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0                    # 0 = only when asked
-    n_images: int = 64
-
-
+    """Evaluation during training."""
+    every: int = setting(0, "evaluate every N steps; 0 = only when asked (fasttips eval)", ge=0)
+    n_images: int = setting(64, "demo images used by each evaluation", ge=1)
 @dataclass
 class Config:
     preset: str = "tiny"
@@ -188,7 +270,26 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation and parsing
+# Keys that used to be settings: a config saved by an older run may still hold them.
+# ----------------------------------------------------------------------------------------------
+RETIRED: dict[str, tuple[Any, str]] = {
+    "vision.n_cls": (2, "TIPS always has two CLS tokens, CLS#1 (alt-text) and CLS#2 (synthetic caption)"),
+}
+
+
+def _retired(dotted: str, value: Any) -> bool:
+    """True (after a warning) for a retired key holding its only possible value; raise for another."""
+    if dotted not in RETIRED:
+        return False
+    fixed, why = RETIRED[dotted]
+    if value != fixed:
+        raise ConfigError(f"{dotted}: is no longer a setting ({why}); remove it")
+    warnings.warn(f"{dotted}: is no longer a setting ({why}); ignoring {dotted}={value!r}", stacklevel=3)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing
 # ----------------------------------------------------------------------------------------------
 def _hints(cls) -> dict[str, Any]:
     return get_type_hints(cls)
@@ -220,12 +321,14 @@ def _coerce(path: str, typ: Any, value: Any) -> Any:
             raise ConfigError(f"{path}: expected a {typ.__name__}, got {value!r}")
         try:
             out = typ(value) if not isinstance(value, str) else typ(float(value) if typ is float else int(value))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{path}: expected a {typ.__name__}, got {value!r}") from None
         if typ is int and isinstance(value, float) and value != int(value):
             raise ConfigError(f"{path}: expected an int, got {value!r}")
         return out
     if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{path}: unsupported type {typ}")
 
@@ -250,7 +353,15 @@ def _section_names() -> list[str]:
     return [f.name for f in fields(Config) if f.name != "preset"]
 
 
+def keys() -> list[str]:
+    """Every ``section.field`` key, in declaration order."""
+    cfg = Config()
+    return [f"{sec}.{f.name}" for sec in _section_names() for f in fields(getattr(cfg, sec))]
+
+
 def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    if _retired(dotted, value):
+        return
     obj, name = _section_and_field(cfg, dotted)
     typ = _hints(type(obj))[name]
     setattr(obj, name, _coerce(dotted, typ, value))
@@ -276,34 +387,98 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _read_yaml(p: Path) -> dict:
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file {str(p)!r}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config: {p} is not UTF-8 text (byte {exc.start}); is it a YAML file?") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--config: {p}{where} is not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {p} must hold a mapping of sections (e.g. 'train:' then "
+                          f"'  steps: 10'), got {type(data).__name__}")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=10")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if not value.strip():
+        return key, ""
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key, value            # not a YAML scalar: the field's type decides (and names the key)
+
+
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Preset (from the file's or an override's ``preset``), then the YAML file, then overrides."""
+    """Preset (from the file's or an override's ``preset``), then the YAML file, then overrides.
+
+    Checks every value (``validate``) and that this machine can run it (``check_runnable``)."""
     values: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: no such file {str(p)!r}")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config: {p} must hold a mapping of sections")
-        values.update(_flatten(data))
-    parsed = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=10")
-        key, value = item.split("=", 1)
-        parsed.append((key.strip(), yaml.safe_load(value) if value.strip() else ""))
+        values.update(_flatten(_read_yaml(Path(path))))
+    parsed = [_parse_override(item) for item in overrides]
     name = dict(parsed).get("preset", values.get("preset", "tiny"))
     cfg = preset(str(name))
     for key, value in list(values.items()) + parsed:
         if key != "preset":
             set_value(cfg, key, value)
     validate(cfg)
+    check_runnable(cfg)
     return cfg
 
 
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def range_text(meta) -> str:
+    """The allowed range declared in a field's metadata, e.g. '>= 1' or 'in (0, 1]'; '' if none."""
+    ge, gt, le, lt = (meta.get(k) for k in ("ge", "gt", "le", "lt"))
+    low = f"[{_num(ge)}" if ge is not None else f"({_num(gt)}" if gt is not None else ""
+    high = f"{_num(le)}]" if le is not None else f"{_num(lt)})" if lt is not None else ""
+    if low and high:
+        return f"in {low}, {high}"
+    if low:
+        return f">= {_num(ge)}" if ge is not None else f"> {_num(gt)}"
+    if high:
+        return f"<= {_num(le)}" if le is not None else f"< {_num(lt)}"
+    return ""
+
+
+def _check_range(path: str, value: Any, meta) -> None:
+    items = value if isinstance(value, tuple) else (value,)
+    each = "each value " if isinstance(value, tuple) else ""
+    ge, gt, le, lt = (meta.get(k) for k in ("ge", "gt", "le", "lt"))
+    for x in items:
+        if isinstance(x, float) and not math.isfinite(x):
+            raise ConfigError(f"{path}: {each}must be a finite number, got {value!r}")
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            continue
+        if ((ge is not None and x < ge) or (gt is not None and x <= gt)
+                or (le is not None and x > le) or (lt is not None and x >= lt)):
+            raise ConfigError(f"{path}: {each}must be {range_text(meta)}, got {value!r}")
+    if meta.get("ordered") and items[0] > items[1]:
+        raise ConfigError(f"{path}: expected (low, high) with low <= high, got {value!r}")
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a single field's type cannot express."""
+    """Every field's declared range, then the rules that tie fields together. Changes nothing."""
+    for sec in _section_names():
+        obj = getattr(cfg, sec)
+        for f in fields(obj):
+            _check_range(f"{sec}.{f.name}", getattr(obj, f.name), f.metadata)
     v = cfg.vision
     if v.width % v.heads:
         raise ConfigError(f"vision.heads: {v.heads} must divide vision.width={v.width}")
@@ -311,34 +486,40 @@ def validate(cfg: Config) -> None:
         size = getattr(cfg.data, name)
         if size % v.patch_size:
             raise ConfigError(f"data.{name}: {size} is not a multiple of vision.patch_size={v.patch_size}")
-    positive = {"vision.depth": v.depth, "data.batch_size": cfg.data.batch_size,
-                "data.n_global": cfg.data.n_global, "heads.prototypes": cfg.heads.prototypes,
-                "train.steps": cfg.train.steps, "optim.accum_steps": cfg.optim.accum_steps}
-    for key, val in positive.items():
-        if val < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {val}")
-    if cfg.data.n_local < 0:
-        raise ConfigError(f"data.n_local: must be >= 0, got {cfg.data.n_local}")
-    if not 0.0 <= cfg.data.mask_probability <= 1.0:
-        raise ConfigError(f"data.mask_probability: must be in [0, 1], got {cfg.data.mask_probability}")
-    lo, hi = cfg.data.mask_ratio
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ConfigError(f"data.mask_ratio: need 0 <= lo <= hi <= 1, got {cfg.data.mask_ratio}")
-    if not 0.0 <= cfg.data.caption_short_prob <= 1.0:
-        raise ConfigError(f"data.caption_short_prob: must be in [0, 1], got {cfg.data.caption_short_prob}")
-    if cfg.loss.max_logit_scale <= 0:
-        raise ConfigError(f"loss.max_logit_scale: must be > 0, got {cfg.loss.max_logit_scale}")
     if cfg.loss.init_logit_scale > math.log(cfg.loss.max_logit_scale) + 1e-6:
         # the parameter is clamped to ln(max) after each step; starting above it would train one step unclamped
         raise ConfigError(f"loss.init_logit_scale: {cfg.loss.init_logit_scale} is above "
                           f"ln(loss.max_logit_scale) = {math.log(cfg.loss.max_logit_scale):.4f}")
     if cfg.data.source == "shards" and not cfg.data.path:
         raise ConfigError("data.path: required when data.source=shards (a folder or glob of .tar shards)")
-    if cfg.teacher.mode == "full_ema" and cfg.teacher.features == "detached":
-        # full EMA backbone produces its own features; "detached" has no meaning there.
-        cfg.teacher.features = "separate_no_grad"
+    if not cfg.train.run_dir.strip():
+        raise ConfigError("train.run_dir: must not be empty (a folder for the run's outputs)")
 
 
+def check_runnable(cfg: Config) -> None:
+    """What this machine must offer for ``cfg``: the device, the loader's package, a usable run dir."""
+    if cfg.train.device == "cuda":
+        import torch                    # only here: the config itself does not need torch
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: cuda, but torch sees no CUDA device; use train.device=cpu or auto")
+    if cfg.data.loader == "dali" and cfg.data.source != "synthetic" and not _installed("nvidia.dali"):
+        raise ConfigError("data.loader: dali, but nvidia.dali is not installed "
+                          "(pip install 'fasttips[dali]', or use data.loader=pytorch)")
+    run_dir = Path(cfg.train.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.run_dir: {str(run_dir)!r} is a file, not a folder; choose another path")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:         # the parent package is missing
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving, loading a saved config, and the field reference
+# ----------------------------------------------------------------------------------------------
 def to_dict(cfg: Config) -> dict[str, Any]:
     def convert(x):
         if is_dataclass(x):
@@ -350,6 +531,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def from_dict(d: dict[str, Any]) -> Config:
+    """A saved config (``to_dict``/YAML) back, validated; no check of this machine (see ``load``)."""
     flat = _flatten(d)
     cfg = preset(str(flat.pop("preset", "tiny")))
     for key, value in flat.items():
@@ -362,29 +544,43 @@ def save(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def _type_text(typ: Any, meta) -> str:
+    if get_origin(typ) is Literal:
+        name = "|".join(map(str, get_args(typ)))
+    elif get_origin(typ) is tuple:
+        name = ",".join(a.__name__ for a in get_args(typ))
+    else:
+        name = typ.__name__
+    rules = range_text(meta)
+    if rules:
+        name += f", {'each ' if get_origin(typ) is tuple else ''}{rules}"
+    if meta.get("ordered"):
+        name += ", low <= high"
+    return name
+
+
 def describe() -> str:
-    """One line per field: name, type and default (used by ``--help`` and the README)."""
+    """Per field: a line with its name, type, allowed range and default, then what it means, indented
+    and wrapped at 100 columns (used by ``--help`` and the README)."""
     lines = []
     cfg = Config()
     for sec in _section_names():
         obj = getattr(cfg, sec)
+        hints = _hints(type(obj))
         for f in fields(obj):
-            typ = _hints(type(obj))[f.name]
-            if get_origin(typ) is Literal:
-                tname = "|".join(map(str, get_args(typ)))
-            elif get_origin(typ) is tuple:
-                tname = "a,b"
-            else:
-                tname = typ.__name__
-            lines.append(f"  {sec}.{f.name} ({tname}) = {getattr(obj, f.name)!r}")
+            default = getattr(obj, f.name)
+            lines.append(f"  {sec}.{f.name} ({_type_text(hints[f.name], f.metadata)}) = {default!r}")
+            lines += textwrap.wrap(f.metadata["help"], width=100, initial_indent=" " * 6,
+                                   subsequent_indent=" " * 6, break_on_hyphens=False)
     return "\n".join(lines)
 
 
-__all__ = ["Config", "ConfigError", "PRESETS", "load", "preset", "save", "set_value", "to_dict",
-           "from_dict", "validate", "describe"] + [c.__name__ for c in (
+__all__ = ["Config", "ConfigError", "PRESETS", "RETIRED", "load", "preset", "save", "set_value", "to_dict",
+           "from_dict", "validate", "check_runnable", "describe", "keys", "setting",
+           "CENTERINGS", "CONTRASTIVE_LOSSES", "FFNS", "IBOT_TOKENS", "PIXEL_NORMS", "TEACHER_FEATURES",
+           "TEACHER_MODES"] + [c.__name__ for c in (
                VisionConfig, TextConfig, HeadConfig, LossConfig, TeacherConfig, DataConfig,
                OptimConfig, TrainConfig, EvalConfig)]
-
 
 
 if __name__ == "__main__":  # `python -m fasttips.config` prints the field reference used in the README

@@ -21,10 +21,8 @@ import torch
 from torch import nn
 
 from fasttips import kernels
+from fasttips.config import TEACHER_FEATURES as FEATURES, TEACHER_MODES as MODES
 from fasttips.optim import clean_name
-
-MODES = ("head_ema", "full_ema")
-FEATURES = ("detached", "separate_no_grad")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

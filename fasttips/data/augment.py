@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
+from fasttips.config import PIXEL_NORMS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PIXEL_NORMS = ("tips", "imagenet")
 
 JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
 JITTER_P, GRAY_P, SOLARIZE_P, SOLARIZE_THRESHOLD = 0.8, 0.2, 0.2, 128

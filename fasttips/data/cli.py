@@ -3,7 +3,10 @@
     fasttips data pack IMAGES CAPTIONS.jsonl OUT [--samples-per-shard N] [--prefix P]
     fasttips data tokenizer SHARDS --out FILE.model [--vocab-size N] [--max-captions N]
     fasttips data demo [--root DIR]
-    fasttips data check SHARDS
+    fasttips data check SHARDS [--max-listed N]
+
+Exit codes: 0 done; 1 nothing usable (pack wrote no sample, check found no usable sample);
+2 bad arguments or paths.
 """
 from __future__ import annotations
 
@@ -13,12 +16,13 @@ import json
 import os
 import re
 import sys
+import tarfile
 from pathlib import Path
 
 from PIL import Image
 
-from .shards import (CAPTION_KINDS, IMAGE_EXTS, SKIP_REASONS, ShardWriter, index_shards, list_shards,
-                     total_skipped)
+from .shards import (CAPTION_EXT, CAPTION_KINDS, IMAGE_EXTS, SKIP_REASONS, ShardWriter, image_is_valid,
+                     index_shards, list_shards, parse_captions, split_name, total_skipped)
 
 
 def _key_for(rel: str, used: set) -> str:
@@ -43,6 +47,27 @@ def _image_bytes(path: Path) -> tuple[bytes, str]:
     return buf.getvalue(), "jpg"
 
 
+def _caption_record(raw: bytes, captions: str, lineno: int) -> dict | None:
+    """One JSONL line as {"image": non-empty str, ...}, or None (blank, or said why on stderr)."""
+    if not raw.strip():
+        return None
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        print(f"{captions}:{lineno}: not UTF-8 text (byte {exc.start}); skipped", file=sys.stderr)
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        print(f"{captions}:{lineno}: not JSON ({exc.msg}); skipped", file=sys.stderr)
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("image"), str) or not rec["image"].strip():
+        print(f"{captions}:{lineno}: expected a JSON object with an 'image' path (a non-empty string); "
+              "skipped", file=sys.stderr)
+        return None
+    return rec
+
+
 def pack(images: str, captions: str, out: str, samples_per_shard: int = 1000, prefix: str = "shard") -> dict:
     """Write shards from a folder of images and a captions JSONL; return counts of what was written
     and skipped. Each JSONL line: {"image": "relative/path.jpg", "alt": ..., "short": ..., "long": ...}
@@ -55,17 +80,14 @@ def pack(images: str, captions: str, out: str, samples_per_shard: int = 1000, pr
     counts = {"written": 0, "missing_image": 0, "unreadable_image": 0, "missing_caption": 0, "bad_line": 0}
     used: set[str] = set()
     with ShardWriter(out, prefix=prefix, samples_per_shard=samples_per_shard) as writer, \
-            open(captions, encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
+            open(captions, "rb") as lines:
+        for lineno, raw in enumerate(lines, 1):
+            rec = _caption_record(raw, captions, lineno)
+            if rec is None:
+                if raw.strip():
+                    counts["bad_line"] += 1
                 continue
-            try:
-                rec = json.loads(line)
-                rel = rec["image"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                print(f"{captions}:{lineno}: not a JSON object with an 'image' field; skipped", file=sys.stderr)
-                counts["bad_line"] += 1
-                continue
+            rel = rec["image"]
             caps = {k: rec[k].strip() for k in CAPTION_KINDS if isinstance(rec.get(k), str) and rec[k].strip()}
             if not caps:
                 counts["missing_caption"] += 1
@@ -102,7 +124,13 @@ def _cmd_tokenizer(args) -> int:
     from .tokenizer import Tokenizer
     indexes = index_shards(list_shards(args.shards, what="SHARDS"))
     texts = shard_captions(indexes, limit=args.max_captions)
-    tok = Tokenizer.train(texts, args.vocab_size, path=args.out, model_type=args.model_type)
+    if not texts:
+        raise ValueError(f"SHARDS={args.shards!r}: no usable caption to train on "
+                         f"(fasttips data check {args.shards} lists what was skipped)")
+    try:
+        tok = Tokenizer.train(texts, args.vocab_size, path=args.out, model_type=args.model_type)
+    except RuntimeError as exc:                # SentencePiece's own errors, e.g. a vocabulary too small
+        raise ValueError(f"SentencePiece could not train: {str(exc).strip().splitlines()[-1]}") from None
     print(f"trained {tok.vocab_size} pieces on {len(texts)} captions -> {args.out}")
     return 0
 
@@ -118,12 +146,69 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def skipped_members(shard: str) -> list[tuple[str, str]]:
+    """(key, reason) of every sample of ``shard`` that training skips, by the same rules as the index
+    (reasons are ``SKIP_REASONS``); an unreadable shard gives one ('-', 'unreadable_shard: why').
+    Slow (decodes images): ``fasttips data check`` calls it only for shards with skipped samples."""
+    groups: dict[str, set[str]] = {}
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            members = {}
+            for m in tar:
+                if m.isfile():
+                    key, ext = split_name(m.name)
+                    groups.setdefault(key, set()).add(ext)
+                    members[(key, ext)] = m
+            out = []
+            for key, exts in groups.items():
+                image_ext = next((e for e in IMAGE_EXTS if e in exts), None)
+                if image_ext is None:
+                    out.append((key, "non_image_member"))
+                elif CAPTION_EXT not in exts or not parse_captions(tar.extractfile(members[(key, CAPTION_EXT)]).read()):
+                    out.append((key, "missing_caption"))
+                elif not image_is_valid(tar.extractfile(members[(key, image_ext)]).read()):
+                    out.append((key, "corrupt_image"))
+            return out
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        return [("-", f"unreadable_shard: {exc}")]
+
+
 def _cmd_check(args) -> int:
     indexes = index_shards(list_shards(args.shards, what="SHARDS"))
     stats = total_skipped(indexes)
-    print(json.dumps({"shards": len(indexes), "good_samples": sum(len(ix.samples) for ix in indexes),
-                      **{k: stats[k] for k in SKIP_REASONS}}))
+    good = sum(len(ix.samples) for ix in indexes)
+    shown = 0
+    for ix in indexes:
+        if not any(ix.skipped.values()) or shown >= args.max_listed:
+            continue
+        for key, reason in skipped_members(ix.shard)[:args.max_listed - shown]:
+            print(f"skipped {ix.shard} {key!r}: {reason}")
+            shown += 1
+    total = sum(stats.values())
+    if total > shown:
+        print(f"... {total - shown} more skipped (--max-listed N lists more)")
+    print(json.dumps({"shards": len(indexes), "good_samples": good, **{k: stats[k] for k in SKIP_REASONS}}))
+    if not good:
+        print(f"fasttips data check: no usable sample in {len(indexes)} shard(s)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _int_at_least(low: int):
+    """argparse type: an integer >= ``low`` (argparse reports a bad one as a usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+_count, _positive = _int_at_least(0), _int_at_least(1)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -144,7 +229,7 @@ def _fill(p: argparse.ArgumentParser) -> None:
                                      '"short": "...", "long": "..."} (any non-empty subset of captions; '
                                      'optional "key")')
     pk.add_argument("out", help="output folder for the .tar shards")
-    pk.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    pk.add_argument("--samples-per-shard", type=_positive, default=1000, help="samples per shard (default 1000)")
     pk.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
     pk.set_defaults(func=_cmd_pack)
 
@@ -154,9 +239,9 @@ def _fill(p: argparse.ArgumentParser) -> None:
                                     "data.tokenizer=PATH.")
     tk.add_argument("shards", help="folder, glob or .tar file of shards")
     tk.add_argument("--out", required=True, help="path of the .model file to write")
-    tk.add_argument("--vocab-size", type=int, default=32000,
+    tk.add_argument("--vocab-size", type=_positive, default=32000,
                     help="upper bound on the number of pieces (default 32000; a small corpus gives fewer)")
-    tk.add_argument("--max-captions", type=int, default=2_000_000, help="captions read at most (default 2e6)")
+    tk.add_argument("--max-captions", type=_positive, default=2_000_000, help="captions read at most (default 2e6)")
     tk.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe",
                     help="SentencePiece model type (default bpe: fast and exact size)")
     tk.set_defaults(func=_cmd_tokenizer)
@@ -168,10 +253,13 @@ def _fill(p: argparse.ArgumentParser) -> None:
                     help="parent folder (default $FASTTIPS_DATA_DIR or ~/.cache/fasttips)")
     dm.set_defaults(func=_cmd_demo)
 
-    ck = sub.add_parser("check", help="index shards and print good/skipped sample counts",
-                        description="Validate shards (tar readable, image decodes, caption present) and "
-                                    "print the counts by reason: " + ", ".join(SKIP_REASONS) + ".")
+    ck = sub.add_parser("check", help="index shards, list skipped samples, print good/skipped counts",
+                        description="Validate shards (tar readable, image decodes, caption present), list "
+                                    "each skipped sample with its reason, and print the counts by reason: "
+                                    + ", ".join(SKIP_REASONS) + ". Exit 1 when no sample is usable.")
     ck.add_argument("shards", help="folder, glob or .tar file of shards")
+    ck.add_argument("--max-listed", type=_count, default=100,
+                    help="skipped samples listed by key and reason, at most (default 100; 0 = none)")
     ck.set_defaults(func=_cmd_check)
 
 
@@ -182,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:      # a missing or unreadable path, bad content: one line
         print(f"fasttips data {args.data_command}: {exc}", file=sys.stderr)
         return 2
 

@@ -13,6 +13,35 @@ from pathlib import Path
 DESCRIPTION = __doc__.splitlines()[0]
 
 
+def _int_at_least(low: int):
+    """argparse type: an integer >= ``low`` (argparse turns the error into one usage line, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def check_arguments(args) -> str | None:
+    """What is wrong with the arguments before any model is loaded (one line), or None."""
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            return "--device cuda, but torch sees no CUDA device; use --device cpu"
+    if args.data is not None:
+        from fasttips.data.shards import list_shards
+        try:
+            list_shards(args.data, what="--data")
+        except FileNotFoundError as exc:
+            return str(exc)
+    return None
+
+
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
                         help="a run dir of 'fasttips train' (newest complete checkpoint) or a step_* folder")
@@ -22,11 +51,12 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None,
                         help="a folder or glob of .tar shards in the demo caption format instead of the "
                              "demo data (masks and class names are used when the shards carry them)")
-    parser.add_argument("--n-images", type=int, default=None,
-                        help="evaluate on the first N images (default: eval.n_images of the run's config)")
+    parser.add_argument("--n-images", type=_int_at_least(2), default=None,
+                        help="evaluate on the first N images, N >= 2 as retrieval needs candidates "
+                             "(default: eval.n_images of the run's config)")
     parser.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval)")
-    parser.add_argument("--pca-images", type=int, default=4, help="images in the PCA picture (0 = none)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--pca-images", type=_int_at_least(0), default=4, help="images in the PCA picture (0 = none)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu or cuda (default: cpu)")
     parser.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     return parser
 
@@ -47,9 +77,9 @@ def run(args) -> int:
     from .pca import save_pca_png
     from .report import table, write_json
 
-    if args.n_images is not None and args.n_images < 2:
-        print(f"fasttips eval: --n-images must be >= 2 (retrieval needs candidates), got {args.n_images}",
-              file=sys.stderr)
+    problem = check_arguments(args)
+    if problem:
+        print(f"fasttips eval: {problem}", file=sys.stderr)
         return 2
     try:
         model, tokenizer, cfg, ckpt = load_for_eval(args.path, device=args.device)
@@ -57,7 +87,11 @@ def run(args) -> int:
         print(f"fasttips eval: {e}", file=sys.stderr)
         return 2
     n = args.n_images or cfg.eval.n_images
-    eval_set = load_eval_set(cfg, split=args.split, path=args.data, n_images=n)
+    try:
+        eval_set = load_eval_set(cfg, split=args.split, path=args.data, n_images=n)
+    except (OSError, ValueError) as exc:         # no usable sample, unreadable shards: one line
+        print(f"fasttips eval: {exc}", file=sys.stderr)
+        return 2
     result, feats = evaluate(model, tokenizer, cfg, eval_set=eval_set, n_images=n, per_class=True,
                              return_features=True)
     result["checkpoint"] = str(ckpt)

@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 
 from fasttips import kernels
+from fasttips.config import IBOT_TOKENS as TOKENS
 
 from ._checks import check_prototypes, check_rows
-
-TOKENS = ("all", "masked")
 
 
 def _check_tokens(tokens: str) -> None:

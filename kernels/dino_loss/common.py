@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-CENTERINGS = ("softmax", "sinkhorn_knopp")
+from fasttips.config import CENTERINGS
 
 
 def check_arguments(student_z, student_v, student_g, teacher_z, teacher_v, teacher_g, pairs, weights,
