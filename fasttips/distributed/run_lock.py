@@ -79,6 +79,12 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
+    def __del__(self):                                 # an object dropped without release()
+        try:
+            self.release()
+        except Exception:
+            pass
+
 
 def _read_holder(fd: int) -> str:
     try:
