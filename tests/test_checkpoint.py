@@ -86,3 +86,220 @@ def test_saving_the_same_step_twice_is_a_no_op(tmp_path, seed):
 def test_keep_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="keep_ckpts"):
         CheckpointManager(tmp_path, keep=0, ctx=CTX)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-rank state loads with weights_only=True (no pickled classes)
+# ----------------------------------------------------------------------------------------------
+def _rng_like_rank_state():
+    import random
+
+    import numpy as np
+    return {"rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "data": {"kind": "pytorch", "batches": 12, "dali_checkpoint": "YWJj", "sizes": np.arange(3)}}
+
+
+def test_rank_state_is_weights_only_and_restores_rng_streams_exactly(tmp_path, seed):
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    model, opt, _ = _objects(seed)
+    state = _rng_like_rank_state()
+    path = CheckpointManager(tmp_path, keep=1, ctx=CTX).save(1, training_state(model, opt), state, {}, {})
+    raw = torch.load(path / "rank_00000.pt", weights_only=True)      # the point: no unpickling of classes
+    assert isinstance(raw["rng"]["numpy"][1], dict)                   # the ndarray travelled as a tensor
+    expected = (random.random(), np.random.rand(4).tolist(), torch.rand(3))
+    loaded, _ = CheckpointManager(tmp_path, keep=1, ctx=CTX).load(path, training_state(model, opt))
+    random.setstate(loaded["rng"]["python"])
+    np.random.set_state(loaded["rng"]["numpy"])
+    torch.set_rng_state(loaded["rng"]["torch"])
+    assert (random.random(), np.random.rand(4).tolist()) == expected[:2]
+    assert torch.equal(torch.rand(3), expected[2])
+    assert loaded["data"]["batches"] == 12 and loaded["data"]["dali_checkpoint"] == "YWJj"
+    assert loaded["data"]["sizes"].dtype == np.arange(3).dtype and loaded["data"]["sizes"].tolist() == [0, 1, 2]
+
+
+def test_rank_state_that_would_need_pickling_is_refused_at_save(tmp_path, seed):
+    model, opt, _ = _objects(seed)
+    with pytest.raises(TypeError, match=r"rank_state\['data'\]\['when'\]: .*cannot be stored"):
+        CheckpointManager(tmp_path, keep=1, ctx=CTX).save(1, training_state(model, opt),
+                                                          {"data": {"when": object()}}, {}, {})
+
+
+def test_older_rank_files_with_pickled_numpy_still_load(tmp_path):
+    from fasttips.distributed.checkpoint import load_rank_state
+    state = _rng_like_rank_state()
+    torch.save(state, tmp_path / "rank_00000.pt")                     # what older versions wrote
+    loaded = load_rank_state(tmp_path / "rank_00000.pt")
+    assert loaded["rng"]["numpy"][0] == "MT19937"
+    assert (loaded["rng"]["numpy"][1] == state["rng"]["numpy"][1]).all()
+
+
+class _WritesMarker:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_rank_file_whose_unpickling_runs_code_is_refused(tmp_path, seed):
+    from fasttips.distributed.checkpoint import DamagedCheckpoint
+    model, opt, _ = _objects(seed)
+    manager = CheckpointManager(tmp_path / "ckpt", keep=2, ctx=CTX)
+    path = manager.save(1, training_state(model, opt), {"rng": torch.get_rng_state()}, {}, {})
+    marker = tmp_path / "pwned"
+    torch.save({"rng": _WritesMarker(marker)}, path / "rank_00000.pt")   # swapped in by someone
+    (path / "MANIFEST.json").unlink()                                  # ... who also removed the checksums
+    with pytest.raises(DamagedCheckpoint, match=r"rank_00000.pt: asks to unpickle .*open.*refused"):
+        CheckpointManager(tmp_path / "ckpt", keep=2, ctx=CTX).load(path, training_state(model, opt))
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged checkpoints: verified before they are trusted, the newest intact one is used
+# ----------------------------------------------------------------------------------------------
+def _two_checkpoints(tmp_path, seed):
+    model, opt, buffers = _objects(seed)
+    manager = CheckpointManager(tmp_path / "ckpt", keep=3, ctx=CTX)
+    manager.save(2, training_state(model, opt, centers=buffers), {"rng": torch.get_rng_state()},
+                 {"config.yaml": b"a: 1\n"}, {})
+    newest = manager.save(4, training_state(model, opt, centers=buffers), {"rng": torch.get_rng_state()},
+                          {"config.yaml": b"a: 1\n"}, {})
+    return model, opt, buffers, newest
+
+
+def _damage(file, how):
+    data = file.read_bytes()
+    if how == "truncate":
+        file.write_bytes(data[: len(data) // 2])
+    else:                                               # same size, one byte flipped
+        i = len(data) // 2
+        file.write_bytes(data[:i] + bytes([data[i] ^ 0x5A]) + data[i + 1:])
+
+
+@pytest.mark.parametrize("how", ["truncate", "corrupt"])
+@pytest.mark.parametrize("victim", ["distcp", ".metadata", "rank_00000.pt", "meta.json"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, seed, capfd, victim, how):
+    model, opt, buffers, newest = _two_checkpoints(tmp_path, seed)
+    manifest = json.loads((newest / "MANIFEST.json").read_text())["files"]
+    assert {"config.yaml", "meta.json", ".metadata", "rank_00000.pt"} <= set(manifest)
+    file = next(newest.glob("*.distcp")) if victim == "distcp" else newest / victim
+    _damage(file, how)
+
+    manager = CheckpointManager(tmp_path / "ckpt", keep=3, ctx=CTX)
+    step, path = manager.latest_intact()
+    assert step == 2 and path.name == "step_00000002"
+    err = capfd.readouterr().err
+    assert "step_00000004 is damaged" in err and file.name in err, err
+    assert ("truncated" if how == "truncate" else "checksum") in err, err
+    # set aside, so that the step-4 checkpoint the resumed run writes is a fresh one
+    assert not newest.exists() and (tmp_path / "ckpt" / "damaged-step_00000004" / file.name).exists()
+    target = training_state(model, opt, centers=buffers)
+    manager.load(path, target)
+    assert manager.save(4, training_state(model, opt, centers=buffers), {}, {}, {}) == newest
+    assert (newest / MARKER).is_file() and manager.latest_intact()[0] == 4
+
+
+def test_every_checkpoint_damaged_is_an_error_naming_them(tmp_path, seed):
+    from fasttips.distributed.checkpoint import DamagedCheckpoint
+    _, _, _, newest = _two_checkpoints(tmp_path, seed)
+    _damage(newest / "rank_00000.pt", "truncate")
+    (newest.parent / "step_00000002" / ".metadata").unlink()
+    with pytest.raises(DamagedCheckpoint, match=r"every complete checkpoint is damaged: step_00000004 "
+                                                r"\(rank_00000.pt.*step_00000002 \(.metadata: missing"):
+        CheckpointManager(tmp_path / "ckpt", keep=3, ctx=CTX).latest_intact()
+
+
+def test_load_verifies_a_checkpoint_it_was_handed_directly(tmp_path, seed):
+    from fasttips.distributed.checkpoint import DamagedCheckpoint
+    model, opt, _, newest = _two_checkpoints(tmp_path, seed)
+    _damage(next(newest.glob("*.distcp")), "corrupt")
+    with pytest.raises(DamagedCheckpoint, match=r"step_00000004 is damaged: __.*\.distcp: contents differ"):
+        CheckpointManager(tmp_path / "ckpt", keep=3, ctx=CTX).load(newest, training_state(model, opt))
+
+
+def test_a_damaged_manifest_marks_the_checkpoint_damaged(tmp_path, seed, capfd):
+    _, _, _, newest = _two_checkpoints(tmp_path, seed)
+    _damage(newest / "MANIFEST.json", "truncate")
+    assert CheckpointManager(tmp_path / "ckpt", keep=3, ctx=CTX).latest_intact()[0] == 2
+    assert "MANIFEST.json: unreadable" in capfd.readouterr().err
+
+
+def test_checkpoints_without_manifest_load_with_a_note_and_a_structural_check(tmp_path, seed, capfd):
+    from fasttips.distributed.checkpoint import check_checkpoint
+    model, opt, buffers, newest = _two_checkpoints(tmp_path, seed)
+    for path in (newest, newest.parent / "step_00000002"):
+        (path / "MANIFEST.json").unlink()              # as written by an older fasttips
+    manager = CheckpointManager(tmp_path / "ckpt", keep=3, ctx=CTX)
+    assert manager.latest_intact()[0] == 4
+    assert "no MANIFEST.json" in capfd.readouterr().err
+    manager.load(newest, training_state(model, opt, centers=buffers))
+    # no checksums, but DCP's record of where each tensor ends still catches a truncated shard
+    shard = next(newest.glob("*.distcp"))
+    _damage(shard, "truncate")
+    verdict = check_checkpoint(newest)
+    assert not verdict.verified and shard.name in verdict.describe() and "truncated" in verdict.describe()
+    assert manager.latest_intact()[0] == 2
+
+
+def test_meta_json_with_missing_fields_falls_back_to_the_folder_name(tmp_path):
+    from fasttips.distributed.checkpoint import DamagedCheckpoint, read_meta
+    ckpt = tmp_path / "step_00000012"
+    ckpt.mkdir()
+    (ckpt / "meta.json").write_text("{}")
+    assert read_meta(ckpt) == {"step": 12, "world_size": None}
+    (ckpt / "meta.json").write_text('{"step": 1')
+    with pytest.raises(DamagedCheckpoint, match=r"step_00000012/meta.json: unreadable"):
+        read_meta(ckpt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Two gloo ranks: the checksums are split over the ranks, and every rank reaches the same verdict
+# ----------------------------------------------------------------------------------------------
+def _two_rank_worker(rank: int, port: int, root: str, out: str) -> None:
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    ctx = DistContext(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"), mesh=None,
+                      param_dtype=torch.float32)
+    model, opt, _ = _objects(0)
+    manager = CheckpointManager(root, keep=3, ctx=ctx)
+    for step in (2, 4):
+        manager.save(step, training_state(model, opt), {"rng": torch.get_rng_state(), "rank": rank}, {}, {})
+    dist.barrier()
+    if rank == 1:                                       # rank 1 damages its own file of the newest
+        file = Path(root) / "step_00000004" / "rank_00001.pt"
+        file.write_bytes(file.read_bytes()[:-3])
+    dist.barrier()
+    step, path = manager.latest_intact()
+    rank_state, meta = manager.load(path, training_state(model, opt))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"step": step, "rank": rank_state["rank"],
+                                                         "world": meta["world_size"]}))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_agree_on_the_newest_intact_checkpoint(tmp_path, capfd):
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = mp.start_processes(_two_rank_worker, args=(port, str(tmp_path / "ckpt"), str(tmp_path)),
+                               nprocs=2, join=False, start_method="fork")
+    deadline = time.time() + 120
+    while not procs.join(timeout=1):
+        assert time.time() < deadline, "ranks hung"
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results == [{"step": 2, "rank": 0, "world": 2}, {"step": 2, "rank": 1, "world": 2}]
+    manifest = json.loads((tmp_path / "ckpt" / "step_00000002" / "MANIFEST.json").read_text())["files"]
+    assert {"rank_00000.pt", "rank_00001.pt", ".metadata"} <= set(manifest)
+    err = capfd.readouterr().err
+    assert err.count("step_00000004 is damaged: rank_00001.pt") == 1, err     # said once, by rank 0

@@ -1,11 +1,14 @@
 """Loading a model for evaluation from DCP checkpoints on one process, with no process group."""
+import argparse
+import json
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
 from fasttips import config as config_mod
 from fasttips.data.tokenizer import Tokenizer
-from fasttips.eval.loading import CheckpointNotFound, load_for_eval, resolve_checkpoint
+from fasttips.eval.loading import CheckpointNotFound, DamagedCheckpointError, load_for_eval, resolve_checkpoint
 from fasttips.models import build_model
 
 TINY = ["vision.width=64", "vision.depth=1", "vision.heads=1", "vision.mlp_hidden=64", "text.depth=1",
@@ -45,3 +48,49 @@ def test_resolve_checkpoint_errors(tmp_path):
     (tmp_path / "step_00000001").mkdir()
     with pytest.raises(CheckpointNotFound, match="incomplete"):
         resolve_checkpoint(tmp_path / "step_00000001")
+
+
+def _with_manifest(ckpt):
+    from fasttips.distributed.checkpoint import build_manifest
+    (ckpt / "meta.json").write_text('{"step": %d}' % int(ckpt.name.split("_")[1]))
+    (ckpt / "MANIFEST.json").write_text(json.dumps(build_manifest(ckpt)))
+    return ckpt
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_with_a_warning(tmp_path, seed):
+    _with_manifest(write_fake_checkpoint(tmp_path, 3)[1])
+    _, newest = write_fake_checkpoint(tmp_path, 7)
+    _with_manifest(newest)
+    shard = next(newest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    warnings = []
+    found = resolve_checkpoint(tmp_path, warn=warnings.append)
+    assert found.name == "step_00000003" and newest.exists()     # eval reads; it never moves anything
+    assert len(warnings) == 1 and "step_00000007 is damaged" in warnings[0] and shard.name in warnings[0]
+    with pytest.raises(DamagedCheckpointError, match=rf"step_00000007 is damaged: {shard.name}: 100 bytes"):
+        resolve_checkpoint(newest)
+
+
+def test_eval_on_a_damaged_checkpoint_says_so_in_one_line(tmp_path, seed, capsys):
+    from fasttips.eval import cli
+    _, ckpt = write_fake_checkpoint(tmp_path, 5)
+    _with_manifest(ckpt)
+    metadata = ckpt / ".metadata"
+    metadata.write_bytes(metadata.read_bytes()[:-10])
+    parser = cli._configure(argparse.ArgumentParser())
+    assert cli.run(parser.parse_args([str(ckpt)])) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ".metadata" in err and "damaged" in err, err
+    assert not (ckpt / "eval").exists()
+
+
+def test_older_checkpoints_without_manifest_load_with_a_note(tmp_path, seed):
+    _, ckpt = write_fake_checkpoint(tmp_path, 7)
+    notes = []
+    assert resolve_checkpoint(ckpt, warn=notes.append) == ckpt
+    assert len(notes) == 1 and "no MANIFEST.json" in notes[0]
+    # a truncated shard is still caught, from DCP's own record of where the tensors end
+    shard = next(ckpt.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-1])
+    with pytest.raises(DamagedCheckpointError, match="truncated"):
+        resolve_checkpoint(ckpt, warn=notes.append)

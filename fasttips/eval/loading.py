@@ -4,36 +4,67 @@ Accepts a run directory (the newest complete checkpoint under ``<run>/checkpoint
 checkpoint folder (``step_XXXXXXXX`` holding ``COMPLETE``). The DCP shards are read with
 ``torch.distributed.checkpoint.load`` and no process group, which reassembles FSDP-sharded tensors
 into plain ones whatever the world size of the training run was.
+
+Before anything is read, the checkpoint's files are checked against the sizes and checksums recorded
+when it was written (``MANIFEST.json``). Given a run dir, a damaged newest checkpoint is passed over
+for the newest intact one, with a warning naming the file; given one damaged checkpoint folder,
+:class:`DamagedCheckpointError` says what is wrong in one line. Checkpoints of older fasttips versions
+(no manifest) load after a structural check, with a note.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
 from fasttips import config as config_mod
-from fasttips.distributed.checkpoint import MARKER, latest_checkpoint
+from fasttips.distributed.checkpoint import (MANIFEST, MARKER, DamagedCheckpoint, check_checkpoint,
+                                             newest_intact)
 
 
 class CheckpointNotFound(FileNotFoundError):
     pass
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run dir or a checkpoint folder → the checkpoint folder to load."""
+class DamagedCheckpointError(CheckpointNotFound):
+    """The checkpoint's files do not match what was recorded when it was written."""
+
+
+def _warn(message: str) -> None:
+    print(f"fasttips eval: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _note_unverified(ckpt: Path, warn) -> None:
+    warn(f"{ckpt} has no {MANIFEST} (written by an older fasttips): its files are not checksummed")
+
+
+def resolve_checkpoint(path: str | Path, warn=_warn) -> Path:
+    """A run dir or a checkpoint folder → the (verified) checkpoint folder to load."""
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFound(f"RUN_DIR_OR_CHECKPOINT: {str(p)!r} does not exist")
     if (p / MARKER).is_file():
+        verdict = check_checkpoint(p)
+        if verdict.problems:
+            raise DamagedCheckpointError(f"checkpoint {p} is damaged: {verdict.describe()}")
+        if not verdict.verified:
+            _note_unverified(p, warn)
         return p
     if p.name.startswith("step_") and not (p / MARKER).is_file():
         raise CheckpointNotFound(f"RUN_DIR_OR_CHECKPOINT: {p} is an incomplete checkpoint (no {MARKER} "
                                  "marker: its write never finished)")
-    latest = latest_checkpoint(p / "checkpoints")
+    try:
+        latest = newest_intact(p / "checkpoints", on_damaged=lambda ckpt, verdict: warn(
+            f"checkpoint {ckpt.name} is damaged ({verdict.describe()}); using the previous one"))
+    except DamagedCheckpoint as exc:
+        raise DamagedCheckpointError(str(exc)) from None
     if latest is None:
         raise CheckpointNotFound(f"RUN_DIR_OR_CHECKPOINT: {p} holds no complete checkpoint under "
                                  f"{p / 'checkpoints'}; pass a run dir of 'fasttips train' or a step_* folder")
+    if not latest[2].verified:
+        _note_unverified(latest[1], warn)
     return latest[1]
 
 
@@ -53,15 +84,27 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path) -> list[str]:
     (heads of a different layout, say). The vision and text towers must be complete."""
     import torch.distributed.checkpoint as dcp
 
-    saved = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    try:
+        saved = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    except Exception as exc:               # checked by resolve_checkpoint; this is a last line of defence
+        raise DamagedCheckpointError(f"checkpoint {ckpt}: cannot read .metadata ({_first_line(exc)})") from None
     own = model.state_dict()
     prefix = _model_prefix(saved, list(own))
     wanted = {prefix + k: v for k, v in own.items() if prefix + k in saved}
     with warnings.catch_warnings():       # "no process group: loading in a single process" is the point
         warnings.simplefilter("ignore")
-        dcp.load(wanted, checkpoint_id=str(ckpt))
+        try:
+            dcp.load(wanted, checkpoint_id=str(ckpt))
+        except Exception as exc:
+            raise DamagedCheckpointError(f"checkpoint {ckpt}: cannot read its shards "
+                                         f"({type(exc).__name__}: {_first_line(exc)})") from None
     model.load_state_dict({k[len(prefix):]: v for k, v in wanted.items()}, strict=False)
     return [k for k in own if prefix + k not in saved]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def load_for_eval(path: str | Path, device: str | torch.device = "cpu"):

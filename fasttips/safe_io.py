@@ -1,0 +1,164 @@
+"""Readers for files that come from elsewhere: data only, never code.
+
+A pickle can run any Python code while it loads, so nothing a user downloads or receives is read with
+plain ``pickle``/``torch.load(weights_only=False)``/``np.load(allow_pickle=True)``. Every reader here
+uses a format that cannot execute code, and a file that would need unpickling is refused with
+:class:`UnsafeFileError`, a one-line message naming the file and saying why.
+
+API (all paths are ``str`` or ``Path``; every error names the file):
+
+``load_npz(path) -> dict[str, np.ndarray]``
+    ``.npz`` archives (e.g. released JAX/TIPS weights) through ``np.load(allow_pickle=False)``.
+    Arrays of Python objects (dtype ``object``) are pickles inside the archive: refused.
+``load_npy(path) -> np.ndarray``
+    One ``.npy`` array, same rule.
+``load_safetensors(path, device="cpu") -> dict[str, torch.Tensor]``
+    Hugging Face / timm ``.safetensors`` (a JSON header and raw tensor bytes). Needs the
+    ``safetensors`` package; a clear message says how to install it when it is missing.
+``load_torch_weights(path) -> object``
+    ``.pt`` / ``.pth`` / ``.bin`` through ``torch.load(weights_only=True)``: tensors and plain
+    containers (dict, list, tuple, str, numbers, None) only. Anything else (a class, a function, a
+    numpy array) would be unpickled as code: refused, naming what the file asked for.
+``load_json(path) -> object``
+    JSON, with the file and the line/column of a syntax error in the message.
+``load_weights(path)``
+    Picks the reader from the file's suffix (``.npz``, ``.npy``, ``.safetensors``, ``.pt``, ``.pth``,
+    ``.bin``, ``.json``); ``.pkl``/``.pickle`` and unknown suffixes are refused.
+
+``UnsafeFileError`` (a ``ValueError``) is raised for files that need pickling; a damaged or
+unreadable file raises ``ValueError`` (``UnreadableFileError``) with the file's name and the cause.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["UnsafeFileError", "UnreadableFileError", "load_npz", "load_npy", "load_safetensors",
+           "load_torch_weights", "load_json", "load_weights"]
+
+_CONVERT = ("convert it to safetensors or .npz (plain arrays) on a machine where you trust the file, "
+            "e.g. with safetensors.torch.save_file")
+
+
+class UnreadableFileError(ValueError):
+    """The file is damaged, truncated or not in the format its name says."""
+
+
+class UnsafeFileError(UnreadableFileError):
+    """Loading the file would need unpickling, which can run arbitrary code."""
+
+
+def load_npz(path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    out = {}
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            for key in archive.files:
+                out[key] = _read_array(path, key, lambda: archive[key])
+    except (UnsafeFileError, FileNotFoundError):
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise UnreadableFileError(f"{path}: not a readable .npz archive ({exc})") from None
+    return out
+
+
+def load_npy(path) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return _read_array(path, None, lambda: np.load(path, allow_pickle=False))
+    except UnsafeFileError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise UnreadableFileError(f"{path}: not a readable .npy file ({exc})") from None
+
+
+def _read_array(path: Path, key: str | None, read):
+    try:
+        return read()
+    except ValueError as exc:
+        # numpy's words for an object array read without pickling
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            where = f"array {key!r}" if key is not None else "the array"
+            raise UnsafeFileError(
+                f"{path}: {where} holds Python objects (dtype=object), which only load by unpickling and "
+                f"unpickling can run code; refused. Store plain numeric arrays instead") from None
+        raise
+
+
+def load_safetensors(path, device: str = "cpu") -> dict:
+    path = Path(path)
+    try:
+        from safetensors.torch import load_file
+        from safetensors import SafetensorError
+    except ImportError:
+        raise ImportError(f"{path}: reading .safetensors needs the 'safetensors' package: "
+                          "pip install safetensors") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UnreadableFileError(f"{path}: not a readable .safetensors file ({exc})") from None
+
+
+def load_torch_weights(path):
+    """``torch.load(weights_only=True)``; a file that needs more than that is refused."""
+    import torch
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's weights-only unpickler stops at the first global it does not allow; name it
+        wanted = _unsafe_globals(path)
+        what = f" (it asks for {', '.join(wanted[:5])})" if wanted else ""
+        raise UnsafeFileError(
+            f"{path}: needs pickled Python objects beyond tensors and plain containers{what}; unpickling "
+            f"can run code, so it is refused. If you trust the file, {_CONVERT}") from None
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise UnreadableFileError(f"{path}: not a readable PyTorch file ({exc})") from None
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        from torch.serialization import get_unsafe_globals_in_checkpoint
+        return list(get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:                 # old-format (non-zip) files: the generic message is enough
+        return []
+
+
+def load_json(path):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UnreadableFileError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: "
+                                  f"{exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise UnreadableFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+_BY_SUFFIX = {".npz": load_npz, ".npy": load_npy, ".safetensors": load_safetensors,
+              ".pt": load_torch_weights, ".pth": load_torch_weights, ".bin": load_torch_weights,
+              ".json": load_json}
+
+
+def load_weights(path):
+    """Read ``path`` with the safe reader its suffix names; pickles and unknown suffixes are refused."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".pkl", ".pickle"):
+        raise UnsafeFileError(f"{path}: a Python pickle, which can run code when loaded; refused. "
+                              f"If you trust the file, {_CONVERT}")
+    reader = _BY_SUFFIX.get(suffix)
+    if reader is None:
+        raise UnreadableFileError(f"{path}: unknown weight format {suffix or '(no suffix)'!r}; "
+                                  f"allowed: {', '.join(sorted(_BY_SUFFIX))}")
+    return reader(path)

@@ -1,0 +1,92 @@
+"""End to end through ``python -m fasttips.train``: a damaged newest checkpoint and a truncated
+metrics.jsonl do not block ``--resume`` (it falls back to the newest intact checkpoint, bitwise), and a
+second run in a run directory that is in use is refused, while kill -9 leaves no stale lock.
+
+These need the wiring of fasttips.distributed.{checkpoint.CheckpointManager.latest_intact, run_lock,
+run_files, startup} into fasttips/train.py; until then they are skipped (the unit tests in
+test_checkpoint.py and test_startup.py cover the modules themselves).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fasttips.distributed.checkpoint import MARKER, complete_checkpoints
+
+_TRAIN = (Path(__file__).resolve().parents[1] / "fasttips" / "train.py").read_text()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif("latest_intact" not in _TRAIN or "RunLock" not in _TRAIN,
+                       reason="needs wiring in train.py (CheckpointManager.latest_intact, RunLock, "
+                              "drop_metrics_after, startup_phase)"),
+]
+
+SMALL = ["vision.depth=1", "text.depth=1", "text.max_len=8", "heads.hidden=64", "heads.bottleneck=32",
+         "heads.prototypes=64", "data.batch_size=4", "data.global_size=28", "data.local_size=14",
+         "data.n_local=2", "optim.warmup_steps=2", "loss.teacher_temp_warmup_steps=3", "train.steps=4",
+         "train.keep_ckpts=2", "train.ckpt_every=2"]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env.pop("FASTTIPS_TEST_NAN_STEPS", None)
+    if "FASTTIPS_TEST_PAUSE_IN_CHECKPOINT" not in extra:
+        env.pop("FASTTIPS_TEST_PAUSE_IN_CHECKPOINT", None)
+    return env
+
+
+def _train(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "fasttips.train", "--no-progress", *SMALL, f"train.run_dir={run_dir}"]
+
+
+def _resume(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "fasttips.train", "--no-progress", "--resume", str(run_dir)]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_a_truncated_metrics_line(tmp_path):
+    run_dir = tmp_path / "run"
+    done = subprocess.run(_train(run_dir), env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    expected = _losses(run_dir)
+    assert [s for s, _ in complete_checkpoints(run_dir / "checkpoints")] == [2, 4]
+    newest = run_dir / "checkpoints" / "step_00000004"
+    shard = next(newest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')                               # a write cut short by a crash
+
+    resumed = subprocess.run(_resume(run_dir), env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"step_00000004 is damaged: {shard.name}" in resumed.stderr, resumed.stderr
+    assert "metrics.jsonl" in resumed.stderr and "(step 2)" in resumed.stdout
+    assert _losses(run_dir) == expected                          # steps 3 and 4 again, bit for bit
+    assert (run_dir / "checkpoints" / "damaged-step_00000004" / shard.name).is_file()
+    assert (newest / MARKER).is_file() and (newest / "MANIFEST.json").is_file()   # written afresh
+
+
+def test_a_second_run_in_a_busy_run_dir_is_refused_and_kill9_frees_it(tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(_train(run_dir), env=_env(FASTTIPS_TEST_PAUSE_IN_CHECKPOINT="2"), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.time()
+        while "PAUSED_IN_CHECKPOINT" not in first.stdout.readline():
+            assert first.poll() is None and time.time() - t0 < 240, "the first run never reached step 2"
+        second = subprocess.run(_resume(run_dir), env=_env(), capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr
+        assert f"in use by another fasttips run (pid {first.pid} " in second.stderr, second.stderr
+    finally:
+        first.kill()                                             # kill -9 mid-checkpoint
+        first.wait(timeout=60)
+    third = subprocess.run(_resume(run_dir), env=_env(), capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr                   # no stale lock
