@@ -107,3 +107,32 @@ def test_ablate_rejects_bad_seeds(capsys):
     from fasttips.eval import ablate
     assert ablate.main(["ibot-vs-ibotpp", "--seeds", "0,x"]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_eval_writes_beside_the_checkpoints_and_prints_chance_levels(trained_run, capsys):
+    """Default output folder RUN_DIR/eval/step_N: outside the checkpoint, which pruning deletes."""
+    from fasttips.eval import cli
+    assert cli.main([str(trained_run), "--n-images", "6", "--pca-images", "0"]) == 0
+    printed = capsys.readouterr().out
+    out = trained_run / "eval" / "step_00000002"
+    assert (out / "eval.json").is_file()
+    assert not any((trained_run / "checkpoints").glob("*/eval"))
+    header = printed.splitlines()[1]
+    assert "value" in header and "chance" in header
+    r5 = next(line for line in printed.splitlines() if "alt-text  image->text R@5" in line)
+    assert r5.split()[-1] == f"{100 * 5 / 6:.1f}"             # R@5 among 6 candidates
+
+
+def test_chance_levels_of_segmentation_follow_the_pixel_counts():
+    import torch
+
+    from fasttips.eval.evaluate import EvalSet
+    from fasttips.eval.report import chance_levels
+    masks = torch.zeros(2, 4, 4, dtype=torch.long)           # 3/4 background, 1/4 "circle"
+    masks[:, :2, :2] = 1
+    eval_set = EvalSet(torch.zeros(2, 3, 4, 4), {}, ["background", "circle"], masks)
+    chance = chance_levels({"n_images": 2, "seg/miou": 0.0, "seg/miou_fg": 0.0}, eval_set)
+    # uniform guesses over 2 classes: IoU_bg = (12/2) / (16/2 + 12 - 12/2) = 6/14, IoU_circle = 2/10
+    assert chance["seg/miou"] == pytest.approx((6 / 14 + 2 / 10) / 2)
+    assert chance["seg/pixel_acc"] == pytest.approx(0.5)
+    assert chance["seg/miou_fg"] == pytest.approx(1.0)      # one object class: a guess is always right

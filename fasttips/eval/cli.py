@@ -42,6 +42,15 @@ def check_arguments(args) -> str | None:
     return None
 
 
+def default_out_dir(ckpt: Path) -> Path:
+    """RUN_DIR/eval/step_N for a checkpoint inside a run (never inside the checkpoint folder: pruning
+    old checkpoints would delete it), else a sibling folder eval-<name>."""
+    ckpt = Path(ckpt)
+    if ckpt.parent.name == "checkpoints":
+        return ckpt.parent.parent / "eval" / ckpt.name
+    return ckpt.parent / f"eval-{ckpt.name}"
+
+
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
                         help="a run dir of 'fasttips train' (newest complete checkpoint) or a step_* folder")
@@ -54,10 +63,14 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--n-images", type=_int_at_least(2), default=None,
                         help="evaluate on the first N images, N >= 2 as retrieval needs candidates "
                              "(default: eval.n_images of the run's config)")
-    parser.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: RUN_DIR/eval/step_N, outside the checkpoint folder, "
+                             "which checkpoint pruning deletes)")
     parser.add_argument("--pca-images", type=_int_at_least(0), default=4, help="images in the PCA picture (0 = none)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu or cuda (default: cpu)")
     parser.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
+    from .suites import add_arguments as add_suite_arguments
+    add_suite_arguments(parser)
     return parser
 
 
@@ -75,7 +88,7 @@ def run(args) -> int:
     from .evaluate import evaluate
     from .loading import CheckpointNotFound, load_for_eval
     from .pca import save_pca_png
-    from .report import table, write_json
+    from .report import chance_levels, table, write_json
 
     problem = check_arguments(args)
     if problem:
@@ -86,6 +99,9 @@ def run(args) -> int:
     except CheckpointNotFound as e:
         print(f"fasttips eval: {e}", file=sys.stderr)
         return 2
+    if args.suite:
+        from .suites import run_from_args
+        return run_from_args(args, model, tokenizer, cfg, default_out=default_out_dir(ckpt))
     n = args.n_images or cfg.eval.n_images
     try:
         eval_set = load_eval_set(cfg, split=args.split, path=args.data, n_images=n)
@@ -97,7 +113,7 @@ def run(args) -> int:
     result["checkpoint"] = str(ckpt)
     result["split"] = args.data or args.split
 
-    out = Path(args.out) if args.out else ckpt / "eval"
+    out = Path(args.out) if args.out else default_out_dir(ckpt)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", result)
     if args.pca_images > 0:
@@ -108,7 +124,7 @@ def run(args) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"{ckpt}  ({result['n_images']} images, split {result['split']})")
-        print(table({"value": result}))
+        print(table({"value": result, "chance": chance_levels(result, eval_set)}))
         print(f"wrote {out / 'eval.json'}" + (f" and {out / 'pca.png'}" if args.pca_images > 0 else ""))
     return 0
 
