@@ -21,6 +21,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from fasttips.argtypes import int_at_least
+
 from .shards import (CAPTION_EXT, CAPTION_KINDS, IMAGE_EXTS, SKIP_REASONS, ShardWriter, image_is_valid,
                      index_shards, list_shards, parse_captions, split_name, total_skipped)
 
@@ -194,21 +196,7 @@ def _cmd_check(args) -> int:
     return 0
 
 
-def _int_at_least(low: int):
-    """argparse type: an integer >= ``low`` (argparse reports a bad one as a usage error, exit 2)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-_count, _positive = _int_at_least(0), _int_at_least(1)
+_count, _positive = int_at_least(0), int_at_least(1)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

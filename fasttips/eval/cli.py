@@ -10,21 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+from fasttips.argtypes import int_at_least
+
 DESCRIPTION = __doc__.splitlines()[0]
-
-
-def _int_at_least(low: int):
-    """argparse type: an integer >= ``low`` (argparse turns the error into one usage line, exit 2)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    parse.__name__ = f"integer >= {low}"
-    return parse
 
 
 def check_arguments(args) -> str | None:
@@ -60,13 +48,13 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None,
                         help="a folder or glob of .tar shards in the demo caption format instead of the "
                              "demo data (masks and class names are used when the shards carry them)")
-    parser.add_argument("--n-images", type=_int_at_least(2), default=None,
+    parser.add_argument("--n-images", type=int_at_least(2), default=None,
                         help="evaluate on the first N images, N >= 2 as retrieval needs candidates "
                              "(default: eval.n_images of the run's config)")
     parser.add_argument("--out", default=None,
                         help="output folder (default: RUN_DIR/eval/step_N, outside the checkpoint folder, "
                              "which checkpoint pruning deletes)")
-    parser.add_argument("--pca-images", type=_int_at_least(0), default=4, help="images in the PCA picture (0 = none)")
+    parser.add_argument("--pca-images", type=int_at_least(0), default=4, help="images in the PCA picture (0 = none)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu or cuda (default: cpu)")
     parser.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     from .suites import add_arguments as add_suite_arguments
