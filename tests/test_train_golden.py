@@ -17,7 +17,6 @@ import math
 import sys
 from pathlib import Path
 
-import pytest
 
 GOLDEN = Path(__file__).parent / "golden" / "train_loss_curve.json"
 STEPS = 4
