@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Settings come from the preset, then --config, then key=value overrides (later wins)."),
         epilog=("run directory (train.run_dir): config.yaml (resolved), metrics.jsonl (one line per step),\n"
                 "checkpoints/step_NNNNNNNN/ (the last train.keep_ckpts; complete ones hold COMPLETE),\n"
-                "loss_curve.png, tensorboard/ (when tensorboard is installed).\n\n"
+                "loss_curve.png (one smoothed panel per loss term), tensorboard/ (when tensorboard is\n"
+                "installed). Next: fasttips eval RUN_DIR.\n\n"
                 "exit codes: 0 done or stopped by SIGTERM/SIGINT with a checkpoint; 2 bad config;\n"
                 "3 too many consecutive non-finite losses; 4 CUDA out of memory.\n\n"
                 f"config fields (key=value; defaults before the preset, presets: {', '.join(config_lib.PRESETS)}):\n"
