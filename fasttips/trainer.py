@@ -95,6 +95,8 @@ class Trainer:
         self.cfg, self.ctx, self.run_dir, self.resuming = cfg, ctx, Path(run_dir), resuming
         self.progress, self.evaluate, self.faults = progress, evaluate, faults
         self.is_main = ctx.is_main
+        # Starting from other weights: pass build_training(..., load_weights=fn); it runs once the
+        # weights exist on the device, before the teacher copies them and the optimiser is built.
         self.training = build_training(cfg, ctx)
         # The lr rule scales with the images per optimiser step: processes × accumulated batches.
         self.schedules = Schedules(cfg, world_size=ctx.world_size * cfg.optim.accum_steps)
@@ -127,11 +129,9 @@ class Trainer:
         loader = build_loader(cfg, self.ctx.rank, self.ctx.world_size)
         if cfg.data.source != "synthetic":
             self.say(f"data: ready in {time.perf_counter() - t0:.1f} s")
-            samples = loader.num_samples
-            if samples < loader.batch_size:
-                print(f"fasttips train: warning: data.batch_size={loader.batch_size} is larger than the "
-                      f"{samples} usable samples of rank {self.ctx.rank}; every batch repeats samples",
-                      file=sys.stderr, flush=True)
+            warning = batch_warning(loader.batch_size, loader.num_samples, self.ctx.rank)
+            if warning:
+                print(f"fasttips train: warning: {warning}", file=sys.stderr, flush=True)
         return loader
 
     # -- run directory and resume ---------------------------------------------------------------
@@ -292,6 +292,14 @@ class Trainer:
             writer.write(step, record)
         terms = {k: v for k, v in out.terms.items() if k in TERMS}
         bar.update(step - 1, out.loss, terms, record["images_per_s"])
+
+
+def batch_warning(batch_size: int, samples: int, rank: int) -> str | None:
+    """What to say when one batch holds more images than this rank's share of the data."""
+    if samples >= batch_size:
+        return None
+    return (f"data.batch_size={batch_size} is larger than the {samples} usable samples of rank {rank}: "
+            f"every batch repeats samples (lower data.batch_size or add data)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -69,3 +69,10 @@ def test_out_of_memory_names_the_batch_size_and_the_options(tmp_path, capsys, mo
     assert code == 4
     for words in ("out of memory", "data.batch_size=3", "optim.accum_steps", "train.activation_checkpointing"):
         assert words in err, words
+
+
+def test_a_batch_larger_than_the_data_is_warned_about():
+    from fasttips.trainer import batch_warning
+    assert batch_warning(16, 16, 0) is None
+    message = batch_warning(16, 5, 1)
+    assert "data.batch_size=16" in message and "5 usable samples of rank 1" in message
