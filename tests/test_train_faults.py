@@ -68,6 +68,7 @@ def reference_run(tmp_path_factory) -> tuple[Path, dict[int, float]]:
     done = _run(_cmd(run_dir, "train.ckpt_every=2"))
     assert done.returncode == 0, done.stderr
     (run_dir / "stdout.txt").write_text(done.stdout)
+    assert "step 6/6 [" in done.stderr and "\r" not in done.stderr     # --no-progress: plain lines
     losses = _losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert [s for s, _ in complete_checkpoints(run_dir / "checkpoints")] == [4, 6]   # keep_ckpts=2
