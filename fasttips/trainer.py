@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ class Tokenizer(Protocol):
     def serialized(self) -> bytes: ...
 
 
+@runtime_checkable
 class Loader(Protocol):
     """What the trainer needs of a data loader (``fasttips.data.loader.build_loader``'s three kinds)."""
     kind: str                       # "pytorch", "dali" or "synthetic" (for the start-up line)

@@ -76,3 +76,20 @@ def test_a_batch_larger_than_the_data_is_warned_about():
     assert batch_warning(16, 16, 0) is None
     message = batch_warning(16, 5, 1)
     assert "data.batch_size=16" in message and "5 usable samples of rank 1" in message
+
+
+def test_every_loader_kind_satisfies_the_trainers_loader_protocol():
+    """The trainer uses its loader only through fasttips.trainer.Loader (no hasattr probing): the
+    three kinds must all provide it."""
+    from fasttips.data.dali_loader import DaliLoader
+    from fasttips.data.loader import Loader as PytorchLoader
+    from fasttips.data.loader import SyntheticLoader
+    from fasttips.trainer import Loader
+    cfg = config_lib.load(None, ["data.source=synthetic"])
+    assert isinstance(SyntheticLoader(cfg, 0), Loader)
+    for cls in (PytorchLoader, DaliLoader):       # built from shards: their classes are checked
+        assert isinstance(cls.kind, str)
+        for method in ("__iter__", "__next__", "state_dict", "load_state_dict"):
+            assert callable(getattr(cls, method, None)), f"{cls.__name__}.{method}"
+        init = cls.__init__.__code__
+        assert {"batch_size", "tokenizer", "stats"} <= set(init.co_names), cls.__name__
