@@ -3,7 +3,7 @@
     python bench/bench_train_step.py [--quick] [--preset vit-l] [--batch 128,96,64]
                                      [--kernels plain,auto] [--no-max-batch]
 
-One step is exactly what ``fasttips train`` runs (``Trainer.train_step``): the packed student pass
+One step is exactly what ``fasttips train`` runs (``Training.train_step``): the packed student pass
 over the global, masked and local crops, the text tower, the CLIP, DINO and iBOT++ losses, backward,
 per-module clipping, AdamW and the EMA, on synthetic batches already on the device. On a GPU the
 step runs under FSDP2 with the bf16 MixedPrecisionPolicy (one rank), as training does.
@@ -23,10 +23,10 @@ Implementations (``--kernels``), measured in the same process at the same batch:
 ``--batch`` lists per-device batch sizes to try, largest first; the first at which every
 implementation fits is measured (a CUDA OOM moves to the next). On CUDA (not ``--quick``) a doubling
 search then finds the largest per-device batch each implementation can run (``max_batch`` in its row).
-FLOPs come from the explicit model in ``fasttips.metrics.flop_model`` (matmul FLOPs, fwd + bwd) of
+FLOPs come from the explicit model in ``fasttips.flops.flop_model`` (matmul FLOPs, fwd + bwd) of
 each implementation's own config: the full-EMA teacher's extra forward counts as work done, so the
 baseline's MFU is not flattered by it being slower. MFU is against the device's nominal dense bf16
-peak (``fasttips.metrics.PEAK_BF16_FLOPS``); ``%peak`` in the table against the matmul ceiling the
+peak (``fasttips.flops.PEAK_BF16_FLOPS``); ``%peak`` in the table against the matmul ceiling the
 harness measured on this device.
 """
 from __future__ import annotations
@@ -141,12 +141,11 @@ def plain_pytorch_ops():
 
 def build_trainer(preset: str, batch: int, overrides: list[str], run_dir: str):
     from fasttips import config as config_lib
-    from fasttips.train import Trainer
+    from fasttips.distributed import fsdp
+    from fasttips.trainer import Trainer
     cfg = config_lib.load(None, [f"preset={preset}", "data.source=synthetic", f"data.batch_size={batch}",
                                  "train.steps=1000", f"train.run_dir={run_dir}", *overrides])
-    trainer = Trainer(cfg, Path(run_dir), progress=False)
-    trainer.setup()
-    return trainer
+    return Trainer(cfg, fsdp.init_distributed(cfg), Path(run_dir), progress=False)
 
 
 @contextlib.contextmanager
@@ -171,18 +170,16 @@ def _free():
 
 def measure(bench: Bench, preset: str, batch: int, overrides: list[str], kernels: str) -> dict:
     """Time one (preset, batch, kernels) case and add its row; raises torch.OutOfMemoryError."""
-    from fasttips.distributed.signals import StopRequest
-    from fasttips.metrics import mfu
+    from fasttips.flops import mfu
     with implementation(kernels) as (impl, extra), tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(preset, batch, overrides + extra, run_dir)
         try:
             it = iter(trainer.loader)
             batches = [trainer.next_batches([it]) for _ in range(2)]
             values = trainer.schedules(100)          # past warm-up: a representative lr
-            stop = StopRequest()                      # never installed: no signal handling here
 
             def step(micro_batches):
-                trainer.train_step(micro_batches, values, stop)   # ends in a host sync (flags)
+                trainer.training.train_step(micro_batches, values)   # ends in a host sync (flags)
 
             t0 = time.perf_counter()
             step(batches[0])                          # compile / autotune outside the timing
@@ -207,7 +204,6 @@ def measure(bench: Bench, preset: str, batch: int, overrides: list[str], kernels
 
 def fits(preset: str, batch: int, overrides: list[str], kernels: str) -> bool:
     """Whether two training steps at this per-device batch run without a CUDA OOM."""
-    from fasttips.distributed.signals import StopRequest
     with implementation(kernels) as (_, extra), tempfile.TemporaryDirectory() as run_dir:
         trainer = None
         try:
@@ -215,7 +211,7 @@ def fits(preset: str, batch: int, overrides: list[str], kernels: str) -> bool:
             it = iter(trainer.loader)
             values = trainer.schedules(100)
             for _ in range(2):   # the second step holds the optimiser state as well
-                trainer.train_step(trainer.next_batches([it]), values, StopRequest())
+                trainer.training.train_step(trainer.next_batches([it]), values)
             return True
         except RuntimeError as exc:             # torch.OutOfMemoryError is a RuntimeError
             if not _is_oom(exc):

@@ -3,10 +3,12 @@
     fasttips bench [attention|dino-loss|ema|data|step|all ...] [--quick] [--plot] [--no-write]
                    [--results DIR]
 
-Benchmarks are scripts in the source checkout's bench/ folder (they are not installed), each exposing
+Benchmarks are the scripts of the repository's bench/ folder, installed with the package as
+``fasttips.bench`` (so this works from a wheel as well as from a checkout), each exposing
 ``run(quick, results_dir=None) -> harness.Bench``. Results are appended as JSON lines to
-bench/results/ (or ``--results DIR``); ``--plot`` redraws the PNG plots from the JSON in that folder
-into its plots/ subfolder (it runs nothing when given alone). Without CUDA, ``--quick`` runs tiny
+bench/results/ in a source checkout, else to ./bench-results/ (or ``--results DIR``); ``--plot``
+redraws the PNG plots from the JSON in that folder into its plots/ subfolder (it runs nothing when
+given alone). Without CUDA, ``--quick`` runs tiny
 shapes on the PyTorch reference backends (a smoke test of the benches; peers that need CUDA are
 skipped with a printed reason).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -28,11 +31,24 @@ BENCHES = {
 
 
 def bench_dir() -> Path:
-    here = Path(__file__).resolve().parents[1] / "bench"
-    if not (here / "harness.py").is_file():
-        raise SystemExit("fasttips bench: needs a source checkout with bench/ beside fasttips/ "
-                         "(install with `pip install -e .` from the repository)")
-    return here
+    """The folder of the benchmark scripts: the installed ``fasttips.bench`` package (bench/ itself
+    in an editable install)."""
+    spec = importlib.util.find_spec("fasttips.bench")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in map(Path, folders):
+        if (folder / "harness.py").is_file():
+            return folder
+    raise SystemExit("fasttips bench: the benchmark scripts (fasttips.bench) are not installed; "
+                     "reinstall fasttips (pip install fasttips, or pip install -e . in a checkout)")
+
+
+def default_results_dir(folder: Path) -> Path:
+    """bench/results/ in a source checkout (results are committed beside the scripts), else
+    ./bench-results/ (never inside an installed package)."""
+    checkout = (folder.parent / "pyproject.toml").is_file() and (folder / "results").is_dir()
+    if checkout and os.access(folder / "results", os.W_OK):
+        return folder / "results"
+    return Path.cwd() / "bench-results"
 
 
 def load_bench(filename: str):
@@ -52,10 +68,11 @@ def parser() -> argparse.ArgumentParser:
                    help=f"benchmarks to run: {', '.join(BENCHES)} or all (default: all, unless --plot)")
     p.add_argument("--quick", action="store_true", help="small shapes and short timing windows "
                    "(under 2 minutes on a GPU; runs on CPU with the reference backends)")
-    p.add_argument("--plot", action="store_true", help="redraw the PNG plots from bench/results/*.jsonl")
+    p.add_argument("--plot", action="store_true", help="redraw the PNG plots from the results folder's *.jsonl")
     p.add_argument("--no-write", action="store_true", help="print the tables but write no JSON")
     p.add_argument("--results", metavar="DIR", default=None,
-                   help="folder for the JSON lines (and, with --plot, the source of plots/); default bench/results")
+                   help="folder for the JSON lines (and, with --plot, the source of plots/); default "
+                        "bench/results in a source checkout, else ./bench-results")
     return p
 
 
@@ -69,18 +86,16 @@ def main(argv=None) -> int:
         print(f"fasttips bench: unknown benchmark(s) {unknown}; choose from {list(BENCHES) + ['all']}",
               file=sys.stderr)
         return 2
+    results = str(args.results or default_results_dir(bench_dir()))
     for name in names:
         module = load_bench(BENCHES[name])
-        bench = module.run(quick=args.quick, results_dir=args.results)
+        bench = module.run(quick=args.quick, results_dir=results)
         bench.report(baseline=module.BASELINE)
         if not args.no_write:
             print(f"wrote {bench.write()}")
     if args.plot:
         plots = load_bench("plots.py")
-        kwargs = {}
-        if args.results:
-            kwargs = {"results_dir": args.results, "out_dir": str(Path(args.results) / "plots")}
-        for path in plots.draw_all(**kwargs):
+        for path in plots.draw_all(results_dir=results, out_dir=str(Path(results) / "plots")):
             print(f"plot {path}")
     return 0
 

@@ -19,7 +19,7 @@ COMMANDS = {
     "train": ("fasttips.train", "train a model (default: the tiny preset on the embedded demo data)"),
     "data": ("fasttips.data.cli", "pack shards, train a tokenizer, build the demo data"),
     "eval": ("fasttips.eval.cli", "zero-shot retrieval, classification and segmentation of a run"),
-    "ablate": ("fasttips.eval.ablate", "iBOT vs iBOT++ ablation at toy scale"),
+    "ablate": ("fasttips.ablate", "iBOT vs iBOT++ ablation at toy scale"),
     "bench": ("fasttips.benchcli", "kernel and training-step benchmarks against peers"),
 }
 

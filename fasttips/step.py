@@ -1,6 +1,6 @@
-"""One TIPSv2 training step: every loss term (``compute_losses``) and the plain single-process step
-(``train_step``). The FSDP loop (fasttips.train) calls ``compute_losses`` and does its own backward,
-clipping, optimiser step and EMA update.
+"""The TIPSv2 objective: every loss term of one batch (``compute_losses``) and the loss-side state
+that checkpoints (``LossState``: the DINO and iBOT centers). The training step that calls it, with
+backward, clipping, the optimiser and the EMA, is ``fasttips.training.Training.train_step``.
 
 Passes per step (reference_math.md §2.9; DESIGN.md):
   1. one packed student pass with gradient over [unmasked globals, masked globals, local crops];
@@ -17,7 +17,6 @@ from torch import nn
 
 from fasttips.data.batch import check_batch, to_device
 from fasttips.losses import Centering, contrastive_loss, dino_loss, ibot_loss, ibot_rows, koleo_loss
-from fasttips.optim import clamp_logit_scale_, clip_gradients, clip_modules, set_hyperparameters
 
 TERMS = ("clip_alt", "clip_syn", "dino", "ibot", "koleo")
 
@@ -38,12 +37,6 @@ class LossState(nn.Module):
         self.ibot_center.begin_step()
 
 
-def _get(values, key, default=None):
-    if isinstance(values, dict):
-        return values.get(key, default)
-    return getattr(values, key, default)
-
-
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -61,15 +54,13 @@ def _record_center(state: Centering, stat, cfg) -> None:
         state.update(stat)
 
 
-def compute_losses(model: nn.Module, teacher, state: LossState, batch: dict, step_values,
+def compute_losses(model: nn.Module, teacher, state: LossState, batch: dict, teacher_temp: float,
                    cfg) -> dict[str, torch.Tensor]:
-    """Every loss term and the weighted total ``"loss"`` (DESIGN.md weights), plus logged scalars.
-
-    ``step_values`` (a ``StepValues`` or a dict) must carry ``teacher_temp``.
-    """
-    teacher_temp = _get(step_values, "teacher_temp")
-    if teacher_temp is None:
-        raise ValueError("compute_losses: step_values must carry teacher_temp")
+    """Every loss term (``TERMS``) and the weighted total ``"loss"`` (DESIGN.md weights), plus logged
+    scalars (the logit scales, the teacher temperature). ``teacher_temp`` is this step's value of the
+    schedule (``StepValues.teacher_temp``)."""
+    if not isinstance(teacher_temp, (int, float)) or isinstance(teacher_temp, bool) or not teacher_temp > 0:
+        raise ValueError(f"compute_losses: teacher_temp must be a number > 0, got {teacher_temp!r}")
     lc = cfg.loss
     G = cfg.data.n_global
     patch = cfg.vision.patch_size
@@ -147,39 +138,3 @@ def compute_losses(model: nn.Module, teacher, state: LossState, batch: dict, ste
         out["logit_scale_alt"], out["logit_scale_syn"] = inv_temp[0], inv_temp[1]
         out["teacher_temp"] = torch.tensor(float(teacher_temp))
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# single-process step: forward, backward, per-module clipping, optimiser step, EMA update
-# ------------------------------------------------------------------------------------------------
-def clip_units(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Clipping units (DINOv2: backbone and each head separately): ``fasttips.optim.clip_modules``."""
-    return clip_modules(model)
-
-
-def train_step(model: nn.Module, teacher, state: LossState, optimizer: torch.optim.Optimizer,
-               batch: dict, step: int, cfg, schedules) -> dict[str, float]:
-    """One optimisation step; returns the loss terms and gradient norms as floats."""
-    values = schedules(step)
-    prototype_params = [p for head in {id(model.dino_head): model.dino_head,
-                                       id(model.ibot_head): model.ibot_head}.values()
-                        for p in head.prototypes.parameters()]
-    # A plain optimiser (no ``param_groups`` multipliers) gets the bare lr / wd; the frozen prototypes
-    # are held still below by dropping their gradient, whatever the grouping.
-    set_hyperparameters(optimizer, values.lr, values.weight_decay, values.freeze_prototypes)
-    optimizer.zero_grad(set_to_none=True)
-    state.begin_step()
-    losses = compute_losses(model, teacher, state, batch, values, cfg)
-    losses["loss"].backward()
-    if values.freeze_prototypes:       # DINOv2 cancels the last layer's gradient (Adam moments too)
-        for p in prototype_params:
-            p.grad = None
-    norms = clip_gradients(clip_modules(model), cfg.optim.clip_grad)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    clamp_logit_scale_(model, cfg.loss.max_logit_scale)
-    teacher.update(model, values.momentum)
-    result = {k: float(v.detach()) for k, v in losses.items()}
-    result.update({f"grad_norm_{k}": float(v) for k, v in norms.items()})
-    result.update(lr=values.lr, weight_decay=values.weight_decay, momentum=values.momentum)
-    return result

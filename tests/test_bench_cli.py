@@ -83,6 +83,20 @@ def test_quick_all_writes_every_bench(tmp_path, capsys):
         _check_rows(_rows(tmp_path, name), name)
 
 
+def test_bench_scripts_are_the_installed_fasttips_bench_package(tmp_path, monkeypatch):
+    """`fasttips bench` finds its scripts as the package fasttips.bench (so a wheel has them), and
+    outside a source checkout writes results under the working directory, not into the package."""
+    import importlib.util
+    spec = importlib.util.find_spec("fasttips.bench")
+    assert spec is not None and Path(benchcli.bench_dir()) == Path(spec.submodule_search_locations[0])
+    assert (benchcli.bench_dir() / "bench_train_step.py").is_file()
+    assert benchcli.default_results_dir(BENCH_DIR) == BENCH_DIR / "results"       # this checkout
+    installed = tmp_path / "site-packages" / "fasttips" / "bench"                  # a wheel's copy
+    installed.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert benchcli.default_results_dir(installed) == tmp_path / "bench-results"
+
+
 def test_unknown_bench_name_is_rejected(capsys):
     assert benchcli.main(["attn"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err

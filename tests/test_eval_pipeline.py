@@ -135,7 +135,7 @@ def test_foreground_only_segmentation_ignores_background(seed):
 
 
 def test_constant_baseline_hand_computed():
-    from fasttips.eval.ablate import constant_baseline
+    from fasttips.ablate import constant_baseline
     # 10 pixels: 6 background, 3 circle, 1 star
     masks = torch.tensor([[[0, 0, 0, 0, 0, 0, 1, 1, 1, 2]]])
     es = EvalSet(torch.zeros(1, 3, 1, 10), class_names=["background", "circle", "star"], masks=masks)

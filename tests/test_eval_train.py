@@ -83,7 +83,7 @@ def test_periodic_evaluation(trained_run):
 
 
 def test_ablate_trains_two_runs_differing_only_in_ibot_tokens(data_dir, tmp_path, capsys):
-    from fasttips.eval import ablate
+    from fasttips import ablate
     out = tmp_path / "ablate"
     argv = ["ibot-vs-ibotpp", "--seeds", "3", "--steps", "1", "--out", str(out), "--n-images", "4", *SMALL]
     assert ablate.main(argv) == 0
@@ -104,7 +104,7 @@ def test_ablate_trains_two_runs_differing_only_in_ibot_tokens(data_dir, tmp_path
 
 
 def test_ablate_rejects_bad_seeds(capsys):
-    from fasttips.eval import ablate
+    from fasttips import ablate
     assert ablate.main(["ibot-vs-ibotpp", "--seeds", "0,x"]) == 2
     assert "--seeds" in capsys.readouterr().err
 

@@ -1,10 +1,7 @@
 """End to end through ``python -m fasttips.train``: a damaged newest checkpoint and a truncated
 metrics.jsonl do not block ``--resume`` (it falls back to the newest intact checkpoint, bitwise), and a
 second run in a run directory that is in use is refused, while kill -9 leaves no stale lock.
-
-These need the wiring of fasttips.distributed.{checkpoint.CheckpointManager.latest_intact, run_lock,
-run_files, startup} into fasttips/train.py; until then they are skipped (the unit tests in
-test_checkpoint.py and test_startup.py cover the modules themselves).
+(The unit tests in test_checkpoint.py and test_startup.py cover the modules themselves.)
 """
 from __future__ import annotations
 
@@ -19,13 +16,7 @@ import pytest
 
 from fasttips.distributed.checkpoint import MARKER, complete_checkpoints
 
-_TRAIN = (Path(__file__).resolve().parents[1] / "fasttips" / "train.py").read_text()
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif("latest_intact" not in _TRAIN or "RunLock" not in _TRAIN,
-                       reason="needs wiring in train.py (CheckpointManager.latest_intact, RunLock, "
-                              "drop_metrics_after, startup_phase)"),
-]
+pytestmark = pytest.mark.slow
 
 SMALL = ["vision.depth=1", "text.depth=1", "text.max_len=8", "heads.hidden=64", "heads.bottleneck=32",
          "heads.prototypes=64", "data.batch_size=4", "data.global_size=28", "data.local_size=14",
@@ -35,9 +26,6 @@ SMALL = ["vision.depth=1", "text.depth=1", "text.max_len=8", "heads.hidden=64", 
 
 def _env(**extra) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    env.pop("FASTTIPS_TEST_NAN_STEPS", None)
-    if "FASTTIPS_TEST_PAUSE_IN_CHECKPOINT" not in extra:
-        env.pop("FASTTIPS_TEST_PAUSE_IN_CHECKPOINT", None)
     return env
 
 
@@ -76,7 +64,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_a_truncated_metrics_lin
 
 def test_a_second_run_in_a_busy_run_dir_is_refused_and_kill9_frees_it(tmp_path):
     run_dir = tmp_path / "run"
-    first = subprocess.Popen(_train(run_dir), env=_env(FASTTIPS_TEST_PAUSE_IN_CHECKPOINT="2"), text=True,
+    first = subprocess.Popen(_train(run_dir) + ["--fault-pause-in-checkpoint=2"], env=_env(), text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         t0 = time.time()

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch.multiprocessing as mp
 
-from fasttips.distributed.run_files import drop_metrics_after, read_jsonl
+from fasttips.runlog import drop_metrics_after, read_metrics as read_jsonl
 from fasttips.distributed.run_lock import RunDirInUse, RunLock
 
 

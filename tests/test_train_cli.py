@@ -23,6 +23,8 @@ def test_default_train_runs_end_to_end(tmp_path):
     assert "GFLOP per training image" in done.stdout
     assert "step 2/2" in done.stderr                       # the progress bar
     assert "done, 2 steps" in done.stdout
+    assert "data: preparing the demo data" in done.stdout and "data: ready in" in done.stdout
+    assert f"next: fasttips eval {run_dir}" in done.stdout
     saved = config_lib.load(run_dir / "config.yaml")
     assert saved.preset == "tiny" and saved.data.source == "demo"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -38,7 +40,8 @@ def test_help_documents_every_option_and_config_field(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--config", "--resume", "--no-progress", "key=value", "exit codes"):
+    for option in ("--config", "--resume", "--no-progress", "key=value", "exit codes", "--fault-nan-steps",
+                   "--fault-pause-in-checkpoint"):
         assert option in text, option
     for line in config_lib.describe().splitlines():
         assert line.split()[0] in text, line
@@ -54,15 +57,39 @@ def test_a_finished_run_directory_is_not_overwritten(tmp_path, capsys):
 
 
 def test_out_of_memory_names_the_batch_size_and_the_options(tmp_path, capsys, monkeypatch):
-    from fasttips.train import Trainer
+    from fasttips.training import Training
 
     def oom(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(Trainer, "train_step", oom)
+    monkeypatch.setattr(Training, "train_step", oom)
     code = main(["data.source=synthetic", "vision.depth=1", "text.depth=1", "data.batch_size=3",
                  "heads.prototypes=64", f"train.run_dir={tmp_path / 'run'}", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 4
     for words in ("out of memory", "data.batch_size=3", "optim.accum_steps", "train.activation_checkpointing"):
         assert words in err, words
+
+
+def test_a_batch_larger_than_the_data_is_warned_about():
+    from fasttips.trainer import batch_warning
+    assert batch_warning(16, 16, 0) is None
+    message = batch_warning(16, 5, 1)
+    assert "data.batch_size=16" in message and "5 usable samples of rank 1" in message
+
+
+def test_every_loader_kind_satisfies_the_trainers_loader_protocol():
+    """The trainer uses its loader only through fasttips.trainer.Loader (no hasattr probing): the
+    three kinds must all provide it."""
+    from fasttips.data.dali_loader import DaliLoader
+    from fasttips.data.loader import Loader as PytorchLoader
+    from fasttips.data.loader import SyntheticLoader
+    from fasttips.trainer import Loader
+    cfg = config_lib.load(None, ["data.source=synthetic"])
+    assert isinstance(SyntheticLoader(cfg, 0), Loader)
+    for cls in (PytorchLoader, DaliLoader):       # built from shards: their classes are checked
+        assert isinstance(cls.kind, str)
+        for method in ("__iter__", "__next__", "state_dict", "load_state_dict"):
+            assert callable(getattr(cls, method, None)), f"{cls.__name__}.{method}"
+        init = cls.__init__.__code__
+        assert {"batch_size", "tokenizer", "stats"} <= set(init.co_names), cls.__name__

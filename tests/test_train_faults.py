@@ -28,10 +28,8 @@ SMALL = ["vision.depth=1", "text.depth=1", "text.max_len=8",
          "loss.teacher_temp_warmup_steps=3", f"train.steps={STEPS}", "train.keep_ckpts=2"]
 
 
-def _env(**extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    env.pop("FASTTIPS_TEST_NAN_STEPS", None) if "FASTTIPS_TEST_NAN_STEPS" not in extra else None
-    return env
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def _cmd(run_dir: Path, *args: str) -> list[str]:
@@ -42,8 +40,8 @@ def _resume_cmd(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "fasttips.train", "--no-progress", "--resume", str(run_dir)]
 
 
-def _run(cmd, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=240)
+def _run(cmd) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -69,6 +67,8 @@ def reference_run(tmp_path_factory) -> tuple[Path, dict[int, float]]:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
     done = _run(_cmd(run_dir, "train.ckpt_every=2"))
     assert done.returncode == 0, done.stderr
+    (run_dir / "stdout.txt").write_text(done.stdout)
+    assert "step 6/6 [" in done.stderr and "\r" not in done.stderr     # --no-progress: plain lines
     losses = _losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert [s for s, _ in complete_checkpoints(run_dir / "checkpoints")] == [4, 6]   # keep_ckpts=2
@@ -77,6 +77,8 @@ def reference_run(tmp_path_factory) -> tuple[Path, dict[int, float]]:
 
 def test_run_directory_contents(reference_run):
     run_dir, _ = reference_run
+    done = (run_dir / "stdout.txt").read_text()
+    assert f"next: fasttips eval {run_dir}" in done and "checkpoints/step_00000006" in done
     for name in ("config.yaml", "metrics.jsonl", "loss_curve.png"):
         assert (run_dir / name).is_file(), name
     ckpt = run_dir / "checkpoints" / "step_00000006"
@@ -110,13 +112,11 @@ def test_sigterm_checkpoints_and_resume_is_bitwise(reference_run, tmp_path):
     assert _losses(run_dir) == expected          # every step, bit for bit
 
 
-def test_kill9_during_checkpoint_write_resumes_from_last_complete(reference_run, tmp_path):
-    _, expected = reference_run
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(run_dir, "train.ckpt_every=2"),
-                            env=_env(FASTTIPS_TEST_PAUSE_IN_CHECKPOINT="4"), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    partial = run_dir / "checkpoints" / ".tmp-step_00000004"
+def _kill9_in_checkpoint(run_dir: Path, step: int) -> Path:
+    """Train until the write of checkpoint ``step`` has every file but its marker, then kill -9."""
+    proc = subprocess.Popen(_cmd(run_dir, "train.ckpt_every=2", f"--fault-pause-in-checkpoint={step}"),
+                            env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    partial = run_dir / "checkpoints" / f".tmp-step_{step:08d}"
     _wait_for(lambda: (partial / ".metadata").is_file() and (partial / "rank_00000.pt").is_file(),
               proc, "the paused checkpoint write")
     # The pause comes after every file but the marker: kill -9 at the worst moment.
@@ -124,6 +124,13 @@ def test_kill9_during_checkpoint_write_resumes_from_last_complete(reference_run,
     proc.kill()
     proc.wait(timeout=30)
     assert partial.is_dir() and not (partial / MARKER).exists()
+    return partial
+
+
+def test_kill9_during_checkpoint_write_resumes_from_last_complete(reference_run, tmp_path):
+    _, expected = reference_run
+    run_dir = tmp_path / "run"
+    partial = _kill9_in_checkpoint(run_dir, 4)
     assert latest_checkpoint(run_dir / "checkpoints")[0] == 2
 
     resumed = _run(_resume_cmd(run_dir))
@@ -133,10 +140,25 @@ def test_kill9_during_checkpoint_write_resumes_from_last_complete(reference_run,
     assert not partial.exists(), "the dead temporary should be cleaned up"
 
 
+def test_kill9_before_the_first_checkpoint_then_resume_logs_each_step_once(reference_run, tmp_path):
+    """No checkpoint to load: the run starts over, and the rows it had logged are not kept twice."""
+    _, expected = reference_run
+    run_dir = tmp_path / "run"
+    _kill9_in_checkpoint(run_dir, 2)
+    assert latest_checkpoint(run_dir / "checkpoints") is None
+    assert sorted(_losses(run_dir)) == [1, 2]
+    resumed = _run(_resume_cmd(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "starting at step 0" in resumed.stdout
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+    assert _losses(run_dir) == expected
+
+
 def test_nonfinite_loss_is_skipped_then_stops_with_last_good_state(reference_run, tmp_path):
     _, expected = reference_run
     one = tmp_path / "one"
-    done = _run(_cmd(one, "train.ckpt_every=100"), FASTTIPS_TEST_NAN_STEPS="2")
+    done = _run(_cmd(one, "train.ckpt_every=100", "--fault-nan-steps=2"))
     assert done.returncode == 0, done.stderr
     records = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["skipped"]] == [3]
@@ -145,8 +167,8 @@ def test_nonfinite_loss_is_skipped_then_stops_with_last_good_state(reference_run
     assert [r["loss"] for r in records[:2]] == [expected[1], expected[2]]   # identical until the fault
 
     many = tmp_path / "many"
-    stopped = _run(_cmd(many, "train.ckpt_every=2", "train.keep_ckpts=5", "train.max_nonfinite=2"),
-                   FASTTIPS_TEST_NAN_STEPS="2,3")
+    stopped = _run(_cmd(many, "train.ckpt_every=2", "train.keep_ckpts=5", "train.max_nonfinite=2",
+                        "--fault-nan-steps=2,3"))
     assert stopped.returncode == 3, stopped.stderr
     assert "consecutive non-finite" in stopped.stderr
     assert [s for s, _ in complete_checkpoints(many / "checkpoints")] == [2, 4]

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from fasttips import config as config_lib
-from fasttips.metrics import (MetricsWriter, ProgressBar, flop_model, head_params, mfu, peak_flops, plot_loss_curve,
-                              read_metrics)
+from fasttips.flops import flop_model, head_params, mfu, peak_flops
+from fasttips.runlog import (MetricsWriter, ProgressBar, drop_metrics_after, loss_series, plot_loss_curve, read_metrics,
+                             smooth)
 from fasttips.models import build_model
 
 
@@ -98,3 +99,46 @@ def test_progress_bar_prints_step_terms_rate_and_eta():
     lines = out.getvalue().splitlines()
     assert len(lines) == 2                                        # not a tty: every 5 steps
     assert lines[-1].startswith("step 10/10 [####################] loss 2.5000 (dino 1.250) 42.0 img/s ETA")
+
+
+def test_progress_without_redraw_prints_plain_lines_even_on_a_terminal():
+    """--no-progress: periodic plain lines, never a carriage-return redraw."""
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    out = Terminal()
+    bar = ProgressBar(total=4, stream=out, every=2, redraw=False)
+    for step in range(4):
+        bar.update(step, loss=1.0, terms={}, images_per_s=1.0)
+    bar.close()
+    assert "\r" not in out.getvalue()
+    assert [line.split(" [")[0] for line in out.getvalue().splitlines()] == ["step 2/4", "step 4/4"]
+    drawn = Terminal()
+    ProgressBar(total=4, stream=drawn).update(0, loss=1.0, terms={}, images_per_s=1.0)
+    assert drawn.getvalue().startswith("\r")
+
+
+def test_smoothing_is_a_bias_corrected_moving_average():
+    assert smooth([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0])      # no pull towards 0
+    assert smooth([0.0, 10.0], 0.5) == pytest.approx([0.0, 10.0 * 0.5 / 0.75])
+    assert smooth([1.0, "nan", 3.0], 0.0)[1] == 1.0                             # a skipped step is left out
+
+
+def test_loss_series_has_every_term_and_the_total():
+    records = [{"step": s, "loss": 5.0 - s, "loss/dino": float(s), "loss/clip_alt": 3.0, "lr": 0.1}
+               for s in range(1, 21)] + [{"step": 20, "eval/seg/miou": 0.1}]
+    series = loss_series(records)
+    assert list(series) == ["loss/clip_alt", "loss/dino", "loss"]
+    steps, dino = series["loss/dino"]
+    assert steps == list(range(1, 21))
+    assert dino[0] == 1.0 and 1.0 < dino[-1] < 20.0 and dino == sorted(dino)    # smoothed, still rising
+
+
+def test_drop_metrics_after_keeps_earlier_steps_and_survives_a_cut_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    drop_metrics_after(path, 2)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    drop_metrics_after(path, 0)
+    assert path.read_text() == ""

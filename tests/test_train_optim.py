@@ -102,24 +102,24 @@ def test_trainer_step_freezes_prototypes_and_accumulates(tmp_path):
     the second moves them; each step eats optim.accum_steps batches."""
     from pathlib import Path
 
-    from fasttips.distributed.signals import StopRequest
-    from fasttips.train import Trainer
+    from fasttips.distributed import fsdp
+    from fasttips.trainer import Trainer
     cfg = config_lib.load(None, ["data.source=synthetic", "vision.depth=1", "text.depth=1", "text.max_len=8",
                                  "heads.hidden=32", "heads.bottleneck=16", "heads.prototypes=32",
                                  "data.batch_size=2", "data.global_size=28", "data.local_size=14",
                                  "optim.accum_steps=2", "optim.freeze_prototypes_steps=1",
                                  "optim.warmup_steps=0", f"train.run_dir={tmp_path}"])
-    trainer = Trainer(cfg, Path(tmp_path), progress=False)
-    trainer.setup()
+    trainer = Trainer(cfg, fsdp.init_distributed(cfg), Path(tmp_path), progress=False)
     it = [iter(trainer.loader)]
-    proto = trainer.model.dino_head.prototypes.v
-    mlp = trainer.model.dino_head.mlp[0].weight
+    training = trainer.training
+    proto = training.model.dino_head.prototypes.v
+    mlp = training.model.dino_head.mlp[0].weight
     before = proto.detach().clone(), mlp.detach().clone()
-    out = trainer.train_step(trainer.next_batches(it), trainer.schedules(0), StopRequest())
+    out = training.train_step(trainer.next_batches(it), trainer.schedules(0))
     assert out.images == 4 and not out.skipped
     assert torch.equal(proto, before[0]) and not torch.equal(mlp, before[1])
-    assert proto not in trainer.optimizer.state                     # no Adam moments while frozen
-    trainer.train_step(trainer.next_batches(it), trainer.schedules(1), StopRequest())
+    assert proto not in training.optimizer.state                    # no Adam moments while frozen
+    training.train_step(trainer.next_batches(it), trainer.schedules(1))
     assert not torch.equal(proto, before[0])
     assert trainer.loader.state_dict()["batches"] == 4
 
@@ -139,20 +139,20 @@ def test_trainer_step_clamps_the_logit_scale(tmp_path):
     logged inverse temperature is the one the loss used (exp of the parameter before the step)."""
     from pathlib import Path
 
-    from fasttips.distributed.signals import StopRequest
-    from fasttips.train import Trainer
+    from fasttips.distributed import fsdp
+    from fasttips.trainer import Trainer
     cfg = config_lib.load(None, ["data.source=synthetic", "vision.depth=1", "text.depth=1", "text.max_len=8",
                                  "heads.hidden=32", "heads.bottleneck=16", "heads.prototypes=32",
                                  "data.batch_size=2", "data.global_size=28", "data.local_size=14",
                                  "optim.warmup_steps=0", "loss.max_logit_scale=50.0",
                                  f"train.run_dir={tmp_path}"])
-    trainer = Trainer(cfg, Path(tmp_path), progress=False)
-    trainer.setup()
+    trainer = Trainer(cfg, fsdp.init_distributed(cfg), Path(tmp_path), progress=False)
+    model = trainer.training.model
     with torch.no_grad():
-        trainer.model.logit_scale.copy_(torch.tensor([6.0, 2.0]))   # alt above ln(50), syn below
-    out = trainer.train_step(trainer.next_batches([iter(trainer.loader)]), trainer.schedules(0), StopRequest())
+        model.logit_scale.copy_(torch.tensor([6.0, 2.0]))           # alt above ln(50), syn below
+    out = trainer.training.train_step(trainer.next_batches([iter(trainer.loader)]), trainer.schedules(0))
     assert not out.skipped
     assert out.terms["logit_scale_alt"] == pytest.approx(math.exp(6.0), rel=1e-5)   # unclamped in the loss
-    alt, syn = trainer.model.logit_scale.detach().tolist()
+    alt, syn = model.logit_scale.detach().tolist()
     assert alt == pytest.approx(math.log(50.0), abs=1e-6)
     assert syn != 2.0 and syn < math.log(50.0)                      # below the cap: a plain Adam step

@@ -117,10 +117,12 @@ class CheckpointManager:
 
     # -- save -----------------------------------------------------------------------------------
     def save(self, step: int, sharded_state: dict, rank_state: dict, files: dict[str, bytes],
-             meta: dict) -> Path:
+             meta: dict, before_commit=None) -> Path:
         """Write checkpoint ``step``: ``sharded_state`` through DCP (collective), ``rank_state`` per
         rank with torch.save (as tensors and plain containers, see :func:`to_plain_state`), ``files``
-        (name → bytes) and ``meta`` by rank 0; then the manifest, the marker and the rename."""
+        (name → bytes) and ``meta`` by rank 0; then the manifest, the marker and the rename.
+        ``before_commit(step)``, if given, runs once every file but the manifest and the marker is
+        written (fault injection: a crash test pauses there)."""
         ctx = self.ctx
         final = self.root / step_dir_name(step)
         tmp = self.root / f"{_TMP_PREFIX}{step_dir_name(step)}"
@@ -140,7 +142,8 @@ class CheckpointManager:
                 _write_file_atomic(tmp / name, data)
             meta = {**meta, "step": step, "world_size": ctx.world_size, "time": time.time()}
             _write_file_atomic(tmp / META, json.dumps(meta, indent=2).encode())
-        _maybe_pause_for_test(step)
+        if before_commit is not None:
+            before_commit(step)
         ctx.barrier()                                  # every rank's shards are on disk
         manifest = build_manifest(tmp, ctx)            # collective: each rank checksums a share
         if ctx.is_main:
@@ -587,15 +590,6 @@ def _torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
-
-
-def _maybe_pause_for_test(step: int) -> None:
-    """Fault-injection hook for the crash-during-write test: stop here, shards written, no marker."""
-    wanted = os.environ.get("FASTTIPS_TEST_PAUSE_IN_CHECKPOINT")
-    if wanted and int(wanted) == step:
-        print(f"PAUSED_IN_CHECKPOINT step={step}", flush=True)
-        while True:
-            time.sleep(1)
 
 
 __all__ = ["CheckpointManager", "training_state", "restore_training_state", "complete_checkpoints",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .evaluate import EvalSet
+from .evalset import EvalSet
 from .metrics import IGNORE_INDEX
 
 MASK_MEMBER = "mask.png"

@@ -1,10 +1,12 @@
 """Evaluation during training (``eval.every=N``): one call per step from the training loop.
 
-    from fasttips.eval.periodic import maybe_evaluate
-    ...
-    record = maybe_evaluate(self.step, self.model, getattr(self.loader, "tokenizer", None), cfg)
+``fasttips.train`` (the command) hands the trainer an evaluator that calls ``maybe_evaluate``; the
+trainer itself never imports this package:
+
+    evaluate = lambda step, model, tokenizer: maybe_evaluate(step, model, tokenizer, cfg)
+    record = evaluate(step, model, loader.tokenizer)      # in the loop, after the step
     if record:
-        writer.write(self.step, record)          # an extra metrics.jsonl line: {"step", "eval/..."}
+        writer.write(step, record)          # an extra metrics.jsonl line: {"step", "eval/..."}
 
 Every rank must make the call (an FSDP-sharded forward needs all ranks); every rank evaluates the
 same images, and only rank 0's writer writes. The eval images are read once and cached.

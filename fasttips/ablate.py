@@ -93,9 +93,9 @@ def train_and_evaluate(args, seed: int, tokens: str, out: Path, eval_set_cache: 
     from fasttips import config as config_mod
     from fasttips import train
 
-    from .data import load_eval_set
-    from .evaluate import evaluate
-    from .loading import load_for_eval
+    from fasttips.eval.data import load_eval_set
+    from fasttips.eval.evaluate import evaluate
+    from fasttips.eval.loading import load_for_eval
 
     run_dir = out / f"seed{seed}-{tokens}"
     over = train_overrides(args, seed, tokens, run_dir)
@@ -124,8 +124,8 @@ def constant_baseline(eval_set) -> dict[str, float]:
     beat these before its mIoU says anything about patch-text alignment."""
     import torch
 
-    from .evaluate import BACKGROUND
-    from .metrics import IGNORE_INDEX, confusion_matrix, mean_iou, pixel_accuracy
+    from fasttips.eval.evaluate import BACKGROUND
+    from fasttips.eval.metrics import IGNORE_INDEX, confusion_matrix, mean_iou, pixel_accuracy
     if eval_set.masks is None or BACKGROUND not in eval_set.class_names:
         return {}
     C, bg, masks = len(eval_set.class_names), eval_set.class_names.index(BACKGROUND), eval_set.masks
@@ -158,7 +158,7 @@ def summarize(results: list[dict], seeds: list[int]) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .report import table
+    from fasttips.eval.report import table
 
     args = _parser().parse_intermixed_args(argv)
     try:

@@ -1,0 +1,346 @@
+"""The training loop: data in, ``Training.train_step`` per step, metrics out, checkpoints, resume.
+
+    trainer = Trainer(cfg, ctx, run_dir, resuming=False, evaluate=None, faults=Faults())
+    code = trainer.run()                           # an exit code (EXIT_*)
+
+``fasttips.train`` (the CLI) builds one and hands it its evaluator. Faults: SIGTERM/SIGINT finish
+the step, checkpoint and exit 0. A non-finite loss or gradient skips the step and is counted;
+``train.max_nonfinite`` consecutive ones stop the run with a checkpoint of the last good state
+(exit 3). A CUDA OOM exits 4 with the memory options (``fasttips.train``).
+"""
+from __future__ import annotations
+
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from fasttips import config as config_lib
+from fasttips.config import ConfigError
+from fasttips.data.batch import to_device
+from fasttips.distributed import fsdp
+from fasttips.distributed.checkpoint import (CheckpointManager, latest_checkpoint, restore_training_state,
+                                             training_state)
+from fasttips.distributed.signals import StopRequest
+from fasttips.flops import flop_model, mfu, peak_flops
+from fasttips.distributed.run_lock import RunLock
+from fasttips.distributed.startup import startup_phase
+from fasttips.runlog import MetricsWriter, ProgressBar, drop_metrics_after, plot_loss_curve
+from fasttips.schedules import Schedules, StepValues
+from fasttips.step import TERMS
+from fasttips.training import StepOutcome, build_training, seed_everything
+
+EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_OOM = 0, 2, 3, 4
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+class Tokenizer(Protocol):
+    def serialized(self) -> bytes: ...
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What the trainer needs of a data loader (``fasttips.data.loader.build_loader``'s three kinds)."""
+    kind: str                       # "pytorch", "dali" or "synthetic" (for the start-up line)
+    batch_size: int                 # images per batch on this rank
+    tokenizer: Tokenizer | None     # saved with each checkpoint; None for synthetic data
+    stats: dict[str, int]           # samples skipped so far, by reason
+
+    def __iter__(self) -> Iterator[dict]: ...
+
+    def __next__(self) -> dict: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+# evaluate(step, model, tokenizer) → metrics to log at this step, or None (every rank calls it).
+Evaluator = Callable[[int, torch.nn.Module, Tokenizer | None], dict | None]
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Fault injection, for the crash tests (``fasttips train --fault-...``); nothing by default.
+
+    ``nan_steps``: the loss of these (0-based) steps is made NaN. ``pause_in_checkpoint``: the write
+    of this step's checkpoint stops after its shards and before its completion marker (printing
+    ``PAUSED_IN_CHECKPOINT step=N``) until the process is killed."""
+    nan_steps: frozenset[int] = frozenset()
+    pause_in_checkpoint: int | None = None
+
+    def checkpoint_hook(self) -> Callable[[int], None] | None:
+        if self.pause_in_checkpoint is None:
+            return None
+        wanted = self.pause_in_checkpoint
+
+        def pause(step: int) -> None:
+            if step == wanted:
+                print(f"PAUSED_IN_CHECKPOINT step={step}", flush=True)
+                while True:
+                    time.sleep(1)
+        return pause
+
+
+class Trainer:
+    """One training run in ``run_dir`` on the process group of ``ctx`` (see the module docstring)."""
+
+    def __init__(self, cfg: config_lib.Config, ctx: fsdp.DistContext, run_dir: Path, *, resuming: bool = False,
+                 progress: bool = True, evaluate: Evaluator | None = None, faults: Faults = Faults()):
+        self.cfg, self.ctx, self.run_dir, self.resuming = cfg, ctx, Path(run_dir), resuming
+        self.progress, self.evaluate, self.faults = progress, evaluate, faults
+        self.is_main = ctx.is_main
+        # Starting from other weights: pass build_training(..., load_weights=fn); it runs once the
+        # weights exist on the device, before the teacher copies them and the optimiser is built.
+        self.training = build_training(cfg, ctx)
+        # The lr rule scales with the images per optimiser step: processes × accumulated batches.
+        self.schedules = Schedules(cfg, world_size=ctx.world_size * cfg.optim.accum_steps)
+        seed_everything(cfg.train.seed + 1000 * ctx.rank)   # per-rank streams (masks, drop path)
+        self.loader: Loader = self._build_loader()
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_ckpts, ctx)
+        self.run_lock: RunLock | None = None   # held by rank 0 from prepare_run_dir() to the end
+        self.step = 0                      # optimiser steps completed
+        self.nonfinite_total = 0           # skipped steps over the whole run
+        self.nonfinite_run = 0             # consecutive skipped steps
+        self.global_batch = cfg.data.batch_size * cfg.optim.accum_steps * ctx.world_size
+        self.flops = flop_model(cfg, cfg.data.batch_size * ctx.world_size)
+        self.peak = peak_flops(ctx.device, ctx.param_dtype)
+
+    def say(self, *parts) -> None:
+        if self.is_main:
+            print(*parts, flush=True)
+
+    def _build_loader(self) -> Loader:
+        from fasttips.data.loader import build_loader
+        cfg = self.cfg
+        # Indexing the shards, and on a first run building the demo data and training a tokenizer,
+        # takes tens of seconds: say so before the silence.
+        if cfg.data.source == "demo":
+            self.say("data: preparing the demo data (the first run builds it and trains a tokenizer on its "
+                     "captions, about 30 s; later runs reuse the cache)...")
+        elif cfg.data.source == "shards":
+            self.say(f"data: indexing the shards of data.path={cfg.data.path} (and training a tokenizer on "
+                     f"their captions unless data.tokenizer is set or one is cached)...")
+        t0 = time.perf_counter()
+        # A rank that cannot start (no usable sample, a bad path) stops every rank with its message
+        # instead of leaving the others at the next collective.
+        with startup_phase(self.ctx, "data"):
+            loader = build_loader(cfg, self.ctx.rank, self.ctx.world_size)
+        if cfg.data.source != "synthetic":
+            self.say(f"data: ready in {time.perf_counter() - t0:.1f} s")
+            warning = batch_warning(loader.batch_size, loader.num_samples, self.ctx.rank)
+            if warning:
+                print(f"fasttips train: warning: {warning}", file=sys.stderr, flush=True)
+        return loader
+
+    # -- run directory and resume ---------------------------------------------------------------
+    def prepare_run_dir(self) -> None:
+        # Every rank checks (before anyone writes), so every rank fails alike: no rank left waiting.
+        with startup_phase(self.ctx, "run dir"):
+            if self.is_main:     # one run per run directory: a second one is refused while this one lives
+                self.run_lock = RunLock.acquire(self.run_dir)
+            if not self.resuming and latest_checkpoint(self.run_dir / "checkpoints"):
+                raise ConfigError(f"train.run_dir: {self.run_dir} already holds a run; continue it with "
+                                  f"--resume {self.run_dir} or choose another train.run_dir=...")
+            if self.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                if not self.resuming:
+                    config_lib.save(self.cfg, self.run_dir / CONFIG_FILE)
+                    (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+        self.ctx.barrier()
+
+    def release_run_dir(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint, or from step 0 when there is none; either way
+        the metrics logged after that point are forgotten (those steps run again)."""
+        found = self.ckpt.latest_intact()          # damaged newer ones are set aside, with a warning
+        if found is None:
+            self.say(f"resume: no intact checkpoint in {self.run_dir}/checkpoints; starting at step 0")
+        else:
+            self._load_checkpoint(found[1])
+        if self.is_main:
+            drop_metrics_after(self.run_dir / METRICS_FILE, self.step)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = self._sharded_state()
+        rank_state, meta = self.ckpt.load(path, state)
+        restore_training_state(state, self.training.model, self.training.optimizer,
+                               **self.training.stateful_modules())
+        self.step = meta["step"]
+        self.nonfinite_total = meta.get("nonfinite_total", 0)
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"], self.ctx.device)
+            if rank_state.get("data") is not None:
+                self.loader.load_state_dict(rank_state["data"])
+        else:
+            self.say(f"resume: {path} was written by {meta.get('world_size')} ranks, now "
+                     f"{self.ctx.world_size}; RNG streams and data positions restart")
+        self._check_tokenizer(path)
+        self.say(f"resume: from {path} (step {self.step})")
+
+    def _check_tokenizer(self, path: Path) -> None:
+        """The text tower learned ids of the tokenizer saved with the checkpoint: insist on it."""
+        saved, tokenizer = path / "tokenizer.model", self.loader.tokenizer
+        if saved.is_file() and tokenizer is not None and tokenizer.serialized() != saved.read_bytes():
+            raise ConfigError(f"--resume: the data's tokenizer differs from the one saved in {saved}; "
+                              f"resume with data.tokenizer={saved}")
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _sharded_state(self) -> dict:
+        return training_state(self.training.model, self.training.optimizer, **self.training.stateful_modules())
+
+    def save_checkpoint(self, reason: str = "") -> Path:
+        rank_state = {"rng": rng_state(self.ctx.device), "data": self.loader.state_dict()}
+        files = {CONFIG_FILE: _config_bytes(self.cfg)}
+        if self.loader.tokenizer is not None:
+            files["tokenizer.model"] = self.loader.tokenizer.serialized()
+        meta = {"nonfinite_total": self.nonfinite_total, "reason": reason, "global_batch": self.global_batch}
+        return self.ckpt.save(self.step, self._sharded_state(), rank_state, files, meta,
+                              before_commit=self.faults.checkpoint_hook())
+
+    # -- the loop -------------------------------------------------------------------------------
+    def next_batches(self, iterator: list[Iterator[dict]]) -> list[dict]:
+        """``optim.accum_steps`` batches on the device (a finite loader starts its next epoch)."""
+        batches = []
+        for _ in range(self.cfg.optim.accum_steps):
+            try:
+                batch = next(iterator[0])
+            except StopIteration:
+                iterator[0] = iter(self.loader)
+                batch = next(iterator[0])
+            batches.append(to_device(batch, self.ctx.device))
+        return batches
+
+    def run(self) -> int:
+        """Train from ``self.step`` to ``train.steps``; returns the exit code."""
+        cfg, ctx = self.cfg, self.ctx
+        total = cfg.train.steps
+        self.say(f"fasttips train: run dir {self.run_dir}, preset {cfg.preset}, device {ctx.device} × "
+                 f"{ctx.world_size}, {'FSDP2 ' if ctx.sharded else ''}{str(ctx.param_dtype).replace('torch.', '')}, "
+                 f"global batch {self.global_batch}, steps {self.step}→{total}")
+        self.say(f"model: {sum(p.numel() for p in self.training.model.parameters()) / 1e6:.2f} M parameters; "
+                 f"FLOPs: {self.flops.describe()}")
+        self.say(f"data: {cfg.data.source} through the {self.loader.kind} loader, "
+                 f"{cfg.data.batch_size} images per process")
+        writer = MetricsWriter(self.run_dir, enabled=self.is_main)
+        bar = ProgressBar(total, self.step, enabled=self.is_main, redraw=self.progress,
+                          every=max(1, total // 20))
+        iterator = [iter(self.loader)]
+        code, message = EXIT_OK, None
+        with StopRequest() as stop:
+            while self.step < total:
+                values = self.schedules(self.step)
+                batches = self.next_batches(iterator)
+                out = self.training.train_step(batches, values, stop_requested=stop.requested,
+                                               inject_nan=self.step in self.faults.nan_steps)
+                self.step += 1
+                self.nonfinite_total += out.skipped
+                self.nonfinite_run = self.nonfinite_run + 1 if out.skipped else 0
+                self.log_step(writer, bar, values, out)
+                if out.skipped and self.nonfinite_run >= cfg.train.max_nonfinite:
+                    path = self.save_checkpoint("non-finite")
+                    code = EXIT_NONFINITE
+                    message = (f"stopped: {self.nonfinite_run} consecutive non-finite losses (limit "
+                               f"train.max_nonfinite={cfg.train.max_nonfinite}); the last good state is in {path}")
+                    break
+                if out.stop:
+                    path = self.save_checkpoint(stop.signal_name or "signal")
+                    message = (f"stopped by {stop.signal_name or 'a signal on another rank'} after step "
+                               f"{self.step}; checkpoint {path}; continue with: fasttips train --resume {self.run_dir}")
+                    break
+                if self.step % cfg.train.ckpt_every == 0 or self.step == total:
+                    self.save_checkpoint()
+                if self.evaluate is not None:   # every rank evaluates (sharded forwards); rank 0 logs
+                    record = self.evaluate(self.step, self.training.model, self.loader.tokenizer)
+                    if record:
+                        writer.write(self.step, record)
+        bar.close()
+        writer.close()
+        self._report(code, message)
+        return code
+
+    def _report(self, code: int, message: str | None) -> None:
+        skipped = {k: v for k, v in self.loader.stats.items() if v}
+        if skipped:   # bad samples never stop a run, but they are always reported
+            print(f"fasttips train: data samples skipped and counted on rank {self.ctx.rank}: "
+                  + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())), flush=True)
+        if not self.is_main:
+            return
+        png = plot_loss_curve(self.run_dir / METRICS_FILE, self.run_dir / "loss_curve.png")
+        if message:
+            print(f"fasttips train: {message}", file=sys.stderr if code else sys.stdout, flush=True)
+            return
+        latest = latest_checkpoint(self.run_dir / "checkpoints")
+        outputs = [f"  metrics     {self.run_dir / METRICS_FILE} (one JSON line per logged step)"]
+        if png:
+            outputs.append(f"  loss curve  {png} (each term, smoothed)")
+        if latest:
+            outputs.append(f"  checkpoint  {latest[1]}")
+        print(f"fasttips train: done, {self.step} steps ({self.nonfinite_total} skipped as non-finite); "
+              f"run dir {self.run_dir}\n" + "\n".join(outputs) + "\n"
+              f"next: fasttips eval {self.run_dir}   (zero-shot retrieval, classification, segmentation)",
+              flush=True)
+
+    def log_step(self, writer: MetricsWriter, bar: ProgressBar, values: StepValues, out: StepOutcome) -> None:
+        step = self.step                              # steps completed
+        per_device = out.images / out.seconds if out.seconds > 0 else 0.0
+        record = {"loss": out.loss, **{(f"loss/{k}" if k in TERMS else k): v for k, v in out.terms.items()},
+                  **{f"grad_norm/{k}": v for k, v in out.grad_norms.items()},
+                  **{k: float(v) for k, v in asdict(values).items() if not isinstance(v, bool)},
+                  "images_per_s": per_device * self.ctx.world_size, "step_time_s": out.seconds,
+                  "peak_mem_gb": _peak_memory_gb(self.ctx.device),
+                  "mfu": mfu(self.flops.per_image, per_device, self.peak),
+                  "skipped": out.skipped, "nonfinite_total": self.nonfinite_total}
+        if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps or out.skipped:
+            writer.write(step, record)
+        terms = {k: v for k, v in out.terms.items() if k in TERMS}
+        bar.update(step - 1, out.loss, terms, record["images_per_s"])
+
+
+def batch_warning(batch_size: int, samples: int, rank: int) -> str | None:
+    """What to say when one batch holds more images than this rank's share of the data."""
+    if samples >= batch_size:
+        return None
+    return (f"data.batch_size={batch_size} is larger than the {samples} usable samples of rank {rank}: "
+            f"every batch repeats samples (lower data.batch_size or add data)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-rank RNG state (checkpointed so that a resumed run draws the same masks and drop paths)
+# ----------------------------------------------------------------------------------------------
+def rng_state(device: torch.device) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20    # peak RSS (Linux: KiB)
+
+
+def _config_bytes(cfg) -> bytes:
+    import yaml
+    return yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False).encode()
