@@ -35,7 +35,7 @@ import torch
 from .augment import ASPECT, crop_recipes
 from .photometric import photometric
 from .pipeline import assemble, mix_seed, seed_words
-from .shards import parse_captions, split_name
+from .shards import parse_captions, parse_dali_source
 
 log = logging.getLogger("fasttips.data")
 SHUFFLE_BUFFER = 4096      # encoded samples held for DALI's shuffle (a whole small dataset = a full shuffle)
@@ -96,9 +96,9 @@ def torch_threads(n: int):
             torch.set_num_threads(before)
 
 
-def _strings(padded, lengths) -> list[str]:
+def _strings(padded, lengths, errors: str = "replace") -> list[str]:
     buf, lens = np.asarray(padded.as_tensor()), np.asarray(lengths.as_tensor()).reshape(-1)
-    return [bytes(buf[i, : int(lens[i])]).decode("utf-8", errors="replace") for i in range(len(lens))]
+    return [bytes(buf[i, : int(lens[i])]).decode("utf-8", errors=errors) for i in range(len(lens))]
 
 
 def _to_torch(tensor_list, device) -> torch.Tensor:
@@ -127,6 +127,8 @@ class DaliLoader:
         indexes = [indexes[i] for i in order]
         self.paths = [ix.shard for ix in indexes]
         self.index_paths = [ix.dali_index for ix in indexes]
+        # DALI reports a sample as (shard, number in the .idx); the key is looked up here (shards.py)
+        self._keys = {ix.shard: [s.key for s in ix.samples] for ix in indexes}
         total = sum(len(ix.samples) for ix in indexes)
         self.num_samples = (total * (rank + 1)) // world_size - (total * rank) // world_size
         if self.num_samples == 0:
@@ -186,7 +188,7 @@ class DaliLoader:
                                                               0x70686F74)), self.cfg.data.pixel_norm)
                  for i, recipe in enumerate(self.recipes)]
         captions = [parse_captions(s.encode()) for s in _strings(out[n_crops], out[n_crops + 1])]
-        keys = [split_name(s.rsplit(":", 1)[-1])[0] for s in _strings(out[n_crops + 2], out[n_crops + 3])]
+        keys = [self._key(s) for s in _strings(out[n_crops + 2], out[n_crops + 3], errors="surrogateescape")]
         B = len(keys)
         S = self.cfg.data.local_size
         global_crops = torch.cat(crops[:G])
@@ -198,6 +200,10 @@ class DaliLoader:
                          tokenizer=self.tokenizer, pixels_ready=(global_crops, local_crops))
         self.batches += 1
         return batch
+
+    def _key(self, source_info: str) -> str:
+        shard, i = parse_dali_source(source_info)
+        return self._keys[shard][i]
 
     def state_dict(self) -> dict:
         if self._pipe is not None:

@@ -7,10 +7,12 @@ example the demo's ``{key}.mask.png``) are kept in the index as extras and other
 
 Every shard gets a validated index before it is read (``index_shard``): the tar is scanned once, each
 sample is checked (an image member that decodes, a caption), and bad samples are left out and counted
-by reason (``SKIP_REASONS``). The index lives next to the shard (``<shard>.tar.index.json``) or, if that
+by reason (``SKIP_REASONS``). A damaged tar keeps its intact samples: a bad header is skipped to the
+next valid one, a shard cut off mid-way keeps everything before the cut. The index lives next to the shard (``<shard>.tar.index.json``) or, if that
 folder is read-only, in the cache (``$FASTTIPS_DATA_DIR/index``). A DALI index (``.idx``, wds2idx's
 format v1.2) listing only the good samples is written beside it, so both loaders read exactly the same
-samples and DALI never meets a bad one.
+samples and DALI never meets a bad one. Its members are named by sample number, not by key (the format
+is space-separated and DALI's ``source_info`` is ':'-separated; keys may hold both).
 """
 from __future__ import annotations
 
@@ -32,9 +34,13 @@ log = logging.getLogger("fasttips.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 CAPTION_EXT = "json"
 CAPTION_KINDS = ("alt", "short", "long")    # the caption granularities; the order gives batch["caption_kind"]
-INDEX_VERSION = 2            # 2: captions are the CAPTION_KINDS fields only
+INDEX_VERSION = 3            # 2: captions are the CAPTION_KINDS fields only; 3: damaged tars, DALI names
 VALIDATE_CHUNK = 256         # images decoded per batch while indexing
-SKIP_REASONS = ("corrupt_image", "missing_caption", "non_image_member", "unreadable_shard")
+# corrupt_image: does not decode; missing_caption: no .json or no usable caption in it; non_image_member:
+# a group of members without an image; damaged_sample: a sample left incomplete by damage in the tar;
+# damaged_tar: places where a tar is damaged (a bad header, or cut off); unreadable_shard: nothing readable.
+SKIP_REASONS = ("corrupt_image", "missing_caption", "non_image_member", "damaged_sample", "damaged_tar",
+                "unreadable_shard")
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -200,26 +206,87 @@ def fingerprint(shard: str) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _scan(shard: str) -> tuple[list[Sample], dict[str, int]]:
-    skipped = dict.fromkeys(SKIP_REASONS, 0)
+def _zero_bytes(f, start: int, stop: int) -> bool:
+    """True when bytes [start, stop) of the open file are all zero (tar padding, end-of-archive)."""
+    f.seek(start)
+    left = stop - start
+    while left > 0:
+        chunk = f.read(min(left, 1 << 20))
+        if not chunk:
+            return True
+        if chunk.count(0) != len(chunk):
+            return False
+        left -= len(chunk)
+    return True
+
+
+def _tar_members(shard: str) -> tuple[dict[str, dict[str, tuple[int, int]]], list[str], set[str], int]:
+    """(members by key and extension, keys in order, keys next to damage, damaged places) of a tar.
+
+    Damage does not lose the rest of the shard: a header that fails its checksum is skipped block by
+    block to the next valid one (``ignore_zeros``), and a shard cut off mid-member keeps every member
+    before the cut. The samples on either side of a damaged place are remembered, so the ones left
+    incomplete are counted as ``damaged_sample`` rather than as a missing image or caption.
+    Raises ``tarfile.ReadError`` when nothing in the file is a readable member.
+    """
+    file_size = os.path.getsize(shard)
     groups: dict[str, dict[str, tuple[int, int]]] = {}
     order: list[str] = []
+    near_damage: set[str] = set()
+    damaged = 0
+    last_key, expected = None, 0                    # where the next header should start
+    # ``raw`` is a second handle for looking at gaps, so tarfile's own file position is left alone
+    with open(shard, "rb") as raw, tarfile.open(shard, mode="r:", ignore_zeros=True) as tar:
+        while True:
+            try:
+                m = tar.next()
+            except (tarfile.ReadError, EOFError, OSError):   # cut off inside a member's data
+                m, cut = None, True
+            else:
+                cut = False
+            if m is not None and m.offset > expected and not _zero_bytes(raw, expected, m.offset):
+                damaged += 1                                 # skipped over a damaged header
+                if last_key is not None:
+                    near_damage.add(last_key)
+                if m.isfile():
+                    near_damage.add(split_name(m.name)[0])
+            if m is None:
+                # cut off (mid-member, or exactly between members: a tar ends with zero blocks), or
+                # garbage after the last member
+                if cut or expected >= file_size or not _zero_bytes(raw, expected, file_size):
+                    damaged += 1
+                    if last_key is not None:
+                        near_damage.add(last_key)
+                break
+            expected = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            if not m.isfile():
+                continue
+            key, ext = split_name(m.name)
+            last_key = key
+            if key not in groups:
+                groups[key] = {}
+                order.append(key)
+            if m.offset_data + m.size > file_size:          # the member's data runs past the end
+                damaged += 1
+                near_damage.add(key)
+                break
+            groups[key][ext] = (m.offset_data, m.size)
+    if not any(groups.values()):
+        raise tarfile.ReadError("no readable member" + (f" ({damaged} damaged place(s))" if damaged else ""))
+    return groups, order, near_damage, damaged
+
+
+def _scan(shard: str) -> tuple[list[Sample], dict[str, int]]:
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
     try:
-        with tarfile.open(shard, "r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, ext = split_name(m.name)
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
-                groups[key][ext] = (m.offset_data, m.size)
-            if not order:
-                raise tarfile.ReadError("no members")
+        groups, order, near_damage, damaged = _tar_members(shard)
     except (OSError, tarfile.TarError, EOFError) as exc:
         log.warning("skipping unreadable shard %s (%s)", shard, exc)
         skipped["unreadable_shard"] = 1
         return [], skipped
+    if damaged:
+        log.warning("shard %s is damaged in %d place(s); its intact samples are kept", shard, damaged)
+    skipped["damaged_tar"] = damaged
     candidates = []                                      # (key, image ext): caption checked, image not yet
     with open(shard, "rb") as f:
         def read(off_size):
@@ -229,10 +296,15 @@ def _scan(shard: str) -> tuple[list[Sample], dict[str, int]]:
         for key in order:
             members = groups[key]
             image_ext = next((e for e in IMAGE_EXTS if e in members), None)
-            if image_ext is None:
-                skipped["non_image_member"] += 1
+            if image_ext is None or CAPTION_EXT not in members:
+                if key in near_damage:
+                    skipped["damaged_sample"] += 1
+                elif image_ext is None:
+                    skipped["non_image_member"] += 1
+                else:
+                    skipped["missing_caption"] += 1
                 continue
-            if CAPTION_EXT not in members or not parse_captions(read(members[CAPTION_EXT])):
+            if not parse_captions(read(members[CAPTION_EXT])):
                 skipped["missing_caption"] += 1
                 continue
             candidates.append((key, image_ext))
@@ -253,15 +325,30 @@ def _scan(shard: str) -> tuple[list[Sample], dict[str, int]]:
     return samples, skipped
 
 
+def dali_member_name(i: int, ext: str) -> str:
+    """The name of the ``i``-th good sample's member in the DALI index. Not the real key: DALI's index
+    is space-separated and its ``source_info`` is ``path:offset:name``, so a key with a space or a ':'
+    would break one or the other. The loader maps ``i`` back to the key (``ShardIndex.samples[i]``)."""
+    return f"{i}.{ext}"
+
+
 def _write_dali_index(path: Path, samples: list[Sample]) -> None:
     """wds2idx format v1.2: one line per sample, ``ext offset size name`` per component (image, json)."""
     lines = [f"v1.2 {len(samples)}"]
-    for s in samples:
+    for i, s in enumerate(samples):
         ext, off, size = s.image
-        lines.append(f"img {off} {size} {s.key}.{ext} json {s.caption[0]} {s.caption[1]} {s.key}.json")
+        lines.append(f"img {off} {size} {dali_member_name(i, ext)} "
+                     f"json {s.caption[0]} {s.caption[1]} {dali_member_name(i, CAPTION_EXT)}")
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)              # atomic: another rank's DALI reader may be reading this file
+
+
+def parse_dali_source(source_info: str) -> tuple[str, int]:
+    """(shard path, sample number) from DALI's ``source_info`` (``path:offset:name``) of a member
+    named by ``dali_member_name``; the path itself may hold ':'."""
+    path, _offset, name = source_info.rsplit(":", 2)
+    return path, int(name.split(".", 1)[0])
 
 
 def index_shard(shard: str, rebuild: bool = False) -> ShardIndex:
