@@ -58,8 +58,7 @@ def eval_shards(cfg, split: str = "eval", path: str | None = None) -> list[str]:
 
     if path:
         return list_shards(path, what="--data")
-    root = (cfg.data.path or None) if (cfg is not None and cfg.data.source == "demo") else None
-    return demo.demo_shards(root, split)
+    return demo.demo_shards(None, split)        # the demo cache only: data.path is the user's shards
 
 
 def load_eval_set(cfg=None, split: str = "eval", path: str | None = None, n_images: int | None = None,
