@@ -67,6 +67,7 @@ def load_eval_set(cfg=None, split: str = "eval", path: str | None = None, n_imag
     pixels (default ``cfg.data.global_size``). Cached per arguments: periodic evaluation reads the
     shards once."""
     from fasttips.data.augment import normalize
+    from fasttips.data.decode import decode_rgb
     from fasttips.data.shards import MemberReader, index_shards
 
     n = n_images if n_images is not None else (cfg.eval.n_images if cfg is not None else 64)
@@ -87,7 +88,7 @@ def load_eval_set(cfg=None, split: str = "eval", path: str | None = None, n_imag
     captions: dict[str, list[str]] = {"alt": [], "short": [], "long": []}
     try:
         for s in samples:
-            img = _square(Image.open(io.BytesIO(reader.image(s))).convert("RGB"))
+            img = _square(decode_rgb(reader.image(s)))          # the training loaders' pixels
             images.append(np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.uint8))
             caps = reader.captions(s)
             for kind in captions:

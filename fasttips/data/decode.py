@@ -1,0 +1,57 @@
+"""Encoded image bytes -> 8-bit RGB, the same pixels as DALI's CPU decoder (``fn.decoders.image``,
+``output_type=RGB``), for every format the shards may hold. Used by the Pillow loader, the shard
+validation and the evaluation data, so all of them see what the DALI loader sees.
+
+Where Pillow's plain ``convert("RGB")`` differs from DALI, and what is done instead:
+
+- 16-bit grey PNG (Pillow mode ``I;16`` / ``I``): Pillow clips the values to 0..255, so an ordinary
+  16-bit image comes out near-white. DALI scales: ``round(v / 257)``; so do we.
+- EXIF orientation (JPEG): DALI applies it, Pillow does not; we do (``ImageOps.exif_transpose``).
+- 16-bit colour PNG: Pillow keeps the high byte (``v >> 8``), DALI rounds; they differ by at most 1
+  in some pixels (Pillow has no 48-bit mode to do better).
+
+Everything else (8-bit RGB / L / LA / RGBA / P with or without transparency, 1-bit, CMYK and grey
+JPEG) already agrees exactly: alpha is dropped, not composited, by both.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+FORMATS = ("JPEG", "PNG")            # what the shards may hold (shards.IMAGE_EXTS)
+SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB with DALI's conversions (module docstring)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in SIXTEEN_BIT_GREY:
+        v = np.asarray(img, dtype=np.int64)
+        grey = np.clip((v + 128) // 257, 0, 255).astype(np.uint8)       # round(v / 257) without floats
+        return Image.fromarray(grey, "L").convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def reduced_jpeg_draft(img: Image.Image, min_side: int) -> None:
+    """Let a large JPEG decode at 1/2, 1/4 or 1/8 scale while its shorter side stays >= ``min_side``
+    (much faster; the crops keep about their output resolution, ``augment.min_decode_side``)."""
+    if img.format != "JPEG" or min_side <= 0:
+        return
+    short = min(img.width, img.height)
+    factor = 1
+    while factor < 8 and short // (factor * 2) >= min_side:
+        factor *= 2
+    if factor > 1:
+        img.draft("RGB", (img.width // factor, img.height // factor))
+
+
+def decode_rgb(data: bytes, min_side: int = 0) -> Image.Image:
+    """Decode JPEG/PNG bytes to 8-bit RGB (``min_side`` > 0: a reduced-scale JPEG decode is allowed).
+    Raises ``ValueError`` for another format, and whatever Pillow raises for a broken file."""
+    img = Image.open(io.BytesIO(data))
+    if img.format not in FORMATS:
+        raise ValueError(f"image format {img.format}: allowed {list(FORMATS)}")
+    reduced_jpeg_draft(img, min_side)
+    return to_rgb(img)
