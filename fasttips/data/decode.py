@@ -24,6 +24,35 @@ FORMATS = ("JPEG", "PNG")            # what the shards may hold (shards.IMAGE_EX
 SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
+def jpeg_header_ok(data: bytes) -> bool:
+    """The JPEG's marker segments up to the start of scan are well formed (each ``FF xx`` with a
+    marker byte and a length inside the file). libjpeg (Pillow) tolerates some broken ones that DALI's
+    parser refuses ("Invalid marker"), which would stop the whole DALI pipeline; such a file counts as
+    a corrupt image for both loaders."""
+    n = len(data)
+    if data[:2] != b"\xff\xd8":
+        return False
+    i = 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return False
+        while i + 1 < n and data[i + 1] == 0xFF:             # fill bytes
+            i += 1
+        marker = data[i + 1]
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:        # markers without a length
+            i += 2
+            continue
+        if marker < 0xC0 or marker in (0xD8, 0xD9):         # not a marker, or SOI / EOI before the scan
+            return False
+        length = (data[i + 2] << 8) | data[i + 3]
+        if length < 2 or i + 2 + length > n:
+            return False
+        if marker == 0xDA:                                   # start of scan: the header is complete
+            return True
+        i += 2 + length
+    return False
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """An opened image as 8-bit RGB with DALI's conversions (module docstring)."""
     img = ImageOps.exif_transpose(img)
@@ -53,5 +82,7 @@ def decode_rgb(data: bytes, min_side: int = 0) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     if img.format not in FORMATS:
         raise ValueError(f"image format {img.format}: allowed {list(FORMATS)}")
+    if img.format == "JPEG" and not jpeg_header_ok(data):
+        raise ValueError("malformed JPEG header (marker segments)")
     reduced_jpeg_draft(img, min_side)
     return to_rgb(img)

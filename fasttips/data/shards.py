@@ -29,6 +29,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .decode import jpeg_header_ok
+
 log = logging.getLogger("fasttips.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
@@ -179,6 +181,8 @@ def image_is_valid(data: bytes) -> bool:
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format not in ("JPEG", "PNG"):
+                return False
+            if im.format == "JPEG" and not jpeg_header_ok(data):   # DALI would refuse it (decode.py)
                 return False
             if im.format == "JPEG":
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))

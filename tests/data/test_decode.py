@@ -102,3 +102,24 @@ def test_eval_images_use_the_same_decoder(tmp_path):
 def test_other_formats_are_refused():
     with pytest.raises(ValueError, match="format GIF"):
         decode_rgb(_save(Image.fromarray(np.zeros((4, 4), np.uint8)), "GIF"))
+
+
+def _broken_marker_jpeg(seed: int) -> bytes:
+    """A JPEG whose first Huffman-table segment lost its 0xFF: libjpeg skips to the next marker and
+    decodes it, DALI's parser refuses it ("Invalid marker")."""
+    rng = np.random.default_rng(seed)
+    data = bytearray(_save(Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)), "JPEG"))
+    data[data.index(b"\xff\xc4")] = 0x1A
+    return bytes(data)
+
+
+def test_a_jpeg_with_a_broken_marker_is_corrupt_for_both_loaders(seed):
+    from fasttips.data.shards import image_is_valid
+
+    data = _broken_marker_jpeg(seed)
+    Image.open(io.BytesIO(data)).convert("RGB")             # Pillow alone would accept it
+    with pytest.raises(Exception):
+        dali_decode([data])                                 # ... and DALI stops on it
+    assert not image_is_valid(data)                          # so the index leaves it out
+    with pytest.raises(ValueError, match="malformed JPEG"):
+        decode_rgb(data)
