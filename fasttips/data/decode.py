@@ -16,6 +16,7 @@ JPEG) already agrees exactly: alpha is dropped, not composited, by both.
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -53,6 +54,33 @@ def jpeg_header_ok(data: bytes) -> bool:
     return False
 
 
+def png_chunks_ok(data: bytes) -> bool:
+    """The PNG's chunks up to IEND lie inside the file and every critical chunk (IHDR, PLTE, IDAT...)
+    has a correct CRC. Pillow does not check these CRCs and decodes damaged data; DALI refuses it
+    (and stops the pipeline), so such a file is a corrupt image for both loaders."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return False
+    i, n = 8, len(data)
+    while i + 12 <= n:
+        length = int.from_bytes(data[i:i + 4], "big")
+        kind = data[i + 4:i + 8]
+        end = i + 8 + length
+        if end + 4 > n:
+            return False
+        critical = not kind[0] & 0x20                       # upper-case first letter
+        if critical and zlib.crc32(data[i + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
+            return False
+        if kind == b"IEND":
+            return True
+        i = end + 4
+    return False
+
+
+def container_ok(fmt: str, data: bytes) -> bool:
+    """The checks DALI's parsers make and Pillow's do not (``jpeg_header_ok``, ``png_chunks_ok``)."""
+    return jpeg_header_ok(data) if fmt == "JPEG" else png_chunks_ok(data) if fmt == "PNG" else False
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """An opened image as 8-bit RGB with DALI's conversions (module docstring)."""
     img = ImageOps.exif_transpose(img)
@@ -82,7 +110,8 @@ def decode_rgb(data: bytes, min_side: int = 0) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     if img.format not in FORMATS:
         raise ValueError(f"image format {img.format}: allowed {list(FORMATS)}")
-    if img.format == "JPEG" and not jpeg_header_ok(data):
-        raise ValueError("malformed JPEG header (marker segments)")
+    if not container_ok(img.format, data):
+        raise ValueError(f"malformed {img.format} file ("
+                         + ("marker segments)" if img.format == "JPEG" else "chunk lengths or CRCs)"))
     reduced_jpeg_draft(img, min_side)
     return to_rgb(img)

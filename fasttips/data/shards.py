@@ -29,7 +29,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .decode import jpeg_header_ok
+from .decode import container_ok
 
 log = logging.getLogger("fasttips.data")
 
@@ -182,7 +182,7 @@ def image_is_valid(data: bytes) -> bool:
         with Image.open(io.BytesIO(data)) as im:
             if im.format not in ("JPEG", "PNG"):
                 return False
-            if im.format == "JPEG" and not jpeg_header_ok(data):   # DALI would refuse it (decode.py)
+            if not container_ok(im.format, data):          # DALI would refuse it (decode.py)
                 return False
             if im.format == "JPEG":
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))

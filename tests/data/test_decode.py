@@ -123,3 +123,20 @@ def test_a_jpeg_with_a_broken_marker_is_corrupt_for_both_loaders(seed):
     assert not image_is_valid(data)                          # so the index leaves it out
     with pytest.raises(ValueError, match="malformed JPEG"):
         decode_rgb(data)
+
+
+def test_a_png_with_a_bad_crc_is_corrupt_for_both_loaders(seed):
+    from fasttips.data.shards import image_is_valid
+
+    rng = np.random.default_rng(seed)
+    data = bytearray(_save(Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)), "PNG"))
+    idat = data.index(b"IDAT")
+    crc_at = idat + 4 + int.from_bytes(data[idat - 4:idat], "big")
+    data[crc_at] ^= 0x55                                     # the image data's CRC no longer matches
+    data = bytes(data)
+    Image.open(io.BytesIO(data)).convert("RGB")             # Pillow alone would accept it
+    with pytest.raises(Exception):
+        dali_decode([data])                                 # ... and DALI stops on it
+    assert not image_is_valid(data)
+    with pytest.raises(ValueError, match="malformed PNG"):
+        decode_rgb(data)

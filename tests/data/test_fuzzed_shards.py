@@ -3,17 +3,19 @@ loaders. Nothing crashes, and every sample is either good or skipped with a reas
 with a damaged region is covered by the ``damaged_tar`` count)."""
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from fasttips.data import loader as loader_mod
-from fasttips.data.shards import SKIP_REASONS, index_shard
+from fasttips.data.shards import SKIP_REASONS, ShardWriter, index_shard
 from fasttips.data.tokenizer import Tokenizer
 
-from data_helpers import captions_of, tiny_cfg, write_shards
+from data_helpers import captions_of, jpeg, tiny_cfg
 
 N = 6
 PER_SAMPLE = ("corrupt_image", "missing_caption", "non_image_member", "damaged_sample")
@@ -40,7 +42,18 @@ def mutate(data: bytes, headers: list[int], rng: np.random.Generator) -> bytes:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz_src")
-    (path,) = write_shards(folder, N, N)
+    rng = np.random.default_rng(0)
+    with ShardWriter(folder, samples_per_shard=N) as w:     # JPEG and PNG (palette, grey, RGB) samples
+        for i in range(N):
+            if i % 2:
+                w.write(f"s{i:04d}", jpeg(rng), "jpg", captions_of(i))
+            else:
+                img = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+                img = [img.quantize(8), img.convert("L"), img][(i // 2) % 3]
+                buf = io.BytesIO()
+                img.save(buf, "PNG")
+                w.write(f"s{i:04d}", buf.getvalue(), "png", captions_of(i))
+    (path,) = w.paths
     tok = folder / "tok.model"
     Tokenizer.train([c for i in range(N) for c in captions_of(i).values()], 200, path=tok)
     with tarfile.open(path) as tar:
