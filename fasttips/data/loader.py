@@ -20,6 +20,7 @@ import torch
 from fasttips.distributed.signals import startup_guard
 
 from . import demo
+from .caption_fields import DEFAULT_CAPTION_FIELDS, caption_fields_of, missing_caption_hint
 from .batch import synthetic_batch
 from .pipeline import SampleStream, StreamSpec
 from .shards import (SKIP_REASONS, MemberReader, cache_dir, fingerprint, index_shards, list_shards,
@@ -71,6 +72,9 @@ def tokenizer_cache_key(indexes, vocab_size: int) -> str:
     as for the shard index, so a shard rewritten in place trains a new one), the vocabulary size and
     the caption cap."""
     parts = [f"{ix.shard}|{fingerprint(ix.shard)}" for ix in indexes]
+    fields = next((ix.samples[0].fields.spec for ix in indexes if ix.samples), "")
+    if fields and fields != DEFAULT_CAPTION_FIELDS:       # (the default leaves the key as it always was)
+        parts.append(f"caption_fields={fields}")
     parts.append(f"vocab={vocab_size}|captions<={MAX_TOKENIZER_CAPTIONS}")
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -216,17 +220,19 @@ def _test_pause_in_startup() -> None:
 
 
 def _build_shard_loader(cfg, rank: int, world_size: int):
+    fields = caption_fields_of(cfg)                  # a bad mapping stops here, before any indexing
     shards = resolve_shards(cfg)
     _test_pause_in_startup()
-    indexes = index_shards(shards)
+    indexes = index_shards(shards, fields)
     stats = total_skipped(indexes)
     samples = [s for ix in indexes for s in ix.samples]
     bad = {k: v for k, v in stats.items() if v}
+    hint = f"; {missing_caption_hint(fields)}" if stats.get("missing_caption") else ""
     if bad:
-        log.warning("data: %d good samples in %d shards; skipped %s", len(samples), len(shards), bad)
+        log.warning("data: %d good samples in %d shards; skipped %s%s", len(samples), len(shards), bad, hint)
     if not samples:
         raise ValueError(f"data.path={cfg.data.path!r}: the {len(shards)} shard(s) hold no usable sample "
-                         f"(skipped: {bad or 'none'})")
+                         f"(skipped: {bad or 'none'}){hint}")
     tokenizer = resolve_tokenizer(cfg, indexes)
     kind = cfg.data.loader
     if kind == "auto":

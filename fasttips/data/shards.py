@@ -29,14 +29,15 @@ from pathlib import Path
 
 from PIL import Image
 
+from .caption_fields import CAPTION_KINDS, DEFAULT, CaptionFields
 from .decode import container_ok
 
 log = logging.getLogger("fasttips.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
-CAPTION_EXT = "json"
-CAPTION_KINDS = ("alt", "short", "long")    # the caption granularities; the order gives batch["caption_kind"]
-INDEX_VERSION = 3            # 2: captions are the CAPTION_KINDS fields only; 3: damaged tars, DALI names
+CAPTION_EXT = "json"         # the caption member ShardWriter writes (the default caption_fields read it)
+INDEX_VERSION = 3            # 2: captions are the CAPTION_KINDS fields only; 3: damaged tars, DALI names,
+                             # caption members per data.caption_fields
 VALIDATE_CHUNK = 256         # images decoded per batch while indexing
 # corrupt_image: does not decode; missing_caption: no .json or no usable caption in it; non_image_member:
 # a group of members without an image; damaged_sample: a sample left incomplete by damage in the tar;
@@ -152,8 +153,14 @@ class Sample:
     shard: str
     key: str
     image: tuple[str, int, int]             # (ext, offset, size)
-    caption: tuple[int, int]                # the .json member
+    texts: dict[str, tuple[int, int]]       # the caption members (extension -> range), see caption_fields
     extras: dict[str, tuple[int, int]] = field(default_factory=dict)
+    fields: CaptionFields = DEFAULT         # how the captions are read from ``texts``
+
+    @property
+    def caption(self) -> tuple[int, int]:
+        """The .json member (e.g. for its other fields, such as the demo's "objects")."""
+        return self.texts[CAPTION_EXT] if CAPTION_EXT in self.texts else self.extras[CAPTION_EXT]
 
 
 @dataclass
@@ -174,6 +181,10 @@ def parse_captions(data: bytes) -> dict[str, str]:
     if not isinstance(obj, dict):
         return {}
     return {k: obj[k].strip() for k in CAPTION_KINDS if isinstance(obj.get(k), str) and obj[k].strip()}
+
+
+def _member_ranges(members: dict[str, tuple[int, int]], exts) -> dict[str, tuple[int, int]]:
+    return {e: members[e] for e in exts if e in members}
 
 
 def image_is_valid(data: bytes) -> bool:
@@ -280,7 +291,7 @@ def _tar_members(shard: str) -> tuple[dict[str, dict[str, tuple[int, int]]], lis
     return groups, order, near_damage, damaged
 
 
-def _scan(shard: str) -> tuple[list[Sample], dict[str, int]]:
+def _scan(shard: str, fields: CaptionFields = DEFAULT) -> tuple[list[Sample], dict[str, int]]:
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     try:
         groups, order, near_damage, damaged = _tar_members(shard)
@@ -300,7 +311,8 @@ def _scan(shard: str) -> tuple[list[Sample], dict[str, int]]:
         for key in order:
             members = groups[key]
             image_ext = next((e for e in IMAGE_EXTS if e in members), None)
-            if image_ext is None or CAPTION_EXT not in members:
+            texts = _member_ranges(members, fields.exts)
+            if image_ext is None or not texts:
                 if key in near_damage:
                     skipped["damaged_sample"] += 1
                 elif image_ext is None:
@@ -308,7 +320,7 @@ def _scan(shard: str) -> tuple[list[Sample], dict[str, int]]:
                 else:
                     skipped["missing_caption"] += 1
                 continue
-            if not parse_captions(read(members[CAPTION_EXT])):
+            if not fields.extract({e: read(r) for e, r in texts.items()}):
                 skipped["missing_caption"] += 1
                 continue
             candidates.append((key, image_ext))
@@ -323,9 +335,9 @@ def _scan(shard: str) -> tuple[list[Sample], dict[str, int]]:
                         skipped["corrupt_image"] += 1
                         continue
                     members = groups[key]
-                    extras = {e: members[e] for e in members if e not in (image_ext, CAPTION_EXT)}
-                    samples.append(Sample(shard, key, (image_ext, *members[image_ext]), members[CAPTION_EXT],
-                                          extras))
+                    texts = _member_ranges(members, fields.exts)
+                    extras = {e: members[e] for e in members if e != image_ext and e not in texts}
+                    samples.append(Sample(shard, key, (image_ext, *members[image_ext]), texts, extras, fields))
     return samples, skipped
 
 
@@ -336,13 +348,22 @@ def dali_member_name(i: int, ext: str) -> str:
     return f"{i}.{ext}"
 
 
-def _write_dali_index(path: Path, samples: list[Sample]) -> None:
-    """wds2idx format v1.2: one line per sample, ``ext offset size name`` per component (image, json)."""
+def dali_caption_labels(fields: CaptionFields) -> list[str]:
+    """The DALI index's component names of the caption members, in ``fields.exts`` order."""
+    return [f"cap{j}" for j in range(len(fields.exts))]
+
+
+def _write_dali_index(path: Path, samples: list[Sample], fields: CaptionFields = DEFAULT) -> None:
+    """wds2idx format v1.2: one line per sample, ``ext offset size name`` per component: ``img``, then
+    ``cap0``, ``cap1``... for the caption members the sample has (``dali_caption_labels``)."""
     lines = [f"v1.2 {len(samples)}"]
+    labels = dict(zip(fields.exts, dali_caption_labels(fields)))
     for i, s in enumerate(samples):
         ext, off, size = s.image
-        lines.append(f"img {off} {size} {dali_member_name(i, ext)} "
-                     f"json {s.caption[0]} {s.caption[1]} {dali_member_name(i, CAPTION_EXT)}")
+        parts = [f"img {off} {size} {dali_member_name(i, ext)}"]
+        parts += [f"{labels[e]} {s.texts[e][0]} {s.texts[e][1]} {dali_member_name(i, e)}"
+                  for e in fields.exts if e in s.texts]
+        lines.append(" ".join(parts))
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)              # atomic: another rank's DALI reader may be reading this file
@@ -355,28 +376,31 @@ def parse_dali_source(source_info: str) -> tuple[str, int]:
     return path, int(name.split(".", 1)[0])
 
 
-def index_shard(shard: str, rebuild: bool = False) -> ShardIndex:
-    """The validated index of one shard, built on first use and cached until the tar changes."""
+def index_shard(shard: str, rebuild: bool = False, fields: CaptionFields = DEFAULT) -> ShardIndex:
+    """The validated index of one shard, built on first use and cached until the tar or the caption
+    mapping (``fields``) changes."""
     shard = os.path.abspath(shard)
     json_path, dali_path = _index_paths(shard)
     stamp = fingerprint(shard) if os.path.isfile(shard) else None
     if not rebuild and stamp and json_path.is_file():
         try:
             d = json.loads(json_path.read_text())
-            if d.get("version") == INDEX_VERSION and d.get("fingerprint") == stamp:
-                samples = [Sample(shard, s["key"], tuple(s["image"]), tuple(s["caption"]),
-                                  {k: tuple(v) for k, v in s.get("extras", {}).items()}) for s in d["samples"]]
+            if (d.get("version") == INDEX_VERSION and d.get("fingerprint") == stamp
+                    and d.get("caption_fields") == fields.spec):
+                samples = [Sample(shard, s["key"], tuple(s["image"]), {k: tuple(v) for k, v in s["texts"].items()},
+                                  {k: tuple(v) for k, v in s.get("extras", {}).items()}, fields)
+                           for s in d["samples"]]
                 if not dali_path.is_file():
-                    _write_dali_index(dali_path, samples)
+                    _write_dali_index(dali_path, samples, fields)
                 return ShardIndex(shard, samples, d["skipped"], str(dali_path))
         except (OSError, ValueError, KeyError, TypeError):
             pass                                         # a damaged index is rebuilt below
-    samples, skipped = _scan(shard)
+    samples, skipped = _scan(shard, fields)
     if stamp is None:                                    # not a file: nothing to cache
         return ShardIndex(shard, samples, skipped, None)
-    _write_dali_index(dali_path, samples)
-    payload = {"version": INDEX_VERSION, "fingerprint": stamp, "skipped": skipped,
-               "samples": [{"key": s.key, "image": list(s.image), "caption": list(s.caption),
+    _write_dali_index(dali_path, samples, fields)
+    payload = {"version": INDEX_VERSION, "fingerprint": stamp, "caption_fields": fields.spec, "skipped": skipped,
+               "samples": [{"key": s.key, "image": list(s.image), "texts": {k: list(v) for k, v in s.texts.items()},
                             "extras": {k: list(v) for k, v in s.extras.items()}} for s in samples]}
     tmp = json_path.with_name(json_path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(payload))
@@ -384,8 +408,8 @@ def index_shard(shard: str, rebuild: bool = False) -> ShardIndex:
     return ShardIndex(shard, samples, skipped, str(dali_path))
 
 
-def index_shards(shards: list[str]) -> list[ShardIndex]:
-    return [index_shard(s) for s in shards]
+def index_shards(shards: list[str], fields: CaptionFields = DEFAULT) -> list[ShardIndex]:
+    return [index_shard(s, fields=fields) for s in shards]
 
 
 def total_skipped(indexes: list[ShardIndex]) -> dict[str, int]:
@@ -419,7 +443,7 @@ class MemberReader:
         return self.read(s.shard, s.image[1], s.image[2])
 
     def captions(self, s: Sample) -> dict[str, str]:
-        return parse_captions(self.read(s.shard, *s.caption))
+        return s.fields.extract({e: self.read(s.shard, *r) for e, r in s.texts.items()})
 
     def extra(self, s: Sample, ext: str) -> bytes:
         return self.read(s.shard, *s.extras[ext])

@@ -67,6 +67,7 @@ def load_eval_set(cfg=None, split: str = "eval", path: str | None = None, n_imag
     pixels (default ``cfg.data.global_size``). Cached per arguments: periodic evaluation reads the
     shards once."""
     from fasttips.data.augment import normalize
+    from fasttips.data.caption_fields import caption_fields_of
     from fasttips.data.decode import decode_rgb
     from fasttips.data.shards import MemberReader, index_shards
 
@@ -79,7 +80,9 @@ def load_eval_set(cfg=None, split: str = "eval", path: str | None = None, n_imag
         return _CACHE[key]
 
     class_names = _find_classes(shards)
-    samples = [s for ix in index_shards(shards) for s in ix.samples][:n]
+    fields = caption_fields_of(cfg) if path and cfg is not None else None   # the demo split: its own format
+    samples = [s for ix in (index_shards(shards, fields) if fields else index_shards(shards))
+               for s in ix.samples][:n]
     if not samples:
         raise ValueError(f"eval data: no usable samples in {shards}")
     with_masks = bool(class_names) and all(MASK_MEMBER in s.extras for s in samples)
