@@ -2,17 +2,19 @@
 
 A sample is a group of tar members sharing a key (the member name up to the first dot):
 ``{key}.jpg`` (or ``.jpeg`` / ``.png``) plus ``{key}.json`` holding captions by granularity
-(``{"alt": ..., "short": ..., "long": ...}``, any non-empty subset). Other members of a sample (for
-example the demo's ``{key}.mask.png``) are kept in the index as extras and otherwise ignored.
+(``{"alt": ..., "short": ..., "long": ...}``, any non-empty subset), or captions in other members
+and fields as ``data.caption_fields`` maps them (``caption_fields.py``). Other members of a sample
+(for example the demo's ``{key}.mask.png``) are kept in the index as extras and otherwise ignored.
 
-Every shard gets a validated index before it is read (``index_shard``): the tar is scanned once, each
-sample is checked (an image member that decodes, a caption), and bad samples are left out and counted
-by reason (``SKIP_REASONS``). A damaged tar keeps its intact samples: a bad header is skipped to the
-next valid one, a shard cut off mid-way keeps everything before the cut. The index lives next to the shard (``<shard>.tar.index.json``) or, if that
-folder is read-only, in the cache (``$FASTTIPS_DATA_DIR/index``). A DALI index (``.idx``, wds2idx's
-format v1.2) listing only the good samples is written beside it, so both loaders read exactly the same
-samples and DALI never meets a bad one. Its members are named by sample number, not by key (the format
-is space-separated and DALI's ``source_info`` is ':'-separated; keys may hold both).
+Every shard gets a validated index before it is read (``index_shard``): the tar is scanned once,
+each sample is checked (an image member that decodes, a caption as ``caption_fields`` reads it), and
+bad samples are left out and counted by reason (``SKIP_REASONS``). A damaged tar keeps its intact
+samples: a bad header is skipped to the next valid one, a shard cut off mid-way keeps everything
+before the cut. The index lives next to the shard (``<shard>.tar.index.json``) or, if that folder is
+read-only, in the cache (``$FASTTIPS_DATA_DIR/index``). A DALI index (``.idx``, wds2idx's format
+v1.2) listing only the good samples is written beside it, so both loaders read exactly the same
+samples and DALI never meets a bad one. Its members are named by sample number, not by key (the
+format is space-separated and DALI's ``source_info`` is ':'-separated; keys may hold both).
 """
 from __future__ import annotations
 

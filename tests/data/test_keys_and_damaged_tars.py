@@ -13,7 +13,7 @@ import pytest
 from fasttips.data import loader as loader_mod
 from fasttips.data.shards import _scan, index_shard
 
-from data_helpers import captions_of, jpeg, tiny_cfg, write_shards
+from data_helpers import jpeg, tiny_cfg, write_shards
 
 KINDS = ["pytorch", "dali"]
 ODD_KEYS = ["a b", "2024-01-01T10:00:00", "dir.v1/x", "ünï 日本", "x:y z", "semi;colon", "tab\tkey", "plain"]
