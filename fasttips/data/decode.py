@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 FORMATS = ("JPEG", "PNG")            # what the shards may hold (shards.IMAGE_EXTS)
+ORIENTATION = 0x0112                 # the EXIF tag
 SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -83,7 +84,8 @@ def container_ok(fmt: str, data: bytes) -> bool:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """An opened image as 8-bit RGB with DALI's conversions (module docstring)."""
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(ORIENTATION, 1) != 1:             # (exif_transpose copies even when upright)
+        img = ImageOps.exif_transpose(img)
     if img.mode in SIXTEEN_BIT_GREY:
         v = np.asarray(img, dtype=np.int64)
         grey = np.clip((v + 128) // 257, 0, 255).astype(np.uint8)       # round(v / 257) without floats
