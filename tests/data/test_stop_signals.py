@@ -118,3 +118,23 @@ def test_a_worker_survives_the_first_signal_and_obeys_the_second():
     p.terminate()
     p.join(10)
     assert p.exitcode == -signal.SIGTERM
+
+
+def test_sigterm_to_torchrun_leaves_a_checkpoint_from_every_rank(tmp_path, tiny_shards):
+    """torchrun forwards the signal to its ranks (each in its own session): they finish the step,
+    checkpoint together and exit 0. torchrun itself then exits 1 with its SignalException (torch's)."""
+    pytest.importorskip("torch.distributed.run")
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "fasttips.train", "--no-progress", *SMALL, "data.source=shards", f"data.path={tiny_shards}",
+           "data.loader=pytorch", "data.num_workers=0", f"train.run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1, proc, "the first step")
+    os.killpg(proc.pid, signal.SIGTERM)                    # the agent's group (the ranks have their own)
+    code, out, err = _finish(proc)
+    assert "stopped by SIGTERM" in out, f"exit {code}\n{out}\n{err}"
+    assert "ChildFailedError" not in err and "killed by signal" not in err
+    (ckpt,) = [p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()]
+    assert {p.name for p in ckpt.glob("rank_*.pt")} == {"rank_00000.pt", "rank_00001.pt"}
