@@ -41,6 +41,7 @@ CAPTION_EXT = "json"         # the caption member ShardWriter writes (the defaul
 INDEX_VERSION = 3            # 2: captions are the CAPTION_KINDS fields only; 3: damaged tars, DALI names,
                              # caption members per data.caption_fields
 VALIDATE_CHUNK = 256         # images decoded per batch while indexing
+MAX_SKIPPED_KEYS = 1000      # skipped keys remembered per shard (with their reason), for `data check`
 # corrupt_image: does not decode; missing_caption: no .json or no usable caption in it; non_image_member:
 # a group of members without an image; damaged_sample: a sample left incomplete by damage in the tar;
 # damaged_tar: places where a tar is damaged (a bad header, or cut off); unreadable_shard: nothing readable.
@@ -171,6 +172,7 @@ class ShardIndex:
     samples: list[Sample]
     skipped: dict[str, int]
     dali_index: str | None = None           # path of the wds2idx-format index of the good samples
+    skipped_keys: list[tuple[str, str]] = field(default_factory=list)   # (key, reason), up to MAX_SKIPPED_KEYS
 
 
 def parse_captions(data: bytes) -> dict[str, str]:
@@ -293,8 +295,17 @@ def _tar_members(shard: str) -> tuple[dict[str, dict[str, tuple[int, int]]], lis
     return groups, order, near_damage, damaged
 
 
-def _scan(shard: str, fields: CaptionFields = DEFAULT) -> tuple[list[Sample], dict[str, int]]:
+def _scan(shard: str, fields: CaptionFields = DEFAULT,
+          skipped_keys: list | None = None) -> tuple[list[Sample], dict[str, int]]:
+    """(good samples, skip counts by reason) of a shard; ``skipped_keys`` (if given) receives
+    (key, reason) of the first MAX_SKIPPED_KEYS skipped samples."""
     skipped = dict.fromkeys(SKIP_REASONS, 0)
+    keys_out = skipped_keys if skipped_keys is not None else []
+
+    def skip(key: str, reason: str) -> None:
+        skipped[reason] += 1
+        if len(keys_out) < MAX_SKIPPED_KEYS:
+            keys_out.append((key, reason))
     try:
         groups, order, near_damage, damaged = _tar_members(shard)
     except (OSError, tarfile.TarError, EOFError) as exc:
@@ -315,15 +326,11 @@ def _scan(shard: str, fields: CaptionFields = DEFAULT) -> tuple[list[Sample], di
             image_ext = next((e for e in IMAGE_EXTS if e in members), None)
             texts = _member_ranges(members, fields.exts)
             if image_ext is None or not texts:
-                if key in near_damage:
-                    skipped["damaged_sample"] += 1
-                elif image_ext is None:
-                    skipped["non_image_member"] += 1
-                else:
-                    skipped["missing_caption"] += 1
+                skip(key, "damaged_sample" if key in near_damage else
+                     "non_image_member" if image_ext is None else "missing_caption")
                 continue
             if not fields.extract({e: read(r) for e, r in texts.items()}):
-                skipped["missing_caption"] += 1
+                skip(key, "missing_caption")
                 continue
             candidates.append((key, image_ext))
         samples = []
@@ -334,7 +341,7 @@ def _scan(shard: str, fields: CaptionFields = DEFAULT) -> tuple[list[Sample], di
                 images = [read(groups[key][ext]) for key, ext in chunk]
                 for (key, image_ext), ok in zip(chunk, pool.map(image_is_valid, images)):
                     if not ok:
-                        skipped["corrupt_image"] += 1
+                        skip(key, "corrupt_image")
                         continue
                     members = groups[key]
                     texts = _member_ranges(members, fields.exts)
@@ -394,20 +401,23 @@ def index_shard(shard: str, rebuild: bool = False, fields: CaptionFields = DEFAU
                            for s in d["samples"]]
                 if not dali_path.is_file():
                     _write_dali_index(dali_path, samples, fields)
-                return ShardIndex(shard, samples, d["skipped"], str(dali_path))
+                return ShardIndex(shard, samples, d["skipped"], str(dali_path),
+                                  [tuple(k) for k in d.get("skipped_keys", [])])
         except (OSError, ValueError, KeyError, TypeError):
             pass                                         # a damaged index is rebuilt below
-    samples, skipped = _scan(shard, fields)
+    skipped_keys: list[tuple[str, str]] = []
+    samples, skipped = _scan(shard, fields, skipped_keys)
     if stamp is None:                                    # not a file: nothing to cache
-        return ShardIndex(shard, samples, skipped, None)
+        return ShardIndex(shard, samples, skipped, None, skipped_keys)
     _write_dali_index(dali_path, samples, fields)
     payload = {"version": INDEX_VERSION, "fingerprint": stamp, "caption_fields": fields.spec, "skipped": skipped,
+               "skipped_keys": [list(k) for k in skipped_keys],
                "samples": [{"key": s.key, "image": list(s.image), "texts": {k: list(v) for k, v in s.texts.items()},
                             "extras": {k: list(v) for k, v in s.extras.items()}} for s in samples]}
     tmp = json_path.with_name(json_path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(payload))
     os.replace(tmp, json_path)                           # atomic: ranks may index the same shard
-    return ShardIndex(shard, samples, skipped, str(dali_path))
+    return ShardIndex(shard, samples, skipped, str(dali_path), skipped_keys)
 
 
 def index_shards(shards: list[str], fields: CaptionFields = DEFAULT) -> list[ShardIndex]:

@@ -125,6 +125,12 @@ def test_bad_input_is_skipped_counted_and_reported(bad_shards, caplog):
         L = loader_mod.build_loader(tiny_cfg(folder, "data.loader=pytorch"))
     assert {k: L.stats[k] for k in EXPECTED} == EXPECTED
     assert "skipped" in caplog.text and "unreadable shard" in caplog.text
+    mixed = index_shard(str(folder / "mixed.tar"))                   # (cached: the same index)
+    assert dict(mixed.skipped_keys) == {
+        "trunc": "corrupt_image", "junk": "corrupt_image", "nocap": "missing_caption",
+        "emptycap": "missing_caption", "badjson": "missing_caption", "otherkeys": "missing_caption",
+        "README": "non_image_member", "labels": "non_image_member"}
+    assert dict(index_shard(str(folder / "truncated.tar"), rebuild=True).skipped_keys) == {"s0002": "damaged_sample"}
     keys = set()
     for _, batch in zip(range(8), L):                       # 32 samples = 4 epochs of the 8 good ones
         keys |= set(batch["keys"])
