@@ -8,6 +8,7 @@ Modules, one job each:
 - ``pipeline``       the per-rank sample stream, seeds, and assembling a batch (shared by both loaders)
 - ``pytorch_loader`` DataLoader + Pillow workers
 - ``dali_loader``    NVIDIA DALI graph (GPU ``mixed`` decoding, or the same graph on CPU)
+- ``decode``         image bytes -> 8-bit RGB with the same pixels as DALI (Pillow loader, eval)
 - ``augment``        DINOv2 multi-crop recipe on Pillow images, pixel normalisation
 - ``masks``          iBOT block masks (C++ ``fasttips._native`` + Python twin), stratified per batch
 - ``captions``       which caption CLS#1 / CLS#2 see

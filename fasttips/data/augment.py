@@ -13,7 +13,6 @@ implements the same recipe with DALI operators.
 """
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 
@@ -160,18 +159,11 @@ def augment_crop(img: Image.Image, recipe: CropRecipe, rng: np.random.Generator)
 
 
 def decode_rgb(data: bytes, min_side: int = 0) -> Image.Image:
-    """Decode to RGB; a large JPEG is decoded at a reduced scale (1/2, 1/4, 1/8) when its shorter
-    side stays >= ``min_side``, which is much faster and keeps the crops at (about) their output
-    resolution (see ``min_decode_side``)."""
-    img = Image.open(io.BytesIO(data))
-    if img.format == "JPEG" and min_side > 0:
-        short = min(img.width, img.height)
-        factor = 1
-        while factor < 8 and short // (factor * 2) >= min_side:
-            factor *= 2
-        if factor > 1:
-            img.draft("RGB", (img.width // factor, img.height // factor))
-    return img.convert("RGB")
+    """Decode to 8-bit RGB with the same pixels as DALI (``decode.decode_rgb``); a large JPEG is decoded
+    at a reduced scale (1/2, 1/4, 1/8) when its shorter side stays >= ``min_side``, which is much faster
+    and keeps the crops at (about) their output resolution (see ``min_decode_side``)."""
+    from .decode import decode_rgb as decode
+    return decode(data, min_side)
 
 
 def min_decode_side(recipes: list[CropRecipe]) -> int:

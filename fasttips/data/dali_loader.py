@@ -35,7 +35,8 @@ import torch
 from .augment import ASPECT, crop_recipes
 from .photometric import photometric
 from .pipeline import assemble, mix_seed, seed_words
-from .shards import parse_captions, split_name
+from .caption_fields import DEFAULT
+from .shards import dali_caption_labels, parse_dali_source
 
 log = logging.getLogger("fasttips.data")
 SHUFFLE_BUFFER = 4096      # encoded samples held for DALI's shuffle (a whole small dataset = a full shuffle)
@@ -51,7 +52,7 @@ def cuda_devices() -> int:
 
 def _build_pipeline(paths, index_paths, recipes, batch_size: int, num_threads: int, device_id,
                     seed: int, rank: int, world_size: int, shuffle_buffer: int, interp: str = "cubic",
-                    checkpoint: bytes | None = None):
+                    checkpoint: bytes | None = None, caption_labels=("cap0",)):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -68,15 +69,17 @@ def _build_pipeline(paths, index_paths, recipes, batch_size: int, num_threads: i
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                   prefetch_queue_depth=2, enable_checkpointing=True)
     def multicrop_pipeline():
-        encoded, captions = fn.readers.webdataset(
-            paths=paths, index_paths=index_paths, ext=["img", "json"], random_shuffle=True,
+        # the caption members (shards.dali_caption_labels): a sample may lack some of them (a
+        # fallback source such as txt|json:caption), which then arrive empty
+        encoded, *captions = fn.readers.webdataset(
+            paths=paths, index_paths=index_paths, ext=["img", *caption_labels], random_shuffle=True,
             initial_fill=shuffle_buffer, shard_id=rank, num_shards=world_size,
-            stick_to_shard=True, name="Reader")
+            stick_to_shard=True, missing_component_behavior="empty", name="Reader")
         source = fn.get_property(encoded, key="source_info")
         image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
         crops = [geometry(image, r) for r in recipes]
-        return (*crops, fn.pad(captions, fill_value=0), captions.shape(), fn.pad(source, fill_value=0),
-                source.shape())
+        texts = [x for c in captions for x in (fn.pad(c, fill_value=0), c.shape())]
+        return (*crops, *texts, fn.pad(source, fill_value=0), source.shape())
 
     pipe = multicrop_pipeline(checkpoint=checkpoint) if checkpoint else multicrop_pipeline()
     pipe.build()
@@ -96,9 +99,11 @@ def torch_threads(n: int):
             torch.set_num_threads(before)
 
 
-def _strings(padded, lengths) -> list[str]:
+def _bytes(padded, lengths) -> list[bytes]:
     buf, lens = np.asarray(padded.as_tensor()), np.asarray(lengths.as_tensor()).reshape(-1)
-    return [bytes(buf[i, : int(lens[i])]).decode("utf-8", errors="replace") for i in range(len(lens))]
+    if buf.ndim == 1:                                     # every sample empty: nothing was padded
+        return [b""] * len(lens)
+    return [bytes(buf[i, : int(lens[i])]) for i in range(len(lens))]
 
 
 def _to_torch(tensor_list, device) -> torch.Tensor:
@@ -121,12 +126,15 @@ class DaliLoader:
         self.tokenizer, self.stats = tokenizer, stats
         self.batch_size = cfg.data.batch_size
         indexes = [ix for ix in indexes if ix.samples]
+        self.fields = indexes[0].samples[0].fields if indexes else DEFAULT    # the mapping they were indexed with
         # DALI reads shards in list order through a bounded shuffle buffer: shuffle the shard order
         # once from train.seed (the same on every rank, so the ranks' sample ranges stay disjoint).
         order = np.random.default_rng(seed_words(cfg.train.seed, 0x736861)).permutation(len(indexes))
         indexes = [indexes[i] for i in order]
         self.paths = [ix.shard for ix in indexes]
         self.index_paths = [ix.dali_index for ix in indexes]
+        # DALI reports a sample as (shard, number in the .idx); the key is looked up here (shards.py)
+        self._keys = {ix.shard: [s.key for s in ix.samples] for ix in indexes}
         total = sum(len(ix.samples) for ix in indexes)
         self.num_samples = (total * (rank + 1)) // world_size - (total * rank) // world_size
         if self.num_samples == 0:
@@ -150,7 +158,8 @@ class DaliLoader:
                 self.paths, self.index_paths, self.recipes, self.batch_size, threads,
                 self.device_id, seed, self.rank, self.world_size,
                 shuffle_buffer=min(SHUFFLE_BUFFER, max(self.batch_size, self.num_samples)),
-                interp="cubic" if self.device_id is not None else "linear", checkpoint=checkpoint)
+                interp="cubic" if self.device_id is not None else "linear", checkpoint=checkpoint,
+                caption_labels=dali_caption_labels(self.fields))
 
         if self._checkpoint is not None and self.batches > 0:
             try:
@@ -185,8 +194,11 @@ class DaliLoader:
                              np.random.default_rng(seed_words(self.cfg.train.seed, self.rank, self.batches, i,
                                                               0x70686F74)), self.cfg.data.pixel_norm)
                  for i, recipe in enumerate(self.recipes)]
-        captions = [parse_captions(s.encode()) for s in _strings(out[n_crops], out[n_crops + 1])]
-        keys = [split_name(s.rsplit(":", 1)[-1])[0] for s in _strings(out[n_crops + 2], out[n_crops + 3])]
+        exts = self.fields.exts
+        members = [_bytes(out[n_crops + 2 * j], out[n_crops + 2 * j + 1]) for j in range(len(exts))]
+        captions = [self.fields.extract(dict(zip(exts, per_sample))) for per_sample in zip(*members)]
+        sources = _bytes(out[n_crops + 2 * len(exts)], out[n_crops + 2 * len(exts) + 1])
+        keys = [self._key(s.decode("utf-8", errors="surrogateescape")) for s in sources]
         B = len(keys)
         S = self.cfg.data.local_size
         global_crops = torch.cat(crops[:G])
@@ -198,6 +210,10 @@ class DaliLoader:
                          tokenizer=self.tokenizer, pixels_ready=(global_crops, local_crops))
         self.batches += 1
         return batch
+
+    def _key(self, source_info: str) -> str:
+        shard, i = parse_dali_source(source_info)
+        return self._keys[shard][i]
 
     def state_dict(self) -> dict:
         if self._pipe is not None:

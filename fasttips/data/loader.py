@@ -1,6 +1,7 @@
 """``build_loader(cfg, rank, world_size)``: the one entry point the trainer, evaluation and benches use.
 
-It resolves the shards (demo data, a shard path, or synthetic batches), indexes and validates them
+It resolves the shards (demo data, a shard path, or synthetic batches; a ``data.path`` always means
+shards, ``effective_source``), indexes and validates them
 (bad samples are skipped, counted in ``.stats`` and reported in one log line), resolves the tokenizer,
 then picks the DALI loader (``data.loader = auto`` when ``nvidia.dali`` imports, or ``dali``) or the
 PyTorch + Pillow loader. Iterating yields batches that satisfy ``batch.py`` forever; ``state_dict()`` /
@@ -12,10 +13,14 @@ import hashlib
 import importlib.util
 import logging
 import os
+import time
 
 import torch
 
+from fasttips.distributed.signals import startup_guard
+
 from . import demo
+from .caption_fields import DEFAULT_CAPTION_FIELDS, caption_fields_of, missing_caption_hint
 from .batch import synthetic_batch
 from .pipeline import SampleStream, StreamSpec
 from .shards import (SKIP_REASONS, MemberReader, cache_dir, fingerprint, index_shards, list_shards,
@@ -30,9 +35,21 @@ def dali_available() -> bool:
     return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 
 
+def effective_source(cfg_data) -> str:
+    """``data.source``, except that a ``data.path`` selects shards: the demo data never comes from,
+    or is written into, a user's folder (it lives in ``$FASTTIPS_DATA_DIR`` or ``~/.cache/fasttips``)."""
+    source = cfg_data.source
+    if source in ("demo", "auto") and cfg_data.path:
+        return "shards"
+    return "demo" if source == "auto" else source
+
+
 def resolve_shards(cfg) -> list[str]:
-    if cfg.data.source == "demo":
-        return demo.demo_shards(cfg.data.path or None, "train")
+    source = effective_source(cfg.data)
+    if source == "demo":
+        return demo.demo_shards(None, "train")
+    if cfg.data.source != source:
+        log.info("data.path=%s is set: training on those shards (data.source=shards)", cfg.data.path)
     return list_shards(cfg.data.path, what="data.path")
 
 
@@ -55,6 +72,9 @@ def tokenizer_cache_key(indexes, vocab_size: int) -> str:
     as for the shard index, so a shard rewritten in place trains a new one), the vocabulary size and
     the caption cap."""
     parts = [f"{ix.shard}|{fingerprint(ix.shard)}" for ix in indexes]
+    fields = next((ix.samples[0].fields.spec for ix in indexes if ix.samples), "")
+    if fields and fields != DEFAULT_CAPTION_FIELDS:       # (the default leaves the key as it always was)
+        parts.append(f"caption_fields={fields}")
     parts.append(f"vocab={vocab_size}|captions<={MAX_TOKENIZER_CAPTIONS}")
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -182,18 +202,37 @@ def build_loader(cfg, rank: int = 0, world_size: int = 1):
     """The data loader of this rank (see module docstring)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-    if cfg.data.source == "synthetic":
+    if effective_source(cfg.data) == "synthetic":
         return SyntheticLoader(cfg, rank)
+    # Start-up (demo build, indexing, tokenizer training) can take minutes and has nothing to save:
+    # SIGTERM/SIGINT here end the process cleanly, unless a trainer already handles them.
+    with startup_guard():
+        return _build_shard_loader(cfg, rank, world_size)
+
+
+def _test_pause_in_startup() -> None:
+    """Test hook (tests/data/test_stop_signals.py): FASTTIPS_TEST_PAUSE_IN_STARTUP=SECONDS sleeps here,
+    after printing a line, so a test can signal the process while it is starting up."""
+    seconds = float(os.environ.get("FASTTIPS_TEST_PAUSE_IN_STARTUP") or 0)
+    if seconds > 0:
+        print("fasttips: test pause in data start-up", flush=True)
+        time.sleep(seconds)
+
+
+def _build_shard_loader(cfg, rank: int, world_size: int):
+    fields = caption_fields_of(cfg)                  # a bad mapping stops here, before any indexing
     shards = resolve_shards(cfg)
-    indexes = index_shards(shards)
+    _test_pause_in_startup()
+    indexes = index_shards(shards, fields)
     stats = total_skipped(indexes)
     samples = [s for ix in indexes for s in ix.samples]
     bad = {k: v for k, v in stats.items() if v}
+    hint = f"; {missing_caption_hint(fields)}" if stats.get("missing_caption") else ""
     if bad:
-        log.warning("data: %d good samples in %d shards; skipped %s", len(samples), len(shards), bad)
+        log.warning("data: %d good samples in %d shards; skipped %s%s", len(samples), len(shards), bad, hint)
     if not samples:
         raise ValueError(f"data.path={cfg.data.path!r}: the {len(shards)} shard(s) hold no usable sample "
-                         f"(skipped: {bad or 'none'})")
+                         f"(skipped: {bad or 'none'}){hint}")
     tokenizer = resolve_tokenizer(cfg, indexes)
     kind = cfg.data.loader
     if kind == "auto":

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from fasttips.distributed.signals import ignore_stop_signals
+
 from .augment import crop_recipes, decode_rgb, min_decode_side, multicrop
 from .pipeline import SampleStream, assemble, crop_seed
 from .shards import MemberReader
@@ -86,7 +88,10 @@ class BatchDataset(IterableDataset):
 
 
 def make_dataloader(dataset: BatchDataset, num_workers: int):
-    """Iterator over batches (in batch order) with ``num_workers`` processes (0 = in this process)."""
+    """Iterator over batches (in batch order) with ``num_workers`` processes (0 = in this process).
+    The workers outlive the process group's SIGTERM/SIGINT, which is the trainer's to handle
+    (``signals.ignore_stop_signals``)."""
     if num_workers == 0:
         return iter(dataset)
-    return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=2))
+    return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=2,
+                           worker_init_fn=ignore_stop_signals))

@@ -2,15 +2,19 @@
 
 A sample is a group of tar members sharing a key (the member name up to the first dot):
 ``{key}.jpg`` (or ``.jpeg`` / ``.png``) plus ``{key}.json`` holding captions by granularity
-(``{"alt": ..., "short": ..., "long": ...}``, any non-empty subset). Other members of a sample (for
-example the demo's ``{key}.mask.png``) are kept in the index as extras and otherwise ignored.
+(``{"alt": ..., "short": ..., "long": ...}``, any non-empty subset), or captions in other members
+and fields as ``data.caption_fields`` maps them (``caption_fields.py``). Other members of a sample
+(for example the demo's ``{key}.mask.png``) are kept in the index as extras and otherwise ignored.
 
-Every shard gets a validated index before it is read (``index_shard``): the tar is scanned once, each
-sample is checked (an image member that decodes, a caption), and bad samples are left out and counted
-by reason (``SKIP_REASONS``). The index lives next to the shard (``<shard>.tar.index.json``) or, if that
-folder is read-only, in the cache (``$FASTTIPS_DATA_DIR/index``). A DALI index (``.idx``, wds2idx's
-format v1.2) listing only the good samples is written beside it, so both loaders read exactly the same
-samples and DALI never meets a bad one.
+Every shard gets a validated index before it is read (``index_shard``): the tar is scanned once,
+each sample is checked (an image member that decodes, a caption as ``caption_fields`` reads it), and
+bad samples are left out and counted by reason (``SKIP_REASONS``). A damaged tar keeps its intact
+samples: a bad header is skipped to the next valid one, a shard cut off mid-way keeps everything
+before the cut. The index lives next to the shard (``<shard>.tar.index.json``) or, if that folder is
+read-only, in the cache (``$FASTTIPS_DATA_DIR/index``). A DALI index (``.idx``, wds2idx's format
+v1.2) listing only the good samples is written beside it, so both loaders read exactly the same
+samples and DALI never meets a bad one. Its members are named by sample number, not by key (the
+format is space-separated and DALI's ``source_info`` is ':'-separated; keys may hold both).
 """
 from __future__ import annotations
 
@@ -27,14 +31,22 @@ from pathlib import Path
 
 from PIL import Image
 
+from .caption_fields import CAPTION_KINDS, DEFAULT, CaptionFields
+from .decode import container_ok
+
 log = logging.getLogger("fasttips.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
-CAPTION_EXT = "json"
-CAPTION_KINDS = ("alt", "short", "long")    # the caption granularities; the order gives batch["caption_kind"]
-INDEX_VERSION = 2            # 2: captions are the CAPTION_KINDS fields only
+CAPTION_EXT = "json"         # the caption member ShardWriter writes (the default caption_fields read it)
+INDEX_VERSION = 3            # 2: captions are the CAPTION_KINDS fields only; 3: damaged tars, DALI names,
+                             # caption members per data.caption_fields
 VALIDATE_CHUNK = 256         # images decoded per batch while indexing
-SKIP_REASONS = ("corrupt_image", "missing_caption", "non_image_member", "unreadable_shard")
+MAX_SKIPPED_KEYS = 1000      # skipped keys remembered per shard (with their reason), for `data check`
+# corrupt_image: does not decode; missing_caption: no .json or no usable caption in it; non_image_member:
+# a group of members without an image; damaged_sample: a sample left incomplete by damage in the tar;
+# damaged_tar: places where a tar is damaged (a bad header, or cut off); unreadable_shard: nothing readable.
+SKIP_REASONS = ("corrupt_image", "missing_caption", "non_image_member", "damaged_sample", "damaged_tar",
+                "unreadable_shard")
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -144,8 +156,14 @@ class Sample:
     shard: str
     key: str
     image: tuple[str, int, int]             # (ext, offset, size)
-    caption: tuple[int, int]                # the .json member
+    texts: dict[str, tuple[int, int]]       # the caption members (extension -> range), see caption_fields
     extras: dict[str, tuple[int, int]] = field(default_factory=dict)
+    fields: CaptionFields = DEFAULT         # how the captions are read from ``texts``
+
+    @property
+    def caption(self) -> tuple[int, int]:
+        """The .json member (e.g. for its other fields, such as the demo's "objects")."""
+        return self.texts[CAPTION_EXT] if CAPTION_EXT in self.texts else self.extras[CAPTION_EXT]
 
 
 @dataclass
@@ -154,6 +172,7 @@ class ShardIndex:
     samples: list[Sample]
     skipped: dict[str, int]
     dali_index: str | None = None           # path of the wds2idx-format index of the good samples
+    skipped_keys: list[tuple[str, str]] = field(default_factory=list)   # (key, reason), up to MAX_SKIPPED_KEYS
 
 
 def parse_captions(data: bytes) -> dict[str, str]:
@@ -168,11 +187,17 @@ def parse_captions(data: bytes) -> dict[str, str]:
     return {k: obj[k].strip() for k in CAPTION_KINDS if isinstance(obj.get(k), str) and obj[k].strip()}
 
 
+def _member_ranges(members: dict[str, tuple[int, int]], exts) -> dict[str, tuple[int, int]]:
+    return {e: members[e] for e in exts if e in members}
+
+
 def image_is_valid(data: bytes) -> bool:
     """Decode the whole image (at reduced scale for JPEG, which still reads every entropy-coded byte)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format not in ("JPEG", "PNG"):
+                return False
+            if not container_ok(im.format, data):          # DALI would refuse it (decode.py)
                 return False
             if im.format == "JPEG":
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
@@ -200,26 +225,96 @@ def fingerprint(shard: str) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _scan(shard: str) -> tuple[list[Sample], dict[str, int]]:
-    skipped = dict.fromkeys(SKIP_REASONS, 0)
+def _zero_bytes(f, start: int, stop: int) -> bool:
+    """True when bytes [start, stop) of the open file are all zero (tar padding, end-of-archive)."""
+    f.seek(start)
+    left = stop - start
+    while left > 0:
+        chunk = f.read(min(left, 1 << 20))
+        if not chunk:
+            return True
+        if chunk.count(0) != len(chunk):
+            return False
+        left -= len(chunk)
+    return True
+
+
+def _tar_members(shard: str) -> tuple[dict[str, dict[str, tuple[int, int]]], list[str], set[str], int]:
+    """(members by key and extension, keys in order, keys next to damage, damaged places) of a tar.
+
+    Damage does not lose the rest of the shard: a header that fails its checksum is skipped block by
+    block to the next valid one (``ignore_zeros``), and a shard cut off mid-member keeps every member
+    before the cut. The samples on either side of a damaged place are remembered, so the ones left
+    incomplete are counted as ``damaged_sample`` rather than as a missing image or caption.
+    Raises ``tarfile.ReadError`` when nothing in the file is a readable member.
+    """
+    file_size = os.path.getsize(shard)
     groups: dict[str, dict[str, tuple[int, int]]] = {}
     order: list[str] = []
+    near_damage: set[str] = set()
+    damaged = 0
+    last_key, expected = None, 0                    # where the next header should start
+    # ``raw`` is a second handle for looking at gaps, so tarfile's own file position is left alone
+    with open(shard, "rb") as raw, tarfile.open(shard, mode="r:", ignore_zeros=True) as tar:
+        while True:
+            try:
+                m = tar.next()
+            except (tarfile.ReadError, EOFError, OSError):   # cut off inside a member's data
+                m, cut = None, True
+            else:
+                cut = False
+            if m is not None and m.offset > expected and not _zero_bytes(raw, expected, m.offset):
+                damaged += 1                                 # skipped over a damaged header
+                if last_key is not None:
+                    near_damage.add(last_key)
+                if m.isfile():
+                    near_damage.add(split_name(m.name)[0])
+            if m is None:
+                # cut off (mid-member, or exactly between members: a tar ends with zero blocks), or
+                # garbage after the last member
+                if cut or expected >= file_size or not _zero_bytes(raw, expected, file_size):
+                    damaged += 1
+                    if last_key is not None:
+                        near_damage.add(last_key)
+                break
+            expected = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            if not m.isfile():
+                continue
+            key, ext = split_name(m.name)
+            last_key = key
+            if key not in groups:
+                groups[key] = {}
+                order.append(key)
+            if m.offset_data + m.size > file_size:          # the member's data runs past the end
+                damaged += 1
+                near_damage.add(key)
+                break
+            groups[key][ext] = (m.offset_data, m.size)
+    if not any(groups.values()):
+        raise tarfile.ReadError("no readable member" + (f" ({damaged} damaged place(s))" if damaged else ""))
+    return groups, order, near_damage, damaged
+
+
+def _scan(shard: str, fields: CaptionFields = DEFAULT,
+          skipped_keys: list | None = None) -> tuple[list[Sample], dict[str, int]]:
+    """(good samples, skip counts by reason) of a shard; ``skipped_keys`` (if given) receives
+    (key, reason) of the first MAX_SKIPPED_KEYS skipped samples."""
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
+    keys_out = skipped_keys if skipped_keys is not None else []
+
+    def skip(key: str, reason: str) -> None:
+        skipped[reason] += 1
+        if len(keys_out) < MAX_SKIPPED_KEYS:
+            keys_out.append((key, reason))
     try:
-        with tarfile.open(shard, "r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, ext = split_name(m.name)
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
-                groups[key][ext] = (m.offset_data, m.size)
-            if not order:
-                raise tarfile.ReadError("no members")
+        groups, order, near_damage, damaged = _tar_members(shard)
     except (OSError, tarfile.TarError, EOFError) as exc:
         log.warning("skipping unreadable shard %s (%s)", shard, exc)
         skipped["unreadable_shard"] = 1
         return [], skipped
+    if damaged:
+        log.warning("shard %s is damaged in %d place(s); its intact samples are kept", shard, damaged)
+    skipped["damaged_tar"] = damaged
     candidates = []                                      # (key, image ext): caption checked, image not yet
     with open(shard, "rb") as f:
         def read(off_size):
@@ -229,11 +324,13 @@ def _scan(shard: str) -> tuple[list[Sample], dict[str, int]]:
         for key in order:
             members = groups[key]
             image_ext = next((e for e in IMAGE_EXTS if e in members), None)
-            if image_ext is None:
-                skipped["non_image_member"] += 1
+            texts = _member_ranges(members, fields.exts)
+            if image_ext is None or not texts:
+                skip(key, "damaged_sample" if key in near_damage else
+                     "non_image_member" if image_ext is None else "missing_caption")
                 continue
-            if CAPTION_EXT not in members or not parse_captions(read(members[CAPTION_EXT])):
-                skipped["missing_caption"] += 1
+            if not fields.extract({e: read(r) for e, r in texts.items()}):
+                skip(key, "missing_caption")
                 continue
             candidates.append((key, image_ext))
         samples = []
@@ -244,57 +341,87 @@ def _scan(shard: str) -> tuple[list[Sample], dict[str, int]]:
                 images = [read(groups[key][ext]) for key, ext in chunk]
                 for (key, image_ext), ok in zip(chunk, pool.map(image_is_valid, images)):
                     if not ok:
-                        skipped["corrupt_image"] += 1
+                        skip(key, "corrupt_image")
                         continue
                     members = groups[key]
-                    extras = {e: members[e] for e in members if e not in (image_ext, CAPTION_EXT)}
-                    samples.append(Sample(shard, key, (image_ext, *members[image_ext]), members[CAPTION_EXT],
-                                          extras))
+                    texts = _member_ranges(members, fields.exts)
+                    extras = {e: members[e] for e in members if e != image_ext and e not in texts}
+                    samples.append(Sample(shard, key, (image_ext, *members[image_ext]), texts, extras, fields))
     return samples, skipped
 
 
-def _write_dali_index(path: Path, samples: list[Sample]) -> None:
-    """wds2idx format v1.2: one line per sample, ``ext offset size name`` per component (image, json)."""
+def dali_member_name(i: int, ext: str) -> str:
+    """The name of the ``i``-th good sample's member in the DALI index. Not the real key: DALI's index
+    is space-separated and its ``source_info`` is ``path:offset:name``, so a key with a space or a ':'
+    would break one or the other. The loader maps ``i`` back to the key (``ShardIndex.samples[i]``)."""
+    return f"{i}.{ext}"
+
+
+def dali_caption_labels(fields: CaptionFields) -> list[str]:
+    """The DALI index's component names of the caption members, in ``fields.exts`` order."""
+    return [f"cap{j}" for j in range(len(fields.exts))]
+
+
+def _write_dali_index(path: Path, samples: list[Sample], fields: CaptionFields = DEFAULT) -> None:
+    """wds2idx format v1.2: one line per sample, ``ext offset size name`` per component: ``img``, then
+    ``cap0``, ``cap1``... for the caption members the sample has (``dali_caption_labels``)."""
     lines = [f"v1.2 {len(samples)}"]
-    for s in samples:
+    labels = dict(zip(fields.exts, dali_caption_labels(fields)))
+    for i, s in enumerate(samples):
         ext, off, size = s.image
-        lines.append(f"img {off} {size} {s.key}.{ext} json {s.caption[0]} {s.caption[1]} {s.key}.json")
+        parts = [f"img {off} {size} {dali_member_name(i, ext)}"]
+        parts += [f"{labels[e]} {s.texts[e][0]} {s.texts[e][1]} {dali_member_name(i, e)}"
+                  for e in fields.exts if e in s.texts]
+        lines.append(" ".join(parts))
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)              # atomic: another rank's DALI reader may be reading this file
 
 
-def index_shard(shard: str, rebuild: bool = False) -> ShardIndex:
-    """The validated index of one shard, built on first use and cached until the tar changes."""
+def parse_dali_source(source_info: str) -> tuple[str, int]:
+    """(shard path, sample number) from DALI's ``source_info`` (``path:offset:name``) of a member
+    named by ``dali_member_name``; the path itself may hold ':'."""
+    path, _offset, name = source_info.rsplit(":", 2)
+    return path, int(name.split(".", 1)[0])
+
+
+def index_shard(shard: str, rebuild: bool = False, fields: CaptionFields = DEFAULT) -> ShardIndex:
+    """The validated index of one shard, built on first use and cached until the tar or the caption
+    mapping (``fields``) changes."""
     shard = os.path.abspath(shard)
     json_path, dali_path = _index_paths(shard)
     stamp = fingerprint(shard) if os.path.isfile(shard) else None
     if not rebuild and stamp and json_path.is_file():
         try:
             d = json.loads(json_path.read_text())
-            if d.get("version") == INDEX_VERSION and d.get("fingerprint") == stamp:
-                samples = [Sample(shard, s["key"], tuple(s["image"]), tuple(s["caption"]),
-                                  {k: tuple(v) for k, v in s.get("extras", {}).items()}) for s in d["samples"]]
+            if (d.get("version") == INDEX_VERSION and d.get("fingerprint") == stamp
+                    and d.get("caption_fields") == fields.spec):
+                samples = [Sample(shard, s["key"], tuple(s["image"]), {k: tuple(v) for k, v in s["texts"].items()},
+                                  {k: tuple(v) for k, v in s.get("extras", {}).items()}, fields)
+                           for s in d["samples"]]
                 if not dali_path.is_file():
-                    _write_dali_index(dali_path, samples)
-                return ShardIndex(shard, samples, d["skipped"], str(dali_path))
+                    _write_dali_index(dali_path, samples, fields)
+                return ShardIndex(shard, samples, d["skipped"], str(dali_path),
+                                  [tuple(k) for k in d.get("skipped_keys", [])])
         except (OSError, ValueError, KeyError, TypeError):
             pass                                         # a damaged index is rebuilt below
-    samples, skipped = _scan(shard)
+    skipped_keys: list[tuple[str, str]] = []
+    samples, skipped = _scan(shard, fields, skipped_keys)
     if stamp is None:                                    # not a file: nothing to cache
-        return ShardIndex(shard, samples, skipped, None)
-    _write_dali_index(dali_path, samples)
-    payload = {"version": INDEX_VERSION, "fingerprint": stamp, "skipped": skipped,
-               "samples": [{"key": s.key, "image": list(s.image), "caption": list(s.caption),
+        return ShardIndex(shard, samples, skipped, None, skipped_keys)
+    _write_dali_index(dali_path, samples, fields)
+    payload = {"version": INDEX_VERSION, "fingerprint": stamp, "caption_fields": fields.spec, "skipped": skipped,
+               "skipped_keys": [list(k) for k in skipped_keys],
+               "samples": [{"key": s.key, "image": list(s.image), "texts": {k: list(v) for k, v in s.texts.items()},
                             "extras": {k: list(v) for k, v in s.extras.items()}} for s in samples]}
     tmp = json_path.with_name(json_path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(payload))
     os.replace(tmp, json_path)                           # atomic: ranks may index the same shard
-    return ShardIndex(shard, samples, skipped, str(dali_path))
+    return ShardIndex(shard, samples, skipped, str(dali_path), skipped_keys)
 
 
-def index_shards(shards: list[str]) -> list[ShardIndex]:
-    return [index_shard(s) for s in shards]
+def index_shards(shards: list[str], fields: CaptionFields = DEFAULT) -> list[ShardIndex]:
+    return [index_shard(s, fields=fields) for s in shards]
 
 
 def total_skipped(indexes: list[ShardIndex]) -> dict[str, int]:
@@ -328,7 +455,7 @@ class MemberReader:
         return self.read(s.shard, s.image[1], s.image[2])
 
     def captions(self, s: Sample) -> dict[str, str]:
-        return parse_captions(self.read(s.shard, *s.caption))
+        return s.fields.extract({e: self.read(s.shard, *r) for e, r in s.texts.items()})
 
     def extra(self, s: Sample, ext: str) -> bytes:
         return self.read(s.shard, *s.extras[ext])

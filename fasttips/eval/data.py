@@ -58,8 +58,7 @@ def eval_shards(cfg, split: str = "eval", path: str | None = None) -> list[str]:
 
     if path:
         return list_shards(path, what="--data")
-    root = (cfg.data.path or None) if (cfg is not None and cfg.data.source == "demo") else None
-    return demo.demo_shards(root, split)
+    return demo.demo_shards(None, split)        # the demo cache only: data.path is the user's shards
 
 
 def load_eval_set(cfg=None, split: str = "eval", path: str | None = None, n_images: int | None = None,
@@ -68,6 +67,8 @@ def load_eval_set(cfg=None, split: str = "eval", path: str | None = None, n_imag
     pixels (default ``cfg.data.global_size``). Cached per arguments: periodic evaluation reads the
     shards once."""
     from fasttips.data.augment import normalize
+    from fasttips.data.caption_fields import caption_fields_of
+    from fasttips.data.decode import decode_rgb
     from fasttips.data.shards import MemberReader, index_shards
 
     n = n_images if n_images is not None else (cfg.eval.n_images if cfg is not None else 64)
@@ -79,7 +80,9 @@ def load_eval_set(cfg=None, split: str = "eval", path: str | None = None, n_imag
         return _CACHE[key]
 
     class_names = _find_classes(shards)
-    samples = [s for ix in index_shards(shards) for s in ix.samples][:n]
+    fields = caption_fields_of(cfg) if path and cfg is not None else None   # the demo split: its own format
+    samples = [s for ix in (index_shards(shards, fields) if fields else index_shards(shards))
+               for s in ix.samples][:n]
     if not samples:
         raise ValueError(f"eval data: no usable samples in {shards}")
     with_masks = bool(class_names) and all(MASK_MEMBER in s.extras for s in samples)
@@ -88,7 +91,7 @@ def load_eval_set(cfg=None, split: str = "eval", path: str | None = None, n_imag
     captions: dict[str, list[str]] = {"alt": [], "short": [], "long": []}
     try:
         for s in samples:
-            img = _square(Image.open(io.BytesIO(reader.image(s))).convert("RGB"))
+            img = _square(decode_rgb(reader.image(s)))          # the training loaders' pixels
             images.append(np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.uint8))
             caps = reader.captions(s)
             for kind in captions:

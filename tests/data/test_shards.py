@@ -34,13 +34,18 @@ def test_round_trip(tmp_path, seed):
         for s in ix.samples:
             seen[s.key] = (reader.image(s), reader.captions(s), reader.extra(s, "mask.png"))
     assert seen == written
-    # the DALI index lists the same members at the same offsets as wds2idx would
+    # the DALI index lists the same members at the same offsets as wds2idx would, named by the
+    # sample's number (keys may hold spaces, which the index format cannot)
     with tarfile.open(w.paths[0]) as tar:
         offsets = {m.name: (m.offset_data, m.size) for m in tar}
-    lines = open(index_shard(str(w.paths[0])).dali_index).read().split("\n")
+    ix = index_shard(str(w.paths[0]))
+    lines = open(ix.dali_index).read().split("\n")
     assert lines[0] == "v1.2 3"
-    _, off, size, name, _, joff, jsize, jname = lines[1].split()
-    assert offsets[name] == (int(off), int(size)) and offsets[jname] == (int(joff), int(jsize))
+    for i, line in enumerate(lines[1:4]):
+        _, off, size, name, _, joff, jsize, jname = line.split()
+        key = ix.samples[i].key
+        assert (name, jname) == (f"{i}.jpg", f"{i}.json")
+        assert offsets[f"{key}.jpg"] == (int(off), int(size)) and offsets[f"{key}.json"] == (int(joff), int(jsize))
 
 
 def test_index_is_cached_and_rebuilt_when_the_shard_changes(tmp_path):
@@ -103,12 +108,15 @@ def bad_shards(tmp_path, seed):
     (tmp_path / "garbage.tar").write_bytes(os.urandom(3000))  # unreadable shard
     (paths := write_shards(tmp_path / "t", 4, 10, prefix="cut"))
     data = paths[0].read_bytes()
-    (tmp_path / "truncated.tar").write_bytes(data[: len(data) // 3])   # unreadable: cut mid-member
+    with tarfile.open(paths[0]) as tar:                      # cut in the middle of the third image
+        third = tar.getmember("s0002.jpg")
+    (tmp_path / "truncated.tar").write_bytes(data[: third.offset_data + third.size // 2])
     paths[0].unlink()
-    return tmp_path, good
+    return tmp_path, good + ["s0000", "s0001"]            # the samples before the cut are kept
 
 
-EXPECTED = {"corrupt_image": 2, "missing_caption": 4, "non_image_member": 2, "unreadable_shard": 2}
+EXPECTED = {"corrupt_image": 2, "missing_caption": 4, "non_image_member": 2, "unreadable_shard": 1,
+            "damaged_sample": 1, "damaged_tar": 1}
 
 
 def test_bad_input_is_skipped_counted_and_reported(bad_shards, caplog):
@@ -117,8 +125,14 @@ def test_bad_input_is_skipped_counted_and_reported(bad_shards, caplog):
         L = loader_mod.build_loader(tiny_cfg(folder, "data.loader=pytorch"))
     assert {k: L.stats[k] for k in EXPECTED} == EXPECTED
     assert "skipped" in caplog.text and "unreadable shard" in caplog.text
+    mixed = index_shard(str(folder / "mixed.tar"))                   # (cached: the same index)
+    assert dict(mixed.skipped_keys) == {
+        "trunc": "corrupt_image", "junk": "corrupt_image", "nocap": "missing_caption",
+        "emptycap": "missing_caption", "badjson": "missing_caption", "otherkeys": "missing_caption",
+        "README": "non_image_member", "labels": "non_image_member"}
+    assert dict(index_shard(str(folder / "truncated.tar"), rebuild=True).skipped_keys) == {"s0002": "damaged_sample"}
     keys = set()
-    for _, batch in zip(range(6), L):                       # 24 samples = 4 epochs of the 6 good ones
+    for _, batch in zip(range(8), L):                       # 32 samples = 4 epochs of the 8 good ones
         keys |= set(batch["keys"])
     assert keys == set(good)
 
