@@ -1,4 +1,4 @@
-"""Per-step hyper-parameter schedules (reference_math.md §4; DESIGN.md defaults).
+"""Per-step hyper-parameter schedules (docs/loss_math.md §4; DESIGN.md defaults).
 
 ``cosine_schedule`` is DINOv2's CosineScheduler as an array:
     freeze zeros ++ linspace(start_warmup, base, warmup)  (both ends included)

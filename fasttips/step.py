@@ -2,7 +2,7 @@
 that checkpoints (``LossState``: the DINO and iBOT centers). The training step that calls it, with
 backward, clipping, the optimiser and the EMA, is ``fasttips.training.Training.train_step``.
 
-Passes per step (reference_math.md §2.9; DESIGN.md):
+Passes per step (docs/loss_math.md §2.9; DESIGN.md):
   1. one packed student pass with gradient over [unmasked globals, masked globals, local crops];
   2. the text tower over [alt-text; synthetic caption] in one call;
   3. teacher features of the unmasked globals (the detached pass-1 output by default) → EMA heads.

@@ -1,4 +1,4 @@
-"""The EMA teacher (reference_math.md §2.8, §2.9; DESIGN.md "teacher backbone").
+"""The EMA teacher (docs/loss_math.md §2.8, §2.9; DESIGN.md "teacher backbone").
 
 ``teacher.mode = "head_ema"`` (TIPSv2, default): EMA copies of the DINO and iBOT heads only. The
 teacher features are the student's own unmasked forward:

@@ -4,7 +4,7 @@ One ``torchrun --nproc_per_node=2`` subprocess runs this file as a script and pe
 (torchrun start-up costs seconds, so it is paid once). Each rank also keeps a plain, unsharded copy
 of the model that trains on the whole global batch: the single-process reference.
 
-Checks (fsdp2_layout_notes.md Part A, "Tolerance note"):
+Checks (docs/fsdp_and_checkpoints.md Part A, "Tolerance note"):
 Both sides are built by the engine's one constructor (``fasttips.training.build_training``).
 
   grads          the real TIPSv2 losses, one backward: sharded grads == reference grads (tight)

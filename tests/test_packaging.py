@@ -31,12 +31,10 @@ def test_every_package_folder_is_listed_in_pyproject():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(cfg["packages"])
     found = set()
-    for init in (ROOT / "fasttips").rglob("__init__.py"):
-        rel = init.parent.relative_to(ROOT)
-        found.add(".".join(rel.parts))
-    for init in (ROOT / "kernels").rglob("__init__.py"):
-        rel = init.parent.relative_to(ROOT / "kernels")
-        found.add(".".join(("fasttips", "kernels") + rel.parts))
+    for package, folder in cfg["package-dir"].items():      # fasttips.kernels lives in kernels/, ...
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            found.add(".".join(tuple(package.split(".")) + rel.parts))
     missing = sorted(found - listed)
     assert not missing, f"add these to [tool.setuptools] packages in pyproject.toml: {missing}"
     stale = sorted(listed - found)

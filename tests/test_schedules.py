@@ -1,4 +1,4 @@
-"""Schedules against hand-computed values (reference_math.md §4)."""
+"""Schedules against hand-computed values (docs/loss_math.md §4)."""
 import math
 
 import numpy as np

@@ -1,6 +1,6 @@
 """DINOv2 multi-crop augmentation on Pillow images (the PyTorch loader's CPU path).
 
-The recipe is DINOv2's *effective* one (reference_math.md §5.1): every crop gets a random resized
+The recipe is DINOv2's *effective* one (docs/loss_math.md §5.1): every crop gets a random resized
 crop (bicubic, aspect 3/4..4/3), a horizontal flip (p 0.5), colour jitter (0.4, 0.4, 0.2, 0.1) with
 p 0.8 and grayscale with p 0.2. Gaussian blur (σ ∈ [0.1, 2]) has the probabilities DINOv2 actually
 applies, 0.0 / 0.9 / 0.5 for global crop 1 / global crop 2 / local crops (the declared 1.0 / 0.1 / 0.5

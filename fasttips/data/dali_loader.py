@@ -3,7 +3,7 @@ graph; the photometric augmentation batched in torch on the same device.
 
 With a CUDA device (``nvidia.dali.backend.GetCUDADeviceCount() > 0``) images are decoded with
 ``device='mixed'`` (nvJPEG) and cropped on the GPU (``device_id`` = the local rank); without one the
-same graph runs on the CPU (``device_id=None``, data_notes.md §1). Per crop the graph does DINOv2's
+same graph runs on the CPU (``device_id=None``, docs/data.md §1). Per crop the graph does DINOv2's
 random resized crop and flip and returns uint8 CHW; ``photometric.py`` then applies jitter, grayscale,
 blur and solarize with the recipe of ``augment.py`` to the whole batch, on the crops' device (DALI's
 CPU operators are about 4× slower with per-sample random arguments; see that module). Crops are resized

@@ -1,4 +1,4 @@
-"""iBOT block masks with DINOv2 semantics (docs/loss_math.md, masking).
+"""iBOT block masks with DINOv2 semantics (docs/loss_math.md §5.2).
 
 Two levels:
 

@@ -1,4 +1,4 @@
-"""The TIPSv2 objective, one small module per term (reference_math.md §2; DESIGN.md defaults).
+"""The TIPSv2 objective, one small module per term (docs/loss_math.md §2; DESIGN.md defaults).
 
 DINO and iBOT compute their prototype cross-entropy through ``fasttips.kernels.prototype_cross_entropy``;
 contrastive and KoLeo are plain PyTorch.

@@ -1,4 +1,4 @@
-"""Softmax centering with DINOv2 semantics (docs/loss_math.md, centering).
+"""Softmax centering with DINOv2 semantics (docs/loss_math.md §2.2).
 
 The teacher targets of batch i are ``softmax((l_t − c)/τ_t)`` with the center ``c`` built from batches
 ≤ i−1. After the targets are computed the batch statistic (mean teacher logit over this rank's rows)

@@ -1,4 +1,4 @@
-"""Image-text contrastive losses (reference_math.md §2.7; DESIGN.md "contrastive").
+"""Image-text contrastive losses (docs/loss_math.md §2.7; DESIGN.md "contrastive").
 
 CLIP: with L2-normalised image rows u and text rows v, ``S = exp(logit_scale)·u vᵀ`` and
 ``L = ½[CE_rows(S) + CE_cols(S)]`` against the matching pair.

@@ -1,4 +1,4 @@
-"""DINO [CLS] loss with DINOv2 pairing and normalisation (reference_math.md §2.1, §2.9).
+"""DINO [CLS] loss with DINOv2 pairing and normalisation (docs/loss_math.md §2.1, §2.9).
 
 Student views: L local crops (+ the G masked globals when G = 2); teacher views: the G global crops.
 Terms: every (local l, global g) pair, plus the cross-global pairs (student g vs teacher g' ≠ g) when

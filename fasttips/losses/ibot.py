@@ -1,4 +1,4 @@
-"""iBOT patch loss (reference_math.md §2.4) and iBOT++ (§2.9; DESIGN.md "iBOT++").
+"""iBOT patch loss (docs/loss_math.md §2.4) and iBOT++ (§2.9; DESIGN.md "iBOT++").
 
 tokens="masked" (DINOv2 iBOT): only masked patches; token j of image i has weight
     1/max(1, n_masked(i)) / M   with M = number of global crops on this rank (masked or not),

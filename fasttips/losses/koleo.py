@@ -1,4 +1,4 @@
-"""KoLeo regulariser (reference_math.md §2.5): spread the backbone CLS of one crop over the sphere.
+"""KoLeo regulariser (docs/loss_math.md §2.5): spread the backbone CLS of one crop over the sphere.
 
 ``L = −mean_i log(‖x̂_i − x̂_nn(i) + ε‖ + ε)`` with x̂ = x/‖x‖ and nn(i) the nearest other row by
 cosine. In fp32 (fp64 kept) with autocast off; per crop and per rank (no all-gather).
