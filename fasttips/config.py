@@ -34,7 +34,7 @@ IbotTokens = Literal["all", "masked"]
 TeacherMode = Literal["head_ema", "full_ema"]
 TeacherFeatures = Literal["detached", "separate_no_grad"]
 MomentumSchedule = Literal["cosine", "constant"]
-DataSource = Literal["demo", "shards", "synthetic"]
+DataSource = Literal["auto", "demo", "shards", "synthetic"]
 LoaderKind = Literal["auto", "dali", "pytorch"]
 PixelNorm = Literal["tips", "imagenet"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -157,9 +157,14 @@ class TeacherConfig:
 @dataclass
 class DataConfig:
     """Images, captions, crops and masks."""
-    source: DataSource = setting("demo", "demo = the embedded demo set; shards = WebDataset tars at "
-                                         "data.path; synthetic = random tensors (speed tests)")
-    path: str = setting("", "shard folder, .tar file or glob (data.source=shards)")
+    source: DataSource = setting("auto", "auto = the shards at data.path when it is set, else the demo data; "
+                                         "demo = the embedded demo set (kept in the cache, never in data.path); "
+                                         "shards = WebDataset tars at data.path; synthetic = random tensors "
+                                         "(speed tests)")
+    path: str = setting("", "shard folder, .tar file or glob (selects shards)")
+    caption_fields: str = setting("alt=json:alt,short=json:short,long=json:long",
+                                  "shard members/fields giving each caption granularity, alternatives "
+                                  "separated by |; e.g. 'alt=txt|json:caption' for img2dataset shards")
     loader: LoaderKind = setting("auto", "auto = DALI when installed, else PyTorch")
     batch_size: int = setting(32, "images per process per micro-batch", ge=1)
     num_workers: int = setting(2, "loader worker processes (pytorch) or threads (DALI) per process",
@@ -492,6 +497,14 @@ def validate(cfg: Config) -> None:
                           f"ln(loss.max_logit_scale) = {math.log(cfg.loss.max_logit_scale):.4f}")
     if cfg.data.source == "shards" and not cfg.data.path:
         raise ConfigError("data.path: required when data.source=shards (a folder or glob of .tar shards)")
+    if cfg.data.source == "demo" and cfg.data.path:
+        raise ConfigError(f"data.path: {cfg.data.path!r} is set but data.source=demo; the demo data never "
+                          f"reads or writes data.path: use data.source=shards (or auto) to train on it")
+    from fasttips.data.caption_fields import parse_caption_fields
+    try:
+        parse_caption_fields(cfg.data.caption_fields)
+    except ValueError as exc:
+        raise ConfigError(f"data.caption_fields: {exc}") from None
     if not cfg.train.run_dir.strip():
         raise ConfigError("train.run_dir: must not be empty (a folder for the run's outputs)")
 

@@ -19,7 +19,8 @@ import torch
 from fasttips import config as config_lib
 from fasttips.config import ConfigError
 from fasttips.distributed import fsdp
-from fasttips.trainer import CONFIG_FILE, EXIT_CONFIG, EXIT_OOM, Faults, Trainer
+from fasttips.distributed.signals import StartupInterrupted, StopRequest
+from fasttips.trainer import CONFIG_FILE, EXIT_CONFIG, EXIT_OK, EXIT_OOM, Faults, Trainer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--fault-pause-in-checkpoint", metavar="STEP", type=int, default=None,
                         help="stop inside the write of checkpoint STEP, after its shards and before its "
                              "completion marker, until killed (prints PAUSED_IN_CHECKPOINT step=STEP)")
+    faults.add_argument("--fault-pause-in-startup", metavar="SECONDS", type=float, default=0.0,
+                        help="sleep SECONDS while the data starts up (prints a line first), so a test can "
+                             "signal the process there")
     return parser
 
 
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fasttips train: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return train(cfg, run_dir, resuming=resuming, progress=not args.no_progress, evaluate=evaluator(cfg),
-                 faults=Faults(args.fault_nan_steps, args.fault_pause_in_checkpoint))
+                 faults=Faults(args.fault_nan_steps, args.fault_pause_in_checkpoint, args.fault_pause_in_startup))
 
 
 def evaluator(cfg):
@@ -104,15 +108,20 @@ def evaluator(cfg):
 def train(cfg: config_lib.Config, run_dir: Path, *, resuming: bool = False, progress: bool = True,
           evaluate=None, faults: Faults = Faults()) -> int:
     """One training run (every rank calls it); returns the exit code."""
-    ctx = fsdp.init_distributed(cfg)
-    trainer = None
+    # Installed before anything slow: a SIGTERM/SIGINT during start-up (process group, data, model)
+    # ends the run at once with exit 0 (nothing to save); once the loop runs it means "checkpoint".
+    stop = StopRequest(startup=True).install()
+    ctx, trainer = None, None
     try:
         try:
+            ctx = fsdp.init_distributed(cfg)
             trainer = Trainer(cfg, ctx, run_dir, resuming=resuming, progress=progress, evaluate=evaluate,
-                              faults=faults)
+                              faults=faults, stop=stop)
             trainer.prepare_run_dir()
             if resuming:
                 trainer.resume()
+        except StartupInterrupted:               # the handler already said "stopped during start-up"
+            return EXIT_OK
         except ConfigError as exc:
             print(f"fasttips train: config error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
@@ -133,7 +142,9 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resuming: bool = False, prog
     finally:
         if trainer is not None:
             trainer.release_run_dir()
-        fsdp.shutdown(ctx)
+        if ctx is not None:
+            fsdp.shutdown(ctx)
+        stop.uninstall()
 
 
 if __name__ == "__main__":

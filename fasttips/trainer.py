@@ -10,6 +10,7 @@ the step, checkpoint and exit 0. A non-finite loss or gradient skips the step an
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import resource
 import sys
@@ -73,9 +74,18 @@ class Faults:
 
     ``nan_steps``: the loss of these (0-based) steps is made NaN. ``pause_in_checkpoint``: the write
     of this step's checkpoint stops after its shards and before its completion marker (printing
-    ``PAUSED_IN_CHECKPOINT step=N``) until the process is killed."""
+    ``PAUSED_IN_CHECKPOINT step=N``) until the process is killed. ``pause_in_startup``: see
+    :meth:`startup_pause`."""
     nan_steps: frozenset[int] = frozenset()
     pause_in_checkpoint: int | None = None
+    pause_in_startup: float = 0.0
+
+    def startup_pause(self) -> None:
+        """``pause_in_startup``: sleep that long while the data starts up, after saying so, so a test
+        can signal the process there."""
+        if self.pause_in_startup > 0:
+            print("fasttips: test pause in data start-up", flush=True)
+            time.sleep(self.pause_in_startup)
 
     def checkpoint_hook(self) -> Callable[[int], None] | None:
         if self.pause_in_checkpoint is None:
@@ -94,9 +104,13 @@ class Trainer:
     """One training run in ``run_dir`` on the process group of ``ctx`` (see the module docstring)."""
 
     def __init__(self, cfg: config_lib.Config, ctx: fsdp.DistContext, run_dir: Path, *, resuming: bool = False,
-                 progress: bool = True, evaluate: Evaluator | None = None, faults: Faults = Faults()):
+                 progress: bool = True, evaluate: Evaluator | None = None, faults: Faults = Faults(),
+                 stop: StopRequest | None = None):
         self.cfg, self.ctx, self.run_dir, self.resuming = cfg, ctx, Path(run_dir), resuming
         self.progress, self.evaluate, self.faults = progress, evaluate, faults
+        # The caller's installed StopRequest (the command installs one before start-up, so a signal
+        # there exits at once); without one, run() installs its own for the loop.
+        self.stop = stop
         self.is_main = ctx.is_main
         # Starting from other weights: pass build_training(..., load_weights=fn); it runs once the
         # weights exist on the device, before the teacher copies them and the optimiser is built.
@@ -119,22 +133,24 @@ class Trainer:
             print(*parts, flush=True)
 
     def _build_loader(self) -> Loader:
-        from fasttips.data.loader import build_loader
+        from fasttips.data.loader import build_loader, effective_source
         cfg = self.cfg
         # Indexing the shards, and on a first run building the demo data and training a tokenizer,
         # takes tens of seconds: say so before the silence.
-        if cfg.data.source == "demo":
+        source = self.data_source = effective_source(cfg.data)
+        if source == "demo":
             self.say("data: preparing the demo data (the first run builds it and trains a tokenizer on its "
                      "captions, about 30 s; later runs reuse the cache)...")
-        elif cfg.data.source == "shards":
+        elif source == "shards":
             self.say(f"data: indexing the shards of data.path={cfg.data.path} (and training a tokenizer on "
                      f"their captions unless data.tokenizer is set or one is cached)...")
         t0 = time.perf_counter()
         # A rank that cannot start (no usable sample, a bad path) stops every rank with its message
         # instead of leaving the others at the next collective.
         with startup_phase(self.ctx, "data"):
+            self.faults.startup_pause()
             loader = build_loader(cfg, self.ctx.rank, self.ctx.world_size)
-        if cfg.data.source != "synthetic":
+        if source != "synthetic":
             self.say(f"data: ready in {time.perf_counter() - t0:.1f} s")
             warning = batch_warning(loader.batch_size, loader.num_samples, self.ctx.rank)
             if warning:
@@ -232,14 +248,16 @@ class Trainer:
                  f"global batch {self.global_batch}, steps {self.step}→{total}")
         self.say(f"model: {sum(p.numel() for p in self.training.model.parameters()) / 1e6:.2f} M parameters; "
                  f"FLOPs: {self.flops.describe()}")
-        self.say(f"data: {cfg.data.source} through the {self.loader.kind} loader, "
+        self.say(f"data: {self.data_source} through the {self.loader.kind} loader, "
                  f"{cfg.data.batch_size} images per process")
         writer = MetricsWriter(self.run_dir, enabled=self.is_main)
         bar = ProgressBar(total, self.step, enabled=self.is_main, redraw=self.progress,
                           every=max(1, total // 20))
         iterator = [iter(self.loader)]
         code, message = EXIT_OK, None
-        with StopRequest() as stop:
+        with contextlib.ExitStack() as cleanup:
+            stop = self.stop if self.stop is not None else cleanup.enter_context(StopRequest())
+            stop.started()                   # from here a signal finishes the step and checkpoints
             while self.step < total:
                 values = self.schedules(self.step)
                 batches = self.next_batches(iterator)

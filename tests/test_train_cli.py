@@ -26,7 +26,7 @@ def test_default_train_runs_end_to_end(tmp_path):
     assert "data: preparing the demo data" in done.stdout and "data: ready in" in done.stdout
     assert f"next: fasttips eval {run_dir}" in done.stdout
     saved = config_lib.load(run_dir / "config.yaml")
-    assert saved.preset == "tiny" and saved.data.source == "demo"
+    assert saved.preset == "tiny" and saved.data.source == "auto"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(isinstance(r["loss"], float) for r in records)

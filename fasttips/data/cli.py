@@ -16,15 +16,14 @@ import json
 import os
 import re
 import sys
-import tarfile
 from pathlib import Path
 
 from PIL import Image
 
 from fasttips.argtypes import int_at_least
 
-from .shards import (CAPTION_EXT, CAPTION_KINDS, IMAGE_EXTS, SKIP_REASONS, ShardWriter, image_is_valid,
-                     index_shards, list_shards, parse_captions, split_name, total_skipped)
+from .caption_fields import DEFAULT_CAPTION_FIELDS, missing_caption_hint, parse_caption_fields
+from .shards import CAPTION_KINDS, IMAGE_EXTS, SKIP_REASONS, ShardWriter, index_shards, list_shards, total_skipped
 
 
 def _key_for(rel: str, used: set) -> str:
@@ -148,47 +147,25 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def skipped_members(shard: str) -> list[tuple[str, str]]:
-    """(key, reason) of every sample of ``shard`` that training skips, by the same rules as the index
-    (reasons are ``SKIP_REASONS``); an unreadable shard gives one ('-', 'unreadable_shard: why').
-    Slow (decodes images): ``fasttips data check`` calls it only for shards with skipped samples."""
-    groups: dict[str, set[str]] = {}
-    try:
-        with tarfile.open(shard, "r:") as tar:
-            members = {}
-            for m in tar:
-                if m.isfile():
-                    key, ext = split_name(m.name)
-                    groups.setdefault(key, set()).add(ext)
-                    members[(key, ext)] = m
-            out = []
-            for key, exts in groups.items():
-                image_ext = next((e for e in IMAGE_EXTS if e in exts), None)
-                if image_ext is None:
-                    out.append((key, "non_image_member"))
-                elif CAPTION_EXT not in exts or not parse_captions(tar.extractfile(members[(key, CAPTION_EXT)]).read()):
-                    out.append((key, "missing_caption"))
-                elif not image_is_valid(tar.extractfile(members[(key, image_ext)]).read()):
-                    out.append((key, "corrupt_image"))
-            return out
-    except (OSError, tarfile.TarError, EOFError) as exc:
-        return [("-", f"unreadable_shard: {exc}")]
-
-
 def _cmd_check(args) -> int:
-    indexes = index_shards(list_shards(args.shards, what="SHARDS"))
+    try:
+        fields = parse_caption_fields(args.caption_fields)
+    except ValueError as exc:
+        print(f"fasttips data check: --caption-fields: {exc}", file=sys.stderr)
+        return 2
+    indexes = index_shards(list_shards(args.shards, what="SHARDS"), fields)
     stats = total_skipped(indexes)
     good = sum(len(ix.samples) for ix in indexes)
     shown = 0
-    for ix in indexes:
-        if not any(ix.skipped.values()) or shown >= args.max_listed:
-            continue
-        for key, reason in skipped_members(ix.shard)[:args.max_listed - shown]:
+    for ix in indexes:                      # the index keeps each skipped key with its reason
+        for key, reason in ix.skipped_keys[:max(0, args.max_listed - shown)]:
             print(f"skipped {ix.shard} {key!r}: {reason}")
             shown += 1
     total = sum(stats.values())
     if total > shown:
         print(f"... {total - shown} more skipped (--max-listed N lists more)")
+    if stats.get("missing_caption"):
+        print(missing_caption_hint(fields))
     print(json.dumps({"shards": len(indexes), "good_samples": good, **{k: stats[k] for k in SKIP_REASONS}}))
     if not good:
         print(f"fasttips data check: no usable sample in {len(indexes)} shard(s)", file=sys.stderr)
@@ -246,6 +223,9 @@ def _fill(p: argparse.ArgumentParser) -> None:
                                     "each skipped sample with its reason, and print the counts by reason: "
                                     + ", ".join(SKIP_REASONS) + ". Exit 1 when no sample is usable.")
     ck.add_argument("shards", help="folder, glob or .tar file of shards")
+    ck.add_argument("--caption-fields", default=DEFAULT_CAPTION_FIELDS,
+                    help="shard members/fields giving each caption granularity, as data.caption_fields "
+                         f"(default {DEFAULT_CAPTION_FIELDS!r}; img2dataset shards: 'alt=txt|json:caption')")
     ck.add_argument("--max-listed", type=_count, default=100,
                     help="skipped samples listed by key and reason, at most (default 100; 0 = none)")
     ck.set_defaults(func=_cmd_check)

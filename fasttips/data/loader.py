@@ -13,7 +13,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import time
 
 import torch
 
@@ -39,9 +38,11 @@ def effective_source(cfg_data) -> str:
     """``data.source``, except that a ``data.path`` selects shards: the demo data never comes from,
     or is written into, a user's folder (it lives in ``$FASTTIPS_DATA_DIR`` or ``~/.cache/fasttips``)."""
     source = cfg_data.source
-    if source in ("demo", "auto") and cfg_data.path:
+    if source == "auto":
+        return "shards" if cfg_data.path else "demo"
+    if source == "demo" and cfg_data.path:       # the config refuses this; older callers get shards
         return "shards"
-    return "demo" if source == "auto" else source
+    return source
 
 
 def resolve_shards(cfg) -> list[str]:
@@ -210,19 +211,9 @@ def build_loader(cfg, rank: int = 0, world_size: int = 1):
         return _build_shard_loader(cfg, rank, world_size)
 
 
-def _test_pause_in_startup() -> None:
-    """Test hook (tests/data/test_stop_signals.py): FASTTIPS_TEST_PAUSE_IN_STARTUP=SECONDS sleeps here,
-    after printing a line, so a test can signal the process while it is starting up."""
-    seconds = float(os.environ.get("FASTTIPS_TEST_PAUSE_IN_STARTUP") or 0)
-    if seconds > 0:
-        print("fasttips: test pause in data start-up", flush=True)
-        time.sleep(seconds)
-
-
 def _build_shard_loader(cfg, rank: int, world_size: int):
     fields = caption_fields_of(cfg)                  # a bad mapping stops here, before any indexing
     shards = resolve_shards(cfg)
-    _test_pause_in_startup()
     indexes = index_shards(shards, fields)
     stats = total_skipped(indexes)
     samples = [s for ix in indexes for s in ix.samples]

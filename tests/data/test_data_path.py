@@ -2,7 +2,9 @@
 default, and the demo data is never built into (or read from) that folder."""
 from __future__ import annotations
 
-from fasttips.config import load
+import pytest
+
+from fasttips.config import ConfigError, load
 from fasttips.data import demo
 from fasttips.data import loader as loader_mod
 from fasttips.eval import data as eval_data
@@ -29,8 +31,8 @@ def test_demo_data_lives_in_the_cache_only(tmp_path, monkeypatch):
     roots = []
     monkeypatch.setattr(demo, "demo_shards", lambda root=None, split="train": roots.append(root) or [])
     user = tmp_path / "my-data"
-    cfg = load(overrides=["data.source=demo", f"data.path={user}", *SMALL])
-    assert loader_mod.effective_source(cfg.data) == "shards"         # a path always means shards
+    with pytest.raises(ConfigError, match="data.path"):                # demo never touches data.path
+        load(overrides=["data.source=demo", f"data.path={user}", *SMALL])
     cfg = load(overrides=["data.source=demo", *SMALL])
     loader_mod.resolve_shards(cfg)
     cfg.data.path = str(user)                                         # eval's default set: the demo cache

@@ -67,8 +67,7 @@ def test_group_sigterm_with_dataloader_workers_checkpoints_and_exits_0(tmp_path,
 
 
 def test_group_sigterm_during_data_start_up_exits_0_with_one_line(tmp_path, tiny_shards):
-    proc, run_dir = _start(tmp_path, tiny_shards, "data.loader=pytorch",
-                           FASTTIPS_TEST_PAUSE_IN_STARTUP="120")
+    proc, run_dir = _start(tmp_path, tiny_shards, "data.loader=pytorch", "--fault-pause-in-startup=120")
     lines: list[str] = []
     _wait_for(lambda: "test pause in data start-up" in (lines.append(proc.stdout.readline()) or lines[-1]),
               proc, "the data start-up")
