@@ -38,6 +38,8 @@ _HF_TEXT_DEFAULTS = dict(vocab_size=32000, hidden_size=768, intermediate_size=30
 RELEASE_TEXT_LN_EPS = 1e-5
 RELEASE_VISION_LN_EPS = 1e-6
 RELEASE_MAX_LEN = 64
+# The releases take pixels in [0, 1] with no mean/std normalisation.
+RELEASE_PIXELS = {"data.pixel_norm": "tips"}
 
 
 @dataclass
@@ -206,7 +208,7 @@ def read_hf(folder: Path) -> Imported:
     if exact is not None:
         state["logit_scale"] = exact
     tok, tok_path = _tokenizer_beside(folder)
-    imported = Imported("hf", folder, state, _hf_overrides(config, folder), tok, tok_path)
+    imported = Imported("hf", folder, state, {**_hf_overrides(config, folder), **RELEASE_PIXELS}, tok, tok_path)
     _check_shapes_match_overrides(imported)
     return imported
 
@@ -263,7 +265,7 @@ def read_tips(path: Path) -> Imported:
             notes.append(f"{text}: no temperature; the logit scales start from loss.init_logit_scale")
     overrides = _shape_overrides(state)
     overrides.update({"vision.ln_eps": RELEASE_VISION_LN_EPS, "text.ln_eps": RELEASE_TEXT_LN_EPS,
-                      "text.max_len": RELEASE_MAX_LEN})
+                      "text.max_len": RELEASE_MAX_LEN, **RELEASE_PIXELS})
     tok, tok_path = _tokenizer_beside(vision.parent)
     return Imported("tips", vision, state, overrides, tok, tok_path, notes)
 
@@ -276,7 +278,7 @@ def read_timm(path: Path) -> Imported:
     swiglu = fc1.shape[0] == 2 * fc2.shape[1]
     state = layout.vision_from_timm(raw, swiglu)
     overrides = _shape_overrides(state)
-    overrides["vision.ln_eps"] = RELEASE_VISION_LN_EPS
+    overrides.update({"vision.ln_eps": RELEASE_VISION_LN_EPS, **RELEASE_PIXELS})
     return Imported("timm", path, state, overrides, None, None,
                     ["timm files hold the vision tower only (no text tower, temperatures or mask token)"])
 
@@ -295,6 +297,7 @@ def read_fasttips(path: Path, weights: str = "student") -> Imported:
             state.update(teacher)
     overrides = {f"{section}.{f}": getattr(getattr(cfg, section), f)
                  for section in ("vision", "text") for f in vars(getattr(cfg, section))}
+    overrides["data.pixel_norm"] = cfg.data.pixel_norm
     return Imported("fasttips", ckpt, state, overrides, tokenizer.serialized(), ckpt / TOKENIZER_FILE, notes,
                     cfg)
 
@@ -343,6 +346,9 @@ def detect(path: str | Path) -> tuple[str, Path]:
         if (p.parent / "config.json").is_file() and p.name.startswith("model"):
             return "hf", p.parent
         return "timm", p
+    if p.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl"):
+        raise SourceError(f"{p}: a pickle-based file; it is not read because unpickling can run code. "
+                          f"Convert it to safetensors first; expected {ACCEPTED}")
     raise SourceError(f"{p}: unknown file type {p.suffix!r}; expected {ACCEPTED}")
 
 

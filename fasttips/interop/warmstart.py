@@ -49,30 +49,28 @@ def check_tokenizer(proto: bytes | None, vocab_size: int, where) -> None:
     if proto is None:
         raise SourceError(f"{where}: no tokenizer.model beside the weights; the text tower is useless "
                           "without the tokenizer it was trained with (put tokenizer.model next to them)")
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor()
+    from fasttips.data.tokenizer import Tokenizer
     try:
-        sp.LoadFromSerializedProto(proto)
+        tok = Tokenizer.from_bytes(proto)
     except Exception as exc:
         raise SourceError(f"{where}: tokenizer.model is not a SentencePiece model ({exc})") from None
-    if sp.pad_id() != 0:
-        raise SourceError(f"{where}: tokenizer.model has pad id {sp.pad_id()}, not 0; fasttips would shift "
+    if tok.offset != 0:                   # the same decision the data pipeline will make
+        raise SourceError(f"{where}: tokenizer.model has pad id {tok.sp.pad_id()}, not 0; fasttips would shift "
                           "every id by one and the imported embeddings would no longer match")
-    if sp.get_piece_size() > vocab_size:
-        raise SourceError(f"{where}: tokenizer.model has {sp.get_piece_size()} pieces but the text "
+    if tok.vocab_size > vocab_size:
+        raise SourceError(f"{where}: tokenizer.model has {tok.vocab_size} pieces but the text "
                           f"embedding has {vocab_size} rows")
 
 
 # ------------------------------------------------------------------------------------------------
 # before building: the config
 # ------------------------------------------------------------------------------------------------
-def resolve_init_config(cfg, path, tokenizer_dir: str | Path | None = None):
+def resolve_init_config(cfg, path):
     """(new cfg, list of "field: old → new") for a warm start from ``path``.
 
-    The architecture fields come from the source. ``data.tokenizer`` is set to the source's
-    tokenizer when empty (a fasttips run's tokenizer is written to ``tokenizer_dir`` first, as it
-    lives inside the checkpoint). Raises ``ValueError`` naming the field when the settings cannot
-    give back the imported model.
+    The architecture fields (and the pixel normalisation) come from the source; ``data.tokenizer``
+    is set to the source's tokenizer.model when empty. Raises ``ValueError`` naming the field when
+    the settings cannot give back the imported model.
     """
     from fasttips import config as config_lib
 
@@ -94,14 +92,8 @@ def resolve_init_config(cfg, path, tokenizer_dir: str | Path | None = None):
             raise ValueError(f"data.tokenizer={new.data.tokenizer}: differs from the tokenizer of "
                              f"train.init_from={path}; leave data.tokenizer empty to use the imported one")
     else:
-        tok_path = imported.tokenizer_path
-        if imported.kind == "fasttips" or tok_path is None:
-            out = Path(tokenizer_dir or ".") / "init_tokenizer.model"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(imported.tokenizer)
-            tok_path = out
-        config_lib.set_value(new, "data.tokenizer", str(tok_path))
-        changes.append(f"data.tokenizer: '' → {tok_path}")
+        config_lib.set_value(new, "data.tokenizer", str(imported.tokenizer_path))
+        changes.append(f"data.tokenizer: '' → {imported.tokenizer_path}")
     _check_logit_cap(imported, new.loss.max_logit_scale, path)
     return new, changes
 

@@ -64,6 +64,16 @@ def test_export_then_import_is_bitwise(run, tmp_path, to):
     assert imported.overrides["vision.mlp_hidden"] == cfg.vision.mlp_hidden
 
 
+def test_hub_cache_folders_and_tips_prefixes_are_found(run, tmp_path):
+    root, cfg, model = run
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / "0123abc"
+    cli.export(root, "hf", snapshot)
+    assert read_source(tmp_path / "models--org--tiny").path == snapshot
+    cli.export(root, "tips", tmp_path / "rel")
+    for src in (tmp_path / "rel" / "rel_text.npz", tmp_path / "rel" / "rel"):
+        assert torch.equal(read_source(src).state["text.norm.bias"], model.text.norm.bias)
+
+
 def test_tips_files_follow_the_release_layout(run, tmp_path):
     root, cfg, model = run
     written = cli.export(root, "tips", tmp_path / "mine")
@@ -141,9 +151,10 @@ def test_teacher_export_reads_the_full_ema_backbone(tmp_path, tok):
 def test_resolve_and_init_from_a_release_pair(run, tmp_path):
     root, cfg, model = run
     cli.export(root, "tips", tmp_path / "rel")
-    base = tiny_cfg(vision__pos_grid=8, text__ln_eps=1e-6, vision__layerscale=0.0)
-    new, changes = resolve_init_config(base, tmp_path / "rel", tokenizer_dir=tmp_path)
+    base = tiny_cfg(vision__pos_grid=8, text__ln_eps=1e-6, vision__layerscale=0.0, data__pixel_norm="imagenet")
+    new, changes = resolve_init_config(base, tmp_path / "rel")
     assert new.vision.pos_grid == 4 and new.vision.layerscale == 1.0 and new.text.ln_eps == 1e-5
+    assert new.data.pixel_norm == "tips" and base.vision.pos_grid == 8          # base left alone
     assert new.data.tokenizer == str(tmp_path / "rel" / "tokenizer.model")
     assert any(c.startswith("vision.pos_grid") for c in changes)
     fresh = build_model(new, device="cpu")
@@ -202,8 +213,11 @@ def test_pickled_npz_and_unknown_files_are_refused(tmp_path):
     with pytest.raises(SourceError, match="holds pickled objects; refusing to unpickle"):
         read_source(tmp_path / "evil_vision.npz")
     (tmp_path / "weights.pt").write_bytes(b"not really")
-    with pytest.raises(SourceError, match="unknown file type '.pt'"):
+    with pytest.raises(SourceError, match="pickle-based file; it is not read because unpickling can run code"):
         read_source(tmp_path / "weights.pt")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(SourceError, match="unknown file type '.txt'"):
+        read_source(tmp_path / "notes.txt")
     with pytest.raises(SourceError, match="no such file or folder"):
         read_source(tmp_path / "nothing_here")
 
@@ -219,7 +233,7 @@ def test_frozen_backbone_steps_train_only_the_heads_then_the_loss_falls(run, tmp
 
     root, cfg0, _ = run
     cfg, _ = resolve_init_config(tiny_cfg(optim__lr=0.02, optim__warmup_steps=1, train__steps=60,
-                                          loss__teacher_temp_warmup_steps=3), root, tokenizer_dir=tmp_path)
+                                          loss__teacher_temp_warmup_steps=3), root)
     torch.manual_seed(0)
     model = build_model(cfg, device="cpu")
     init_from(model, root, cfg)

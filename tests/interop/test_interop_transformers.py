@@ -97,8 +97,7 @@ def test_a_transformers_model_saved_with_save_pretrained_imports_exactly(tmp_pat
     hf.save_pretrained(str(tmp_path))
     (tmp_path / "tokenizer.model").write_bytes(tok.serialized())
 
-    cfg, changes = resolve_init_config(tiny_cfg(text__ln_eps=1e-6, vision__pos_grid=16), tmp_path,
-                                       tokenizer_dir=tmp_path)
+    cfg, changes = resolve_init_config(tiny_cfg(text__ln_eps=1e-6, vision__pos_grid=16), tmp_path)
     assert cfg.text.ln_eps == 1e-5 and cfg.vision.pos_grid == 4 and cfg.text.vocab_size == 70
     model = build_model(cfg, device="cpu").eval()
     warmstart._CACHE.clear()
