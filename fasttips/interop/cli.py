@@ -53,7 +53,7 @@ def config_for(imported: Imported, overrides: list[str] = ()):
 # ------------------------------------------------------------------------------------------------
 # export
 # ------------------------------------------------------------------------------------------------
-def export(src, to: str, out, weights: str = "student") -> list[Path]:
+def export(src, to: str, out, weights: str = "student", img_size: int | None = None) -> list[Path]:
     """Write ``src``'s towers in the ``to`` format under ``out``; returns the files written."""
     if to not in ("hf", "timm", "tips"):
         raise ValueError(f"--to: {to!r} is not allowed; choose one of ['hf', 'timm', 'tips']")
@@ -61,7 +61,9 @@ def export(src, to: str, out, weights: str = "student") -> list[Path]:
     cfg = config_for(imported)
     out = Path(out)
     if to == "timm":
-        return formats.write_timm(out, imported.state, cfg)
+        return formats.write_timm(out, imported.state, cfg, img_size)
+    if img_size is not None:
+        raise ValueError("--img-size applies to --to timm only (the other formats resize the grid like fasttips)")
     if not imported.has_text:
         raise SourceError(f"{src}: holds no text tower ({imported.kind}); only --to timm can be written")
     if imported.tokenizer is not None:
@@ -135,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--weights", default="student", choices=["student", "teacher"],
                     help="student weights (default) or the EMA teacher's (teacher.mode=full_ema runs "
                          "have a teacher vision tower; head_ema teachers share the student's towers)")
+    ex.add_argument("--img-size", type=int, default=None, metavar="PX",
+                    help="timm only: the input size timm will run at; the position grid is stored resized "
+                         "to it the release's way (timm itself resizes bicubically). Default: the native grid")
     im = sub.add_parser("import", help="turn a release into a fasttips run dir for 'fasttips eval'")
     im.add_argument("src", metavar="SRC", help="Hugging Face tipsv2 folder, TIPS npz pair or fasttips run")
     im.add_argument("out", metavar="OUT", help="new run dir to create")
@@ -150,12 +155,12 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "export":
-            written = export(args.src, args.to, args.out, args.weights)
+            written = export(args.src, args.to, args.out, args.weights, args.img_size)
             for path in written:
                 print(path)
             if args.to == "timm":
                 imported = read_source(args.src, args.weights)
-                print("load with: " + formats.timm_create_call(Path(args.out), config_for(imported)))
+                print("load with: " + formats.timm_create_call(Path(args.out), config_for(imported), args.img_size))
             elif args.to == "hf":
                 print(f"load with: transformers.AutoModel.from_pretrained({str(args.out)!r})")
         else:

@@ -470,12 +470,12 @@ _TIMM_STANDARD = {  # (width, depth, heads, mlp_hidden, ffn) of each registered 
 }
 
 
-def timm_model_args(cfg) -> tuple[str, dict]:
+def timm_model_args(cfg, img_size: int | None = None) -> tuple[str, dict]:
     """The registered timm model to create and the keyword arguments that make it this model."""
     v = cfg.vision
     name = "vit_giant_patch14_reg1_tipsv2" if v.ffn == "swiglu" else TIMM_NAMES.get(
         v.width, "vit_base_patch14_reg1_tipsv2")
-    kwargs = {"img_size": v.pos_grid * v.patch_size, "num_classes": 0}
+    kwargs = {"img_size": img_size or v.pos_grid * v.patch_size, "num_classes": 0}
     if (v.width, v.depth, v.heads, v.mlp_hidden, v.ffn) != _TIMM_STANDARD[name] or v.patch_size != 14:
         hidden = 2 * v.mlp_hidden if v.ffn == "swiglu" else v.mlp_hidden
         ratio = hidden / v.width
@@ -490,17 +490,33 @@ def timm_model_args(cfg) -> tuple[str, dict]:
     return name, kwargs
 
 
-def write_timm(out: Path, state: Tensors, cfg) -> list[Path]:
+def resized_grid(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """The position grid [1, D, G, G] resized the release's way (as fasttips does per crop)."""
+    if pos.shape[-1] == grid:
+        return pos
+    import torch.nn.functional as F
+    return F.interpolate(pos.float(), size=(grid, grid), mode="bilinear", align_corners=False,
+                         antialias=True).to(pos.dtype)
+
+
+def write_timm(out: Path, state: Tensors, cfg, img_size: int | None = None) -> list[Path]:
+    """timm resizes its grid bicubically, unlike the release: ``img_size`` stores the grid already
+    resized (bilinear, antialiased) for that input size, so timm matches fasttips there."""
     from safetensors.torch import save_file
     out.mkdir(parents=True, exist_ok=True)
-    name, kwargs = timm_model_args(cfg)
+    if img_size is not None:
+        if img_size % cfg.vision.patch_size:
+            raise LayoutError(f"--img-size {img_size}: not a multiple of the patch size {cfg.vision.patch_size}")
+        state = {**state, "vision.pos_embed": resized_grid(state["vision.pos_embed"],
+                                                           img_size // cfg.vision.patch_size)}
+    name, kwargs = timm_model_args(cfg, img_size)
     save_file(_fp32(layout.vision_to_timm(state)), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "timm_model.json").write_text(json.dumps({"model_name": name, "kwargs": kwargs}, indent=2) + "\n")
     return [out / "model.safetensors", out / "timm_model.json"]
 
 
-def timm_create_call(out: Path, cfg) -> str:
-    name, kwargs = timm_model_args(cfg)
+def timm_create_call(out: Path, cfg, img_size: int | None = None) -> str:
+    name, kwargs = timm_model_args(cfg, img_size)
     args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
     return (f"timm.create_model({name!r}, pretrained=True, "
             f"pretrained_cfg_overlay=dict(file={str(out / 'model.safetensors')!r}){args})")

@@ -20,17 +20,19 @@ from fasttips.models import build_model  # noqa: E402
 TOL = 1e-5
 
 
-@pytest.mark.parametrize("ffn, mlp", [("gelu", 128), ("swiglu", 96)])
-def test_timm_loads_the_export_and_gives_the_same_tokens(tmp_path, ffn, mlp):
+@pytest.mark.parametrize("ffn, mlp, size", [("gelu", 128, 56), ("swiglu", 96, 56), ("gelu", 128, 42)])
+def test_timm_loads_the_export_and_gives_the_same_tokens(tmp_path, ffn, mlp, size):
+    """At the native grid, and at another size through --img-size (the grid is stored resized)."""
     cfg = tiny_cfg(vision__ffn=ffn, vision__mlp_hidden=mlp)
     model = tiny_model(cfg, seed=5)
     save_run(tmp_path / "run", cfg, model, tokenizer())
-    assert cli.main(["export", str(tmp_path / "run"), "--to", "timm", str(tmp_path / "timm")]) == 0
+    extra = ["--img-size", str(size)] if size != 56 else []
+    assert cli.main(["export", str(tmp_path / "run"), "--to", "timm", str(tmp_path / "timm"), *extra]) == 0
     spec = json.loads((tmp_path / "timm" / "timm_model.json").read_text())
     net = timm.create_model(spec["model_name"], pretrained=True, **spec["kwargs"],
                             pretrained_cfg_overlay=dict(file=str(tmp_path / "timm" / "model.safetensors")))
     assert set(net.state_dict()) == set(load_file(tmp_path / "timm" / "model.safetensors"))
-    pixels = images(2, 56)
+    pixels = images(2, size)
     with torch.no_grad():
         tokens = net.eval().forward_features(pixels)
         ours = model.vision(pixels)
