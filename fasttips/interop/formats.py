@@ -295,8 +295,10 @@ def read_fasttips(path: Path, weights: str = "student") -> Imported:
             notes.append(f"{ckpt}: teacher.mode=head_ema: the teacher's towers are the student's")
         else:
             state.update(teacher)
+    # the architecture only: drop-path and dropout are the new run's choice
     overrides = {f"{section}.{f}": getattr(getattr(cfg, section), f)
-                 for section in ("vision", "text") for f in vars(getattr(cfg, section))}
+                 for section in ("vision", "text") for f in vars(getattr(cfg, section))
+                 if f not in ("drop_path", "dropout")}
     overrides["data.pixel_norm"] = cfg.data.pixel_norm
     return Imported("fasttips", ckpt, state, overrides, tokenizer.serialized(), ckpt / TOKENIZER_FILE, notes,
                     cfg)
