@@ -107,7 +107,8 @@ def test_import_writes_a_run_that_eval_loads(run, tmp_path):
     from fasttips.eval.loading import load_for_eval
     root, cfg, model = run
     cli.export(root, "tips", tmp_path / "rel")
-    assert cli.main(["import", str(tmp_path / "rel"), str(tmp_path / "imported"), "heads.prototypes=32"]) == 0
+    from fasttips.interop import import_command
+    assert import_command.main([str(tmp_path / "rel"), str(tmp_path / "imported"), "heads.prototypes=32"]) == 0
     loaded, tok, cfg2, ckpt = load_for_eval(tmp_path / "imported")
     assert ckpt.name == "step_00000000" and cfg2.heads.prototypes == 32
     assert cfg2.vision.pos_grid == cfg.vision.pos_grid and cfg2.text.ln_eps == 1e-5
@@ -206,6 +207,16 @@ def test_tokenizers_that_fasttips_would_shift_are_refused(tmp_path):
         check_tokenizer(shifted, 64, "src")
     with pytest.raises(SourceError, match="has 64 pieces but the text embedding has 10 rows"):
         check_tokenizer(tokenizer().serialized(), 10, "src")
+
+
+def test_export_of_a_vision_only_source_to_hf_fails_with_a_message(run, tmp_path, capsys):
+    from fasttips.interop import export_command
+    root, cfg, model = run
+    assert export_command.main([str(root), "--to", "timm", str(tmp_path / "t")]) == 0
+    assert "load with: timm.create_model('vit_base_patch14_reg1_tipsv2'" in capsys.readouterr().out
+    assert export_command.main([str(tmp_path / "t" / "model.safetensors"), "--to", "hf", str(tmp_path / "h")]) == 2
+    assert "holds no text tower (timm); only --to timm can be written" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()
 
 
 def test_pickled_npz_and_unknown_files_are_refused(tmp_path):
