@@ -65,19 +65,30 @@ def check_tokenizer(proto: bytes | None, vocab_size: int, where) -> None:
 # ------------------------------------------------------------------------------------------------
 # before building: the config
 # ------------------------------------------------------------------------------------------------
-def resolve_init_config(cfg, path):
+def _require_text(imported: Imported, path, vision_only: bool) -> bool:
+    """True when the text tower is to be loaded; a source without one is refused unless the caller
+    asked for the vision tower alone (then the text tower, tokenizer and logit scales stay fresh)."""
+    if imported.has_text:
+        return True
+    if not vision_only:
+        raise SourceError(f"train.init_from={path}: {imported.kind} source holds no text tower; init_from "
+                          "loads both towers (use the Hugging Face folder or the TIPS npz pair, or ask for "
+                          "the vision tower alone)")
+    return False
+
+
+def resolve_init_config(cfg, path, vision_only: bool = False):
     """(new cfg, list of "field: old → new") for a warm start from ``path``.
 
     The architecture fields (and the pixel normalisation) come from the source; ``data.tokenizer``
     is set to the source's tokenizer.model when empty. Raises ``ValueError`` naming the field when
-    the settings cannot give back the imported model.
+    the settings cannot give back the imported model. ``vision_only``: accept a source without a
+    text tower (a timm file); only the vision fields are taken then.
     """
     from fasttips import config as config_lib
 
     imported = _read(path)
-    if not imported.has_text:
-        raise SourceError(f"train.init_from={path}: {imported.kind} source holds no text tower; init_from "
-                          "loads both towers (use the Hugging Face folder or the TIPS npz pair)")
+    with_text = _require_text(imported, path, vision_only)
     new = copy.deepcopy(cfg)
     changes = []
     for key, value in imported.overrides.items():
@@ -85,6 +96,8 @@ def resolve_init_config(cfg, path):
         if old != value:
             config_lib.set_value(new, key, value)
             changes.append(f"{key}: {old} → {value}")
+    if not with_text:
+        return new, changes
     check_tokenizer(imported.tokenizer, imported.state["text.token_embed.weight"].shape[0], path)
     if new.data.tokenizer:
         mine = Path(new.data.tokenizer)
@@ -152,17 +165,18 @@ def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def init_from(model: nn.Module, path, cfg) -> InitReport:
+def init_from(model: nn.Module, path, cfg, vision_only: bool = False) -> InitReport:
     """Copy the source's towers and logit scales into ``model`` (built from a config that
     :func:`resolve_init_config` prepared). Raises before copying anything if a tensor is missing or
-    has another shape; the message names the first such key and both shapes."""
+    has another shape; the message names the first such key and both shapes. ``vision_only``: as
+    in :func:`resolve_init_config`."""
     imported = _read(path)
-    if not imported.has_text:
-        raise SourceError(f"train.init_from={path}: {imported.kind} source holds no text tower")
-    check_tokenizer(imported.tokenizer, imported.state["text.token_embed.weight"].shape[0], path)
+    towers = ("vision.", "text.") if _require_text(imported, path, vision_only) else ("vision.",)
+    if "text." in towers:
+        check_tokenizer(imported.tokenizer, imported.state["text.token_embed.weight"].shape[0], path)
     _check_logit_cap(imported, cfg.loss.max_logit_scale, path)
     params = {clean_name(n): p for n, p in model.named_parameters()}
-    wanted = [n for n in params if n.startswith(("vision.", "text.")) or n == "logit_scale"]
+    wanted = [n for n in params if n.startswith(towers) or n == "logit_scale"]
     for name in wanted:
         if name not in imported.state:
             if name == "logit_scale":

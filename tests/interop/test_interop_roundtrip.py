@@ -182,8 +182,17 @@ def test_a_model_of_another_size_is_refused_before_anything_is_copied(run, tmp_p
 def test_missing_text_tower_tokenizer_and_low_cap_say_so(run, tmp_path):
     root, cfg, model = run
     cli.export(root, "timm", tmp_path / "timm")
+    timm_file = tmp_path / "timm" / "model.safetensors"
     with pytest.raises(SourceError, match="holds no text tower"):
-        resolve_init_config(cfg, tmp_path / "timm" / "model.safetensors")
+        resolve_init_config(cfg, timm_file)
+    # asked for explicitly, the vision tower alone loads; text tower and logit scales stay fresh
+    new, _ = resolve_init_config(tiny_cfg(vision__pos_grid=8), timm_file, vision_only=True)
+    fresh = build_model(new, device="cpu")
+    text_before = {k: v.clone() for k, v in fresh.state_dict().items() if k.startswith("text.")}
+    report = init_from(fresh, timm_file, new, vision_only=True)
+    assert torch.equal(fresh.vision.blocks[1].mlp.fc2.weight, model.vision.blocks[1].mlp.fc2.weight)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in text_before.items())
+    assert "text.token_embed.weight" in report.fresh and "logit_scale" in report.fresh
     cli.export(root, "tips", tmp_path / "rel")
     (tmp_path / "rel" / "tokenizer.model").unlink()
     warmstart._CACHE.clear()
