@@ -428,6 +428,18 @@ def _hf_tokenizer_config(max_len: int) -> dict:
             "pad_token": "<pad>", "unk_token": "<unk>", "padding_side": "right"}
 
 
+def _hf_preprocessor_config(cfg) -> dict:
+    """Resize to the native grid's size, scale to [0, 1]; mean/std only for imagenet-normalised runs."""
+    from fasttips.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    size = cfg.vision.pos_grid * cfg.vision.patch_size
+    out = {"image_processor_type": "Tipsv2ImageProcessor", "size": {"height": size, "width": size},
+           "do_resize": True, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
+           "do_convert_rgb": True, "do_normalize": cfg.data.pixel_norm == "imagenet"}
+    if out["do_normalize"]:
+        out.update(image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+    return out
+
+
 def write_hf(out: Path, state: Tensors, cfg, tokenizer: bytes) -> list[Path]:
     from safetensors.torch import save_file
     out.mkdir(parents=True, exist_ok=True)
@@ -442,7 +454,9 @@ def write_hf(out: Path, state: Tensors, cfg, tokenizer: bytes) -> list[Path]:
     (out / "config.json").write_text(json.dumps(hf_config(cfg, scale), indent=2) + "\n")
     (out / TOKENIZER_FILE).write_bytes(tokenizer)
     (out / "tokenizer_config.json").write_text(json.dumps(_hf_tokenizer_config(cfg.text.max_len), indent=2) + "\n")
-    return [out / n for n in ("config.json", "model.safetensors", TOKENIZER_FILE, "tokenizer_config.json")]
+    (out / "preprocessor_config.json").write_text(json.dumps(_hf_preprocessor_config(cfg), indent=2) + "\n")
+    return [out / n for n in ("config.json", "model.safetensors", TOKENIZER_FILE, "tokenizer_config.json",
+                              "preprocessor_config.json")]
 
 
 def write_tips(out: Path, state: Tensors, tokenizer: bytes | None) -> list[Path]:

@@ -107,3 +107,21 @@ def test_a_transformers_model_saved_with_save_pretrained_imports_exactly(tmp_pat
     for size in (56, (70, 28)):
         pixels = images(2, size, seed=4)
         assert_same(fasttips_outputs(model, pixels, ids, pad), hf_outputs(hf, pixels, ids, pad))
+
+
+def test_auto_processor_reads_the_export(exported, tok):
+    """transformers' image processor needs torchvision (skipped without it) and the tokenizer protobuf."""
+    pytest.importorskip("google.protobuf", reason="transformers reads tokenizer.model through protobuf")
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:
+        pytest.skip(f"transformers' Tipsv2ImageProcessor needs torchvision ({type(exc).__name__})")
+    import numpy as np
+    from PIL import Image
+    folder, _ = exported["gelu"]
+    processor = transformers.AutoProcessor.from_pretrained(str(folder))
+    image = Image.fromarray((np.random.default_rng(0).random((70, 90, 3)) * 255).astype("uint8"))
+    inputs = processor(images=image, text=[CAPTIONS[0]], return_tensors="pt", max_length=tok.max_len)
+    assert inputs["pixel_values"].shape == (1, 3, 56, 56)                  # the native 4×4 grid
+    assert 0.0 <= float(inputs["pixel_values"].min()) and float(inputs["pixel_values"].max()) <= 1.0
+    assert torch.equal(inputs["input_ids"], tok.encode([CAPTIONS[0]])[0])
