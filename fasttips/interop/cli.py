@@ -58,6 +58,8 @@ def export(src, to: str, out, weights: str = "student", img_size: int | None = N
     if to not in ("hf", "timm", "tips"):
         raise ValueError(f"--to: {to!r} is not allowed; choose one of ['hf', 'timm', 'tips']")
     imported = read_source(src, weights)
+    for note in imported.notes:
+        print(f"note: {note}", file=sys.stderr)
     cfg = config_for(imported)
     out = Path(out)
     if to == "timm":

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from interop_helpers import (CAPTIONS, images, randomize_, save_run, tiny_cfg, tiny_model,
+from interop_helpers import (CAPTIONS, images, save_run, tiny_cfg, tiny_model,
                              tokenizer)
 
 from fasttips.data.tokenizer import Tokenizer
