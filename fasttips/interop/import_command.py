@@ -1,0 +1,4 @@
+"""``fasttips import``: the dispatcher in fasttips/cli.py calls ``main(argv)`` without the command."""
+from .cli import import_main as main
+
+__all__ = ["main"]
