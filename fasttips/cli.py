@@ -21,6 +21,8 @@ COMMANDS = {
     "eval": ("fasttips.eval.cli", "zero-shot retrieval, classification and segmentation of a run"),
     "ablate": ("fasttips.ablate", "iBOT vs iBOT++ ablation at toy scale"),
     "bench": ("fasttips.benchcli", "kernel and training-step benchmarks against peers"),
+    "export": ("fasttips.interop.export_command", "write a run as a transformers folder, a timm file or TIPS npz files"),
+    "import": ("fasttips.interop.import_command", "turn a TIPS / TIPSv2 release into a run dir for 'fasttips eval'"),
 }
 
 

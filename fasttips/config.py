@@ -202,6 +202,9 @@ class OptimConfig:
     patch_embed_lr_mult: float = setting(0.2, "lr multiplier of the patch embedding", ge=0)
     freeze_prototypes_steps: int = setting(0, "optimiser steps during which the prototype layers are "
                                               "not updated", ge=0)
+    freeze_backbone_steps: int = setting(0, "optimiser steps during which only the heads train (the "
+                                            "towers and logit scales get no update): the warm-up of a "
+                                            "fine-tune from train.init_from", ge=0)
     clip_grad: float = setting(3.0, "max gradient norm per module (backbone, each head); 0 = no clipping",
                                ge=0)
     accum_steps: int = setting(1, "micro-batches accumulated per optimiser step", ge=1)
@@ -222,6 +225,8 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model")
     activation_checkpointing: bool = setting(False, "recompute block activations in the backward "
                                                     "(less memory, more compute)")
+    init_from: str = setting("", "warm start: a Hugging Face tipsv2 folder, a TIPS npz pair or a fasttips "
+                                 "run; its towers and logit scales, fresh heads and optimiser (README)")
 
 
 @dataclass

@@ -47,6 +47,7 @@ class StepValues:
     momentum: float               # teacher EMA momentum
     teacher_temp: float
     freeze_prototypes: bool       # prototype layers get no update this step
+    freeze_backbone: bool = False  # towers and logit scales get no update this step (warm-start warm-up)
 
 
 class Schedules:
@@ -74,6 +75,7 @@ class Schedules:
                                           lo.teacher_temp_warmup_steps, total)
         self._finals = dict(lr=o.min_lr, wd=o.weight_decay_final, temp=lo.teacher_temp_final)
         self.freeze_prototypes_steps = o.freeze_prototypes_steps
+        self.freeze_backbone_steps = o.freeze_backbone_steps
 
     def __call__(self, step: int) -> StepValues:
         return StepValues(
@@ -82,4 +84,5 @@ class Schedules:
             momentum=value_at(self._momentum, step, self._momentum_final),
             teacher_temp=value_at(self._temp, step, self._finals["temp"]),
             freeze_prototypes=step < self.freeze_prototypes_steps,
+            freeze_backbone=step < self.freeze_backbone_steps,
         )

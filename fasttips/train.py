@@ -83,6 +83,15 @@ def resolve_config(args) -> tuple[config_lib.Config, Path, bool]:
         cfg.train.run_dir = str(run_dir)
         return cfg, run_dir, True
     cfg = config_lib.load(args.config, args.overrides)
+    if cfg.train.init_from:      # the architecture comes from the weights and overrides the preset
+        from fasttips.interop import resolve_init_config
+        try:
+            cfg, changes = resolve_init_config(cfg, cfg.train.init_from)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"train.init_from: {exc}") from None
+        config_lib.validate(cfg)
+        for change in changes:
+            print(f"train.init_from: {change}", flush=True)
     return cfg, Path(cfg.train.run_dir), False
 
 

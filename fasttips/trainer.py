@@ -112,9 +112,9 @@ class Trainer:
         # there exits at once); without one, run() installs its own for the loop.
         self.stop = stop
         self.is_main = ctx.is_main
-        # Starting from other weights: pass build_training(..., load_weights=fn); it runs once the
-        # weights exist on the device, before the teacher copies them and the optimiser is built.
-        self.training = build_training(cfg, ctx)
+        # train.init_from: other weights are copied in once the model exists on the device, before the
+        # teacher copies it and the optimiser is built; a resumed run has them in its checkpoint already.
+        self.training = build_training(cfg, ctx, load_weights=self._warm_start if self._warm(cfg) else None)
         # The lr rule scales with the images per optimiser step: processes × accumulated batches.
         self.schedules = Schedules(cfg, world_size=ctx.world_size * cfg.optim.accum_steps)
         seed_everything(cfg.train.seed + 1000 * ctx.rank)   # per-rank streams (masks, drop path)
@@ -127,6 +127,14 @@ class Trainer:
         self.global_batch = cfg.data.batch_size * cfg.optim.accum_steps * ctx.world_size
         self.flops = flop_model(cfg, cfg.data.batch_size * ctx.world_size)
         self.peak = peak_flops(ctx.device, ctx.param_dtype)
+
+    def _warm(self, cfg) -> bool:
+        return bool(cfg.train.init_from) and not (
+            self.resuming and latest_checkpoint(self.run_dir / "checkpoints") is not None)
+
+    def _warm_start(self, model: torch.nn.Module) -> None:
+        from fasttips.interop import init_from
+        self.say(init_from(model, self.cfg.train.init_from, self.cfg).summary())
 
     def say(self, *parts) -> None:
         if self.is_main:

@@ -28,6 +28,7 @@ from torch import nn
 
 from fasttips.distributed import fsdp
 from fasttips.flops import head_params
+from fasttips.interop.warmstart import backbone_parameters
 from fasttips.models import build_model
 from fasttips.models.text import text_mlp_hidden
 from fasttips.optim import (build_optimizer, clamp_logit_scale_, clip_gradients, clip_modules, is_prototype,
@@ -65,6 +66,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     clip_units: dict[str, list[nn.Parameter]]
     prototype_params: list[nn.Parameter]
+    backbone_params: list[nn.Parameter]   # the towers and logit scales (optim.freeze_backbone_steps)
     gather_modules: list[nn.Module]  # teacher modules held gathered for a whole step
 
     def stateful_modules(self) -> dict[str, nn.Module]:
@@ -135,6 +137,9 @@ class Training:
         if values.freeze_prototypes:
             for p in self.prototype_params:
                 p.grad = None
+        if values.freeze_backbone:
+            for p in self.backbone_params:
+                p.grad = None
 
     def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         if self.ctx.world_size > 1:
@@ -183,6 +188,7 @@ def build_training(cfg, ctx: fsdp.DistContext, load_weights: Callable[[nn.Module
         optimizer=build_optimizer(model, cfg, ctx.device),
         clip_units=clip_modules(model),
         prototype_params=[p for n, p in model.named_parameters() if is_prototype(n)],
+        backbone_params=backbone_parameters(model),
         gather_modules=[m for m in teacher_modules if fsdp.needs_gathering(m)])
 
 

@@ -243,43 +243,35 @@ def test_pickled_npz_and_unknown_files_are_refused(tmp_path):
 
 
 def test_frozen_backbone_steps_train_only_the_heads_then_the_loss_falls(run, tmp_path):
-    """Warm start, 3 frozen steps (towers and logit scales bit-for-bit unchanged, heads move), then
-    unfrozen steps on one batch: the loss falls."""
+    """Warm start through the training step itself (build_training's load_weights hook, as
+    train.init_from does), optim.freeze_backbone_steps=3: the towers and logit scales are bit-for-bit
+    unchanged while the heads move, then unfrozen steps on one batch make the loss fall."""
     from fasttips.data.batch import synthetic_batch
-    from fasttips.optim import build_optimizer, set_hyperparameters
+    from fasttips.distributed import fsdp
     from fasttips.schedules import Schedules
-    from fasttips.step import LossState, compute_losses
-    from fasttips.teacher import Teacher
+    from fasttips.training import build_training
 
     root, cfg0, _ = run
     cfg, _ = resolve_init_config(tiny_cfg(optim__lr=0.02, optim__warmup_steps=1, train__steps=60,
-                                          loss__teacher_temp_warmup_steps=3), root)
-    torch.manual_seed(0)
-    model = build_model(cfg, device="cpu")
-    init_from(model, root, cfg)
-    teacher, state = Teacher(model, cfg), LossState(cfg)
-    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
-    schedules = Schedules(cfg)
+                                          loss__teacher_temp_warmup_steps=3, optim__freeze_backbone_steps=3,
+                                          train__device="cpu", train__precision="fp32"), root)
+    training = build_training(cfg, fsdp.init_distributed(cfg), load_weights=lambda m: init_from(m, root, cfg))
+    model = training.model
+    loaded = build_model(cfg, device="cpu")
+    init_from(loaded, root, cfg)
     backbone = backbone_parameters(model)
+    assert all(torch.equal(a, b) for a, b in zip(backbone, backbone_parameters(loaded)))   # the source's
     frozen = [p.detach().clone() for p in backbone]
     heads = [p.detach().clone() for p in model.dino_head.parameters()]
     batch = synthetic_batch(6, 56, 28, n_global=1, n_local=2, max_len=cfg.text.max_len,
                             vocab_size=cfg.text.vocab_size, generator=torch.Generator().manual_seed(1))
     g = batch["global_crops"]
     batch["local_crops"] = torch.cat([g[:, :, :28, :28], g[:, :, 28:, 28:]])
+    schedules = Schedules(cfg)
     losses = []
     for step in range(25):
-        values = schedules(step)
-        set_hyperparameters(optimizer, values.lr, values.weight_decay, False)
-        optimizer.zero_grad(set_to_none=True)
-        state.begin_step()
-        loss = compute_losses(model, teacher, state, batch, values, cfg)["loss"]
-        loss.backward()
-        if step < 3:
-            drop_backbone_grads_(backbone)
-        optimizer.step()
-        teacher.update(model, values.momentum)
-        losses.append(float(loss.detach()))
+        out = training.train_step([batch], schedules(step))
+        losses.append(out.loss)
         if step == 2:
             assert all(torch.equal(a, b) for a, b in zip(frozen, backbone))
             assert not all(torch.equal(a, b) for a, b in zip(heads, model.dino_head.parameters()))
