@@ -50,6 +50,15 @@ def recall_at_k(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5),
         pos = positives.to(sim.device)
         if not pos.diagonal().all():
             raise ValueError("positives: the diagonal (text i matches image i) must be True")
+    return recall_from_positives(sim, pos, ks)
+
+
+def recall_from_positives(similarity: torch.Tensor, positives: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """Recall@k both ways for a [N_img, N_txt] similarity whose bool ``positives`` marks the right pairs
+    (every row and column has one). Ties count against the query; a NaN score is never a hit."""
+    sim = similarity.float()
+    sim = sim.masked_fill(sim.isnan(), -math.inf)
+    pos = positives
     # rank of the best correct candidate = how many wrong candidates score at least as high (0 = first)
     best_i2t = sim.masked_fill(~pos, -math.inf).amax(dim=1)
     best_t2i = sim.masked_fill(~pos, -math.inf).amax(dim=0)

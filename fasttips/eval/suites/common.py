@@ -145,6 +145,26 @@ def class_embeddings(ctx: SuiteContext, class_names: list[str], templates: tuple
     return average_prompts(encode_text_list(ctx, prompts), len(class_names))
 
 
+@torch.no_grad()
+def embed_images(ctx: SuiteContext, items: list, suite: str) -> tuple[dict[str, torch.Tensor], list, int]:
+    """Normalised CLS#1 / CLS#2 features of the readable images of ``items`` [(path, tag)], the tags of
+    those images in the same order, and how many images could not be read."""
+    from fasttips.eval.zeroshot import normalize
+    feats: dict[str, list[torch.Tensor]] = {"cls1": [], "cls2": []}
+    tags, skipped = [], 0
+    batches = loader(ImageListDataset(items, ctx.image_size), ctx)
+    progress = Progress(ctx, suite, len(batches))
+    for good, dropped in batches:
+        skipped += dropped
+        if good:
+            out = encode_image_batch(ctx, to_pixels([g[0] for g in good], ctx.pixel_norm))
+            for k in feats:
+                feats[k].append(normalize(out[k]))
+            tags.extend(g[1] for g in good)
+        progress.step(len(good))
+    return {k: torch.cat(v) if v else torch.empty(0) for k, v in feats.items()}, tags, skipped
+
+
 class Progress:
     """A line every ``every`` batches: done/total, rate, elapsed."""
 

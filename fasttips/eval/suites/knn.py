@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .common import (DatasetLayoutError, ImageListDataset, Progress, SuiteContext, encode_image_batch, limited,
-                     load_metadata, loader, require_dir, to_pixels)
+from .common import DatasetLayoutError, SuiteContext, embed_images, limited, load_metadata, require_dir
 from .imagenet import image_folder, list_val
 
 SUITE = "knn"
@@ -45,22 +44,10 @@ def list_split_pair(root: Path) -> tuple[list[str], list[tuple[Path, int]], list
 @torch.no_grad()
 def embed(ctx: SuiteContext, items, what: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
     """Normalised CLS#1 / CLS#2 features and labels of the readable images; how many were skipped."""
-    from fasttips.eval.zeroshot import normalize
-    feats: dict[str, list[torch.Tensor]] = {"cls1": [], "cls2": []}
-    labels, skipped = [], 0
-    batches = loader(ImageListDataset(items, ctx.image_size), ctx)
-    progress = Progress(ctx, f"{SUITE} {what}", len(batches))
-    for good, dropped in batches:
-        skipped += dropped
-        if good:
-            out = encode_image_batch(ctx, to_pixels([g[0] for g in good], ctx.pixel_norm))
-            for k in feats:
-                feats[k].append(normalize(out[k]))
-            labels.extend(g[1] for g in good)
-        progress.step(len(good))
+    feats, labels, skipped = embed_images(ctx, items, f"{SUITE} {what}")
     if not labels:
         raise DatasetLayoutError(f"{SUITE}: none of the {len(items)} {what} images could be read")
-    return {k: torch.cat(v) for k, v in feats.items()}, torch.tensor(labels), skipped
+    return feats, torch.tensor(labels), skipped
 
 
 def knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, n_classes: int,

@@ -10,13 +10,14 @@ Accepted layout of ``ROOT`` (default ``DATA_ROOT/coco`` or ``DATA_ROOT/flickr30k
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
-from .common import (DatasetLayoutError, ImageListDataset, Progress, SuiteContext, encode_image_batch,
-                     encode_text_list, limited, loader, require_file, to_pixels)
+from fasttips.eval.metrics import recall_from_positives
+from fasttips.eval.zeroshot import normalize
+
+from .common import DatasetLayoutError, SuiteContext, embed_images, encode_text_list, limited, require_file
 
 SPLIT_FILES = {"coco": "dataset_coco.json", "flickr30k": "dataset_flickr30k.json"}
 CAPTIONS_PER_IMAGE = 5
@@ -62,17 +63,8 @@ def multi_caption_recall(sim: torch.Tensor, text_image: torch.Tensor, ks=KS) -> 
     n_img, n_txt = sim.shape
     if text_image.shape != (n_txt,):
         raise ValueError(f"text_image: expected [{n_txt}] image indices, got {list(text_image.shape)}")
-    sim = sim.float().masked_fill(sim.isnan(), -math.inf)
-    pos = text_image[None, :] == torch.arange(n_img)[:, None]                       # [N_img, N_txt]
-    best_i2t = sim.masked_fill(~pos, -math.inf).amax(dim=1)
-    i2t_rank = ((sim >= best_i2t[:, None]) & ~pos).sum(dim=1)
-    best_t2i = sim.gather(0, text_image[None, :]).squeeze(0)
-    t2i_rank = ((sim >= best_t2i[None, :]) & ~pos).sum(dim=0)
-    out = {}
-    for k in ks:
-        out[f"i2t_r{k}"] = (i2t_rank < k).float().mean().item()
-        out[f"t2i_r{k}"] = (t2i_rank < k).float().mean().item()
-    return out
+    pos = text_image[None, :].to(sim.device) == torch.arange(n_img, device=sim.device)[:, None]   # [N_img, N_txt]
+    return recall_from_positives(sim, pos, ks)
 
 
 def chance_recall(n_img: int, n_txt: int, per_image: int, k: int) -> tuple[float, float]:
@@ -87,20 +79,7 @@ def chance_recall(n_img: int, n_txt: int, per_image: int, k: int) -> tuple[float
 def run(ctx: SuiteContext, root: Path, suite: str) -> dict:
     pairs = limited(read_karpathy(root, suite), ctx)
     ctx.say(f"[{suite}] {len(pairs)} test images, {CAPTIONS_PER_IMAGE * len(pairs)} captions")
-    feats: dict[str, list[torch.Tensor]] = {"cls1": [], "cls2": []}
-    kept: list[int] = []
-    skipped = 0
-    batches = loader(ImageListDataset([(p, i) for i, (p, _) in enumerate(pairs)], ctx.image_size), ctx)
-    progress = Progress(ctx, suite, len(batches))
-    from fasttips.eval.zeroshot import normalize
-    for good, dropped in batches:
-        skipped += dropped
-        if good:
-            out = encode_image_batch(ctx, to_pixels([g[0] for g in good], ctx.pixel_norm))
-            for k in feats:
-                feats[k].append(normalize(out[k]))
-            kept.extend(g[1] for g in good)
-        progress.step(len(good))
+    feats, kept, skipped = embed_images(ctx, [(p, i) for i, (p, _) in enumerate(pairs)], suite)
     if len(kept) < 2:
         raise DatasetLayoutError(f"{suite}: fewer than 2 readable test images under {root}")
     # an unreadable image takes its captions out with it, so every text still has its image
@@ -109,7 +88,7 @@ def run(ctx: SuiteContext, root: Path, suite: str) -> dict:
     text_emb = normalize(encode_text_list(ctx, texts))
     metrics, chance = {}, {}
     for cls in ("cls1", "cls2"):
-        sim = torch.cat(feats[cls]) @ text_emb.T
+        sim = feats[cls] @ text_emb.T
         for name, value in multi_caption_recall(sim, text_image).items():
             direction, k = name.split("_r")
             label = f"CLS#{cls[-1]} {'image->text' if direction == 'i2t' else 'text->image'} R@{k}"
