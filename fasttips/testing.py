@@ -86,6 +86,11 @@ def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import JITFunction
 
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # Interpreted launches leave triton.language patched with the interpreter's builders, so an
+        # in-process compile would depend on which tests ran before it: compile in a clean process.
+        raise RuntimeError("compile_for_hopper runs only with TRITON_INTERPRET=0; call it through "
+                           "compile_in_workers (spawned workers), never in a process that interprets kernels")
     fn = kernel
     while not isinstance(fn, JITFunction):  # unwrap autotune/heuristics/interpreter wrappers
         inner = getattr(fn, "fn", None)

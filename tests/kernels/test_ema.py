@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fasttips.kernels import ema_update_
-from fasttips.kernels.ema import reference, triton as ema_triton
+from fasttips.kernels.ema import hopper_gate, reference, triton as ema_triton
 from fasttips.testing import assert_close
 
 SMALL_BLOCK = 256  # many chunks per tensor at interpreter-friendly sizes
@@ -119,18 +119,16 @@ def test_bad_input_is_named(teacher, student, momentum, error, words):
         ema_triton.ema_update_([torch.zeros(3)], [torch.zeros(3)], 0.9, block=100)
 
 
-@pytest.mark.parametrize("student_type", ["*fp32", "*bf16"])
-@pytest.mark.parametrize("momentum_on_device", [True, False])
-def test_hopper_compile_gate(student_type, momentum_on_device):
-    from fasttips.testing import compile_for_hopper
-    signature = dict(teacher_base="*fp32", student_base=student_type, chunk_table="*i64", num_chunks="i32",
-                     momentum_ptr="*fp32", momentum_value="fp32", BLOCK="constexpr",
-                     MOMENTUM_ON_DEVICE="constexpr", TEACHER_VEC="constexpr", STUDENT_VEC="constexpr")
-    student_vec = 8 if student_type == "*bf16" else 4
-    constexprs = dict(BLOCK=ema_triton.BLOCK, MOMENTUM_ON_DEVICE=momentum_on_device, TEACHER_VEC=4,
-                      STUDENT_VEC=student_vec)
-    report = compile_for_hopper(ema_triton._ema_chunks_kernel, signature, constexprs,
-                                num_warps=ema_triton.NUM_WARPS, name=f"ema_{student_type[1:]}")
+@pytest.fixture(scope="module")
+def hopper_reports():
+    return hopper_gate.compile_all()  # in spawned workers with TRITON_INTERPRET=0, like the other ops
+
+
+@pytest.mark.parametrize("case", hopper_gate.cases(), ids=lambda c: f"{c[0][1:]}-{'device' if c[1] else 'value'}")
+def test_hopper_compile_gate(case, hopper_reports):
+    report = hopper_reports[case]
+    if isinstance(report, Exception):
+        raise report
     report.check(matmul=False)
 
 
