@@ -104,19 +104,67 @@ def test_empty_lists_and_all_empty_tensors():
     ema_triton.ema_update_(t, [torch.empty(0), torch.empty(0, 3)], 0.9)
 
 
+# One contract for both paths (kernels/ema/common.py): the same inputs are accepted or refused,
+# with the same message, whichever backend a run dispatches to.
+BACKENDS = {"triton": lambda *a: ema_triton.ema_update_(*a), "reference": lambda *a: reference.ema_update_(*a)}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("teacher, student, momentum, error, words", [
     ([torch.zeros(3, dtype=torch.bfloat16)], [torch.zeros(3)], 0.9, TypeError, "teacher[0]"),
+    ([torch.zeros(3, dtype=torch.float64)], [torch.zeros(3, dtype=torch.float64)], 0.9, TypeError, "teacher[0]"),
     ([torch.zeros(3)], [torch.zeros(3, dtype=torch.float16)], 0.9, TypeError, "student[0]"),
     ([torch.zeros(3), torch.zeros(3)], [torch.zeros(3), torch.zeros(4)], 0.9, ValueError, "student[1] shape"),
     ([torch.zeros(4, 4).t()], [torch.zeros(4, 4)], 0.9, ValueError, "contiguous"),
+    ([torch.zeros(4, 4)], [torch.zeros(4, 4).t()], 0.9, ValueError, "contiguous"),
     ([torch.zeros(3)], [torch.zeros(3), torch.zeros(3)], 0.9, ValueError, "1 teacher tensors vs 2"),
     ([torch.zeros(3)], [torch.zeros(3)], torch.zeros(2), ValueError, "momentum"),
+    ([torch.zeros(3)], [torch.zeros(3)], 1.5, ValueError, r"momentum must be in [0, 1], got 1.5"),
+    ([torch.zeros(3)], [torch.zeros(3)], -0.1, ValueError, "momentum must be in [0, 1]"),
+    ([torch.zeros(3)], [torch.zeros(3)], float("nan"), ValueError, "momentum must be in [0, 1]"),
+    ([torch.zeros(3)], [torch.zeros(3)], torch.tensor(2.0), ValueError, "momentum must be in [0, 1]"),
+    ([], [], 1.5, ValueError, "momentum must be in [0, 1]"),
 ])
-def test_bad_input_is_named(teacher, student, momentum, error, words):
+def test_bad_input_is_named_by_both_backends(backend, teacher, student, momentum, error, words):
+    before = [t.clone() for t in teacher]
     with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
-        ema_triton.ema_update_(teacher, student, momentum)
+        BACKENDS[backend](teacher, student, momentum)
+    assert all(torch.equal(t, b) for t, b in zip(teacher, before)), "a refused call must not write"
+
+
+def test_bad_block_is_named():
     with pytest.raises(ValueError, match="block"):
         ema_triton.ema_update_([torch.zeros(3)], [torch.zeros(3)], 0.9, block=100)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_both_backends_accept_the_same_inputs(backend, seed):
+    """fp32 teachers with fp32 or bf16 students, empty tensors, float / CPU-tensor momenta at both ends."""
+    for momentum in (0.0, 1.0, torch.tensor(0.25, dtype=torch.float64), torch.tensor([0.5])):
+        teacher = [torch.randn(5, 3), torch.randn(0), torch.randn(7)]
+        student = [torch.randn(5, 3).to(torch.bfloat16), torch.randn(0), torch.randn(7)]
+        expected = [torch.lerp(t, s.float(), 1 - float(momentum)) for t, s in zip(teacher, student)]
+        BACKENDS[backend](teacher, student, momentum)
+        _check(teacher, expected)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_cached_plan_does_not_skip_the_checks(backend, seed):
+    """Same addresses, sizes and dtypes as a cached plan, but other shapes or strides: the call is
+    checked as a fresh one (before the fix the Triton path accepted the transposed teacher and
+    updated the wrong elements)."""
+    ema_triton.clear_cache()
+    T, S = torch.randn(4, 6), torch.randn(4, 6)
+    BACKENDS[backend]([T], [S], 0.5)
+    before = T.clone()
+    with pytest.raises(ValueError, match="contiguous"):
+        BACKENDS[backend]([T.t()], [S.view(6, 4)], 0.5)
+    with pytest.raises(ValueError, match="shape"):
+        BACKENDS[backend]([T], [S.view(6, 4)], 0.5)
+    assert torch.equal(T, before)
+    # a new contiguous view of the same memory is a valid call: element for element the same update
+    BACKENDS[backend]([T.view(6, 4)], [S.view(6, 4)], 0.5)
+    _check([T], [torch.lerp(before, S, 0.5)])
 
 
 @pytest.fixture(scope="module")
