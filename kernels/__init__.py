@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from ._backend import requested as requested_backend, use_triton
 from .attention import reference as _attn_ref
+from .attention.common import cu_seqlens_from_lengths
 from .dino_loss import reference as _dino_ref
 from .ema import reference as _ema_ref
 
@@ -28,7 +29,12 @@ def attention(q, k, v, key_padding_mask=None, scale=None, backend=None):
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None, backend=None):
-    """Packed attention: q, k, v [T, H, D]; segment i is rows cu_seqlens[i]:cu_seqlens[i+1]."""
+    """Packed attention: q, k, v [T, H, D]; segment i is rows cu_seqlens[i]:cu_seqlens[i+1].
+
+    ``max_seqlen`` (None: derived) must be at least the longest segment, or a ValueError is raised.
+    Offsets built by ``cu_seqlens_from_lengths`` carry their longest segment on the host, so neither
+    the check nor the derivation waits for the device; other offsets are read once per tensor.
+    """
     if use_triton(q, k, v, backend=backend):
         from .attention import triton as _attn_triton
         return _attn_triton.attention_varlen(q, k, v, cu_seqlens, max_seqlen=max_seqlen, scale=scale)
@@ -69,5 +75,5 @@ def ema_update_(teacher, student, momentum, backend=None):
     return _ema_ref.ema_update_(teacher, student, momentum)
 
 
-__all__ = ["attention", "attention_varlen", "prototype_cross_entropy", "ema_update_",
+__all__ = ["attention", "attention_varlen", "cu_seqlens_from_lengths", "prototype_cross_entropy", "ema_update_",
            "requested_backend", "use_triton"]

@@ -22,6 +22,7 @@ import triton
 
 from .._backend import interpreting
 from . import kernels as K
+from .common import check_max_seqlen, longest_sequence
 
 MAX_HEAD_DIM = 128
 SHORT_SEQ = 128  # sequences up to this length use the short-sequence configurations
@@ -170,6 +171,9 @@ def _pad_arg(key_padding_mask, q):
 def _forward_impl(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
     q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
     varlen = cu_seqlens is not None
+    if varlen:  # here, in the op's body, so that compiled callers are checked too (no device wait
+        # once the layout is known: see common.py)
+        check_max_seqlen(max_seqlen, longest_sequence(cu_seqlens))
     n_seqs, H, N = _shape_info(q, cu_seqlens, max_seqlen)
     out = torch.empty_like(q)
     lse_shape = (H, q.shape[0]) if varlen else (q.shape[0], H, q.shape[2])
@@ -322,8 +326,10 @@ def attention(q, k, v, key_padding_mask=None, scale=None):
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
     """Packed attention: q, k, v [T, H, D]; sequence i is rows cu_seqlens[i]:cu_seqlens[i+1].
 
-    ``max_seqlen`` must be at least the longest sequence (it sizes the launch and is not checked);
-    pass it to avoid a host sync, and always under ``torch.compile``.
+    ``max_seqlen`` must be at least the longest sequence (it sizes the launch); a smaller value is a
+    ValueError. None derives it. Either way the longest sequence is read from the host record of
+    ``cu_seqlens_from_lengths``, or computed once per offsets tensor (one host read, see common.py).
+    Pass it under ``torch.compile``.
     """
     q, k, v = _check_qkv(q, k, v, 3, "[T, H, D]")
     if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1
@@ -334,8 +340,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
     cu_seqlens = cu_seqlens.contiguous()
-    if max_seqlen is None:  # one host sync; pass max_seqlen to avoid it (and under torch.compile)
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    if max_seqlen is None:  # the op's body checks a given value (compiled callers included)
+        max_seqlen = check_max_seqlen(None, longest_sequence(cu_seqlens))
     out, _ = flash_attention_fwd(q, k, v, None, cu_seqlens, int(max_seqlen), _default_scale(q, scale))
     return out

@@ -108,6 +108,38 @@ def test_varlen_equals_dense_per_sequence(seed):
     torch.testing.assert_close(out, dense, atol=1e-6, rtol=1e-6, msg=lambda m: f"seed {seed}: {m}")
 
 
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=interpreter), "reference"])
+def test_varlen_max_seqlen_below_the_longest_sequence_is_an_error(backend, seed):
+    """max_seqlen sizes the launch: 40 for lengths [3, 100, 5] left rows of the output unwritten
+    (NaN). Both backends refuse it, whether the offsets come from host lengths or from a tensor."""
+    H, D = 2, 16
+    q, k, v = _qkv(108, H, D)
+    for cu in (ops.cu_seqlens_from_lengths([3, 100, 5], "cpu"), torch.tensor([0, 3, 103, 108])):
+        with pytest.raises(ValueError, match=r"max_seqlen=40 is below the longest sequence .*\(100 tokens\)"):
+            ops.attention_varlen(q, k, v, cu, max_seqlen=40, backend=backend)
+        out = ops.attention_varlen(q, k, v, cu, max_seqlen=100, backend=backend)   # exact bound: fine
+        assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="max_seqlen must be an int >= 0"):
+        ops.attention_varlen(q, k, v, cu, max_seqlen=-1, backend=backend)
+
+
+def test_longest_sequence_is_recorded_per_offsets_tensor_and_follows_in_place_changes():
+    from fasttips.kernels.attention import common as C
+
+    cu = ops.cu_seqlens_from_lengths([3, 100, 5], "cpu")
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 103, 108]
+    assert C._LONGEST[id(cu)][2] == 100           # known from the host lengths: nothing to read
+    assert C.longest_sequence(cu) == 100
+    cu[1:] += 200                                  # an in-place change (version bump) is seen
+    assert C.longest_sequence(cu) == 203
+    assert C.check_max_seqlen(None, C.longest_sequence(cu)) == 203
+    other = torch.tensor([0, 7, 9])
+    assert C.longest_sequence(other) == 7 and C._LONGEST[id(other)][2] == 7   # computed once, kept
+    key = id(other)
+    del other                                      # the record goes with the tensor
+    assert key not in C._LONGEST
+
+
 @interpreter
 def test_non_contiguous_inputs(seed):
     """q, k, v as views of one [B, N, 3, H, D] projection (the usual ViT layout)."""
