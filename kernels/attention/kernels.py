@@ -9,7 +9,7 @@ Both layouts share one set of kernels. A program works on one (sequence b, group
   come from ``cu_seqlens``.
 LSE (natural log) and delta are fp32, [B, H, N] dense or [H, T] varlen.
 
-Short-sequence tricks (kernel_anchors.md §2.1):
+Short-sequence tricks (docs/kernels.md):
 - keys: the loop runs over full BLOCK_N tiles without bounds checks, then the 1..BLOCK_N-1 leftover
   keys take narrow TAIL_N-wide masked steps (N = 257 executes 272 key columns, not 320 or 384);
 - queries: the rows past the last full block get a program of their own that walks them in

@@ -5,7 +5,7 @@
   ``p_j = softmax(l_j/τ_t + b)``:
     softmax centering:  b = −c/τ_t
     Sinkhorn-Knopp:     b = log r, the row scaling after the last row update (factorised form,
-                        reference_math.md §2.3). The final column normalisation of SK *is* this
+                        docs/loss_math.md). The final column normalisation of SK *is* this
                         softmax, so SK differs from centering only in how b is found.
 - ``sinkhorn_log_scaling``: the SK iterations in log domain, given two streaming reductions over the
   teacher logits (one per prototype, one per token), with the per-prototype sums all-reduced over
@@ -102,7 +102,7 @@ def global_logsumexp_(local_lse: torch.Tensor, group=None) -> torch.Tensor:
 def sinkhorn_log_scaling(row_lse: Callable[[torch.Tensor], torch.Tensor],
                          col_lse: Callable[[torch.Tensor], torch.Tensor],
                          n_rows: int, K: int, n_iterations: int, device, group=None) -> torch.Tensor:
-    """log r [K] of DINOv2's Sinkhorn-Knopp, Q_kj = exp(l_jk/τ)·r_k·c_j (reference_math.md §2.3).
+    """log r [K] of DINOv2's Sinkhorn-Knopp, Q_kj = exp(l_jk/τ)·r_k·c_j (docs/loss_math.md).
 
     ``row_lse(log_c)`` returns, for every prototype k, LSE_j(l_jk/τ + log_c_j) over this rank's rows;
     ``col_lse(log_r)`` returns, for every row j, LSE_k(l_jk/τ + log_r_k). The global normalisation

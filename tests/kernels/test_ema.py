@@ -243,7 +243,7 @@ class _Head(torch.nn.Module):
     """A DINO-style head in miniature: MLP → L2-normalised bottleneck → weight-normed prototypes.
 
     The prototype layer keeps its parametrisation (direction ``proto_v`` [K, d] and gain ``proto_g``
-    [K]) as parameters, so the EMA acts on g and v separately (reference_math.md §2.8). K is odd so the
+    [K]) as parameters, so the EMA acts on g and v separately (docs/loss_math.md). K is odd so the
     shards are uneven, and ``scale`` has one element so rank 1 owns an empty shard.
     """
 
