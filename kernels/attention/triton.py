@@ -21,6 +21,7 @@ import torch
 import triton
 
 from .._backend import interpreting
+from ..triton_utils import LOG2E, autotune_configs, block_d, constexprs_of, launch_config, precision
 from . import kernels as K
 from .common import check_max_seqlen, longest_sequence
 
@@ -29,11 +30,11 @@ SHORT_SEQ = 128  # sequences up to this length use the short-sequence configurat
 
 
 def _cfg(block_m, block_n, heads, warps, stages, tail_m=16, tail_n=16):
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, HEADS_PER_PROG=heads, TAIL_M=tail_m, TAIL_N=tail_n,
-                num_warps=warps, num_stages=stages)
+    return launch_config(warps, stages, BLOCK_M=block_m, BLOCK_N=block_n, HEADS_PER_PROG=heads,
+                         TAIL_M=tail_m, TAIL_N=tail_n)
 
 
-# Every entry is compiled for sm_90a by the Hopper gate (hopper_gate.py), which rejects register
+# Every entry is compiled for sm_90a by the Hopper gate (tests/tooling/gate_attention.py), which rejects register
 # spills, so keep the lists short. TAIL_M / TAIL_N are the widths of the narrow steps over the rows /
 # keys left past the last full block: 16 (tl.dot's smallest friendly width) for N = 257 or 1025 (one
 # CLS-like extra token); for short sequences one masked block (N = 50 runs as one 64 × 64 tile per
@@ -67,10 +68,20 @@ SHORT_BWD_CONFIGS = {"short": [_cfg(SHORT_BWD_BLOCK, SHORT_BWD_BLOCK, 1, 4, 1),
 # N = 50, and several heads per program. Tests may swap this dict (monkeypatch).
 INTERPRET_CONFIG = _cfg(32, 32, 2, 4, 1)
 
+# kernel name → (kernel, its configuration lists by family): the one map the launcher, the autotuner
+# and the compile gate read
+KERNELS = {"fwd": (K.attn_fwd_kernel, FWD_CONFIGS),
+           "dq": (K.attn_bwd_dq_kernel, DQ_CONFIGS),
+           "dkdv": (K.attn_bwd_dkdv_kernel, DKDV_CONFIGS),
+           "bwd_short": (K.attn_bwd_short_kernel, SHORT_BWD_CONFIGS)}
 
-def block_d(head_dim: int) -> int:
-    """Head dims are padded (masked) to a power of two ≥ 16 inside the kernels: 72 runs as 128."""
-    return max(16, triton.next_power_of_2(head_dim))
+
+def launch_constexprs(name: str, config: dict) -> dict:
+    """The constexprs a configuration sets for kernel ``name``: the one-tile backward takes only
+    the heads per program (its tile is SHORT_BWD_BLOCK, passed with the launch)."""
+    if name == "bwd_short":
+        return {"HEADS_PER_PROG": config["HEADS_PER_PROG"]}
+    return constexprs_of(config)
 
 
 def row_align(head_dim: int) -> int:
@@ -92,18 +103,8 @@ def family(max_seqlen: int, head_dim: int) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _autotuned(name: str, family: str):
-    kernel, configs = {
-        "fwd": (K.attn_fwd_kernel, FWD_CONFIGS),
-        "dkdv": (K.attn_bwd_dkdv_kernel, DKDV_CONFIGS),
-        "dq": (K.attn_bwd_dq_kernel, DQ_CONFIGS),
-        "bwd_short": (K.attn_bwd_short_kernel, SHORT_BWD_CONFIGS),
-    }[name]
-    tconfigs = []
-    for c in configs[family]:
-        meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
-        if name == "bwd_short":
-            meta = {"HEADS_PER_PROG": c["HEADS_PER_PROG"]}
-        tconfigs.append(triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"]))
+    kernel, configs = KERNELS[name]
+    tconfigs = autotune_configs(configs[family], lambda c: launch_constexprs(name, c))
     key = ["SEQ_BUCKET", "H", "HEAD_DIM", "HAS_MASK", "VARLEN"]
     return triton.autotune(configs=tconfigs, key=key)(kernel)
 
@@ -116,13 +117,8 @@ def _launch(name: str, max_seqlen: int, n_seqs: int, H: int, program_axis: str, 
         return (blocks, triton.cdiv(H, meta["HEADS_PER_PROG"]), n_seqs)
 
     if interpreting():
-        cfg = dict(INTERPRET_CONFIG)
-        launch = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-        if name == "bwd_short":
-            launch = {"HEADS_PER_PROG": cfg["HEADS_PER_PROG"]}
-        kernel = {"fwd": K.attn_fwd_kernel, "dkdv": K.attn_bwd_dkdv_kernel,
-                  "dq": K.attn_bwd_dq_kernel, "bwd_short": K.attn_bwd_short_kernel}[name]
-        kernel[grid(launch)](*args, **consts, **launch)
+        launch = launch_constexprs(name, INTERPRET_CONFIG)
+        KERNELS[name][0][grid(launch)](*args, **consts, **launch)
     else:
         _autotuned(name, family(max_seqlen, consts["HEAD_DIM"]))[grid](*args, **consts)
 
@@ -147,7 +143,7 @@ def _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen):
     D = q.shape[-1]
     return dict(HEAD_DIM=D, BLOCK_D=block_d(D),
                 HAS_MASK=key_padding_mask is not None, VARLEN=cu_seqlens is not None,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROW_ALIGN=row_align(D))
+                DOT_PRECISION=precision(q.dtype), ROW_ALIGN=row_align(D))
 
 
 MAX_SEQUENCES = 65535  # the sequences ride on the grid's z axis
@@ -184,7 +180,7 @@ def _forward_impl(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
     args = (q, k, v, out, lse, pad, cu_seqlens if varlen else q,
             *_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen),
             *_layout_strides(out, varlen), *_lse_strides(lse, varlen), stride_pb,
-            H, N, _seq_bucket(max_seqlen), scale * K.LOG2E)
+            H, N, _seq_bucket(max_seqlen), scale * LOG2E)
     _launch("fwd", max_seqlen, n_seqs, H, "BLOCK_M", args,
             _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen))
     return out, lse
@@ -201,7 +197,7 @@ def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_se
     cu = cu_seqlens if varlen else q
     consts = _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen)
     tail = (*_lse_strides(lse, varlen), stride_pb, H, N, _seq_bucket(max_seqlen), scale,
-            scale * K.LOG2E)
+            scale * LOG2E)
     qkv = (*_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen))
     if max_seqlen <= SHORT_BWD_MAX and q.shape[-1] <= 64:  # one tile per head: a single pass
         _launch("bwd_short", max_seqlen, n_seqs, H, None,

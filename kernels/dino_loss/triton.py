@@ -40,10 +40,9 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting, warn_once
+from ..triton_utils import LN2, LN2_C, LOG2E, LOG2E_C, autotune_configs, block_d, constexprs_of, launch_config, precision
 from .common import check_arguments, center_statistic, sinkhorn_log_scaling, teacher_bias, weight_normed
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,7 +77,7 @@ def _forward_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, part_pt
         w_mask = dim_ok[:, None] & k_ok[None, :]
         ws = tl.load(ws_ptr + ks[None, :] * stride_ws + dims[:, None], mask=w_mask, other=0.0)   # [D, BK]
         wt = tl.load(wt_ptr + ks[None, :] * stride_wt + dims[:, None], mask=w_mask, other=0.0)
-        bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * 1.4426950408889634
+        bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * LOG2E_C
         s2 = tl.dot(zs, ws, input_precision=PRECISION) * s_scale
         u2 = tl.dot(zt, wt, input_precision=PRECISION) * t_scale + bias[None, :]
         if not EVEN_K:   # prototypes past K: −inf logits, so they weigh nothing in any sum
@@ -136,7 +135,7 @@ def _grad_z_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, lse_s_pt
         w_mask = k_ok[:, None] & dim_ok[None, :]
         ws = tl.load(ws_ptr + ks[:, None] * stride_ws + dims[None, :], mask=w_mask, other=0.0)   # [BK, D]
         wt = tl.load(wt_ptr + ks[:, None] * stride_wt + dims[None, :], mask=w_mask, other=0.0)
-        bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * 1.4426950408889634
+        bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * LOG2E_C
         s2 = tl.dot(zs, tl.trans(ws), input_precision=PRECISION) * s_scale
         u2 = tl.dot(zt, tl.trans(wt), input_precision=PRECISION) * t_scale + bias[None, :]
         q = tl.exp2(s2 - lse_s[:, None])               # softmax(s)
@@ -161,7 +160,7 @@ def _grad_w_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, lse_s_pt
     w_mask = k_ok[:, None] & dim_ok[None, :]
     ws = tl.load(ws_ptr + ks[:, None] * stride_ws + dims[None, :], mask=w_mask, other=0.0)       # [BK, D]
     wt = tl.load(wt_ptr + ks[:, None] * stride_wt + dims[None, :], mask=w_mask, other=0.0)
-    bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * 1.4426950408889634
+    bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * LOG2E_C
 
     dw = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     for r0 in range(0, S, BLOCK_M):
@@ -213,10 +212,10 @@ def _grad_s_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, lse_s_pt
         k_ok = ks < K
         if EVEN_K:   # every prototype of the block exists: masks along K would only cost
             w_mask = dim_ok[None, :]
-            bias = tl.load(bias_ptr + ks) * 1.4426950408889634
+            bias = tl.load(bias_ptr + ks) * LOG2E_C
         else:
             w_mask = k_ok[:, None] & dim_ok[None, :]
-            bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * 1.4426950408889634
+            bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * LOG2E_C
         ws = tl.load(ws_ptr + ks[:, None] * stride_ws + dims[None, :], mask=w_mask, other=0.0)   # [BK, D]
         wt = tl.load(wt_ptr + ks[:, None] * stride_wt + dims[None, :], mask=w_mask, other=0.0)
         s2 = tl.dot(zs, tl.trans(ws), input_precision=PRECISION) * s_scale
@@ -250,12 +249,12 @@ def _token_lse_kernel(z_ptr, w_ptr, bias_ptr, out_ptr, N, K, D, stride_z, stride
         w = tl.load(w_ptr + ks[None, :] * stride_w + dims[:, None], mask=dim_ok[:, None] & k_ok[None, :],
                     other=0.0)
         bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0)
-        x2 = (tl.dot(z, w, input_precision=PRECISION) * scale + bias[None, :]) * 1.4426950408889634
+        x2 = (tl.dot(z, w, input_precision=PRECISION) * scale + bias[None, :]) * LOG2E_C
         x2 = tl.where(k_ok[None, :], x2, float("-inf"))
         m_new = tl.maximum(m, tl.max(x2, axis=1))
         acc = acc * tl.exp2(m - m_new) + tl.sum(tl.exp2(x2 - m_new[:, None]), axis=1)
         m = m_new
-    tl.store(out_ptr + rows, (m + tl.log2(acc)) * 0.6931471805599453, mask=row_ok)
+    tl.store(out_ptr + rows, (m + tl.log2(acc)) * LN2_C, mask=row_ok)
 
 
 @triton.jit
@@ -277,27 +276,22 @@ def _prototype_lse_kernel(z_ptr, w_ptr, row_bias_ptr, out_ptr, N, K, D, stride_z
         z = tl.load(z_ptr + rows[None, :] * stride_z + dims[:, None], mask=dim_ok[:, None] & row_ok[None, :],
                     other=0.0)                                                             # [D, BM]
         row_bias = tl.load(row_bias_ptr + rows, mask=row_ok, other=0.0)
-        x2 = (tl.dot(w, z, input_precision=PRECISION) * scale + row_bias[None, :]) * 1.4426950408889634
+        x2 = (tl.dot(w, z, input_precision=PRECISION) * scale + row_bias[None, :]) * LOG2E_C
         x2 = tl.where(row_ok[None, :], x2, float("-inf"))
         m_new = tl.maximum(m, tl.max(x2, axis=1))
         # A block that adds nothing keeps m at −inf; guard the −inf − (−inf) rescale.
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         acc = acc * tl.exp2(m - safe) + tl.sum(tl.exp2(x2 - safe[:, None]), axis=1)
         m = m_new
-    tl.store(out_ptr + ks, (m + tl.log2(acc)) * 0.6931471805599453, mask=k_ok)
+    tl.store(out_ptr + ks, (m + tl.log2(acc)) * LN2_C, mask=k_ok)
 
 
 # ------------------------------------------------------------------------------------------------
-# Launch configurations: one list per kernel. The Hopper compile gate (hopper_gate.py) compiles every
+# Launch configurations: one list per kernel. The Hopper compile gate (tests/tooling/gate_dino_loss.py) compiles every
 # entry; on CUDA the autotuner picks among them; the interpreter uses INTERPRET_CONFIG.
 # ------------------------------------------------------------------------------------------------
 def _cfg(block_m, block_k, warps, stages, **constexprs):
-    return dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **constexprs)
-
-
-def _meta(config: dict) -> dict:
-    """The constexprs of a launch configuration (everything but num_warps / num_stages)."""
-    return {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    return launch_config(warps, stages, BLOCK_M=block_m, BLOCK_K=block_k, **constexprs)
 
 
 CONFIGS = {   # chosen so that each compiles for sm_90a with HGMMA, no spills and ≤ 227 KB shared memory
@@ -326,8 +320,7 @@ def _even_k(meta) -> bool:   # K_SPLIT is a multiple of every BLOCK_K (see _k_sp
 
 @functools.lru_cache(maxsize=None)
 def _tuned(name: str):
-    configs = [triton.Config(_meta(c), num_warps=c["num_warps"],
-                             num_stages=c["num_stages"]) for c in CONFIGS[name]]
+    configs = autotune_configs(CONFIGS[name])
     kernel = KERNELS[name]
     if name in EVEN_K_KERNELS:
         kernel = triton.heuristics({"EVEN_K": _even_k})(kernel)
@@ -345,7 +338,7 @@ def _launch(name: str, rows: int, row_major: bool, *args, BLOCK_D: int, PRECISIO
 
     if interpreting():
         c = dict(INTERPRET_CONFIG, **INTERPRET_EXTRA.get(name, {}))
-        extra = {k: v for k, v in _meta(c).items() if k not in ("BLOCK_M", "BLOCK_K")}
+        extra = {k: v for k, v in constexprs_of(c).items() if k not in ("BLOCK_M", "BLOCK_K")}
         if name in EVEN_K_KERNELS:
             extra["EVEN_K"] = args[KERNELS[name].arg_names.index("K")] % c["BLOCK_K"] == 0
         KERNELS[name][grid(c)](*args, BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_D=BLOCK_D,
@@ -387,13 +380,6 @@ def _merge_slices(part: torch.Tensor):
     return row_loss, lse_s.contiguous(), lse_t.contiguous()
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs reach the kernels only under the interpreter (tests): exact products there.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -406,7 +392,7 @@ class _FusedPrototypeCE(torch.autograd.Function):
         K = w_s.shape[0]
         dev = student_z.device
         s_scale, t_scale = LOG2E / student_temp, LOG2E / teacher_temp
-        opts = dict(BLOCK_D=_block_d(D), PRECISION=_precision(student_z.dtype))
+        opts = dict(BLOCK_D=block_d(D), PRECISION=precision(student_z.dtype))
         k_split, splits = _k_split(S, K, dev)
         part = torch.empty(5, splits, S, dtype=torch.float32, device=dev)
         if S:
@@ -443,7 +429,7 @@ def _fused_backward(common, s_scale, t_scale):
     student_z, teacher_z, pairs, w_s, w_t = common[:5]
     S, D = student_z.shape
     K = w_s.shape[0]
-    opts = dict(BLOCK_D=_block_d(D), PRECISION=_precision(student_z.dtype))
+    opts = dict(BLOCK_D=block_d(D), PRECISION=precision(student_z.dtype))
     k_split, splits = _k_split(S, K, student_z.device)
     dz_slices = torch.empty(splits, S, D, dtype=torch.float32, device=student_z.device)
     dw = torch.empty(K, D, dtype=torch.float32, device=w_s.device)
@@ -467,7 +453,7 @@ def _slab_backward(common, s_scale, t_scale):
     student_z, teacher_z, pairs, w_s, w_t, bias, lse_s, lse_t, coef = common
     S, D = student_z.shape
     K = w_s.shape[0]
-    opts = dict(BLOCK_D=_block_d(D), PRECISION=_precision(student_z.dtype))
+    opts = dict(BLOCK_D=block_d(D), PRECISION=precision(student_z.dtype))
     rows = min(S, slab_rows(K, student_z.element_size()))
     slab = torch.empty(rows, K, dtype=student_z.dtype, device=student_z.device)
     dz = torch.empty(S, D, dtype=student_z.dtype, device=student_z.device)
@@ -510,7 +496,7 @@ def slab_rows(K: int, itemsize: int) -> int:
 def _sinkhorn_bias(teacher_z, w_t, teacher_temp, n_iterations, group):
     N, D = teacher_z.shape
     K = w_t.shape[0]
-    opts = dict(BLOCK_D=_block_d(D), PRECISION=_precision(teacher_z.dtype))
+    opts = dict(BLOCK_D=block_d(D), PRECISION=precision(teacher_z.dtype))
     scale = 1.0 / teacher_temp
 
     def row_lse(log_c):            # per prototype: LSE over this rank's rows

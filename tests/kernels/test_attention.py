@@ -12,10 +12,10 @@ import torch
 
 import fasttips.kernels as ops
 from fasttips.kernels import _backend
-from fasttips.kernels.attention import hopper_gate
 from fasttips.kernels.attention import reference as R
 from fasttips.kernels.attention import triton as T
-from fasttips.testing import assert_within_2x, tolerances
+from tooling import gate_attention as hopper_gate
+from tooling.numerics import assert_within_2x, tolerances
 
 interpreter = pytest.mark.skipif(not _backend.interpreting(), reason="needs TRITON_INTERPRET=1")
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from fasttips.kernels import prototype_cross_entropy
 from fasttips.kernels.dino_loss import naive, reference
-from fasttips.kernels.dino_loss import hopper_gate
-from fasttips.testing import TOLERANCES, assert_within_2x
+from tooling import gate_dino_loss as hopper_gate
+from tooling.numerics import TOLERANCES, assert_within_2x
 
 CENTERINGS = ["softmax", "sinkhorn_knopp"]
 

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from fasttips.kernels import ema_update_
-from fasttips.kernels.ema import hopper_gate, reference, triton as ema_triton
-from fasttips.testing import assert_close
+from fasttips.kernels.ema import reference, triton as ema_triton
+from tooling import gate_ema as hopper_gate
+from tooling.numerics import assert_close
 
 SMALL_BLOCK = 256  # many chunks per tensor at interpreter-friendly sizes
 
@@ -230,7 +231,9 @@ def test_cuda_graph_replays_a_momentum_schedule(seed):
 @pytest.mark.dist
 @pytest.mark.timeout(180)
 def test_fsdp2_sharded_heads_two_ranks(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # so the workers import tooling
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.abspath(__file__)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170, cwd=tmp_path)

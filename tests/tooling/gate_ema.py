@@ -1,5 +1,5 @@
 """Hopper compile gate for the EMA kernel: each (student dtype, momentum on device or not) specialisation,
-compiled ahead of time for sm_90a (no GPU needed) and checked by ``fasttips.testing``.
+compiled ahead of time for sm_90a (no GPU needed) and checked by ``hopper.py``.
 
 Like the other ops' gates, the compiles run in spawned worker processes with TRITON_INTERPRET=0, so
 the result never depends on what ran before in the test process (an in-process compile after
@@ -15,9 +15,9 @@ def cases() -> list[tuple[str, bool]]:
 
 
 def compile_case(case):
-    from fasttips.testing import compile_for_hopper
+    from .hopper import compile_for_hopper
 
-    from . import triton as T
+    from fasttips.kernels.ema import triton as T
     student_type, momentum_on_device = case
     signature = dict(teacher_base="*fp32", student_base=student_type, chunk_table="*i64", num_chunks="i32",
                      momentum_ptr="*fp32", momentum_value="fp32", BLOCK="constexpr",
@@ -30,5 +30,5 @@ def compile_case(case):
 
 def compile_all(workers: int | None = None) -> dict:
     """{case: HopperReport, or the exception its compile raised}."""
-    from fasttips.testing import compile_in_workers
+    from .hopper import compile_in_workers
     return compile_in_workers(compile_case, cases(), workers)
