@@ -1,6 +1,8 @@
 """Pieces shared by the chunked reference and the Triton path of ``prototype_cross_entropy``.
 
-- ``check_arguments``: one place that rejects bad input with a message naming the argument.
+- ``check_arguments``: one place that rejects bad input with a message naming the argument;
+  ``check_backward`` and ``unsupported_on_gpu`` say which backward variants exist and which inputs the
+  compiled kernels take (the dispatch in ``fasttips.kernels`` reads the latter).
 - ``teacher_bias``: the per-prototype bias b that turns either teacher rule into one softmax,
   ``p_j = softmax(l_j/τ_t + b)``:
     softmax centering:  b = −c/τ_t
@@ -20,6 +22,26 @@ import torch
 import torch.distributed as dist
 
 CENTERINGS = ("softmax", "sinkhorn_knopp")
+BACKWARDS = ("fused", "slab")   # the Triton path's backward variants (triton.py)
+MAX_GPU_BOTTLENECK = 256        # the launch configurations are sized for d ≤ 256 (row tiles stay in shared memory)
+
+
+def check_backward(backward) -> None:
+    if backward not in BACKWARDS:
+        raise ValueError(f"prototype_cross_entropy: backward={backward!r} is not allowed; choose one of "
+                         f"{list(BACKWARDS)}")
+
+
+def unsupported_on_gpu(student_z, interpreting: bool) -> str | None:
+    """Why the compiled kernels cannot take these inputs, or None. The interpreter takes anything."""
+    if interpreting:
+        return None
+    if student_z.dtype not in (torch.bfloat16, torch.float16):
+        # fp32 tiles double shared memory and the fp32 products spill at every tile that fits.
+        return f"the Triton kernels take bf16/fp16 features on GPU, got {student_z.dtype}"
+    if student_z.shape[1] > MAX_GPU_BOTTLENECK:
+        return f"bottleneck d={student_z.shape[1]} > {MAX_GPU_BOTTLENECK} has no launch configuration"
+    return None
 
 
 def check_arguments(student_z, student_v, student_g, teacher_z, teacher_v, teacher_g, pairs, weights,

@@ -13,57 +13,23 @@ Cost. One read of teacher and student and one write of teacher (12 B/param with 
 10 B/param with bf16) plus 24 B per chunk of table. The table is built once per list of tensors and
 cached by everything the argument checks depend on (address, shape, strides, dtype, device), so a
 training loop that passes the same tensors every step pays a dictionary look-up and one launch, and a
-call with other shapes or layouts at the same addresses is checked afresh. The momentum may live on the device (a 1-element tensor), so a
-momentum schedule never recompiles, never synchronises and can be replayed in a CUDA graph.
+call with other shapes or layouts at the same addresses is checked afresh. The momentum may live on
+the device (a 1-element tensor), so a momentum schedule never recompiles, never synchronises and can
+be replayed in a CUDA graph. The kernel itself is in kernels.py.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import torch
-import triton
-import triton.language as tl
 
 from .common import check_momentum, check_tensors, local
+from .kernels import ema_chunks_kernel
 
 BLOCK = 4096           # elements per chunk: 16 KiB of fp32 teacher
 NUM_WARPS = 8          # 256 threads × 16 elements = 4 × 16-byte vectors each per operand
 MAX_PROGRAMS = 1 << 20  # programs per launch; past this, each program strides over several chunks
 _PLAN_CACHE_SIZE = 16
-
-
-@triton.jit(do_not_specialize=["num_chunks", "momentum_value"])
-def _ema_chunks_kernel(teacher_base, student_base, chunk_table, num_chunks,
-                       momentum_ptr, momentum_value,
-                       BLOCK: tl.constexpr, MOMENTUM_ON_DEVICE: tl.constexpr,
-                       TEACHER_VEC: tl.constexpr, STUDENT_VEC: tl.constexpr):
-    if MOMENTUM_ON_DEVICE:
-        m = tl.load(momentum_ptr).to(tl.float32)
-    else:
-        m = tl.cast(momentum_value, tl.float32)
-    w = 1.0 - m                      # lerp weight towards the student
-    # torch.lerp's two-sided form (exact at both ends, the rounding of _foreach_lerp_); the side is
-    # a scalar choice, made once
-    near_teacher = w < 0.5
-    cols = tl.arange(0, BLOCK)
-    for c in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
-        row = chunk_table + 3 * tl.cast(c, tl.int64)
-        t_off = tl.multiple_of(tl.load(row), TEACHER_VEC)
-        s_off = tl.multiple_of(tl.load(row + 1), STUDENT_VEC)
-        n = tl.load(row + 2)
-        t_ptrs = teacher_base + t_off + cols
-        s_ptrs = student_base + s_off + cols
-        if n == BLOCK:               # full chunk: unmasked, so loads and stores vectorise
-            t = tl.load(t_ptrs)
-            s = tl.load(s_ptrs).to(tl.float32)
-            d = s - t
-            tl.store(t_ptrs, tl.where(near_teacher, t + w * d, s - d * (1.0 - w)))
-        else:                        # the tail of a tensor
-            mask = cols < n
-            t = tl.load(t_ptrs, mask=mask)
-            s = tl.load(s_ptrs, mask=mask).to(tl.float32)
-            d = s - t
-            tl.store(t_ptrs, tl.where(near_teacher, t + w * d, s - d * (1.0 - w)), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,7 +140,7 @@ def ema_update_(teacher, student, momentum, block: int = BLOCK, num_warps: int =
     check_momentum(momentum, plan.device)        # every call: the value may change between calls
     m_ptr, m_value, m_on_device = _momentum_args(momentum, plan.device)
     for base, table in plan.launches:
-        _ema_chunks_kernel[(min(table.num_chunks, plan.programs_cap),)](
+        ema_chunks_kernel[(min(table.num_chunks, plan.programs_cap),)](
             teacher[base], student[base], table.table, table.num_chunks, m_ptr, m_value,
             BLOCK=block, MOMENTUM_ON_DEVICE=m_on_device,
             TEACHER_VEC=table.teacher_vec, STUDENT_VEC=table.student_vec, num_warps=num_warps)

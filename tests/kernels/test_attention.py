@@ -50,18 +50,17 @@ def _check_fwd_bwd(fn, ref_fn, inputs, seed):
 @pytest.mark.parametrize("B,H,N,D,two_pass", [
     (2, 3, 1, 64, False), (1, 3, 17, 72, False), (1, 5, 50, 64, False), (1, 5, 50, 64, True),
     (1, 2, 100, 64, False), (1, 1, 257, 64, False), (1, 3, 33, 128, False)])
-def test_dense_matches_reference(B, H, N, D, two_pass, seed, monkeypatch):
+def test_dense_matches_reference(B, H, N, D, two_pass, seed):
     # N ≤ 64 at D ≤ 64 takes the one-tile backward; two_pass sends it through dQ + dK/dV instead
-    if two_pass:
-        monkeypatch.setattr(T, "SHORT_BWD_MAX", 0)
+    options = dict(short_bwd_max=0) if two_pass else {}
     # 64-blocks for N ≥ 100: quicker at N = 257 (narrow tails: 1 row, 1 key past 256)
     if N == 100:  # tails as wide as a block, as the short-sequence configurations run them
-        monkeypatch.setattr(T, "INTERPRET_CONFIG", T._cfg(64, 64, 1, 4, 1, 64, 64))
+        options["interpret_config"] = T._cfg(64, 64, 1, 4, 1, 64, 64)
     if N == 257:
-        monkeypatch.setattr(T, "INTERPRET_CONFIG", T._cfg(64, 64, 1, 4, 1))
+        options["interpret_config"] = T._cfg(64, 64, 1, 4, 1)
     q, k, v = _qkv(B, H, N, D)
     scale = 0.3 if D == 72 else None  # an explicit scale once
-    _check_fwd_bwd(lambda q, k, v: ops.attention(q, k, v, scale=scale, backend="triton"),
+    _check_fwd_bwd(lambda q, k, v: T.attention(q, k, v, scale=scale, **options),
                    lambda q, k, v: R.attention(q, k, v, scale=scale), [q, k, v], seed)
 
 

@@ -17,14 +17,14 @@ def cases() -> list[tuple[str, bool]]:
 def compile_case(case):
     from .hopper import compile_for_hopper
 
-    from fasttips.kernels.ema import triton as T
+    from fasttips.kernels.ema import kernels as K, triton as T
     student_type, momentum_on_device = case
     signature = dict(teacher_base="*fp32", student_base=student_type, chunk_table="*i64", num_chunks="i32",
                      momentum_ptr="*fp32", momentum_value="fp32", BLOCK="constexpr",
                      MOMENTUM_ON_DEVICE="constexpr", TEACHER_VEC="constexpr", STUDENT_VEC="constexpr")
     constexprs = dict(BLOCK=T.BLOCK, MOMENTUM_ON_DEVICE=momentum_on_device, TEACHER_VEC=4,
                       STUDENT_VEC=8 if student_type == "*bf16" else 4)
-    return compile_for_hopper(T._ema_chunks_kernel, signature, constexprs, num_warps=T.NUM_WARPS,
+    return compile_for_hopper(K.ema_chunks_kernel, signature, constexprs, num_warps=T.NUM_WARPS,
                               name=f"ema_{student_type[1:]}_momentum_{'device' if momentum_on_device else 'value'}")
 
 
