@@ -274,7 +274,13 @@ def test_hopper_compile_gate(case, hopper_reports):
     report = hopper_reports[case]
     if isinstance(report, Exception):
         raise report
-    report.check(matmul=True)
+    print(report.summary())   # registers, shared memory, CTAs/SM, HGMMA: shown with -s or on failure
+    known = hopper_gate.KNOWN_SERIALISED.get(case[0])
+    report.check(matmul=True, serialised_ok=known is not None)   # everything else is checked regardless
+    if known:
+        assert report.wgmma_serialised, f"{report.name} compiles without serialised wgmma now: drop it from " \
+                                        "KNOWN_SERIALISED in tests/tooling/gate_dino_loss.py"
+        pytest.xfail(known)
 
 
 # ------------------------------------------------------------------------------------------------

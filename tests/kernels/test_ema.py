@@ -178,6 +178,7 @@ def test_hopper_compile_gate(case, hopper_reports):
     report = hopper_reports[case]
     if isinstance(report, Exception):
         raise report
+    print(report.summary())   # registers, shared memory, CTAs/SM, HGMMA: shown with -s or on failure
     report.check(matmul=False)
 
 
