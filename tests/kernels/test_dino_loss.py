@@ -149,6 +149,28 @@ def test_backward_argument_rejects_unknown_values(backend):
         run(prototype_cross_entropy, problem, backend=backend, backward="fast")
 
 
+def test_the_dispatch_sends_inputs_the_compiled_kernels_cannot_take_to_the_reference():
+    """One place decides (fasttips.kernels._backend.use_triton): fp32 features or d > 256 on a GPU run
+    the reference with a warning, even when Triton is asked for; the interpreter takes anything."""
+    import warnings
+
+    from fasttips.kernels import _backend
+    from fasttips.kernels.dino_loss import common
+
+    fp32, bf16_wide = torch.zeros(2, 8), torch.zeros(2, 512, dtype=torch.bfloat16)
+    assert "bf16/fp16" in common.unsupported_on_gpu(fp32, interpreting=False)
+    assert "d=512 > 256" in common.unsupported_on_gpu(bf16_wide, interpreting=False)
+    assert common.unsupported_on_gpu(torch.zeros(2, 8, dtype=torch.bfloat16), interpreting=False) is None
+    assert common.unsupported_on_gpu(fp32, interpreting=True) is None
+    if _backend.interpreting():
+        reason = "a reason only this test gives"
+        with pytest.warns(UserWarning, match=f"op_x: {reason}; running the chunked PyTorch reference"):
+            assert not _backend.use_triton(fp32, backend="triton", op="op_x", unsupported=lambda i: reason)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _backend.use_triton(fp32, backend="triton", op="op_x", unsupported=lambda i: None)
+
+
 def test_reference_chunks_are_invisible(seed):
     """One-row chunks, odd chunks and one big chunk give the same numbers (chunks are sized by bytes)."""
     problem = make_problem(S=23, T=9, K=300, d=16)
