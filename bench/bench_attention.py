@@ -7,7 +7,7 @@ layer: 2 global (257) + 8 local (50) crops per image, as one packed ``attention_
 dense launch per crop size (fasttips and the fastest SDPA backend).
 
 Useful FLOPs follow the FA convention (fwd 4·N²·d per head, bwd 2.5× fwd); bytes are the minimal
-HBM traffic of kernel_anchors.md §4.2. Targets (issue 5, H100): fwd+bwd at N = 257 ≥ 1.2× and at
+HBM traffic of docs/kernels.md. Targets (issue 5, H100): fwd+bwd at N = 257 ≥ 1.2× and at
 N = 1025 ≥ 1.0× the fastest SDPA backend; fwd at N = 257 ≥ 250 useful TFLOP/s.
 
     python bench/bench_attention.py [--quick] [--no-flex]
@@ -35,7 +35,7 @@ MULTICROP_CPU = dict(images=2, H=2, n_global=2, n_local=4, N_global=65, N_local=
 
 
 def attention_bytes(B, H, N, D, mode, elem=2):
-    """Minimal HBM bytes (kernel_anchors.md §4.2): fwd reads q, k, v and writes out + LSE; bwd reads
+    """Minimal HBM bytes (docs/kernels.md): fwd reads q, k, v and writes out + LSE; bwd reads
     q, k, v, out, dout, LSE and writes dq, dk, dv."""
     heads = B * H
     fwd = heads * (4 * N * D * elem + 4 * N)

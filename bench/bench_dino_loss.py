@@ -3,7 +3,7 @@
 Implementations, all on the same inputs (bf16 L2-normalised features, fp32 head parameters, as under
 bf16 autocast in training):
 - fasttips         the Triton kernels (no [T × K] tensor)
-- fasttips-slab    the same forward, backward through the opt-in dS slab (FASTTIPS_DINO_BACKWARD=slab,
+- fasttips-slab    the same forward, backward through the opt-in dS slab (backward="slab",
                    a [chunk × K] bf16 slab + 2 cuBLAS GEMMs); fwd+bwd rows only, CUDA only
 - torch-eager      naive.py under bf16 autocast: bf16 logits GEMMs, fp32 softmax/CE (DINOv2-style)
 - torch-compile    the same function through torch.compile (only where --compile-cases allows: slow
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from harness import Bench, env_var, matmul_flops  # noqa: E402
+from harness import Bench, matmul_flops  # noqa: E402
 
 from fasttips.kernels import prototype_cross_entropy  # noqa: E402
 from fasttips.kernels.dino_loss import naive, reference  # noqa: E402
@@ -63,21 +63,24 @@ def _eager(**kw):
         return naive.prototype_cross_entropy(**kw)
 
 
-def _fused(**kw):
+def _fused(backward="fused", **kw):
     # the Triton kernels on CUDA; elsewhere the op's own dispatch (its reference)
-    return prototype_cross_entropy(**kw, backend="triton" if kw["student_z"].is_cuda else None)
+    return prototype_cross_entropy(**kw, backend="triton" if kw["student_z"].is_cuda else None, backward=backward)
+
+
+def _slab(**kw):
+    return _fused(backward="slab", **kw)
 
 
 def _reference(**kw):
     return reference.prototype_cross_entropy(**kw)
 
 
-def _step(fn, backward, dino_backward=None):
+def _step(fn, backward):
     def call(inputs):
         if backward:
-            with env_var("FASTTIPS_DINO_BACKWARD", dino_backward):     # read by the op's backward, so held across it
-                loss, _ = fn(**inputs)
-                loss.backward()
+            loss, _ = fn(**inputs)
+            loss.backward()
             for k in ("student_z", "student_v", "student_g"):
                 inputs[k].grad = None
         else:
@@ -109,7 +112,7 @@ def run(quick: bool, compile_cases=(TARGET,), tokens=TOKENS, prototypes=PROTOTYP
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=kw["student_z"].is_cuda):
             return compiled(**kw)
 
-    fns = {"fasttips": _fused, SLAB: _fused, "torch-eager": _eager, "torch-compile": _compiled,
+    fns = {"fasttips": _fused, SLAB: _slab, "torch-eager": _eager, "torch-compile": _compiled,
            "reference": _reference}
     for T in tokens:
         for K in prototypes:
@@ -126,7 +129,7 @@ def run(quick: bool, compile_cases=(TARGET,), tokens=TOKENS, prototypes=PROTOTYP
                         continue       # fp32 reference at the largest shapes costs minutes of device time
                     if impl == SLAB and not backward:
                         continue       # same forward as fasttips
-                    step = _step(fns[impl], backward, dino_backward="slab" if impl == SLAB else None)
+                    step = _step(fns[impl], backward)
                     try:
                         step(inputs[0])     # compile / autotune outside the memory measurement
                         peak = bench.peak_memory(step, inputs[0])

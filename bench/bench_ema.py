@@ -4,7 +4,7 @@
 
 Tensors are the EMA heads of a ViT-g run: two heads, each an MLP D→2048→2048→256 (with biases) and a
 weight-normed prototype layer (v [K, 256], g [K]), at K = 65,536 and 131,072 (49.4 M and 83.1 M fp32
-parameters, kernel_anchors.md §4.4), plus the K = 65,536 heads as one rank's local shards under
+parameters, docs/kernels.md), plus the K = 65,536 heads as one rank's local shards under
 FSDP2 at 8 ranks, where launch latency matters. Peers, in the same process:
   - ``loop_lerp``: a Python loop of ``t.lerp_(s, 1 − m)``;
   - ``foreach_mul_add``: ``_foreach_mul_`` + ``_foreach_add_`` (DINOv2 / DINOv3; 20 B/param of traffic);

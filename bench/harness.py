@@ -68,7 +68,7 @@ def ema_bytes(n_params: int, student_bytes: int = 4, teacher_bytes: int = 4) -> 
 @contextlib.contextmanager
 def env_var(name: str, value: str | None):
     """``os.environ[name] = value`` for the duration (``None``: leave it as it is), then the old value
-    back (for the kernels' environment switches, e.g. FASTTIPS_KERNELS, FASTTIPS_DINO_BACKWARD)."""
+    back (for the kernels' deployment override FASTTIPS_KERNELS)."""
     if value is None:
         yield
         return

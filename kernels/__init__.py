@@ -8,13 +8,16 @@ Public ops (one name each, in four places: ``kernels/<op>/reference.py``, ``kern
   DINO / iBOT / iBOT++, without materialising [rows × K].
 - ``ema_update_``: head EMA over a list of tensors in one launch.
 
-Backend choice lives in ``_backend.py`` (``FASTTIPS_KERNELS=auto|triton|reference``). This package is
-installed as ``fasttips.kernels``; never import a top-level ``kernels``.
+Backend choice lives in ``_backend.py``: each op's ``backend=`` argument, else the deployment override
+``FASTTIPS_KERNELS=auto|triton|reference``. This package is installed as ``fasttips.kernels``; never
+import a top-level ``kernels``.
 """
 from __future__ import annotations
 
 from ._backend import requested as requested_backend, use_triton
 from .attention import reference as _attn_ref
+from .attention.common import cu_seqlens_from_lengths
+from .dino_loss import common as _dino_common
 from .dino_loss import reference as _dino_ref
 from .ema import reference as _ema_ref
 
@@ -28,7 +31,12 @@ def attention(q, k, v, key_padding_mask=None, scale=None, backend=None):
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None, backend=None):
-    """Packed attention: q, k, v [T, H, D]; segment i is rows cu_seqlens[i]:cu_seqlens[i+1]."""
+    """Packed attention: q, k, v [T, H, D]; segment i is rows cu_seqlens[i]:cu_seqlens[i+1].
+
+    ``max_seqlen`` (None: derived) must be at least the longest segment, or a ValueError is raised.
+    Offsets built by ``cu_seqlens_from_lengths`` carry their longest segment on the host, so neither
+    the check nor the derivation waits for the device; other offsets are read once per tensor.
+    """
     if use_triton(q, k, v, backend=backend):
         from .attention import triton as _attn_triton
         return _attn_triton.attention_varlen(q, k, v, cu_seqlens, max_seqlen=max_seqlen, scale=scale)
@@ -38,7 +46,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None, backend=N
 def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_v, teacher_g,
                             pairs, weights, center=None, student_temp=0.1, teacher_temp=0.04,
                             centering="softmax", sk_iterations=3, group=None, chunk_bytes=None,
-                            backend=None):
+                            backend=None, backward="fused"):
     """Σ_j weights[j] · CE(teacher_target[pairs[j]], softmax(student_z[j] W_sᵀ / student_temp)).
 
     student_z [S, d] and teacher_z [T, d] are L2-normalised bottleneck rows; (v, g) are the
@@ -47,14 +55,18 @@ def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_
     (``centering="sinkhorn_knopp"``, row sums all-reduced over ``group``). Returns
     ``(loss, center_stat)`` where center_stat [K] = mean over teacher rows of z_t W_tᵀ (fp32, no grad;
     zeros when there is no teacher row).
-    ``chunk_bytes`` caps the reference path's per-chunk [rows × K] working set.
+    ``chunk_bytes`` caps the reference path's per-chunk [rows × K] working set; ``backward`` picks the
+    Triton path's backward (``"fused"``, default, or the experimental ``"slab"``; see
+    ``kernels/dino_loss/triton.py``). fp32 features or a bottleneck over 256 run the reference on a GPU.
     """
     args = (student_z, student_v, student_g, teacher_z, teacher_v, teacher_g, pairs, weights)
     kwargs = dict(center=center, student_temp=student_temp, teacher_temp=teacher_temp,
                   centering=centering, sk_iterations=sk_iterations, group=group)
-    if use_triton(student_z, student_v, backend=backend):
+    _dino_common.check_backward(backward)
+    if use_triton(student_z, student_v, backend=backend, op="prototype_cross_entropy",
+                  unsupported=lambda interpreting: _dino_common.unsupported_on_gpu(student_z, interpreting)):
         from .dino_loss import triton as _dino_triton
-        return _dino_triton.prototype_cross_entropy(*args, **kwargs)
+        return _dino_triton.prototype_cross_entropy(*args, backward=backward, **kwargs)
     return _dino_ref.prototype_cross_entropy(*args, chunk_bytes=chunk_bytes, **kwargs)
 
 
@@ -69,5 +81,5 @@ def ema_update_(teacher, student, momentum, backend=None):
     return _ema_ref.ema_update_(teacher, student, momentum)
 
 
-__all__ = ["attention", "attention_varlen", "prototype_cross_entropy", "ema_update_",
+__all__ = ["attention", "attention_varlen", "cu_seqlens_from_lengths", "prototype_cross_entropy", "ema_update_",
            "requested_backend", "use_triton"]

@@ -1,7 +1,9 @@
-"""Backend choice for every fasttips.kernels op, made in one place.
+"""Backend choice for every fasttips.kernels op, made in one place (``use_triton``).
 
 ``auto`` (default): Triton for CUDA tensors when Triton imports, the PyTorch reference otherwise.
-``FASTTIPS_KERNELS=triton|reference`` forces one. Under ``TRITON_INTERPRET=1`` the Triton path
+An op's ``backend=`` argument forces one; without it, the deployment override
+``FASTTIPS_KERNELS=auto|triton|reference`` (read here and nowhere else) does. Inputs an op's compiled
+kernels cannot take (its ``unsupported`` reason) run the reference with a warning, whatever was asked. Under ``TRITON_INTERPRET=1`` the Triton path
 also accepts CPU tensors (the interpreter), which is how the CPU test suite checks kernel math.
 """
 from __future__ import annotations
@@ -42,8 +44,13 @@ def triton_available() -> bool:
     return _TRITON_AVAILABLE
 
 
-def use_triton(*tensors: torch.Tensor | None, backend: str | None = None) -> bool:
-    """True when the op should run its Triton kernel on these tensors."""
+def use_triton(*tensors: torch.Tensor | None, backend: str | None = None, op: str = "",
+               unsupported=None) -> bool:
+    """True when the op should run its Triton kernel on these tensors.
+
+    ``unsupported(interpreting) -> str | None`` says why the compiled kernels cannot take these inputs;
+    asked only when the Triton path would run, and a reason sends the call to the reference with a
+    one-time warning (``op`` names the op in it)."""
     choice = backend or requested()
     if choice not in BACKENDS:
         raise ValueError(f"backend={choice!r} is not allowed; choose one of {list(BACKENDS)}")
@@ -56,9 +63,15 @@ def use_triton(*tensors: torch.Tensor | None, backend: str | None = None) -> boo
             raise RuntimeError(
                 "FASTTIPS_KERNELS=triton needs Triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU "
                 f"tensors); triton importable={triton_available()}, cuda tensors={on_cuda}")
-        return True
-    # auto: the interpreter is for tests, so CPU tensors take the (fast) reference by default.
-    return runnable and on_cuda
+        chosen = True
+    else:   # auto: the interpreter is for tests, so CPU tensors take the (fast) reference by default.
+        chosen = runnable and on_cuda
+    if chosen and unsupported is not None:
+        reason = unsupported(interpreting())
+        if reason:
+            warn_once(f"{op}: {reason}; running the chunked PyTorch reference instead")
+            return False
+    return chosen
 
 
 def warn_once(message: str) -> None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fasttips.losses import (Centering, clip_loss, contrastive_loss, dino_loss, ibot_loss, ibot_rows,
                              koleo_loss, siglip_loss)
-from fasttips.testing import TOLERANCES
+from tooling.numerics import TOLERANCES
 
 DTYPES = [torch.float32, torch.float64]
 

@@ -9,7 +9,7 @@ Both layouts share one set of kernels. A program works on one (sequence b, group
   come from ``cu_seqlens``.
 LSE (natural log) and delta are fp32, [B, H, N] dense or [H, T] varlen.
 
-Short-sequence tricks (kernel_anchors.md §2.1):
+Short-sequence tricks (docs/kernels.md):
 - keys: the loop runs over full BLOCK_N tiles without bounds checks, then the 1..BLOCK_N-1 leftover
   keys take narrow TAIL_N-wide masked steps (N = 257 executes 272 key columns, not 320 or 384);
 - queries: the rows past the last full block get a program of their own that walks them in
@@ -23,8 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from ..triton_utils import LN2_C, LOG2E_C
 
 
 @triton.jit
@@ -129,7 +128,7 @@ def _fwd_rows(q_base, k_base, v_base, o_base, lse_base, pad_base, row_start, seq
                                   True, HAS_MASK, DOT_PRECISION)
     empty = l_i == 0.0  # only possible when every key of the row is padding
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2_C)
     _store_rows(o_base, out, rows, seq_len, stride_on, dims, HEAD_DIM, BLOCK_D)
     tl.store(lse_base + rows, lse, mask=rows < seq_len)
 
@@ -222,10 +221,10 @@ def _dq_rows(q_base, k_base, v_base, o_base, do_base, lse_base, delta_base, pad_
     o = _load_rows(o_base, rows, seq_len, stride_on, dims, HEAD_DIM, BLOCK_D, ROW_BOUNDS)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if ROW_BOUNDS:  # rows past the end: LSE = +inf makes p = 0
-        lse2 = tl.load(lse_base + rows, mask=rows < seq_len, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(lse_base + rows, mask=rows < seq_len, other=float("inf")) * LOG2E_C
         tl.store(delta_base + rows, delta, mask=rows < seq_len)
     else:
-        lse2 = tl.load(lse_base + rows) * 1.4426950408889634
+        lse2 = tl.load(lse_base + rows) * LOG2E_C
         tl.store(delta_base + rows, delta)
     dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
     full_end = (seq_len // BLOCK_N) * BLOCK_N
@@ -304,10 +303,10 @@ def _dkdv_step(k, v, dk, dv, q_base, do_base, lse_base, delta_base, rows, seq_le
     q = _load_rows(q_base, rows, seq_len, stride_qn, dims, HEAD_DIM, BLOCK_D, ROW_BOUNDS)
     do = _load_rows(do_base, rows, seq_len, stride_don, dims, HEAD_DIM, BLOCK_D, ROW_BOUNDS)
     if ROW_BOUNDS:  # rows past the end: LSE = +inf gives p = 0, delta = 0 gives ds = 0
-        lse2 = tl.load(lse_base + rows, mask=rows < seq_len, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(lse_base + rows, mask=rows < seq_len, other=float("inf")) * LOG2E_C
         delta = tl.load(delta_base + rows, mask=rows < seq_len, other=0.0)
     else:
-        lse2 = tl.load(lse_base + rows) * 1.4426950408889634
+        lse2 = tl.load(lse_base + rows) * LOG2E_C
         delta = tl.load(delta_base + rows)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
     p_t = tl.math.exp2(s_t - lse2[None, :])
@@ -453,7 +452,7 @@ def attn_bwd_short_kernel(Q, K, V, O, DO, LSE, PAD, DQ, DK, DV, CU_SEQLENS,
             do = _load_rows(DO + b64 * stride_dob + h * stride_doh + t0 * stride_don, idx, seq_len,
                             stride_don, dims, HEAD_DIM, BLOCK_D, True)
             lse_base = LSE + b64 * stride_lb + h * stride_lh + seq_start
-            lse2 = tl.load(lse_base + idx, mask=idx < seq_len, other=float("inf")) * 1.4426950408889634
+            lse2 = tl.load(lse_base + idx, mask=idx < seq_len, other=float("inf")) * LOG2E_C
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             p = tl.where(key_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)

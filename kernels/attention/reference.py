@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .common import check_max_seqlen
+
 
 def attention(q, k, v, key_padding_mask=None, scale=None):
     """Non-causal attention. ``key_padding_mask``: [B, N] bool, True where the key is padding."""
@@ -28,11 +30,13 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
 
     Runs of consecutive segments with the same length (the crops of one size in a multi-crop
     batch) go through one dense batched call: the same math as one call per segment, with far
-    fewer tiny matmuls on the CPU.
+    fewer tiny matmuls on the CPU. ``max_seqlen`` is not needed here, but it is checked as the Triton
+    path checks it, so both accept the same calls.
     """
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    check_max_seqlen(max_seqlen, max(lengths, default=0))
     first = 0
     while first < len(lengths):
         last = first

@@ -3,9 +3,13 @@
 ``attention`` (dense [B, H, N, D] + optional key padding) and ``attention_varlen`` (packed [T, H, D] +
 ``cu_seqlens``) are the two front doors of one pair of custom ops:
 
-- ``fasttips::flash_attention_fwd(q, k, v, key_padding_mask?, cu_seqlens?, max_seqlen, scale)``
-  → (out, lse), with ``register_fake`` shapes and ``register_autograd`` pointing at
+- ``fasttips::flash_attention_fwd(q, k, v, key_padding_mask?, cu_seqlens?, max_seqlen, scale,
+  short_bwd_max, interpret_blocks?)`` → (out, lse), with ``register_fake`` shapes and
+  ``register_autograd`` pointing at
 - ``fasttips::flash_attention_bwd(dout, q, k, v, out, lse, ...)`` → (dq, dk, dv).
+
+``short_bwd_max`` (default SHORT_BWD_MAX) and ``interpret_blocks`` (default INTERPRET_CONFIG) are
+explicit arguments so that tests can pick the backward and the interpreter's block shapes per call.
 
 Being opaque custom ops with fake implementations, they let ``torch.compile`` trace a model around
 them without graph breaks. The kernels themselves live in ``kernels.py``; block shapes are autotuned
@@ -21,18 +25,20 @@ import torch
 import triton
 
 from .._backend import interpreting
+from ..triton_utils import LOG2E, autotune_configs, block_d, constexprs_of, launch_config, precision
 from . import kernels as K
+from .common import check_max_seqlen, longest_sequence
 
 MAX_HEAD_DIM = 128
 SHORT_SEQ = 128  # sequences up to this length use the short-sequence configurations
 
 
 def _cfg(block_m, block_n, heads, warps, stages, tail_m=16, tail_n=16):
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, HEADS_PER_PROG=heads, TAIL_M=tail_m, TAIL_N=tail_n,
-                num_warps=warps, num_stages=stages)
+    return launch_config(warps, stages, BLOCK_M=block_m, BLOCK_N=block_n, HEADS_PER_PROG=heads,
+                         TAIL_M=tail_m, TAIL_N=tail_n)
 
 
-# Every entry is compiled for sm_90a by the Hopper gate (hopper_gate.py), which rejects register
+# Every entry is compiled for sm_90a by the Hopper gate (tests/tooling/gate_attention.py), which rejects register
 # spills, so keep the lists short. TAIL_M / TAIL_N are the widths of the narrow steps over the rows /
 # keys left past the last full block: 16 (tl.dot's smallest friendly width) for N = 257 or 1025 (one
 # CLS-like extra token); for short sequences one masked block (N = 50 runs as one 64 × 64 tile per
@@ -58,18 +64,38 @@ DKDV_CONFIGS = {
 # One-tile backward for sequences of at most SHORT_BWD_BLOCK tokens and head dims ≤ 64 (the N = 50
 # local crops): dQ, dK, dV in one pass. Only warps and heads per program vary.
 SHORT_BWD_BLOCK = 64
-SHORT_BWD_MAX = SHORT_BWD_BLOCK  # tests set 0 to send short sequences through the two-pass backward
+SHORT_BWD_MAX = SHORT_BWD_BLOCK  # default short_bwd_max; 0 sends short sequences through the two-pass backward
 SHORT_BWD_CONFIGS = {"short": [_cfg(SHORT_BWD_BLOCK, SHORT_BWD_BLOCK, 1, 4, 1),
                                _cfg(SHORT_BWD_BLOCK, SHORT_BWD_BLOCK, 1, 8, 1),
                                _cfg(SHORT_BWD_BLOCK, SHORT_BWD_BLOCK, 4, 8, 1)]}
 # Under the interpreter: small blocks so that tests hit full tiles, narrow key and row tails at
-# N = 50, and several heads per program. Tests may swap this dict (monkeypatch).
+# N = 50, and several heads per program. Tests pass others (``interpret_config``).
 INTERPRET_CONFIG = _cfg(32, 32, 2, 4, 1)
+_INTERPRET_KEYS = ("BLOCK_M", "BLOCK_N", "HEADS_PER_PROG", "TAIL_M", "TAIL_N")   # as the custom ops carry it
 
 
-def block_d(head_dim: int) -> int:
-    """Head dims are padded (masked) to a power of two ≥ 16 inside the kernels: 72 runs as 128."""
-    return max(16, triton.next_power_of_2(head_dim))
+def _interpret_blocks(config: dict | None) -> list[int] | None:
+    """An interpreter configuration (``_cfg``) as the int list the custom ops' schema can carry."""
+    return None if config is None else [int(config[k]) for k in _INTERPRET_KEYS]
+
+
+def _interpret_config(blocks) -> dict:
+    return INTERPRET_CONFIG if blocks is None else dict(INTERPRET_CONFIG, **dict(zip(_INTERPRET_KEYS, blocks)))
+
+# kernel name → (kernel, its configuration lists by family): the one map the launcher, the autotuner
+# and the compile gate read
+KERNELS = {"fwd": (K.attn_fwd_kernel, FWD_CONFIGS),
+           "dq": (K.attn_bwd_dq_kernel, DQ_CONFIGS),
+           "dkdv": (K.attn_bwd_dkdv_kernel, DKDV_CONFIGS),
+           "bwd_short": (K.attn_bwd_short_kernel, SHORT_BWD_CONFIGS)}
+
+
+def launch_constexprs(name: str, config: dict) -> dict:
+    """The constexprs a configuration sets for kernel ``name``: the one-tile backward takes only
+    the heads per program (its tile is SHORT_BWD_BLOCK, passed with the launch)."""
+    if name == "bwd_short":
+        return {"HEADS_PER_PROG": config["HEADS_PER_PROG"]}
+    return constexprs_of(config)
 
 
 def row_align(head_dim: int) -> int:
@@ -91,37 +117,22 @@ def family(max_seqlen: int, head_dim: int) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _autotuned(name: str, family: str):
-    kernel, configs = {
-        "fwd": (K.attn_fwd_kernel, FWD_CONFIGS),
-        "dkdv": (K.attn_bwd_dkdv_kernel, DKDV_CONFIGS),
-        "dq": (K.attn_bwd_dq_kernel, DQ_CONFIGS),
-        "bwd_short": (K.attn_bwd_short_kernel, SHORT_BWD_CONFIGS),
-    }[name]
-    tconfigs = []
-    for c in configs[family]:
-        meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
-        if name == "bwd_short":
-            meta = {"HEADS_PER_PROG": c["HEADS_PER_PROG"]}
-        tconfigs.append(triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"]))
+    kernel, configs = KERNELS[name]
+    tconfigs = autotune_configs(configs[family], lambda c: launch_constexprs(name, c))
     key = ["SEQ_BUCKET", "H", "HEAD_DIM", "HAS_MASK", "VARLEN"]
     return triton.autotune(configs=tconfigs, key=key)(kernel)
 
 
 def _launch(name: str, max_seqlen: int, n_seqs: int, H: int, program_axis: str, args: tuple,
-            consts: dict):
-    """Launch kernel ``name``: autotuned on a GPU, with INTERPRET_CONFIG under the interpreter."""
+            consts: dict, interpret_config: dict = INTERPRET_CONFIG):
+    """Launch kernel ``name``: autotuned on a GPU, with ``interpret_config`` under the interpreter."""
     def grid(meta):  # one program per full block plus one for the short remainder (or one tile)
         blocks = 1 if program_axis is None else triton.cdiv(max_seqlen, meta[program_axis])
         return (blocks, triton.cdiv(H, meta["HEADS_PER_PROG"]), n_seqs)
 
     if interpreting():
-        cfg = dict(INTERPRET_CONFIG)
-        launch = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-        if name == "bwd_short":
-            launch = {"HEADS_PER_PROG": cfg["HEADS_PER_PROG"]}
-        kernel = {"fwd": K.attn_fwd_kernel, "dkdv": K.attn_bwd_dkdv_kernel,
-                  "dq": K.attn_bwd_dq_kernel, "bwd_short": K.attn_bwd_short_kernel}[name]
-        kernel[grid(launch)](*args, **consts, **launch)
+        launch = launch_constexprs(name, interpret_config)
+        KERNELS[name][0][grid(launch)](*args, **consts, **launch)
     else:
         _autotuned(name, family(max_seqlen, consts["HEAD_DIM"]))[grid](*args, **consts)
 
@@ -146,7 +157,7 @@ def _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen):
     D = q.shape[-1]
     return dict(HEAD_DIM=D, BLOCK_D=block_d(D),
                 HAS_MASK=key_padding_mask is not None, VARLEN=cu_seqlens is not None,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROW_ALIGN=row_align(D))
+                DOT_PRECISION=precision(q.dtype), ROW_ALIGN=row_align(D))
 
 
 MAX_SEQUENCES = 65535  # the sequences ride on the grid's z axis
@@ -167,9 +178,12 @@ def _pad_arg(key_padding_mask, q):
     return key_padding_mask.view(torch.uint8), key_padding_mask.stride(0)
 
 
-def _forward_impl(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+def _forward_impl(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, interpret_blocks=None):
     q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
     varlen = cu_seqlens is not None
+    if varlen:  # here, in the op's body, so that compiled callers are checked too (no device wait
+        # once the layout is known: see common.py)
+        check_max_seqlen(max_seqlen, longest_sequence(cu_seqlens))
     n_seqs, H, N = _shape_info(q, cu_seqlens, max_seqlen)
     out = torch.empty_like(q)
     lse_shape = (H, q.shape[0]) if varlen else (q.shape[0], H, q.shape[2])
@@ -180,13 +194,15 @@ def _forward_impl(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
     args = (q, k, v, out, lse, pad, cu_seqlens if varlen else q,
             *_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen),
             *_layout_strides(out, varlen), *_lse_strides(lse, varlen), stride_pb,
-            H, N, _seq_bucket(max_seqlen), scale * K.LOG2E)
+            H, N, _seq_bucket(max_seqlen), scale * LOG2E)
     _launch("fwd", max_seqlen, n_seqs, H, "BLOCK_M", args,
-            _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen))
+            _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen), _interpret_config(interpret_blocks))
     return out, lse
 
 
-def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
+def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale,
+                   short_bwd_max=SHORT_BWD_MAX, interpret_blocks=None):
+    interpret_config = _interpret_config(interpret_blocks)
     varlen = cu_seqlens is not None
     n_seqs, H, N = _shape_info(q, cu_seqlens, max_seqlen)
     dout, q, k, v, out = (_kernel_layout(t) for t in (dout, q, k, v, out))
@@ -197,22 +213,22 @@ def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_se
     cu = cu_seqlens if varlen else q
     consts = _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen)
     tail = (*_lse_strides(lse, varlen), stride_pb, H, N, _seq_bucket(max_seqlen), scale,
-            scale * K.LOG2E)
+            scale * LOG2E)
     qkv = (*_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen))
-    if max_seqlen <= SHORT_BWD_MAX and q.shape[-1] <= 64:  # one tile per head: a single pass
+    if max_seqlen <= short_bwd_max and q.shape[-1] <= 64:  # one tile per head: a single pass
         _launch("bwd_short", max_seqlen, n_seqs, H, None,
                 (q, k, v, out, dout, lse, pad, dq, dk, dv, cu, *qkv, *_layout_strides(out, varlen),
                  *_layout_strides(dout, varlen), *_layout_strides(dq, varlen),
                  *_layout_strides(dk, varlen), *_layout_strides(dv, varlen), *tail),
-                dict(consts, BLOCK=SHORT_BWD_BLOCK))
+                dict(consts, BLOCK=SHORT_BWD_BLOCK), interpret_config)
         return dq, dk, dv
     delta = torch.empty_like(lse)  # written by the dQ pass, read by the dK/dV pass
     _launch("dq", max_seqlen, n_seqs, H, "BLOCK_M",
             (q, k, v, out, dout, lse, delta, pad, dq, cu, *qkv, *_layout_strides(out, varlen),
-             *_layout_strides(dout, varlen), *_layout_strides(dq, varlen), *tail), consts)
+             *_layout_strides(dout, varlen), *_layout_strides(dq, varlen), *tail), consts, interpret_config)
     _launch("dkdv", max_seqlen, n_seqs, H, "BLOCK_N",
             (q, k, v, dout, lse, delta, pad, dk, dv, cu, *qkv, *_layout_strides(dout, varlen),
-             *_layout_strides(dk, varlen), *_layout_strides(dv, varlen), *tail), consts)
+             *_layout_strides(dk, varlen), *_layout_strides(dv, varlen), *tail), consts, interpret_config)
     return dq, dk, dv
 
 
@@ -222,12 +238,14 @@ def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_se
 @torch.library.custom_op("fasttips::flash_attention_fwd", mutates_args=())
 def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                        max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale)
+                        max_seqlen: int, scale: float, short_bwd_max: int,
+                        interpret_blocks: Optional[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    # short_bwd_max is the backward's (it reaches it through the autograd context)
+    return _forward_impl(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, interpret_blocks)
 
 
 @flash_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+def _(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, short_bwd_max, interpret_blocks):
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else q.shape[:3]
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -235,29 +253,32 @@ def _(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
 @torch.library.custom_op("fasttips::flash_attention_bwd", mutates_args=())
 def flash_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         out: torch.Tensor, lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                        cu_seqlens: Optional[torch.Tensor], max_seqlen: int, scale: float
+                        cu_seqlens: Optional[torch.Tensor], max_seqlen: int, scale: float,
+                        short_bwd_max: int, interpret_blocks: Optional[list[int]]
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale)
+    return _backward_impl(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale,
+                          short_bwd_max, interpret_blocks)
 
 
 @flash_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
+def _(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale, short_bwd_max, interpret_blocks):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale = inputs
+    q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, short_bwd_max, interpret_blocks = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, cu_seqlens)
     ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.short_bwd_max, ctx.interpret_blocks = short_bwd_max, interpret_blocks
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, key_padding_mask, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = flash_attention_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens,
-                                     ctx.max_seqlen, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+                                     ctx.max_seqlen, ctx.scale, ctx.short_bwd_max, ctx.interpret_blocks)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -304,8 +325,13 @@ def _default_scale(q, scale):
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def attention(q, k, v, key_padding_mask=None, scale=None):
-    """softmax(q kᵀ·scale) v for q, k, v [B, H, N, D]; key_padding_mask [B, N] bool (True = pad)."""
+def attention(q, k, v, key_padding_mask=None, scale=None, *, short_bwd_max=SHORT_BWD_MAX,
+              interpret_config=None):
+    """softmax(q kᵀ·scale) v for q, k, v [B, H, N, D]; key_padding_mask [B, N] bool (True = pad).
+
+    ``short_bwd_max``: sequences up to this length (and head dims ≤ 64) take the one-tile backward,
+    longer ones the two-pass backward (0: always two passes). ``interpret_config``: block shapes under
+    the interpreter (a ``_cfg``; default INTERPRET_CONFIG). The defaults are what training runs."""
     q, k, v = _check_qkv(q, k, v, 4, "[B, H, N, D]")
     B, _, N, _ = q.shape
     if key_padding_mask is not None:
@@ -315,15 +341,19 @@ def attention(q, k, v, key_padding_mask=None, scale=None):
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
         key_padding_mask = key_padding_mask.contiguous()
-    out, _ = flash_attention_fwd(q, k, v, key_padding_mask, None, N, _default_scale(q, scale))
+    out, _ = flash_attention_fwd(q, k, v, key_padding_mask, None, N, _default_scale(q, scale),
+                                 int(short_bwd_max), _interpret_blocks(interpret_config))
     return out
 
 
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None, *, short_bwd_max=SHORT_BWD_MAX,
+                     interpret_config=None):
     """Packed attention: q, k, v [T, H, D]; sequence i is rows cu_seqlens[i]:cu_seqlens[i+1].
 
-    ``max_seqlen`` must be at least the longest sequence (it sizes the launch and is not checked);
-    pass it to avoid a host sync, and always under ``torch.compile``.
+    ``max_seqlen`` must be at least the longest sequence (it sizes the launch); a smaller value is a
+    ValueError. None derives it. Either way the longest sequence is read from the host record of
+    ``cu_seqlens_from_lengths``, or computed once per offsets tensor (one host read, see common.py).
+    Pass it under ``torch.compile``. ``short_bwd_max`` and ``interpret_config`` as in ``attention``.
     """
     q, k, v = _check_qkv(q, k, v, 3, "[T, H, D]")
     if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1
@@ -334,8 +364,8 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
     cu_seqlens = cu_seqlens.contiguous()
-    if max_seqlen is None:  # one host sync; pass max_seqlen to avoid it (and under torch.compile)
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        max_seqlen = int(lengths.max()) if lengths.numel() else 0
-    out, _ = flash_attention_fwd(q, k, v, None, cu_seqlens, int(max_seqlen), _default_scale(q, scale))
+    if max_seqlen is None:  # the op's body checks a given value (compiled callers included)
+        max_seqlen = check_max_seqlen(None, longest_sequence(cu_seqlens))
+    out, _ = flash_attention_fwd(q, k, v, None, cu_seqlens, int(max_seqlen), _default_scale(q, scale),
+                                 int(short_bwd_max), _interpret_blocks(interpret_config))
     return out

@@ -1,11 +1,13 @@
 """Pieces shared by the chunked reference and the Triton path of ``prototype_cross_entropy``.
 
-- ``check_arguments``: one place that rejects bad input with a message naming the argument.
+- ``check_arguments``: one place that rejects bad input with a message naming the argument;
+  ``check_backward`` and ``unsupported_on_gpu`` say which backward variants exist and which inputs the
+  compiled kernels take (the dispatch in ``fasttips.kernels`` reads the latter).
 - ``teacher_bias``: the per-prototype bias b that turns either teacher rule into one softmax,
   ``p_j = softmax(l_j/τ_t + b)``:
     softmax centering:  b = −c/τ_t
     Sinkhorn-Knopp:     b = log r, the row scaling after the last row update (factorised form,
-                        reference_math.md §2.3). The final column normalisation of SK *is* this
+                        docs/loss_math.md). The final column normalisation of SK *is* this
                         softmax, so SK differs from centering only in how b is found.
 - ``sinkhorn_log_scaling``: the SK iterations in log domain, given two streaming reductions over the
   teacher logits (one per prototype, one per token), with the per-prototype sums all-reduced over
@@ -20,6 +22,27 @@ import torch
 import torch.distributed as dist
 
 from fasttips.config import CENTERINGS
+
+BACKWARDS = ("fused", "slab")   # the Triton path's backward variants (triton.py)
+MAX_GPU_BOTTLENECK = 256        # the launch configurations are sized for d ≤ 256 (row tiles stay in shared memory)
+
+
+def check_backward(backward) -> None:
+    if backward not in BACKWARDS:
+        raise ValueError(f"prototype_cross_entropy: backward={backward!r} is not allowed; choose one of "
+                         f"{list(BACKWARDS)}")
+
+
+def unsupported_on_gpu(student_z, interpreting: bool) -> str | None:
+    """Why the compiled kernels cannot take these inputs, or None. The interpreter takes anything."""
+    if interpreting:
+        return None
+    if student_z.dtype not in (torch.bfloat16, torch.float16):
+        # fp32 tiles double shared memory and the fp32 products spill at every tile that fits.
+        return f"the Triton kernels take bf16/fp16 features on GPU, got {student_z.dtype}"
+    if student_z.shape[1] > MAX_GPU_BOTTLENECK:
+        return f"bottleneck d={student_z.shape[1]} > {MAX_GPU_BOTTLENECK} has no launch configuration"
+    return None
 
 
 def check_arguments(student_z, student_v, student_g, teacher_z, teacher_v, teacher_g, pairs, weights,
@@ -102,7 +125,7 @@ def global_logsumexp_(local_lse: torch.Tensor, group=None) -> torch.Tensor:
 def sinkhorn_log_scaling(row_lse: Callable[[torch.Tensor], torch.Tensor],
                          col_lse: Callable[[torch.Tensor], torch.Tensor],
                          n_rows: int, K: int, n_iterations: int, device, group=None) -> torch.Tensor:
-    """log r [K] of DINOv2's Sinkhorn-Knopp, Q_kj = exp(l_jk/τ)·r_k·c_j (reference_math.md §2.3).
+    """log r [K] of DINOv2's Sinkhorn-Knopp, Q_kj = exp(l_jk/τ)·r_k·c_j (docs/loss_math.md).
 
     ``row_lse(log_c)`` returns, for every prototype k, LSE_j(l_jk/τ + log_c_j) over this rank's rows;
     ``col_lse(log_r)`` returns, for every row j, LSE_k(l_jk/τ + log_r_k). The global normalisation

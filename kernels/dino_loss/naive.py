@@ -1,7 +1,7 @@
 """Naive DINO/iBOT prototype cross-entropy: materialises the full [rows × K] logits.
 
 Used only by tests as the independent truth for the chunked reference and the Triton kernels.
-Math (reference_math.md §2.2, §2.3, §7):
+Math (docs/loss_math.md):
     W_s = g_s · v_s/‖v_s‖,  W_t = g_t · v_t/‖v_t‖           (weight-normed prototype layers)
     l_t = z_t W_tᵀ                                          (teacher logits, fp32, no grad)
     p   = softmax((l_t − c)/τ_t)  or  SinkhornKnopp(l_t/τ_t) (teacher targets)

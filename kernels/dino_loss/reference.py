@@ -1,6 +1,6 @@
 """Chunked PyTorch prototype cross-entropy: the CPU path and the readable statement of the fused math.
 
-Per student row i with teacher row j = pairs[i] and weight w_i (reference_math.md §7):
+Per student row i with teacher row j = pairs[i] and weight w_i (docs/loss_math.md):
     s_i = z_s,i W_sᵀ / τ_s,   u_j = z_t,j W_tᵀ / τ_t + b,   p_j = softmax(u_j)
     ℓ_i = LSE(s_i) − Σ_k p_jk s_ik                      (= CE(p_j, softmax(s_i)) since Σ_k p_jk = 1)
     loss = Σ_i w_i ℓ_i,   ∂loss/∂s_i = w_i (softmax(s_i) − p_j)

@@ -11,58 +11,25 @@ the GPU, and the CPU interpreter runs the very same kernel.
 
 Cost. One read of teacher and student and one write of teacher (12 B/param with fp32 students,
 10 B/param with bf16) plus 24 B per chunk of table. The table is built once per list of tensors and
-cached by (address, size, dtype), so a training loop that passes the same tensors every step pays a
-dictionary look-up and one launch. The momentum may live on the device (a 1-element tensor), so a
-momentum schedule never recompiles, never synchronises and can be replayed in a CUDA graph.
+cached by everything the argument checks depend on (address, shape, strides, dtype, device), so a
+training loop that passes the same tensors every step pays a dictionary look-up and one launch, and a
+call with other shapes or layouts at the same addresses is checked afresh. The momentum may live on
+the device (a 1-element tensor), so a momentum schedule never recompiles, never synchronises and can
+be replayed in a CUDA graph. The kernel itself is in kernels.py.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import torch
-import triton
-import triton.language as tl
+
+from .common import check_momentum, check_tensors, local
+from .kernels import ema_chunks_kernel
 
 BLOCK = 4096           # elements per chunk: 16 KiB of fp32 teacher
 NUM_WARPS = 8          # 256 threads × 16 elements = 4 × 16-byte vectors each per operand
 MAX_PROGRAMS = 1 << 20  # programs per launch; past this, each program strides over several chunks
 _PLAN_CACHE_SIZE = 16
-
-STUDENT_DTYPES = (torch.float32, torch.bfloat16)
-
-
-@triton.jit(do_not_specialize=["num_chunks", "momentum_value"])
-def _ema_chunks_kernel(teacher_base, student_base, chunk_table, num_chunks,
-                       momentum_ptr, momentum_value,
-                       BLOCK: tl.constexpr, MOMENTUM_ON_DEVICE: tl.constexpr,
-                       TEACHER_VEC: tl.constexpr, STUDENT_VEC: tl.constexpr):
-    if MOMENTUM_ON_DEVICE:
-        m = tl.load(momentum_ptr).to(tl.float32)
-    else:
-        m = tl.cast(momentum_value, tl.float32)
-    w = 1.0 - m                      # lerp weight towards the student
-    # torch.lerp's two-sided form (exact at both ends, the rounding of _foreach_lerp_); the side is
-    # a scalar choice, made once
-    near_teacher = w < 0.5
-    cols = tl.arange(0, BLOCK)
-    for c in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
-        row = chunk_table + 3 * tl.cast(c, tl.int64)
-        t_off = tl.multiple_of(tl.load(row), TEACHER_VEC)
-        s_off = tl.multiple_of(tl.load(row + 1), STUDENT_VEC)
-        n = tl.load(row + 2)
-        t_ptrs = teacher_base + t_off + cols
-        s_ptrs = student_base + s_off + cols
-        if n == BLOCK:               # full chunk: unmasked, so loads and stores vectorise
-            t = tl.load(t_ptrs)
-            s = tl.load(s_ptrs).to(tl.float32)
-            d = s - t
-            tl.store(t_ptrs, tl.where(near_teacher, t + w * d, s - d * (1.0 - w)))
-        else:                        # the tail of a tensor
-            mask = cols < n
-            t = tl.load(t_ptrs, mask=mask)
-            s = tl.load(s_ptrs, mask=mask).to(tl.float32)
-            d = s - t
-            tl.store(t_ptrs, tl.where(near_teacher, t + w * d, s - d * (1.0 - w)), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,7 +60,7 @@ class _Plan:
     """What one call does for one list of tensors: one launch per student dtype (one in practice)."""
 
     def __init__(self, teacher, student, block: int):
-        self.device = _validate(teacher, student)
+        self.device = check_tensors(teacher, student)
         groups: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(teacher):
             if t.numel():  # empty shards (FSDP2 ranks past the end of dim 0) have nothing to update
@@ -113,10 +80,12 @@ _plans: OrderedDict = OrderedDict()
 
 
 def _plan_for(teacher, student, block: int) -> _Plan:
-    # Keyed by what the chunk rows depend on: addresses, sizes and dtypes. Shapes and layout were
-    # validated when the plan was built; the same parameters come back every step (or new views of
-    # them from ``to_local()`` / ``detach()``), so a hit costs a few attribute reads per tensor.
-    key = (block,) + tuple((t.data_ptr(), t.numel(), t.dtype, s.data_ptr(), s.dtype)
+    # Keyed by everything the chunk rows AND the argument checks depend on: addresses, shapes, strides
+    # (contiguity), dtypes and devices. A hit therefore means the checks passed for exactly this
+    # layout; the same parameters come back every step (or new views of them from ``to_local()`` /
+    # ``detach()``), so a hit costs a few attribute reads per tensor.
+    key = (block,) + tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.get_device(),
+                            s.data_ptr(), s.shape, s.stride(), s.dtype, s.get_device())
                            for t, s in zip(teacher, student))
     plan = _plans.get(key)
     if plan is None:
@@ -133,44 +102,12 @@ def clear_cache() -> None:
     _plans.clear()
 
 
-def _local(x):
-    """FSDP2 parameters are DTensors: the EMA runs on the local shard, element for element."""
-    if type(x) is torch.Tensor or type(x) is torch.nn.Parameter:
-        return x
-    to_local = getattr(x, "to_local", None)
-    return to_local() if to_local is not None else x
-
-
-def _validate(teacher, student):
-    device = None
-    for i, (t, s) in enumerate(zip(teacher, student)):
-        if t.dtype != torch.float32:
-            raise TypeError(f"ema_update_: teacher[{i}] has dtype {t.dtype}; only torch.float32 is allowed")
-        if s.dtype not in STUDENT_DTYPES:
-            raise TypeError(f"ema_update_: student[{i}] has dtype {s.dtype}; allowed: {list(STUDENT_DTYPES)}")
-        if t.shape != s.shape:
-            raise ValueError(f"ema_update_: teacher[{i}] shape {tuple(t.shape)} != student[{i}] shape "
-                             f"{tuple(s.shape)}")
-        if not (t.is_contiguous() and s.is_contiguous()):
-            raise ValueError(f"ema_update_: teacher[{i}] and student[{i}] must be contiguous "
-                             f"(got {t.is_contiguous()} / {s.is_contiguous()})")
-        if device is None:
-            device = t.device
-        if t.device != device or s.device != device:
-            raise ValueError(f"ema_update_: teacher[{i}] on {t.device} and student[{i}] on {s.device}; "
-                             f"all tensors must be on {device}")
-    return device
-
-
 _unused_momentum: dict = {}
 
 
 def _momentum_args(momentum, device):
     """(pointer tensor, float value, on_device flag). A device tensor is read by the kernel itself."""
     if torch.is_tensor(momentum) and momentum.device == device:
-        if momentum.numel() != 1:
-            raise ValueError(f"ema_update_: momentum must be a float or a 1-element tensor, got shape "
-                             f"{tuple(momentum.shape)}")
         return momentum, 0.0, True
     # a float, or a CPU scalar tensor (reading it costs no device sync): pass it by value; the
     # pointer argument then gets one fixed fp32 placeholder so the signature never changes
@@ -185,22 +122,25 @@ def _momentum_args(momentum, device):
 def ema_update_(teacher, student, momentum, block: int = BLOCK, num_warps: int = NUM_WARPS):
     """In place, one launch per student dtype (in practice one): teacher ← m·teacher + (1−m)·student.
 
-    ``teacher``: fp32 tensors (or FSDP2 DTensors, updated through their local shards); ``student``:
-    fp32 or bf16 tensors of the same shapes; ``momentum``: a float or a 1-element tensor (kept on the
-    device for schedules). Empty tensors are allowed and skipped.
+    Arguments as ``common.py`` states them (the contract the reference shares): fp32 teachers (or FSDP2
+    DTensors, updated through their local shards), fp32 or bf16 students of the same shapes, all
+    contiguous; ``momentum`` a float or a 1-element tensor in [0, 1] (kept on the device for
+    schedules). Empty tensors are allowed and skipped.
     """
-    teacher = [_local(t) for t in teacher]
-    student = [_local(s) for s in student]
+    teacher = [local(t) for t in teacher]
+    student = [local(s) for s in student]
     if len(teacher) != len(student):
         raise ValueError(f"ema_update_: {len(teacher)} teacher tensors vs {len(student)} student tensors")
     if block < 16 or block & (block - 1):
         raise ValueError(f"ema_update_: block={block} must be a power of two >= 16 (whole 16-byte vectors)")
     if not teacher:
+        check_momentum(momentum, None)
         return
-    plan = _plan_for(teacher, student, block)
+    plan = _plan_for(teacher, student, block)   # checks the tensors when it builds a plan
+    check_momentum(momentum, plan.device)        # every call: the value may change between calls
     m_ptr, m_value, m_on_device = _momentum_args(momentum, plan.device)
     for base, table in plan.launches:
-        _ema_chunks_kernel[(min(table.num_chunks, plan.programs_cap),)](
+        ema_chunks_kernel[(min(table.num_chunks, plan.programs_cap),)](
             teacher[base], student[base], table.table, table.num_chunks, m_ptr, m_value,
             BLOCK=block, MOMENTUM_ON_DEVICE=m_on_device,
             TEACHER_VEC=table.teacher_vec, STUDENT_VEC=table.student_vec, num_warps=num_warps)

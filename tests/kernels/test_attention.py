@@ -12,10 +12,10 @@ import torch
 
 import fasttips.kernels as ops
 from fasttips.kernels import _backend
-from fasttips.kernels.attention import hopper_gate
 from fasttips.kernels.attention import reference as R
 from fasttips.kernels.attention import triton as T
-from fasttips.testing import assert_within_2x, tolerances
+from tooling import gate_attention as hopper_gate
+from tooling.numerics import assert_within_2x, tolerances
 
 interpreter = pytest.mark.skipif(not _backend.interpreting(), reason="needs TRITON_INTERPRET=1")
 
@@ -50,18 +50,17 @@ def _check_fwd_bwd(fn, ref_fn, inputs, seed):
 @pytest.mark.parametrize("B,H,N,D,two_pass", [
     (2, 3, 1, 64, False), (1, 3, 17, 72, False), (1, 5, 50, 64, False), (1, 5, 50, 64, True),
     (1, 2, 100, 64, False), (1, 1, 257, 64, False), (1, 3, 33, 128, False)])
-def test_dense_matches_reference(B, H, N, D, two_pass, seed, monkeypatch):
+def test_dense_matches_reference(B, H, N, D, two_pass, seed):
     # N ≤ 64 at D ≤ 64 takes the one-tile backward; two_pass sends it through dQ + dK/dV instead
-    if two_pass:
-        monkeypatch.setattr(T, "SHORT_BWD_MAX", 0)
+    options = dict(short_bwd_max=0) if two_pass else {}
     # 64-blocks for N ≥ 100: quicker at N = 257 (narrow tails: 1 row, 1 key past 256)
     if N == 100:  # tails as wide as a block, as the short-sequence configurations run them
-        monkeypatch.setattr(T, "INTERPRET_CONFIG", T._cfg(64, 64, 1, 4, 1, 64, 64))
+        options["interpret_config"] = T._cfg(64, 64, 1, 4, 1, 64, 64)
     if N == 257:
-        monkeypatch.setattr(T, "INTERPRET_CONFIG", T._cfg(64, 64, 1, 4, 1))
+        options["interpret_config"] = T._cfg(64, 64, 1, 4, 1)
     q, k, v = _qkv(B, H, N, D)
     scale = 0.3 if D == 72 else None  # an explicit scale once
-    _check_fwd_bwd(lambda q, k, v: ops.attention(q, k, v, scale=scale, backend="triton"),
+    _check_fwd_bwd(lambda q, k, v: T.attention(q, k, v, scale=scale, **options),
                    lambda q, k, v: R.attention(q, k, v, scale=scale), [q, k, v], seed)
 
 
@@ -106,6 +105,38 @@ def test_varlen_equals_dense_per_sequence(seed):
     dense = torch.cat([ops.attention(c, c, c, backend="triton").permute(0, 2, 1, 3).reshape(-1, H, D)
                        for c in crops])
     torch.testing.assert_close(out, dense, atol=1e-6, rtol=1e-6, msg=lambda m: f"seed {seed}: {m}")
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=interpreter), "reference"])
+def test_varlen_max_seqlen_below_the_longest_sequence_is_an_error(backend, seed):
+    """max_seqlen sizes the launch: 40 for lengths [3, 100, 5] left rows of the output unwritten
+    (NaN). Both backends refuse it, whether the offsets come from host lengths or from a tensor."""
+    H, D = 2, 16
+    q, k, v = _qkv(108, H, D)
+    for cu in (ops.cu_seqlens_from_lengths([3, 100, 5], "cpu"), torch.tensor([0, 3, 103, 108])):
+        with pytest.raises(ValueError, match=r"max_seqlen=40 is below the longest sequence .*\(100 tokens\)"):
+            ops.attention_varlen(q, k, v, cu, max_seqlen=40, backend=backend)
+        out = ops.attention_varlen(q, k, v, cu, max_seqlen=100, backend=backend)   # exact bound: fine
+        assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="max_seqlen must be an int >= 0"):
+        ops.attention_varlen(q, k, v, cu, max_seqlen=-1, backend=backend)
+
+
+def test_longest_sequence_is_recorded_per_offsets_tensor_and_follows_in_place_changes():
+    from fasttips.kernels.attention import common as C
+
+    cu = ops.cu_seqlens_from_lengths([3, 100, 5], "cpu")
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 103, 108]
+    assert C._LONGEST[id(cu)][2] == 100           # known from the host lengths: nothing to read
+    assert C.longest_sequence(cu) == 100
+    cu[1:] += 200                                  # an in-place change (version bump) is seen
+    assert C.longest_sequence(cu) == 203
+    assert C.check_max_seqlen(None, C.longest_sequence(cu)) == 203
+    other = torch.tensor([0, 7, 9])
+    assert C.longest_sequence(other) == 7 and C._LONGEST[id(other)][2] == 7   # computed once, kept
+    key = id(other)
+    del other                                      # the record goes with the tensor
+    assert key not in C._LONGEST
 
 
 @interpreter
@@ -201,6 +232,7 @@ def test_hopper_compile_gate(case, hopper_reports):
     report = hopper_reports[case]
     if isinstance(report, Exception):
         raise report
+    print(report.summary())   # registers, shared memory, CTAs/SM, HGMMA: shown with -s or on failure
     report.check(matmul=True)
 
 

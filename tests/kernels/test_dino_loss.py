@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from fasttips.kernels import prototype_cross_entropy
 from fasttips.kernels.dino_loss import naive, reference
-from fasttips.kernels.dino_loss import hopper_gate
-from fasttips.testing import TOLERANCES, assert_within_2x
+from tooling import gate_dino_loss as hopper_gate
+from tooling.numerics import TOLERANCES, assert_within_2x
 
 CENTERINGS = ["softmax", "sinkhorn_knopp"]
 
@@ -86,37 +86,36 @@ def test_triton_k_multiple_of_the_block(seed):
 
 
 @pytest.mark.parametrize("K", [1000, 1024])
-def test_triton_split_k_slices_merge_exactly(seed, monkeypatch, K):
+def test_triton_split_k_slices_merge_exactly(seed, K):
     """Few rows: the prototypes are split into slices (3 here) whose statistics the host merges."""
     from fasttips.kernels.dino_loss import triton as dino_triton
-    monkeypatch.setattr(dino_triton, "FORCE_K_SPLITS", 3)
     problem = make_problem(S=19, T=6, K=K, d=16)
     for centering in CENTERINGS:
         expected = run(naive.prototype_cross_entropy, problem, centering=centering)
-        assert_matches(run(prototype_cross_entropy, problem, backend="triton", centering=centering), expected)
+        assert_matches(run(dino_triton.prototype_cross_entropy, problem, centering=centering, k_splits=3),
+                       expected)
 
 
 # ------------------------------------------------------------------------------------------------
-# The opt-in dS slab backward (FASTTIPS_DINO_BACKWARD=slab): same numbers as the fused backward
+# The opt-in dS slab backward (backward="slab"): same numbers as the fused backward
 # ------------------------------------------------------------------------------------------------
-def run_triton_with_backward(monkeypatch, mode, problem, **kwargs):
-    monkeypatch.setenv("FASTTIPS_DINO_BACKWARD", mode)
-    return run(prototype_cross_entropy, problem, backend="triton", **kwargs)
+def run_triton_with_backward(mode, problem, **kwargs):
+    from fasttips.kernels.dino_loss import triton as dino_triton
+    return run(dino_triton.prototype_cross_entropy, problem, backward=mode, **kwargs)
 
 
 @pytest.mark.parametrize("centering", CENTERINGS)
 @pytest.mark.parametrize("pairing", ["many_to_one", "one_to_one"])
-def test_slab_backward_matches_fused_and_naive(seed, monkeypatch, centering, pairing):
+def test_slab_backward_matches_fused_and_naive(seed, centering, pairing):
     """K = 1000 (a partial K-block), odd row counts, zero-weight rows, and a slab budget of one row
     block so that the chunk loop runs twice (45 / 37 rows in chunks of 32)."""
     from fasttips.kernels.dino_loss import triton as dino_triton
-    monkeypatch.setattr(dino_triton, "SLAB_BYTES", 1)
     problem = make_problem(pairing=pairing, S=45 if pairing == "many_to_one" else 37, K=1000)
-    assert dino_triton.slab_rows(1000, 4) < problem["student_z"].shape[0]
+    assert dino_triton.slab_rows(1000, 4, slab_bytes=1) < problem["student_z"].shape[0]
     kwargs = dict(student_temp=0.1, teacher_temp=0.04, centering=centering)
     expected = run(naive.prototype_cross_entropy, problem, **kwargs)
-    slab = run_triton_with_backward(monkeypatch, "slab", problem, **kwargs)
-    fused = run_triton_with_backward(monkeypatch, "fused", problem, **kwargs)
+    slab = run_triton_with_backward("slab", problem, slab_bytes=1, **kwargs)
+    fused = run_triton_with_backward("fused", problem, slab_bytes=1, **kwargs)
     assert_matches(slab, expected)
     assert_matches(slab, fused)
     zero_rows = problem["weights"] == 0
@@ -125,15 +124,13 @@ def test_slab_backward_matches_fused_and_naive(seed, monkeypatch, centering, pai
 
 @pytest.mark.parametrize("k_tiles", [1, 3])
 @pytest.mark.parametrize("K", [1024, 1000])
-def test_slab_kernel_tiles_per_program(seed, monkeypatch, k_tiles, K):
+def test_slab_kernel_tiles_per_program(seed, k_tiles, K):
     """One tile per program and a loop of 3 (whose last program runs past K); K a multiple of the
     block (EVEN_K, unmasked loads and stores) or not; chunk = 2 row blocks, so a partial last chunk."""
-    from fasttips.kernels.dino_loss import triton as dino_triton
-    monkeypatch.setattr(dino_triton, "INTERPRET_EXTRA", {"_grad_s_kernel": dict(K_TILES=k_tiles)})
-    monkeypatch.setattr(dino_triton, "SLAB_BYTES", 64 * K * 4)
     problem = make_problem(S=71, T=20, K=K, d=16)
     expected = run(naive.prototype_cross_entropy, problem, centering="softmax")
-    assert_matches(run_triton_with_backward(monkeypatch, "slab", problem, centering="softmax"), expected)
+    assert_matches(run_triton_with_backward("slab", problem, centering="softmax", slab_bytes=64 * K * 4,
+                                            interpret_k_tiles=k_tiles), expected)
 
 
 def test_slab_chunks_are_sized_by_bytes():
@@ -145,11 +142,33 @@ def test_slab_chunks_are_sized_by_bytes():
     assert dino_triton.slab_rows(10**9, 2) == align      # at least one row block, whatever the budget
 
 
-def test_backward_variable_rejects_unknown_values(monkeypatch):
-    monkeypatch.setenv("FASTTIPS_DINO_BACKWARD", "fast")
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_backward_argument_rejects_unknown_values(backend):
     problem = make_problem(S=5, T=3, K=70, d=8)
-    with pytest.raises(ValueError, match=r"FASTTIPS_DINO_BACKWARD='fast'.*\['fused', 'slab'\]"):
-        run(prototype_cross_entropy, problem, backend="triton")
+    with pytest.raises(ValueError, match=r"backward='fast' is not allowed.*\['fused', 'slab'\]"):
+        run(prototype_cross_entropy, problem, backend=backend, backward="fast")
+
+
+def test_the_dispatch_sends_inputs_the_compiled_kernels_cannot_take_to_the_reference():
+    """One place decides (fasttips.kernels._backend.use_triton): fp32 features or d > 256 on a GPU run
+    the reference with a warning, even when Triton is asked for; the interpreter takes anything."""
+    import warnings
+
+    from fasttips.kernels import _backend
+    from fasttips.kernels.dino_loss import common
+
+    fp32, bf16_wide = torch.zeros(2, 8), torch.zeros(2, 512, dtype=torch.bfloat16)
+    assert "bf16/fp16" in common.unsupported_on_gpu(fp32, interpreting=False)
+    assert "d=512 > 256" in common.unsupported_on_gpu(bf16_wide, interpreting=False)
+    assert common.unsupported_on_gpu(torch.zeros(2, 8, dtype=torch.bfloat16), interpreting=False) is None
+    assert common.unsupported_on_gpu(fp32, interpreting=True) is None
+    if _backend.interpreting():
+        reason = "a reason only this test gives"
+        with pytest.warns(UserWarning, match=f"op_x: {reason}; running the chunked PyTorch reference"):
+            assert not _backend.use_triton(fp32, backend="triton", op="op_x", unsupported=lambda i: reason)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _backend.use_triton(fp32, backend="triton", op="op_x", unsupported=lambda i: None)
 
 
 def test_reference_chunks_are_invisible(seed):
@@ -277,7 +296,13 @@ def test_hopper_compile_gate(case, hopper_reports):
     report = hopper_reports[case]
     if isinstance(report, Exception):
         raise report
-    report.check(matmul=True)
+    print(report.summary())   # registers, shared memory, CTAs/SM, HGMMA: shown with -s or on failure
+    known = hopper_gate.KNOWN_SERIALISED.get(case[0])
+    report.check(matmul=True, serialised_ok=known is not None)   # everything else is checked regardless
+    if known:
+        assert report.wgmma_serialised, f"{report.name} compiles without serialised wgmma now: drop it from " \
+                                        "KNOWN_SERIALISED in tests/tooling/gate_dino_loss.py"
+        pytest.xfail(known)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,12 +312,10 @@ def test_hopper_compile_gate(case, hopper_reports):
 @pytest.mark.parametrize("backward", ["fused", "slab"])
 @pytest.mark.parametrize("centering", CENTERINGS)
 @pytest.mark.parametrize("pairing", ["many_to_one", "one_to_one"])
-def test_cuda_bf16_within_2x_of_torch(seed, monkeypatch, backward, centering, pairing):
+def test_cuda_bf16_within_2x_of_torch(seed, backward, centering, pairing):
     """bf16 features, fp32 head parameters: kernel error ≤ 2 × (bf16-autocast torch error) vs fp32.
     The slab backward runs in 256-row chunks, so dW sums several bf16-rounded chunk products."""
     from fasttips.kernels.dino_loss import triton as dino_triton
-    monkeypatch.setenv("FASTTIPS_DINO_BACKWARD", backward)
-    monkeypatch.setattr(dino_triton, "SLAB_BYTES", 256 * 4097 * 2)
     problem = make_problem(S=1000 if pairing == "one_to_one" else 700, T=100, K=4097, d=256, pairing=pairing,
                            device="cuda")
     kwargs = dict(centering=centering, teacher_temp=0.04, student_temp=0.1)
@@ -300,7 +323,7 @@ def test_cuda_bf16_within_2x_of_torch(seed, monkeypatch, backward, centering, pa
     low = dict(problem, student_z=problem["student_z"].bfloat16(), teacher_z=problem["teacher_z"].bfloat16())
     with torch.autocast("cuda", dtype=torch.bfloat16):
         torch_bf16 = run(naive.prototype_cross_entropy, low, **kwargs)
-    kernel = run(prototype_cross_entropy, low, backend="triton", **kwargs)
+    kernel = run(dino_triton.prototype_cross_entropy, low, backward=backward, slab_bytes=256 * 4097 * 2, **kwargs)
     names = ("loss", "center_stat", "grad student_z", "grad student_v", "grad student_g")
     for name, k, t, r in zip(names, kernel, torch_bf16, ref32):
         assert torch.isfinite(k).all(), name

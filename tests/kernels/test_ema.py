@@ -18,7 +18,8 @@ import torch
 
 from fasttips.kernels import ema_update_
 from fasttips.kernels.ema import reference, triton as ema_triton
-from fasttips.testing import assert_close
+from tooling import gate_ema as hopper_gate
+from tooling.numerics import assert_close
 
 SMALL_BLOCK = 256  # many chunks per tensor at interpreter-friendly sizes
 
@@ -104,33 +105,80 @@ def test_empty_lists_and_all_empty_tensors():
     ema_triton.ema_update_(t, [torch.empty(0), torch.empty(0, 3)], 0.9)
 
 
+# One contract for both paths (kernels/ema/common.py): the same inputs are accepted or refused,
+# with the same message, whichever backend a run dispatches to.
+BACKENDS = {"triton": lambda *a: ema_triton.ema_update_(*a), "reference": lambda *a: reference.ema_update_(*a)}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("teacher, student, momentum, error, words", [
     ([torch.zeros(3, dtype=torch.bfloat16)], [torch.zeros(3)], 0.9, TypeError, "teacher[0]"),
+    ([torch.zeros(3, dtype=torch.float64)], [torch.zeros(3, dtype=torch.float64)], 0.9, TypeError, "teacher[0]"),
     ([torch.zeros(3)], [torch.zeros(3, dtype=torch.float16)], 0.9, TypeError, "student[0]"),
     ([torch.zeros(3), torch.zeros(3)], [torch.zeros(3), torch.zeros(4)], 0.9, ValueError, "student[1] shape"),
     ([torch.zeros(4, 4).t()], [torch.zeros(4, 4)], 0.9, ValueError, "contiguous"),
+    ([torch.zeros(4, 4)], [torch.zeros(4, 4).t()], 0.9, ValueError, "contiguous"),
     ([torch.zeros(3)], [torch.zeros(3), torch.zeros(3)], 0.9, ValueError, "1 teacher tensors vs 2"),
     ([torch.zeros(3)], [torch.zeros(3)], torch.zeros(2), ValueError, "momentum"),
+    ([torch.zeros(3)], [torch.zeros(3)], 1.5, ValueError, r"momentum must be in [0, 1], got 1.5"),
+    ([torch.zeros(3)], [torch.zeros(3)], -0.1, ValueError, "momentum must be in [0, 1]"),
+    ([torch.zeros(3)], [torch.zeros(3)], float("nan"), ValueError, "momentum must be in [0, 1]"),
+    ([torch.zeros(3)], [torch.zeros(3)], torch.tensor(2.0), ValueError, "momentum must be in [0, 1]"),
+    ([], [], 1.5, ValueError, "momentum must be in [0, 1]"),
 ])
-def test_bad_input_is_named(teacher, student, momentum, error, words):
+def test_bad_input_is_named_by_both_backends(backend, teacher, student, momentum, error, words):
+    before = [t.clone() for t in teacher]
     with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
-        ema_triton.ema_update_(teacher, student, momentum)
+        BACKENDS[backend](teacher, student, momentum)
+    assert all(torch.equal(t, b) for t, b in zip(teacher, before)), "a refused call must not write"
+
+
+def test_bad_block_is_named():
     with pytest.raises(ValueError, match="block"):
         ema_triton.ema_update_([torch.zeros(3)], [torch.zeros(3)], 0.9, block=100)
 
 
-@pytest.mark.parametrize("student_type", ["*fp32", "*bf16"])
-@pytest.mark.parametrize("momentum_on_device", [True, False])
-def test_hopper_compile_gate(student_type, momentum_on_device):
-    from fasttips.testing import compile_for_hopper
-    signature = dict(teacher_base="*fp32", student_base=student_type, chunk_table="*i64", num_chunks="i32",
-                     momentum_ptr="*fp32", momentum_value="fp32", BLOCK="constexpr",
-                     MOMENTUM_ON_DEVICE="constexpr", TEACHER_VEC="constexpr", STUDENT_VEC="constexpr")
-    student_vec = 8 if student_type == "*bf16" else 4
-    constexprs = dict(BLOCK=ema_triton.BLOCK, MOMENTUM_ON_DEVICE=momentum_on_device, TEACHER_VEC=4,
-                      STUDENT_VEC=student_vec)
-    report = compile_for_hopper(ema_triton._ema_chunks_kernel, signature, constexprs,
-                                num_warps=ema_triton.NUM_WARPS, name=f"ema_{student_type[1:]}")
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_both_backends_accept_the_same_inputs(backend, seed):
+    """fp32 teachers with fp32 or bf16 students, empty tensors, float / CPU-tensor momenta at both ends."""
+    for momentum in (0.0, 1.0, torch.tensor(0.25, dtype=torch.float64), torch.tensor([0.5])):
+        teacher = [torch.randn(5, 3), torch.randn(0), torch.randn(7)]
+        student = [torch.randn(5, 3).to(torch.bfloat16), torch.randn(0), torch.randn(7)]
+        expected = [torch.lerp(t, s.float(), 1 - float(momentum)) for t, s in zip(teacher, student)]
+        BACKENDS[backend](teacher, student, momentum)
+        _check(teacher, expected)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_a_cached_plan_does_not_skip_the_checks(backend, seed):
+    """Same addresses, sizes and dtypes as a cached plan, but other shapes or strides: the call is
+    checked as a fresh one (before the fix the Triton path accepted the transposed teacher and
+    updated the wrong elements)."""
+    ema_triton.clear_cache()
+    T, S = torch.randn(4, 6), torch.randn(4, 6)
+    BACKENDS[backend]([T], [S], 0.5)
+    before = T.clone()
+    with pytest.raises(ValueError, match="contiguous"):
+        BACKENDS[backend]([T.t()], [S.view(6, 4)], 0.5)
+    with pytest.raises(ValueError, match="shape"):
+        BACKENDS[backend]([T], [S.view(6, 4)], 0.5)
+    assert torch.equal(T, before)
+    # a new contiguous view of the same memory is a valid call: element for element the same update
+    BACKENDS[backend]([T.view(6, 4)], [S.view(6, 4)], 0.5)
+    _check([T], [torch.lerp(before, S, 0.5)])
+
+
+@pytest.fixture(scope="module")
+def hopper_reports():
+    return hopper_gate.compile_all()  # in spawned workers with TRITON_INTERPRET=0, like the other ops
+
+
+@pytest.mark.parametrize("case", hopper_gate.cases(), ids=lambda c: f"{c[0][1:]}-{'device' if c[1] else 'value'}")
+def test_hopper_compile_gate(case, hopper_reports):
+    report = hopper_reports[case]
+    if isinstance(report, Exception):
+        raise report
+    print(report.summary())   # registers, shared memory, CTAs/SM, HGMMA: shown with -s or on failure
     report.check(matmul=False)
 
 
@@ -184,7 +232,9 @@ def test_cuda_graph_replays_a_momentum_schedule(seed):
 @pytest.mark.dist
 @pytest.mark.timeout(180)
 def test_fsdp2_sharded_heads_two_ranks(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # so the workers import tooling
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.abspath(__file__)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170, cwd=tmp_path)
@@ -197,7 +247,7 @@ class _Head(torch.nn.Module):
     """A DINO-style head in miniature: MLP → L2-normalised bottleneck → weight-normed prototypes.
 
     The prototype layer keeps its parametrisation (direction ``proto_v`` [K, d] and gain ``proto_g``
-    [K]) as parameters, so the EMA acts on g and v separately (reference_math.md §2.8). K is odd so the
+    [K]) as parameters, so the EMA acts on g and v separately (docs/loss_math.md). K is odd so the
     shards are uneven, and ``scale`` has one element so rank 1 owns an empty shard.
     """
 

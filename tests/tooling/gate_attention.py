@@ -1,5 +1,5 @@
 """The Hopper compile gate for the attention kernels: every kernel × every autotune configuration,
-compiled ahead of time for sm_90a (no GPU needed), checked by ``fasttips.testing``.
+compiled ahead of time for sm_90a (no GPU needed), checked by ``hopper.py``.
 
 Each configuration is compiled in bf16 and in fp16, at the head dims its list serves (64 for "long"
 and "short"; 72 and 128 for "wide"), with key padding and varlen on so that every optional path is in
@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import inspect
 
-from . import kernels as K
-from . import triton as T
+from fasttips.kernels.attention import triton as T
 
-KERNELS = {"fwd": (K.attn_fwd_kernel, T.FWD_CONFIGS),
-           "dq": (K.attn_bwd_dq_kernel, T.DQ_CONFIGS),
-           "dkdv": (K.attn_bwd_dkdv_kernel, T.DKDV_CONFIGS),
-           "bwd_short": (K.attn_bwd_short_kernel, T.SHORT_BWD_CONFIGS)}
+KERNELS = T.KERNELS
 SIGNATURES = {"long": (("bf16", 64), ("fp16", 64)), "short": (("bf16", 64), ("fp16", 64)),
               "wide": (("bf16", 72), ("fp16", 128))}
 
@@ -53,7 +49,7 @@ def signature(kernel, dtype: str) -> dict:
 
 
 def compile_case(case):
-    from fasttips.testing import compile_for_hopper
+    from .hopper import compile_for_hopper
 
     name, family, index, dtype, head_dim = case
     kernel, configs = KERNELS[name]
@@ -76,6 +72,6 @@ def compile_case(case):
 
 def compile_all(workers: int | None = None) -> dict:
     """{case: HopperReport or the exception raised while compiling it}, compiled in spawned workers."""
-    from fasttips.testing import compile_in_workers
+    from .hopper import compile_in_workers
 
     return compile_in_workers(compile_case, cases(), workers)

@@ -1,5 +1,5 @@
 """Hopper compile gate for the prototype cross-entropy kernels: every kernel at every launch configuration
-in ``triton.CONFIGS``, compiled ahead of time for sm_90a (no GPU needed) and checked by ``fasttips.testing``.
+in ``triton.CONFIGS``, compiled ahead of time for sm_90a (no GPU needed) and checked by ``hopper.py``.
 
 The compiles use bf16 features at bottleneck d = 256 with the specialisation a real launch gets
 (16-byte aligned pointers, strides and d divisible by 16; EVEN_K for K = 65536 / 131072). They run in
@@ -9,11 +9,16 @@ spawned worker processes with TRITON_INTERPRET=0: under the interpreter, the lib
 from __future__ import annotations
 
 BOTTLENECK = 256
+# Kernels whose every configuration ptxas serialises (wgmma, C7515) with Triton 3.9: grad_w accumulates
+# dW from ds computed between the wgmma stages. Tracked, not hidden: the gate reports them as expected
+# failures, and fails once one compiles clean (then drop it from here).
+KNOWN_SERIALISED = {"_grad_w_kernel": "ptxas serialises grad_w's wgmma (C7515) in every configuration; "
+                                      "the kernel needs restructuring (issue 16)"}
 _FEATURE_POINTERS = ("zs_ptr", "zt_ptr", "ws_ptr", "wt_ptr", "z_ptr", "w_ptr", "ds_ptr")   # ds: the slab
 
 
 def cases() -> list[tuple[str, int]]:
-    from . import triton as T
+    from fasttips.kernels.dino_loss import triton as T
     return [(name, i) for name, configs in T.CONFIGS.items() for i in range(len(configs))]
 
 
@@ -36,14 +41,15 @@ def signature(kernel) -> dict:
 
 
 def compile_case(case):
-    from fasttips.testing import compile_for_hopper
+    from .hopper import compile_for_hopper
 
-    from . import triton as T
+    from fasttips.kernels.dino_loss import triton as T
+    from fasttips.kernels.triton_utils import constexprs_of
     name, index = case
     kernel = T.KERNELS[name]
     cfg = T.CONFIGS[name][index]
     sig = signature(kernel)
-    constexprs = dict(T._meta(cfg), BLOCK_D=BOTTLENECK, PRECISION="tf32")
+    constexprs = dict(constexprs_of(cfg), BLOCK_D=BOTTLENECK, PRECISION="tf32")
     if name in T.EVEN_K_KERNELS:
         constexprs["EVEN_K"] = True
     aligned = tuple(a for a, t in sig.items()
@@ -54,5 +60,5 @@ def compile_case(case):
 
 def compile_all(workers: int | None = None) -> dict:
     """{case: HopperReport, or the exception its compile raised}."""
-    from fasttips.testing import compile_in_workers
+    from .hopper import compile_in_workers
     return compile_in_workers(compile_case, cases(), workers)
