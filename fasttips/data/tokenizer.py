@@ -8,11 +8,14 @@ proto travels inside checkpoints (``serialized()`` / ``from_bytes``).
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
+
+log = logging.getLogger(__name__)
 
 PAD_ID = 0
 
@@ -83,6 +86,8 @@ class Tokenizer:
             if row:
                 ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64) + self.offset
         lengths = torch.tensor([min(len(r), self.max_len) for r in pieces], dtype=torch.int64)
+        for i in (lengths == 0).nonzero().flatten().tolist():
+            _warn_empty_caption(texts[i])
         pad = torch.arange(self.max_len)[None, :] >= lengths[:, None]
         return ids, pad
 
@@ -92,3 +97,18 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, max_len={self.max_len})"
+
+
+MAX_EMPTY_CAPTION_WARNINGS = 10
+_empty_captions_seen = 0
+
+
+def _warn_empty_caption(text: str) -> None:
+    """A caption with no token trains its text embedding on padding alone: say so (a few times per
+    process, then once that more were seen), naming the caption."""
+    global _empty_captions_seen
+    _empty_captions_seen += 1
+    if _empty_captions_seen <= MAX_EMPTY_CAPTION_WARNINGS:
+        log.warning("caption %r tokenizes to nothing (all padding); check the shard's captions", text)
+        if _empty_captions_seen == MAX_EMPTY_CAPTION_WARNINGS:
+            log.warning("more captions that tokenize to nothing are not reported")

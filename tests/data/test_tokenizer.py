@@ -118,3 +118,17 @@ def test_cached_tokenizer_follows_the_shard_contents(tmp_path, monkeypatch):
         return int((~tok.encode([text])[1]).sum())
     assert pieces(rewritten, "zebra giraffe") < pieces(first, "zebra giraffe")   # trained on the new words
     assert resolve().serialized() == rewritten.serialized() and len(trainings) == 2
+
+
+def test_a_caption_that_tokenizes_to_nothing_is_reported(tok, caplog, monkeypatch):
+    from fasttips.data import tokenizer as tokenizer_mod
+    monkeypatch.setattr(tokenizer_mod, "_empty_captions_seen", 0)
+    with caplog.at_level("WARNING", logger="fasttips.data.tokenizer"):
+        ids, pad = tok.encode(["a red circle", "   "])
+    assert pad[1].all() and not pad[0].all()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "'   ' tokenizes to nothing" in messages[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fasttips.data.tokenizer"):
+        tok.encode([""] * 20)                      # a few reports per process, then one line, then quiet
+    assert len(caplog.records) == tokenizer_mod.MAX_EMPTY_CAPTION_WARNINGS
