@@ -33,6 +33,13 @@ def fake_wandb():
     return module
 
 
+@pytest.fixture(autouse=True)
+def wandb_counts_as_installed(monkeypatch):
+    """The fake-module tests run without wandb installed: the config's start-up check passes."""
+    installed = config_lib._installed
+    monkeypatch.setattr(config_lib, "_installed", lambda name: name == "wandb" or installed(name))
+
+
 def cfg_with(*overrides):
     return config_lib.load(None, ["preset=tiny", *overrides])
 
@@ -105,3 +112,21 @@ def test_offline_smoke(tmp_path, monkeypatch):
     writer.close()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_a_training_run_logs_every_step_to_wandb(tmp_path, monkeypatch):
+    """Trainer.run → MetricsWriter(cfg=...) → the W&B run: one log per step, the image, finish."""
+    from fasttips.distributed import fsdp
+    from fasttips.trainer import Trainer
+    cfg = config_lib.load(None, ["data.source=synthetic", "vision.depth=1", "text.depth=1", "text.max_len=8",
+                                 "heads.hidden=32", "heads.bottleneck=16", "heads.prototypes=32",
+                                 "data.batch_size=2", "data.global_size=28", "data.local_size=14",
+                                 "train.steps=3", "train.ckpt_every=100", f"train.run_dir={tmp_path}",
+                                 "train.wandb_project=p", "train.wandb_mode=offline"])
+    fake = fake_wandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert Trainer(cfg, fsdp.init_distributed(cfg), tmp_path, progress=False).run() == 0
+    logs = [c for c in fake.calls if c[0] == "log"]
+    steps = [step for _, data, step in logs if "loss" in data]
+    assert steps == [1, 2, 3] and all("loss/dino" in data for _, data, _ in logs[:3])
+    assert "loss_curve" in logs[-1][1] and fake.calls[-1] == ("finish",)
