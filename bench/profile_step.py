@@ -115,12 +115,17 @@ def analyse_trace(trace: dict) -> dict:
     for the ``fasttips.train_step`` scope of a torch.profiler chrome trace."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
     ops = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation")]
+    n_ops = len(ops)
     kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     steps = [e for e in ops if e["name"] == _STEP_SCOPE]
     if not steps:
         raise ValueError(f"trace has no '{_STEP_SCOPE}' scope")
     step = max(steps, key=lambda e: e["dur"])
     t0, t1 = step["ts"], step["ts"] + step["dur"]
+    # runtime calls (cudaLaunchKernel, ...) join the nesting only to find the op around a launch
+    # whose kernel carries no External id (Triton launches from Python may not), by correlation
+    runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    ops = ops + runtime
     parent = _parents(ops)
 
     def scopes_of(i: int | None) -> list[str]:
@@ -138,14 +143,21 @@ def analyse_trace(trace: dict) -> dict:
         top[category][name] = top[category].get(name, 0.0) + us
 
     if kernels:
-        by_ext = {}
-        for i, op in enumerate(ops):
+        by_ext, by_corr = {}, {}
+        for i, op in enumerate(ops[:n_ops]):
             ext = op.get("args", {}).get("External id")
-            if ext is not None and op.get("cat") == "cpu_op":
+            if ext is not None:
                 by_ext.setdefault(ext, i)
+        for i in range(n_ops, len(ops)):
+            corr = ops[i].get("args", {}).get("correlation")
+            if corr is not None:
+                by_corr[corr] = i
         inside = [k for k in kernels if t0 <= k["ts"] < t1]
         for k in inside:
-            i = by_ext.get(k.get("args", {}).get("External id"))
+            args = k.get("args", {})
+            i = by_ext.get(args.get("External id"))
+            if i is None:
+                i = by_corr.get(args.get("correlation"))
             add(classify(k["name"], scopes_of(i)), k["name"], k["dur"])
         covered = _intervals_union((max(k["ts"], t0), min(k["ts"] + k["dur"], t1)) for k in inside)
     else:

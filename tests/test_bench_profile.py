@@ -90,13 +90,18 @@ def test_analyse_a_cuda_trace():
         _x("sm90_xmma_gemm_bf16", 300, 200, cat="kernel", tid=7, **{"External id": 8}),   # a GEMM
         _x("multi_tensor_apply_kernel", 450, 100, cat="kernel", tid=7, **{"External id": 9}),  # overlaps
         _x("ncclDevKernel_AllGather", 5000, 50, cat="kernel", tid=8),                      # outside
+        # a Triton launch without External id: found through its runtime call's correlation
+        _x("fasttips.ema", 800, 50, cat="user_annotation"),
+        _x("cuLaunchKernelEx", 810, 5, cat="cuda_runtime", correlation=42),
+        _x("_ema_chunks_kernel", 900, 50, cat="kernel", tid=7, correlation=42),
     ]}
     out = ps.analyse_trace(trace)
     assert out["device"] and out["step_ms"] == 1.0
     cats = out["categories"]
     assert cats["prototype CE"] == pytest.approx(0.1) and cats["GEMMs"] == pytest.approx(0.2)
     assert cats["optimiser"] == pytest.approx(0.1) and cats["communication"] == 0
-    assert cats["host gaps"] == pytest.approx(1.0 - 0.35)       # union: [150, 250) ∪ [300, 550)
+    assert cats["EMA"] == pytest.approx(0.05)
+    assert cats["host gaps"] == pytest.approx(1.0 - 0.4)        # union: [150, 250) ∪ [300, 550) ∪ [900, 950)
 
 
 def test_analyse_a_cpu_trace():
