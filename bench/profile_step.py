@@ -260,7 +260,7 @@ def plot(rows: list[dict], path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(rows)), dpi=100)
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.5 * len(rows)), dpi=100)
     labels = [f"{r['case']['impl']}{' +compile' if r['case']['compile'] else ''} (b={r['case']['batch_per_device']})"
               for r in rows]
     left = [0.0] * len(rows)
@@ -270,7 +270,7 @@ def plot(rows: list[dict], path: str) -> str | None:
         left = [a + b for a, b in zip(left, widths)]
     ax.set_xlabel("ms per training step")
     ax.set_title(f"{rows[0]['case']['preset']} step on {rows[0]['device']}", fontsize=10)
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(rows) < 3 else -0.2))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path)
