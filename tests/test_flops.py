@@ -84,7 +84,10 @@ def test_the_whole_objective_per_image(overrides, seed):
 
     One allowance: the loss's backward recomputes each (student, teacher) pair's logits instead of
     keeping [rows × K] (the reference chunks do, the fused kernel does too). Recomputation is not
-    useful work, so the model (and MFU) leave it out; here it is added to the expectation."""
+    useful work, so the model (and MFU) leave it out; here it is added to the expectation.
+    n_global = 2 is not checked here: each local crop then pairs with both teacher globals, and the
+    loss computes student logits per pair rather than per row (~0.2 % more than the model, which
+    counts each row's logits once, as useful work)."""
     cfg = tiny(*overrides)
     d, h = cfg.data, cfg.heads
     model = build_model(cfg)
