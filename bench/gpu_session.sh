@@ -14,7 +14,7 @@
 #   dino_loss  prototype cross-entropy paths at T = 16384, K = 65536                             60
 #   step       vit-l step: fasttips vs plain (full-EMA and head-only teachers), eager + compiled 170
 #   profile    the vit-l step by category, fasttips and plain, eager                              50
-#   max_batch  the largest batch of fasttips and the plain baseline (eager), timed there         100
+#   max_batch  the largest batch of fasttips and the plain baseline (eager), timed there         180
 #   ema        head EMA, per-call and CUDA-graph replay                                          25
 #   gpu_tests  pytest -m gpu (kernels in bf16, the no-sync step tests)                  what is left
 #
@@ -125,7 +125,7 @@ stage attention 100 "$PY" bench/bench_attention.py $Q "${ATTN_FLAGS[@]}"
 stage dino_loss 60 "$PY" bench/bench_dino_loss.py "${LOSS[@]}"
 stage step 170 "$PY" bench/bench_train_step.py "${STEP[@]}"
 stage profile 50 "$PY" bench/profile_step.py "${PROFILE[@]}" --out "$OUT/results"
-stage max_batch 100 "$PY" bench/bench_train_step.py "${MAXB[@]}"
+stage max_batch 180 "$PY" bench/bench_train_step.py "${MAXB[@]}"
 stage ema 25 "$PY" bench/bench_ema.py --quick
 stage gpu_tests 30 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${GPU_TESTS[@]}"
 
