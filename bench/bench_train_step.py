@@ -1,7 +1,8 @@
 """The whole training step: fasttips against a plain-PyTorch baseline of the same model.
 
     python bench/bench_train_step.py [--quick] [--preset vit-l] [--batch 128,96,64]
-                                     [--kernels plain,auto] [--no-max-batch]
+                                     [--kernels plain,plain-head,auto] [--compile off,on]
+                                     [--no-max-batch] [--max-batch-refine 2]
 
 One step is exactly what ``fasttips train`` runs (``Training.train_step``): the packed student pass
 over the global, masked and local crops, the text tower, the CLIP, DINO and iBOT++ losses, backward,
@@ -17,12 +18,20 @@ Implementations (``--kernels``), measured in the same process at the same batch:
   cross-entropy (``kernels/dino_loss/naive.py``, the full [rows × K] logits), and a full-model EMA
   teacher (``teacher.mode=full_ema``: an EMA copy of the backbone that runs its own no-grad forward
   for the targets) updated with ``_foreach_mul_`` + ``_foreach_add_``. The engine's code is untouched.
+- ``plain-pytorch-head-ema`` (``plain-head``): the same plain ops with TIPSv2's head-only EMA teacher
+  (the student's detached features through EMA heads), so the teacher's share of the gap shows.
 - ``torch-reference`` (``reference``): FASTTIPS_KERNELS=reference, the engine's own PyTorch
   references (not a realistic peer on GPU: seconds per step; opt-in).
 
+``--compile off,on`` measures each implementation eager and with per-block ``torch.compile``
+(``train.compile=true``; row names get ``+compile``); compiling is skipped on the CPU (minutes of
+inductor time per case on a small machine, and CPU numbers mean nothing for it).
+
 ``--batch`` lists per-device batch sizes to try, largest first; the first at which every
-implementation fits is measured (a CUDA OOM moves to the next). On CUDA (not ``--quick``) a doubling
-search then finds the largest per-device batch each implementation can run (``max_batch`` in its row).
+implementation fits is measured (a CUDA OOM moves to the next). On CUDA (not ``--quick``) a bounded
+search then finds the largest per-device batch each implementation can run (doubling up to
+``MAX_BATCH_CAP``, then ``--max-batch-refine`` bisection steps between the last fit and the first
+miss), and measures it there too: a second row with ``at_max_batch: true``; ``max_batch`` in both.
 FLOPs come from the explicit model in ``fasttips.flops.flop_model`` (matmul FLOPs, fwd + bwd) of
 each implementation's own config: the full-EMA teacher's extra forward counts as work done, so the
 baseline's MFU is not flattered by it being slower. MFU is against the device's nominal dense bf16
@@ -50,10 +59,12 @@ BASELINE = "plain-pytorch"
 # --kernels value → (row name, FASTTIPS_KERNELS, swap in the plain-PyTorch ops, extra overrides)
 IMPLS = {
     "plain": (BASELINE, "reference", True, ["teacher.mode=full_ema"]),
+    "plain-head": (BASELINE + "-head-ema", "reference", True, ["teacher.mode=head_ema"]),
     "auto": ("fasttips", "auto", False, []),
     "reference": ("torch-reference", "reference", False, []),
 }
-DEFAULT_KERNELS = ["plain", "auto"]
+DEFAULT_KERNELS = ["plain", "plain-head", "auto"]
+COMPILED = "+compile"         # a --kernels value with this suffix runs with train.compile=true
 # (preset, per-device batch sizes to try, extra overrides, fallback overrides when no batch fits:
 # vit-g "layers", the same widths at fewer blocks) per device kind; quick runs shrink them.
 CASES = {
@@ -148,10 +159,19 @@ def build_trainer(preset: str, batch: int, overrides: list[str], run_dir: str):
     return Trainer(cfg, fsdp.init_distributed(cfg), Path(run_dir), progress=False)
 
 
+def variants(kernels: list[str], compiles: list[bool]) -> list[str]:
+    """Every (implementation, compile) pair as one --kernels value: ``auto``, ``auto+compile``, ..."""
+    return [k + (COMPILED if c else "") for k in kernels for c in compiles]
+
+
 @contextlib.contextmanager
 def implementation(kernels: str):
-    """Environment and op swaps of one --kernels value; yields (row name, extra config overrides)."""
-    name, env, plain, extra = IMPLS[kernels]
+    """Environment and op swaps of one --kernels value (``name`` or ``name+compile``); yields (row
+    name, extra config overrides)."""
+    base, compiled = (kernels[:-len(COMPILED)], True) if kernels.endswith(COMPILED) else (kernels, False)
+    name, env, plain, extra = IMPLS[base]
+    if compiled:
+        name, extra = name + COMPILED, extra + ["train.compile=true"]
     with env_var("FASTTIPS_KERNELS", env), plain_pytorch_ops() if plain else contextlib.nullcontext():
         yield name, extra
 
@@ -196,7 +216,8 @@ def measure(bench: Bench, preset: str, batch: int, overrides: list[str], kernels
                              peak_mem=peak, images_per_s=images_per_s, gflop_per_image=flops_per_image / 1e9,
                              mfu=mfu(flops_per_image, images_per_s, trainer.peak),
                              overrides=overrides + extra, kernels_env=os.environ["FASTTIPS_KERNELS"],
-                             teacher_mode=trainer.cfg.teacher.mode, first_step_s=first_s)
+                             teacher_mode=trainer.cfg.teacher.mode, compile=trainer.cfg.train.compile,
+                             first_step_s=first_s)
         finally:
             trainer = None                            # free the model before the next case
             _free()
@@ -222,24 +243,42 @@ def fits(preset: str, batch: int, overrides: list[str], kernels: str) -> bool:
             _free()
 
 
-def max_batch(preset: str, start: int, overrides: list[str], kernels: str, cap: int = MAX_BATCH_CAP) -> int:
-    """Doubling search from a batch known to fit: the largest power-of-two multiple of ``start``
-    that still runs (CUDA only: on CPU memory is not the limit)."""
+def max_batch(preset: str, start: int, overrides: list[str], kernels: str, cap: int = MAX_BATCH_CAP,
+              refine: int = 0) -> int:
+    """Bounded search from a batch known to fit: doubling while it fits (never past ``cap``), then
+    ``refine`` bisection steps between the last fit and the first miss (CUDA only: on CPU memory is
+    not the limit). At most log2(cap/start) + 1 + refine trial builds."""
     best = start
     while best * 2 <= cap and fits(preset, best * 2, overrides, kernels):
         best *= 2
+    miss = best * 2 if best * 2 <= cap else None
+    for _ in range(refine if miss else 0):
+        mid = (best + miss) // 2
+        if mid <= best:
+            break
+        if fits(preset, mid, overrides, kernels):
+            best = mid
+        else:
+            miss = mid
     return best
 
 
 def run(quick: bool = False, presets: list[str] | None = None, batches: list[int] | None = None,
         kernels: list[str] | None = None, results_dir: str | None = None,
-        search_max_batch: bool | None = None) -> Bench:
+        search_max_batch: bool | None = None, compiles: list[bool] | None = None,
+        refine: int = 2) -> Bench:
     bench = Bench("train_step", quick=quick, results_dir=results_dir)
     kind = "cuda" if bench.device.type == "cuda" else "cpu"
     kernels = kernels or DEFAULT_KERNELS
     bad = [k for k in kernels if k not in IMPLS]
     if bad:
         raise ValueError(f"kernels: {bad} not allowed; choose from {list(IMPLS)}")
+    compiles = compiles or [False]
+    if True in compiles and kind != "cuda":
+        print("torch.compile variants skipped: they need CUDA here (inductor on the CPU takes minutes "
+              "per case and says nothing about the GPU)", flush=True)
+        compiles = [c for c in compiles if not c] or [False]
+    kernels = variants(kernels, compiles)
     if search_max_batch is None:
         search_max_batch = kind == "cuda" and not quick
     if search_max_batch and kind != "cuda":
@@ -260,11 +299,23 @@ def run(quick: bool = False, presets: list[str] | None = None, batches: list[int
         if rows is None:
             print(f"{preset}: no batch size in {sizes} fits", flush=True)
             continue
+        _print_ratio(preset, rows)
         if search_max_batch:
             for row, k in zip(rows, kernels):
-                row["max_batch"] = max_batch(preset, row["case"]["batch_per_device"], extra, k)
+                row["max_batch"] = max_batch(preset, row["case"]["batch_per_device"], extra, k, refine=refine)
                 print(f"{preset} {row['impl']}: largest per-device batch {row['max_batch']}", flush=True)
-        _print_ratio(preset, rows)
+                if row["max_batch"] > row["case"]["batch_per_device"]:
+                    try:
+                        at_max = measure(bench, preset, row["max_batch"], extra, k)
+                    except RuntimeError as exc:     # fits() ran two steps; timing may still not fit
+                        if not _is_oom(exc):
+                            raise
+                        print(f"{preset} {row['impl']}: out of memory when timing batch {row['max_batch']}",
+                              flush=True)
+                        continue
+                    at_max.update(at_max_batch=True, max_batch=row["max_batch"])
+                    print(f"{preset} {row['impl']} at batch {row['max_batch']}: {at_max['images_per_s']:.1f} "
+                          f"img/s, MFU {_pct(at_max['mfu'])}, peak {_gib(at_max['peak_mem'])}", flush=True)
     return bench
 
 
@@ -276,7 +327,7 @@ def _measure_first_fit(bench, preset, sizes, extra, kernels):
             rows = []
             for k in kernels:
                 row = measure(bench, preset, batch, extra, k)
-                mfu_text = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+                mfu_text = _pct(row["mfu"])
                 print(f"{preset} batch {batch} {row['impl']}: {row['images_per_s']:.1f} img/s, "
                       f"MFU {mfu_text}, peak {_gib(row['peak_mem'])}, first step {row['first_step_s']:.1f} s",
                       flush=True)
@@ -292,14 +343,27 @@ def _measure_first_fit(bench, preset, sizes, extra, kernels):
 
 
 def _print_ratio(preset, rows):
+    """fasttips against each baseline variant, eager against eager and compiled against compiled,
+    and the best fasttips against the best (usually compiled) plain baseline."""
     by_impl = {r["impl"]: r for r in rows}
-    if "fasttips" in by_impl and BASELINE in by_impl:
-        ours, base = by_impl["fasttips"], by_impl[BASELINE]
-        text = (f"{preset}: fasttips {ours['images_per_s'] / base['images_per_s']:.2f}x the plain-PyTorch "
-                f"images/s at batch {ours['case']['batch_per_device']} (target on H100: >= 1.5x)")
-        if "max_batch" in ours and "max_batch" in base:
-            text += f"; largest batch {ours['max_batch']} vs {base['max_batch']}"
-        print(text, flush=True)
+    batch = rows[0]["case"]["batch_per_device"] if rows else None
+    for suffix in ("", COMPILED):
+        ours = by_impl.get("fasttips" + suffix)
+        for name in (BASELINE, BASELINE + "-head-ema"):
+            base = by_impl.get(name + suffix)
+            if ours and base:
+                print(f"{preset}: fasttips{suffix} {ours['images_per_s'] / base['images_per_s']:.2f}x "
+                      f"{name}{suffix} images/s at batch {batch}", flush=True)
+    ours = [r for r in rows if r["impl"].startswith("fasttips")]
+    plain = [r for r in rows if r["impl"].startswith(BASELINE)]
+    if ours and plain:
+        a, b = max(ours, key=lambda r: r["images_per_s"]), max(plain, key=lambda r: r["images_per_s"])
+        print(f"{preset}: best fasttips ({a['impl']}) {a['images_per_s'] / b['images_per_s']:.2f}x the best "
+              f"plain baseline ({b['impl']}) (target: >= 1.3x the compiled plain baseline)", flush=True)
+
+
+def _pct(value):
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def _time_steps(bench: Bench, step, inputs, slow_ms: float = 500.0, slow_reps: int = 4) -> dict:
@@ -339,16 +403,24 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", action="append", help="preset(s) to time instead of the defaults")
     parser.add_argument("--batch", help="comma-separated per-device batch sizes to try, largest first")
     parser.add_argument("--kernels", default=",".join(DEFAULT_KERNELS),
-                        help=f"implementations to compare, from {list(IMPLS)} (default: plain,auto)")
+                        help=f"implementations to compare, from {list(IMPLS)} (default: {','.join(DEFAULT_KERNELS)})")
+    parser.add_argument("--compile", default="off", help="off, on or off,on: per-block torch.compile (CUDA)")
     parser.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search (CUDA)")
+    parser.add_argument("--max-batch-refine", type=int, default=2,
+                        help="bisection steps after the doubling search (default 2)")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")] if args.batch else None
     kernels = [k.strip() for k in args.kernels.split(",")]
     bad = [k for k in kernels if k not in IMPLS]
     if bad:
         parser.error(f"--kernels: {bad} not allowed; choose from {list(IMPLS)}")
+    try:
+        compiles = [{"off": False, "on": True}[c.strip()] for c in args.compile.split(",")]
+    except KeyError:
+        parser.error(f"--compile: {args.compile!r}; use off, on or off,on")
     bench = run(args.quick, args.preset, batches, kernels,
-                search_max_batch=False if args.no_max_batch else None)
+                search_max_batch=False if args.no_max_batch else None, compiles=compiles,
+                refine=args.max_batch_refine)
     bench.report(baseline=BASELINE)
     print("wrote", bench.write())
     return 0

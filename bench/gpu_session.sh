@@ -1,47 +1,137 @@
 #!/usr/bin/env bash
-# What a session with a lent GPU runs to check and measure everything that needs one, in three stages
-# meant to fit one 10-minute device call each (the device tool's limit; 30 minutes per session in all).
-# Written without a GPU: the stage times are estimates from earlier H100 runs of the same benches.
+# Everything that needs a GPU, as ONE command that fits a 15-minute device window with the machine's
+# start-up: at most BUDGET_S (default 480 s = 8 min) of wall time, stages in order of decision value,
+# each skipped when the time left is less than its estimate, and each run under `timeout` so that
+# none can overrun the budget. Rows and logs land in $OUT as they are produced, so a killed run still
+# returns everything measured before the kill.
 #
-#   FASTTIPS_GIT_COMMIT=<sha> bash bench/gpu_session.sh check    # GPU tests: pytest -m gpu (bf16, 2x rule)
-#   FASTTIPS_GIT_COMMIT=<sha> bash bench/gpu_session.sh kernels  # attention + dino-loss + ema benches
-#   FASTTIPS_GIT_COMMIT=<sha> bash bench/gpu_session.sh step     # end-to-end step vs plain PyTorch (issue 8)
+#   FASTTIPS_GIT_COMMIT=<sha> bash bench/gpu_session.sh            # on the lent GPU
+#   bash bench/gpu_session.sh --dry-run                            # the same stages on the CPU, tiny shapes
 #
-# The device machine gets a copy of the tree without .git, hence FASTTIPS_GIT_COMMIT (the harness
-# writes it into every row). New result rows and logs are copied to $OUT when it is set (the device
-# tool brings back what is there); commit them under bench/results/ afterwards, then `fasttips bench --plot`.
+# Stages (estimates on one H100/H200, seconds):
+#   env        environment, nvidia-smi, the matmul and copy ceilings                            20
+#   attention  per kernel and config, N = 256/257/272, 1025 and 50, with the SDPA peers          100
+#   dino_loss  prototype cross-entropy paths at T = 16384, K = 65536                             60
+#   step       vit-l step: fasttips vs plain (full-EMA and head-only teachers), eager + compiled 170
+#   profile    the vit-l step by category, fasttips and plain, eager                              50
+#   max_batch  the largest batch of fasttips and the plain baseline (eager), timed there         180
+#   ema        head EMA, per-call and CUDA-graph replay                                          25
+#   gpu_tests  pytest -m gpu (kernels in bf16, the no-sync step tests)                  what is left
+#
+# BUDGET_S and the estimates apply to the dry run too (it takes ~2 min on 2 busy CPU cores);
+# ONLY="env profile ..." runs a subset of the stages (the others are recorded as skipped).
+#
+# Output ($OUT, default ./gpu-session-out): rows.jsonl (every row of every bench, appended the moment
+# it is measured: FASTTIPS_BENCH_STREAM), results/<bench>-<device>.jsonl (the benches' own files:
+# FASTTIPS_BENCH_RESULTS points there, so the checkout's bench/results/ is never touched),
+# results/plots/profile_step-*.png, logs/<stage>.log (written as it goes), session.jsonl (one line
+# per stage: status ok/failed/timeout/skipped, seconds). bench/README.md says how to fold them back.
 set -uo pipefail
-stage=${1:?usage: bash bench/gpu_session.sh check|kernels|step}
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
-: "${FASTTIPS_GIT_COMMIT:?set FASTTIPS_GIT_COMMIT=<sha> (the device copy has no .git)}"
-python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device")' || exit 2
-python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 2
-log=/tmp/fasttips-gpu-$stage.log
-before=$(mktemp)
-wc -l bench/results/*.jsonl 2>/dev/null > "$before"
 
-case $stage in
-  check)
-    python3 -m pytest -q -m gpu tests 2>&1 | tee "$log" ;;
-  kernels)
-    { python3 bench/bench_attention.py --quick --no-flex
-      python3 bench/bench_dino_loss.py --quick --tokens 16384 --prototypes 65536
-      python3 bench/bench_ema.py --quick; } 2>&1 | tee "$log" ;;
-  step)
-    { python3 bench/bench_train_step.py --preset vit-b --batch 128,64 --no-max-batch
-      python3 bench/bench_train_step.py --preset vit-l --batch 64,32; } 2>&1 | tee "$log" ;;
-  *) echo "unknown stage '$stage': choose check, kernels or step" >&2; exit 2 ;;
+DRY=0
+case "${1:-}" in
+  --dry-run) DRY=1 ;;
+  "") ;;
+  *) echo "usage: bash bench/gpu_session.sh [--dry-run]   (the stages are fixed; see the header)" >&2; exit 2 ;;
 esac
-status=$?
+PY=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-480}
+OUT=${OUT:-$PWD/gpu-session-out}
+mkdir -p "$OUT/logs" "$OUT/results" || exit 2
+export PYTHONUNBUFFERED=1 FASTTIPS_BENCH_STREAM="$OUT/rows.jsonl" FASTTIPS_BENCH_RESULTS="$OUT/results"
+START=$(date +%s)
 
-if [ -n "${OUT:-}" ]; then
-  cp "$log" "$OUT/" 2>/dev/null
-  # only the rows this stage appended, one file per results file
-  for f in bench/results/*.jsonl; do
-    old=$(awk -v f="$f" '$2 == f {print $1}' "$before"); old=${old:-0}
-    new=$(wc -l < "$f")
-    [ "$new" -gt "$old" ] && tail -n $((new - old)) "$f" > "$OUT/new-$(basename "$f")"
-  done
+if [ "$DRY" = 1 ]; then
+  export TRITON_INTERPRET=1
+  Q=--quick
+else
+  export TRITON_INTERPRET=0
+  Q=--quick          # the issue's shapes with short timing windows on a GPU
+  if [ -z "${FASTTIPS_GIT_COMMIT:-}" ]; then
+    echo "set FASTTIPS_GIT_COMMIT=<sha> (the device copy has no .git; rows name their commit)" >&2; exit 2
+  fi
+  "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device")' || exit 2
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/logs/install.log" 2>&1 || {
+    echo "pip install -e . failed: $OUT/logs/install.log" >&2; exit 2; }
 fi
-exit $status
+
+elapsed() { echo $(( $(date +%s) - START )); }
+
+# stage NAME ESTIMATE_S COMMAND...: run it if the estimate fits in the time left, under a timeout of
+# the time left, with its output to the terminal and to $OUT/logs/NAME.log as it goes.
+stage() {
+  local name=$1 estimate=$2; shift 2
+  local left=$(( BUDGET_S - $(elapsed) )) t0 status rc
+  if [ -n "${ONLY:-}" ] && [[ " ${ONLY//,/ } " != *" $name "* ]]; then
+    printf '{"stage": "%s", "status": "skipped", "seconds": 0, "reason": "not in ONLY"}\n' "$name" >> "$OUT/session.jsonl"
+    return 0
+  fi
+  if [ "$left" -lt "$estimate" ]; then
+    echo "== $name: skipped ($left s left, needs ~$estimate s)"
+    printf '{"stage": "%s", "status": "skipped", "seconds": 0, "left_s": %d, "estimate_s": %d}\n' \
+      "$name" "$left" "$estimate" >> "$OUT/session.jsonl"
+    return 0
+  fi
+  echo "== $name (estimate ${estimate} s, ${left} s left)"
+  t0=$(date +%s)
+  timeout --kill-after=10 "$left" "$@" 2>&1 | tee "$OUT/logs/$name.log"
+  rc=${PIPESTATUS[0]}
+  case $rc in 0) status=ok ;; 124|137) status=timeout ;; *) status=failed ;; esac
+  printf '{"stage": "%s", "status": "%s", "rc": %d, "seconds": %d, "elapsed_s": %d}\n' \
+    "$name" "$status" "$rc" "$(( $(date +%s) - t0 ))" "$(elapsed)" >> "$OUT/session.jsonl"
+  [ "$status" = ok ] || FAILED="${FAILED:-} $name"
+}
+
+# Optional flags, used when the bench supports them (bench_attention.py belongs to the kernels work):
+# extra sequence lengths and CUDA-graph replay timing beside per-call timing.
+supports() { grep -q -- "\"$2\"" "$1"; }       # the flag's string in the script's argparse
+ATTN_FLAGS=(--no-flex)
+supports bench/bench_attention.py --seqlens && ATTN_FLAGS+=(--seqlens 256,257,272,1025,50)
+supports bench/bench_attention.py --graph && ATTN_FLAGS+=(--graph)
+
+if [ "$DRY" = 1 ]; then
+  STEP=(--quick --compile off,on --no-max-batch)
+  PROFILE=(--quick --kernels auto,plain)
+  MAXB=(--quick --kernels auto --max-batch-refine 1)   # the search itself is CUDA-only: a smoke run
+  LOSS=(--quick --no-compile)
+  GPU_TESTS=(tests/test_step_sync.py)
+else
+  STEP=(--preset vit-l --batch 64,32 --kernels auto,plain,plain-head --compile off,on --no-max-batch)
+  PROFILE=(--preset vit-l --batch 64 --kernels auto,plain)
+  MAXB=(--preset vit-l --batch 64,32 --kernels plain,auto --max-batch-refine 1)
+  LOSS=(--quick --tokens 16384 --prototypes 65536)
+  GPU_TESTS=(tests)
+fi
+
+stage env 20 "$PY" - <<'EOF'
+import json, os, subprocess, sys
+sys.path.insert(0, "bench")
+import torch, harness
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+row = {"bench": "env", **harness.environment(device), "ceilings": harness.measure_ceilings(device)}
+if device.type == "cuda":
+    p = torch.cuda.get_device_properties(device)
+    row.update(sm=f"{p.major}.{p.minor}", memory_gib=p.total_memory / 2**30, multiprocessors=p.multi_processor_count)
+    try:
+        row["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,power.limit",
+                                            "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as exc:
+        row["nvidia_smi"] = f"unavailable: {exc}"
+harness.stream_row(row)
+print(json.dumps(row, indent=1))
+EOF
+stage attention 100 "$PY" bench/bench_attention.py $Q "${ATTN_FLAGS[@]}"
+stage dino_loss 60 "$PY" bench/bench_dino_loss.py "${LOSS[@]}"
+stage step 170 "$PY" bench/bench_train_step.py "${STEP[@]}"
+stage profile 50 "$PY" bench/profile_step.py "${PROFILE[@]}" --out "$OUT/results"
+stage max_batch 180 "$PY" bench/bench_train_step.py "${MAXB[@]}"
+stage ema 25 "$PY" bench/bench_ema.py --quick
+stage gpu_tests 30 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${GPU_TESTS[@]}"
+
+echo "== done in $(elapsed) s (budget ${BUDGET_S} s); rows: $OUT/rows.jsonl ($(wc -l < "$OUT/rows.jsonl" 2>/dev/null || echo 0) lines)"
+if [ -n "${FAILED:-}" ]; then
+  echo "stages not ok:${FAILED} (see $OUT/logs/ and $OUT/session.jsonl)" >&2
+  exit 1
+fi
+exit 0

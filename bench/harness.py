@@ -25,7 +25,25 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# $FASTTIPS_BENCH_RESULTS redirects every bench's rows (bench/gpu_session.sh points it into $OUT, so
+# that a session's rows come back as whole files and the checkout's bench/results/ stays untouched).
+RESULTS_DIR = (os.environ.get("FASTTIPS_BENCH_RESULTS")
+               or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+# When set, every row is also appended to this file the moment it is measured (and flushed to disk),
+# so that a run killed part-way (a GPU session's time limit) still returns the rows it measured.
+STREAM_ENV = "FASTTIPS_BENCH_STREAM"
+
+
+def stream_row(row: dict) -> None:
+    """Append ``row`` as one JSON line to $FASTTIPS_BENCH_STREAM (nothing when it is unset)."""
+    path = os.environ.get(STREAM_ENV)
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,6 +305,7 @@ class Bench:
             "ceilings": dict(self.ceilings), **self.env, **extra,
         }
         self.rows.append(row)
+        stream_row(row)
         return row
 
     def report(self, baseline: str | None = None, file=None) -> str:

@@ -39,6 +39,7 @@ LoaderKind = Literal["auto", "dali", "pytorch"]
 PixelNorm = Literal["tips", "imagenet"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
+WandbMode = Literal["online", "offline"]
 
 FFNS = get_args(Ffn)
 CONTRASTIVE_LOSSES = get_args(ContrastiveLoss)
@@ -222,6 +223,10 @@ class TrainConfig:
     ckpt_every: int = setting(50, "checkpoint every N steps (and at the end and when stopped)", ge=1)
     keep_ckpts: int = setting(2, "complete checkpoints kept; older ones are deleted", ge=1)
     max_nonfinite: int = setting(5, "consecutive non-finite steps (skipped) before the run stops", ge=1)
+    wandb_project: str = setting("", "Weights & Biases project for the metrics, config and loss curve "
+                                     "(pip install 'fasttips[wandb]'); empty = off")
+    wandb_mode: WandbMode = setting("online", "W&B: online = upload as it runs; offline = write under "
+                                              "RUN_DIR/wandb for a later `wandb sync`")
     compile: bool = setting(False, "torch.compile the model")
     activation_checkpointing: bool = setting(False, "recompute block activations in the backward "
                                                     "(less memory, more compute)")
@@ -523,6 +528,9 @@ def check_runnable(cfg: Config) -> None:
     if cfg.data.loader == "dali" and cfg.data.source != "synthetic" and not _installed("nvidia.dali"):
         raise ConfigError("data.loader: dali, but nvidia.dali is not installed "
                           "(pip install 'fasttips[dali]', or use data.loader=pytorch)")
+    if cfg.train.wandb_project and not _installed("wandb"):
+        raise ConfigError("train.wandb_project: set, but wandb is not installed "
+                          "(pip install 'fasttips[wandb]', or leave train.wandb_project empty)")
     run_dir = Path(cfg.train.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.run_dir: {str(run_dir)!r} is a file, not a folder; choose another path")

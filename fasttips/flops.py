@@ -1,8 +1,13 @@
 """An explicit FLOP model of the config, and MFU.
 
 FLOP model (matmul FLOPs only, the usual MFU convention; a multiply-add counts 2; backward = 2×
-forward). Per token and block, with width D, MLP hidden H and N tokens in the sequence:
-``qkv 6D² + proj 2D² + MLP (4DH GELU/ReLU, 6DH SwiGLU) + attention 4ND``. A training image costs:
+forward, except the patch embedding, whose input (the pixels) needs no gradient: its backward is the
+weight gradient alone, 1× forward). Per token and block, with width D, MLP hidden H and N tokens in
+the sequence: ``qkv 6D² + proj 2D² + MLP (4DH GELU/ReLU, 6DH SwiGLU) + attention 4ND``; the patch
+embedding ``2·P²·3·D`` per patch. Left out, as in every MFU figure: softmax, LayerNorm, GELU/SiLU,
+bias and residual adds, the weight-norm and L2 normalisations, the EMA and the optimiser (all
+elementwise or reductions, a few percent of the step's FLOPs at most). tests/test_flops.py checks
+each part against ``torch.utils.flop_counter.FlopCounterMode`` on the tiny preset. A training image costs:
 
 - vision, with gradients: each global crop twice (the contrastive view and its masked copy) and each
   local crop once; without gradients: one more global pass when ``teacher.features=separate_no_grad``
@@ -36,12 +41,25 @@ def _block_flops(tokens: int, width: int, hidden: int, ffn: str) -> float:
     return tokens * (8 * width * width + mlp) + 4 * tokens * tokens * width
 
 
-def _vision_pass(cfg, size: int) -> float:
+def _vision_parts(cfg, size: int) -> tuple[float, float]:
+    """Forward matmul FLOPs of one image at ``size`` pixels: (patch embedding, blocks)."""
     v = cfg.vision
     patches = (size // v.patch_size) ** 2
     tokens = patches + v.n_cls
     embed = 2 * patches * 3 * v.patch_size ** 2 * v.width
-    return embed + v.depth * _block_flops(tokens, v.width, v.mlp_hidden, v.ffn)
+    return embed, v.depth * _block_flops(tokens, v.width, v.mlp_hidden, v.ffn)
+
+
+def _vision_pass(cfg, size: int) -> float:
+    """One forward pass (no gradient)."""
+    return sum(_vision_parts(cfg, size))
+
+
+def _vision_train(cfg, size: int) -> float:
+    """Forward + backward: the blocks' backward is 2× their forward (input and weight gradients);
+    the patch embedding's is 1× (weight gradient only: the pixels need none)."""
+    embed, blocks = _vision_parts(cfg, size)
+    return 2 * embed + 3 * blocks
 
 
 def _text_pass(cfg) -> float:
@@ -80,8 +98,8 @@ class FlopModel:
 def flop_model(cfg, global_batch: int | None = None) -> FlopModel:
     d = cfg.data
     grad, no_grad = 3.0, 1.0
-    vision = d.n_global * 2 * _vision_pass(cfg, d.global_size) * grad
-    vision += d.n_local * _vision_pass(cfg, d.local_size) * grad
+    vision = d.n_global * 2 * _vision_train(cfg, d.global_size)
+    vision += d.n_local * _vision_train(cfg, d.local_size)
     if cfg.teacher.features == "separate_no_grad" or cfg.teacher.mode == "full_ema":
         vision += d.n_global * _vision_pass(cfg, d.global_size) * no_grad
     text = 2 * _text_pass(cfg) * grad

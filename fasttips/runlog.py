@@ -1,5 +1,6 @@
 """What a run writes while it trains: metrics.jsonl, TensorBoard scalars (when tensorboard is
-installed), the progress line, and the loss-curve PNG at the end."""
+installed), Weights & Biases (when ``train.wandb_project`` is set; fasttips/wandb_log.py), the
+progress line, and the loss-curve PNG at the end."""
 from __future__ import annotations
 
 import json
@@ -13,12 +14,19 @@ import torch
 
 
 class MetricsWriter:
-    """One JSON line per logged step in ``metrics.jsonl``; TensorBoard scalars when it is installed."""
+    """One JSON line per logged step in ``metrics.jsonl``; TensorBoard scalars when it is installed;
+    the same scalars to W&B when ``cfg.train.wandb_project`` is set (``cfg`` given), plus the config at
+    the start and the loss-curve PNG at ``close``. ``wandb``: a ready writer (tests) instead of cfg's."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True, cfg=None,
+                 wandb=None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self._tb = None
+        self._wandb = wandb if enabled else None
+        if enabled and wandb is None and cfg is not None and getattr(cfg.train, "wandb_project", ""):
+            from fasttips.wandb_log import wandb_writer      # only now: wandb is optional
+            self._wandb = wandb_writer(cfg, run_dir)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -36,10 +44,19 @@ class MetricsWriter:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.write(step, record)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            # the loss curve goes to W&B too (the trainer draws the same PNG again for its report)
+            png = plot_loss_curve(self.path, self.path.with_name("loss_curve.png"))
+            if png is not None:
+                self._wandb.log_image("loss_curve", png)
+            self._wandb.close()
+            self._wandb = None
 
 
 def _plain(value):

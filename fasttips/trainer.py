@@ -258,7 +258,7 @@ class Trainer:
                  f"FLOPs: {self.flops.describe()}")
         self.say(f"data: {self.data_source} through the {self.loader.kind} loader, "
                  f"{cfg.data.batch_size} images per process")
-        writer = MetricsWriter(self.run_dir, enabled=self.is_main)
+        writer = MetricsWriter(self.run_dir, enabled=self.is_main, cfg=cfg)   # + W&B when train.wandb_project
         bar = ProgressBar(total, self.step, enabled=self.is_main, redraw=self.progress,
                           every=max(1, total // 20))
         iterator = [iter(self.loader)]

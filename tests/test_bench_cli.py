@@ -59,9 +59,10 @@ def test_quick_bench_writes_valid_json(name, tmp_path, capsys):
         assert {"fasttips", "foreach_lerp", "foreach_mul_add", "loop_lerp"} <= impls
         assert all(r["gbps"] > 0 for r in rows)
     if name == "step":
-        assert impls == {"fasttips", "plain-pytorch"}
+        assert impls == {"fasttips", "plain-pytorch", "plain-pytorch-head-ema"}
         by_impl = {r["impl"]: r for r in rows}
         assert by_impl["plain-pytorch"]["teacher_mode"] == "full_ema"
+        assert by_impl["plain-pytorch-head-ema"]["teacher_mode"] == "head_ema"
         assert by_impl["fasttips"]["teacher_mode"] == "head_ema"
         assert by_impl["plain-pytorch"]["case"] == by_impl["fasttips"]["case"]   # same model, same batch
         assert all(r["images_per_s"] > 0 and "max_batch" not in r for r in rows)  # no search on CPU
@@ -194,3 +195,22 @@ def test_first_fit_reraises_errors_that_are_not_out_of_memory(step_bench, monkey
     with pytest.raises(RuntimeError, match="shape mismatch"):
         step_bench._measure_first_fit(bench, "vit-b", [32, 16], [], ["auto"])
     assert step_bench._is_oom(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+
+
+def test_max_batch_refines_between_the_last_fit_and_the_first_miss(step_bench, monkeypatch):
+    tried = []
+
+    def fits(preset, batch, overrides, kernels):
+        tried.append(batch)
+        return batch <= 40
+    monkeypatch.setattr(step_bench, "fits", fits)
+    assert step_bench.max_batch("vit-b", 6, [], "auto", refine=2) == 36
+    assert tried == [12, 24, 48, 36, 42]                   # doubling, then two bisection steps
+
+
+def test_compile_variants_name_their_rows_and_set_the_config(step_bench):
+    assert step_bench.variants(["plain", "auto"], [False, True]) == ["plain", "plain+compile", "auto",
+                                                                      "auto+compile"]
+    with step_bench.implementation("plain-head+compile") as (name, extra):
+        assert name == "plain-pytorch-head-ema+compile"
+        assert extra == ["teacher.mode=head_ema", "train.compile=true"]

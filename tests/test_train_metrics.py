@@ -19,9 +19,11 @@ def test_flop_model_matches_a_hand_count_for_vit_l():
     D, H, L, p = 1024, 4096, 24, 14
     N = (224 // p) ** 2 + 2                                       # 256 patches + 2 CLS
     per_block = N * (8 * D * D + 4 * D * H) + 4 * N * N * D
-    vision_pass = 2 * 256 * 3 * p * p * D + L * per_block
+    embed = 2 * 256 * 3 * p * p * D
+    vision_pass = embed + L * per_block
     fm = flop_model(cfg)
-    assert fm.vision == pytest.approx(3 * 2 * vision_pass)        # full + masked view, fwd + bwd
+    # full + masked view, fwd + bwd: 3× the blocks, 2× the patch embedding (no gradient to pixels)
+    assert fm.vision == pytest.approx(2 * (2 * embed + 3 * L * per_block))
     T = 64
     text_pass = 12 * (T * (8 * D * D + 4 * D * H) + 4 * T * T * D)
     assert fm.text == pytest.approx(3 * 2 * text_pass)            # two captions
@@ -48,7 +50,10 @@ def test_flop_model_counts_matmuls_of_the_real_model():
     N, D = 16 + 2, cfg.vision.width
     attention = cfg.vision.depth * 4 * N * N * D                  # q·kᵀ and p·v (no nn.Linear)
     cfg.data.n_local = 0
-    one_pass = flop_model(cfg).vision / 3 / 2                     # fwd+bwd = 3×, two global views
+    p = cfg.vision.patch_size
+    embed = 2 * (56 // p) ** 2 * 3 * p * p * D
+    train = flop_model(cfg).vision / 2                            # two global views
+    one_pass = (train - 2 * embed) / 3 + embed                    # blocks fwd+bwd = 3×, embedding 2×
     assert sum(counted) + attention == pytest.approx(one_pass, rel=1e-9)
 
 

@@ -7,7 +7,6 @@ pass: their tokens are concatenated and attention is one packed (varlen) call.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -104,7 +103,7 @@ def _packing_tensors(lengths: tuple[int, ...], device: torch.device, with_token_
         _PACKING_CACHE.move_to_end(key)
         return hit
     lens = torch.tensor(lengths, dtype=torch.int64, device=device)
-    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    cu = kernels.cu_seqlens_from_lengths(lengths, device)   # its longest sequence known on the host
     token_seq = None
     if with_token_seq:    # token → sequence index, built here so forward passes never mutate it
         token_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens,
