@@ -6,12 +6,22 @@ A sample is a group of tar members sharing a key (the member name up to the firs
 and fields as ``data.caption_fields`` maps them (``caption_fields.py``). Other members of a sample
 (for example the demo's ``{key}.mask.png``) are kept in the index as extras and otherwise ignored.
 
-Every shard gets a validated index before it is read (``index_shard``): the tar is scanned once,
-each sample is checked (an image member that decodes, a caption as ``caption_fields`` reads it), and
-bad samples are left out and counted by reason (``SKIP_REASONS``). A damaged tar keeps its intact
-samples: a bad header is skipped to the next valid one, a shard cut off mid-way keeps everything
-before the cut. The index lives next to the shard (``<shard>.tar.index.json``) or, if that folder is
-read-only, in the cache (``$FASTTIPS_DATA_DIR/index``). A DALI index (``.idx``, wds2idx's format
+Every shard gets a checked index before it is read (``index_shard``): the tar is scanned once,
+each sample is checked (an image member, a caption as ``caption_fields`` reads it), and bad samples
+are left out and counted by reason (``SKIP_REASONS``). The image check is ``full`` (decode every
+image: what the DALI loader needs, since one corrupt image stops its pipeline; ``data check``) or
+``header`` (``image_header_ok``: format, header and container structure, no pixel decoding; a bad
+image that passes it is skipped and counted by the PyTorch loader when met). A damaged tar keeps its
+intact samples: a bad header is skipped to the next valid one, a shard cut off mid-way keeps
+everything before the cut.
+
+The index is built once and shared: it lives in ``data.index_dir`` (default
+``$FASTTIPS_DATA_DIR/index`` or ``~/.cache/fasttips/index``; never in the shards' folder, which is the
+user's), named after the shard's path or URL *and* its fingerprint (size + mtime, or ETag), so a
+rewritten shard gets a new index and a stale one is never read. Files are written to a temporary
+name and renamed, so ranks indexing concurrently never see half a file; ``index_shards`` starts each
+rank at a different place in the list, so the ranks of a first run share the work (and a shard two
+ranks both index is just written twice, identically). A DALI index (``.idx``, wds2idx's format
 v1.2) listing only the good samples is written beside it, so both loaders read exactly the same
 samples and DALI never meets a bad one. Its members are named by sample number, not by key (the
 format is space-separated and DALI's ``source_info`` is ':'-separated; keys may hold both).
@@ -25,12 +35,14 @@ import json
 import logging
 import os
 import tarfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from . import storage
 from .caption_fields import CAPTION_KINDS, DEFAULT, CaptionFields
 from .decode import container_ok
 
@@ -38,8 +50,10 @@ log = logging.getLogger("fasttips.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 CAPTION_EXT = "json"         # the caption member ShardWriter writes (the default caption_fields read it)
-INDEX_VERSION = 3            # 2: captions are the CAPTION_KINDS fields only; 3: damaged tars, DALI names,
-                             # caption members per data.caption_fields
+INDEX_VERSION = 4            # 2: captions are the CAPTION_KINDS fields only; 3: damaged tars, DALI names,
+                             # caption members per data.caption_fields; 4: in the cache, keyed by fingerprint,
+                             # with the validation level
+VALIDATION = ("header", "full")   # image checks, cheapest first (a full index also serves a header request)
 VALIDATE_CHUNK = 256         # images decoded per batch while indexing
 MAX_SKIPPED_KEYS = 1000      # skipped keys remembered per shard (with their reason), for `data check`
 # corrupt_image: does not decode; missing_caption: no .json or no usable caption in it; non_image_member:
@@ -130,8 +144,12 @@ def list_shards(path: str | os.PathLike | list, what: str = "data.path") -> list
     if not items or all(not str(p) for p in items):
         raise FileNotFoundError(f"{what} is empty: give a folder of .tar shards, a glob or a .tar file")
     found: list[str] = []
+    remote: list[str] = []
     for item in items:
-        p = str(item)
+        p = storage.local_path(str(item))
+        if storage.is_url(p):
+            remote += storage.list_remote(p)
+            continue
         if os.path.isdir(p):
             found += glob.glob(os.path.join(p, "**", "*.tar"), recursive=True)
         elif any(ch in p for ch in "*?["):
@@ -141,7 +159,7 @@ def list_shards(path: str | os.PathLike | list, what: str = "data.path") -> list
         else:
             raise FileNotFoundError(f"{what}={p!r} does not exist (expected a folder of .tar shards, "
                                     "a glob such as 'shards/*.tar', or a .tar file)")
-    found = sorted(set(os.path.abspath(f) for f in found))
+    found = sorted(set(os.path.abspath(f) for f in found)) + sorted(set(remote))
     if not found:
         raise FileNotFoundError(f"{what}={path!r} holds no .tar shards")
     return found
@@ -173,6 +191,7 @@ class ShardIndex:
     skipped: dict[str, int]
     dali_index: str | None = None           # path of the wds2idx-format index of the good samples
     skipped_keys: list[tuple[str, str]] = field(default_factory=list)   # (key, reason), up to MAX_SKIPPED_KEYS
+    validation: str = "full"                # the image check the samples passed (VALIDATION)
 
 
 def parse_captions(data: bytes) -> dict[str, str]:
@@ -207,22 +226,49 @@ def image_is_valid(data: bytes) -> bool:
         return False
 
 
-def _index_paths(shard: str) -> tuple[Path, Path]:
-    """(json index, DALI .idx) beside the shard if that folder is writable, else in the cache."""
-    folder = os.path.dirname(shard)
-    if os.access(folder, os.W_OK):
-        base = Path(shard + ".index")
-    else:
-        digest = hashlib.sha1(os.path.abspath(shard).encode()).hexdigest()[:16]
-        base = cache_dir() / "index" / f"{Path(shard).stem}-{digest}"
-        base.parent.mkdir(parents=True, exist_ok=True)
-    return base.with_name(base.name + ".json"), base.with_name(base.name.replace(".index", "") + ".idx")
+def image_header_ok(data: bytes) -> bool:
+    """The cheap check (``validate=header``): Pillow recognises a JPEG or PNG header with a non-empty
+    size, and the container is well formed (``decode.container_ok``: a JPEG's marker segments up to the
+    scan, a PNG's chunk layout and CRCs up to IEND, so a cut-off or bit-flipped PNG fails). It does not
+    decode pixels, so a JPEG damaged or cut off inside its compressed data passes; the PyTorch loader
+    skips and counts such an image when it meets it (the DALI loader would stop: it gets ``full``)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format not in ("JPEG", "PNG") or im.width < 1 or im.height < 1:
+                return False
+            return container_ok(im.format, data)
+    except Exception:  # PIL raises many types for broken files
+        return False
 
 
-def fingerprint(shard: str) -> list[int]:
-    """A cheap content fingerprint of a shard file: [size, mtime in ns] (a rewrite changes it)."""
+def index_root(index_dir: str | os.PathLike = "") -> Path:
+    """Where indexes are kept: ``data.index_dir``, else the cache's ``index`` folder."""
+    return Path(index_dir) if str(index_dir) else cache_dir() / "index"
+
+
+def index_paths(shard: str, stamp, index_dir: str | os.PathLike = "") -> tuple[Path, Path]:
+    """(json index, DALI .idx) of a shard at its current fingerprint ``stamp``, in ``index_root``."""
+    digest = hashlib.sha1(f"{shard}|{json.dumps(stamp)}".encode()).hexdigest()[:20]
+    stem = os.path.basename(shard.rstrip("/")).split(".tar")[0][:60] or "shard"
+    base = index_root(index_dir) / f"{stem}-{digest}"
+    return base.with_name(base.name + ".index.json"), base.with_name(base.name + ".idx")
+
+
+def fingerprint(shard: str) -> list:
+    """A cheap content fingerprint: [size, mtime in ns] of a file, [size, ETag or the like] of a URL
+    (``storage.fingerprint``); a rewrite changes it."""
+    if storage.is_url(shard):
+        return storage.fingerprint(shard)
     st = os.stat(shard)
     return [st.st_size, st.st_mtime_ns]
+
+
+def _open(shard: str, size: int):
+    return storage.open_shard(shard, size) if storage.is_url(shard) else open(shard, "rb")
+
+
+def _size(shard: str) -> int:
+    return fingerprint(shard)[0] if storage.is_url(shard) else os.path.getsize(shard)
 
 
 def _zero_bytes(f, start: int, stop: int) -> bool:
@@ -248,14 +294,15 @@ def _tar_members(shard: str) -> tuple[dict[str, dict[str, tuple[int, int]]], lis
     incomplete are counted as ``damaged_sample`` rather than as a missing image or caption.
     Raises ``tarfile.ReadError`` when nothing in the file is a readable member.
     """
-    file_size = os.path.getsize(shard)
+    file_size = _size(shard)
     groups: dict[str, dict[str, tuple[int, int]]] = {}
     order: list[str] = []
     near_damage: set[str] = set()
     damaged = 0
     last_key, expected = None, 0                    # where the next header should start
     # ``raw`` is a second handle for looking at gaps, so tarfile's own file position is left alone
-    with open(shard, "rb") as raw, tarfile.open(shard, mode="r:", ignore_zeros=True) as tar:
+    with _open(shard, file_size) as raw, _open(shard, file_size) as f, \
+            tarfile.open(fileobj=f, mode="r:", ignore_zeros=True) as tar:
         while True:
             try:
                 m = tar.next()
@@ -295,10 +342,14 @@ def _tar_members(shard: str) -> tuple[dict[str, dict[str, tuple[int, int]]], lis
     return groups, order, near_damage, damaged
 
 
-def _scan(shard: str, fields: CaptionFields = DEFAULT,
-          skipped_keys: list | None = None) -> tuple[list[Sample], dict[str, int]]:
+def _scan(shard: str, fields: CaptionFields = DEFAULT, skipped_keys: list | None = None,
+          validate: str = "full") -> tuple[list[Sample], dict[str, int]]:
     """(good samples, skip counts by reason) of a shard; ``skipped_keys`` (if given) receives
-    (key, reason) of the first MAX_SKIPPED_KEYS skipped samples."""
+    (key, reason) of the first MAX_SKIPPED_KEYS skipped samples. ``validate``: the image check
+    (``full`` decodes, ``header`` is ``image_header_ok``)."""
+    if validate not in VALIDATION:
+        raise ValueError(f"validate={validate!r}: allowed {list(VALIDATION)}")
+    check = image_is_valid if validate == "full" else image_header_ok
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     keys_out = skipped_keys if skipped_keys is not None else []
 
@@ -309,18 +360,33 @@ def _scan(shard: str, fields: CaptionFields = DEFAULT,
     try:
         groups, order, near_damage, damaged = _tar_members(shard)
     except (OSError, tarfile.TarError, EOFError) as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)) and storage.is_url(shard):
+            raise                                        # a 404 / refused access: the user must act
         log.warning("skipping unreadable shard %s (%s)", shard, exc)
         skipped["unreadable_shard"] = 1
         return [], skipped
     if damaged:
         log.warning("shard %s is damaged in %d place(s); its intact samples are kept", shard, damaged)
     skipped["damaged_tar"] = damaged
-    candidates = []                                      # (key, image ext): caption checked, image not yet
-    with open(shard, "rb") as f:
+    samples = []
+    with _open(shard, _size(shard)) as f, ThreadPoolExecutor(max_workers=2) as pool:  # PIL releases the GIL
         def read(off_size):
             f.seek(off_size[0])
             return f.read(off_size[1])
 
+        def check_chunk(chunk, images):
+            for (key, image_ext), ok in zip(chunk, pool.map(check, images)):
+                if not ok:
+                    skip(key, "corrupt_image")
+                    continue
+                members = groups[key]
+                texts = _member_ranges(members, fields.exts)
+                extras = {e: members[e] for e in members if e != image_ext and e not in texts}
+                samples.append(Sample(shard, key, (image_ext, *members[image_ext]), texts, extras, fields))
+
+        # one pass in tar order (a remote shard is streamed once), checking VALIDATE_CHUNK images at a
+        # time, so only that many encoded images are held at once (shards can be GBs)
+        chunk, images = [], []
         for key in order:
             members = groups[key]
             image_ext = next((e for e in IMAGE_EXTS if e in members), None)
@@ -329,24 +395,19 @@ def _scan(shard: str, fields: CaptionFields = DEFAULT,
                 skip(key, "damaged_sample" if key in near_damage else
                      "non_image_member" if image_ext is None else "missing_caption")
                 continue
-            if not fields.extract({e: read(r) for e, r in texts.items()}):
+            # members in file order: the image and the caption members are usually neighbours
+            ranges = sorted([(e, r) for e, r in texts.items()] + [(image_ext, members[image_ext])],
+                            key=lambda er: er[1][0])
+            data = {e: read(r) for e, r in ranges}
+            if not fields.extract({e: data[e] for e in texts}):
                 skip(key, "missing_caption")
                 continue
-            candidates.append((key, image_ext))
-        samples = []
-        # decode in chunks, so only VALIDATE_CHUNK encoded images are held at once (shards can be GBs)
-        with ThreadPoolExecutor(max_workers=2) as pool:  # PIL releases the GIL while decoding
-            for start in range(0, len(candidates), VALIDATE_CHUNK):
-                chunk = candidates[start:start + VALIDATE_CHUNK]
-                images = [read(groups[key][ext]) for key, ext in chunk]
-                for (key, image_ext), ok in zip(chunk, pool.map(image_is_valid, images)):
-                    if not ok:
-                        skip(key, "corrupt_image")
-                        continue
-                    members = groups[key]
-                    texts = _member_ranges(members, fields.exts)
-                    extras = {e: members[e] for e in members if e != image_ext and e not in texts}
-                    samples.append(Sample(shard, key, (image_ext, *members[image_ext]), texts, extras, fields))
+            chunk.append((key, image_ext))
+            images.append(data[image_ext])
+            if len(chunk) >= VALIDATE_CHUNK:
+                check_chunk(chunk, images)
+                chunk, images = [], []
+        check_chunk(chunk, images)
     return samples, skipped
 
 
@@ -373,9 +434,7 @@ def _write_dali_index(path: Path, samples: list[Sample], fields: CaptionFields =
         parts += [f"{labels[e]} {s.texts[e][0]} {s.texts[e][1]} {dali_member_name(i, e)}"
                   for e in fields.exts if e in s.texts]
         lines.append(" ".join(parts))
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)              # atomic: another rank's DALI reader may be reading this file
+    _write_atomic(path, "\n".join(lines) + "\n")   # another rank's DALI reader may be reading this file
 
 
 def parse_dali_source(source_info: str) -> tuple[str, int]:
@@ -385,43 +444,95 @@ def parse_dali_source(source_info: str) -> tuple[str, int]:
     return path, int(name.split(".", 1)[0])
 
 
-def index_shard(shard: str, rebuild: bool = False, fields: CaptionFields = DEFAULT) -> ShardIndex:
-    """The validated index of one shard, built on first use and cached until the tar or the caption
-    mapping (``fields``) changes."""
-    shard = os.path.abspath(shard)
-    json_path, dali_path = _index_paths(shard)
-    stamp = fingerprint(shard) if os.path.isfile(shard) else None
-    if not rebuild and stamp and json_path.is_file():
-        try:
-            d = json.loads(json_path.read_text())
-            if (d.get("version") == INDEX_VERSION and d.get("fingerprint") == stamp
-                    and d.get("caption_fields") == fields.spec):
-                samples = [Sample(shard, s["key"], tuple(s["image"]), {k: tuple(v) for k, v in s["texts"].items()},
-                                  {k: tuple(v) for k, v in s.get("extras", {}).items()}, fields)
-                           for s in d["samples"]]
-                if not dali_path.is_file():
-                    _write_dali_index(dali_path, samples, fields)
-                return ShardIndex(shard, samples, d["skipped"], str(dali_path),
-                                  [tuple(k) for k in d.get("skipped_keys", [])])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass                                         # a damaged index is rebuilt below
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a name of this process, then rename: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _load_index(json_path: Path, dali_path: Path | None, shard: str, stamp, fields: CaptionFields,
+                validate: str) -> ShardIndex | None:
+    """The cached index if it is complete and answers this request (same fingerprint and caption
+    mapping, validated at least as strictly), else None."""
+    try:
+        d = json.loads(json_path.read_text())
+        if not (d.get("version") == INDEX_VERSION and d.get("fingerprint") == stamp
+                and d.get("caption_fields") == fields.spec and d.get("shard") == shard
+                and VALIDATION.index(d.get("validation")) >= VALIDATION.index(validate)):
+            return None
+        samples = [Sample(shard, s["key"], tuple(s["image"]), {k: tuple(v) for k, v in s["texts"].items()},
+                          {k: tuple(v) for k, v in s.get("extras", {}).items()}, fields)
+                   for s in d["samples"]]
+        if dali_path is not None and not dali_path.is_file():
+            _write_dali_index(dali_path, samples, fields)
+        return ShardIndex(shard, samples, d["skipped"], str(dali_path) if dali_path else None,
+                          [tuple(k) for k in d.get("skipped_keys", [])], d["validation"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None                                      # missing or damaged: (re)built by the caller
+
+
+def index_shard(shard: str, rebuild: bool = False, fields: CaptionFields = DEFAULT, validate: str = "full",
+                index_dir: str | os.PathLike = "") -> ShardIndex:
+    """The index of one shard (module docstring), built on first use and kept in ``index_root`` until
+    the shard or the caption mapping (``fields``) changes. ``validate``: ``full`` (decode every image)
+    or ``header`` (``image_header_ok``); a cached ``full`` index answers a ``header`` request."""
+    if validate not in VALIDATION:
+        raise ValueError(f"validate={validate!r}: allowed {list(VALIDATION)}")
+    remote = storage.is_url(shard)
+    shard = shard if remote else os.path.abspath(shard)
+    if remote:
+        stamp = fingerprint(shard)                       # a 404 / refused access stops here, naming the URL
+    else:
+        stamp = fingerprint(shard) if os.path.isfile(shard) else None
+    if stamp is not None:
+        json_path, dali_path = index_paths(shard, stamp, index_dir)
+        dali_path = None if remote else dali_path        # DALI reads local files only (storage.py)
+        if not rebuild:
+            cached = _load_index(json_path, dali_path, shard, stamp, fields, validate)
+            if cached is not None:
+                return cached
     skipped_keys: list[tuple[str, str]] = []
-    samples, skipped = _scan(shard, fields, skipped_keys)
+    samples, skipped = _scan(shard, fields, skipped_keys, validate)
     if stamp is None:                                    # not a file: nothing to cache
-        return ShardIndex(shard, samples, skipped, None, skipped_keys)
-    _write_dali_index(dali_path, samples, fields)
-    payload = {"version": INDEX_VERSION, "fingerprint": stamp, "caption_fields": fields.spec, "skipped": skipped,
-               "skipped_keys": [list(k) for k in skipped_keys],
-               "samples": [{"key": s.key, "image": list(s.image), "texts": {k: list(v) for k, v in s.texts.items()},
-                            "extras": {k: list(v) for k, v in s.extras.items()}} for s in samples]}
-    tmp = json_path.with_name(json_path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, json_path)                           # atomic: ranks may index the same shard
-    return ShardIndex(shard, samples, skipped, str(dali_path), skipped_keys)
+        return ShardIndex(shard, samples, skipped, None, skipped_keys, validate)
+    try:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        if dali_path is not None:
+            _write_dali_index(dali_path, samples, fields)
+        payload = {"version": INDEX_VERSION, "shard": shard, "fingerprint": stamp, "validation": validate,
+                   "caption_fields": fields.spec, "skipped": skipped,
+                   "skipped_keys": [list(k) for k in skipped_keys],
+                   "samples": [{"key": s.key, "image": list(s.image),
+                                "texts": {k: list(v) for k, v in s.texts.items()},
+                                "extras": {k: list(v) for k, v in s.extras.items()}} for s in samples]}
+        _write_atomic(json_path, json.dumps(payload))
+    except OSError as exc:
+        raise OSError(f"cannot write the shard index in {json_path.parent} ({exc.strerror or exc}); set "
+                      "data.index_dir (or FASTTIPS_DATA_DIR) to a writable folder") from None
+    return ShardIndex(shard, samples, skipped, str(dali_path) if dali_path else None, skipped_keys, validate)
 
 
-def index_shards(shards: list[str], fields: CaptionFields = DEFAULT) -> list[ShardIndex]:
-    return [index_shard(s, fields=fields) for s in shards]
+def index_shards(shards: list[str], fields: CaptionFields = DEFAULT, validate: str = "full",
+                 index_dir: str | os.PathLike = "", rank: int = 0, world_size: int = 1,
+                 progress=None) -> list[ShardIndex]:
+    """The indexes of ``shards`` (in their order). Rank ``r`` of ``world_size`` works through the list
+    starting at ``r / world_size`` of the way in, so on a first run the ranks build different shards'
+    indexes and then find the others' in the shared ``index_dir`` (no collective needed; a shard two
+    ranks build at once is written twice, atomically and identically). ``progress(done, total)`` is
+    called after each shard."""
+    n = len(shards)
+    start = (n * rank) // world_size if world_size > 0 else 0
+    out: list[ShardIndex | None] = [None] * n
+    for done, i in enumerate(list(range(start, n)) + list(range(start)), 1):
+        out[i] = index_shard(shards[i], fields=fields, validate=validate, index_dir=index_dir)
+        if progress is not None:
+            progress(done, n)
+    return out
 
 
 def total_skipped(indexes: list[ShardIndex]) -> dict[str, int]:
@@ -442,6 +553,8 @@ class MemberReader:
         self._files: dict[str, io.BufferedReader] = {}
 
     def read(self, shard: str, offset: int, size: int) -> bytes:
+        if storage.is_url(shard):                    # one ranged request, retried (storage.py)
+            return storage.read_range(shard, offset, size)
         f = self._files.get(shard)
         if f is None:
             f = self._files[shard] = open(shard, "rb")
