@@ -68,6 +68,12 @@ def _status(exc) -> int | None:
 
 def _classify(exc: BaseException) -> str:
     """'missing', 'denied', 'transient' or 'other' (a bug: raised as it is)."""
+    cause = exc.__cause__
+    if isinstance(exc, FileNotFoundError) and cause is not None and cause is not exc:
+        # fsspec's http info() turns *any* failure (a 503, a refused connection) into
+        # FileNotFoundError from the real error: judge by that one
+        kind = _classify(cause)
+        return kind if kind != "other" else "missing"
     status = _status(exc)
     if isinstance(exc, FileNotFoundError) or status in (404, 410):
         return "missing"
@@ -81,6 +87,8 @@ def _classify(exc: BaseException) -> str:
 
 
 def _short(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError) and exc.__cause__ is not None:
+        exc = exc.__cause__                       # the real error behind fsspec's http FileNotFoundError
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 
@@ -133,11 +141,10 @@ def list_remote(url: str) -> list[str]:
     fs, path = filesystem(url)
     if any(ch in path for ch in "*?["):
         found = retrying(url, "listing", lambda: fs.glob(path))
-    else:
-        d = info(url)
-        if d.get("type") != "directory":
-            return [url]
-        found = retrying(url, "listing", lambda: fs.find(path))
+    elif path.endswith(".tar") and info(url).get("type") != "directory":
+        return [url]                              # (info: a missing object stops here, naming the URL)
+    else:                                         # a folder (over http: the links of its index page)
+        found = retrying(url, "listing", lambda: fs.find(path.rstrip("/") + "/"))
     return sorted({fs.unstrip_protocol(p) if not is_url(p) else p for p in found if str(p).endswith(".tar")})
 
 
