@@ -369,45 +369,54 @@ def _scan(shard: str, fields: CaptionFields = DEFAULT, skipped_keys: list | None
         log.warning("shard %s is damaged in %d place(s); its intact samples are kept", shard, damaged)
     skipped["damaged_tar"] = damaged
     samples = []
-    with _open(shard, _size(shard)) as f, ThreadPoolExecutor(max_workers=2) as pool:  # PIL releases the GIL
-        def read(off_size):
-            f.seek(off_size[0])
-            return f.read(off_size[1])
+    pool = None
+    try:
+        with _open(shard, _size(shard)) as f:
+            def read(off_size):
+                f.seek(off_size[0])
+                return f.read(off_size[1])
 
-        def check_chunk(chunk, images):
-            for (key, image_ext), ok in zip(chunk, pool.map(check, images)):
-                if not ok:
-                    skip(key, "corrupt_image")
-                    continue
+            def check_chunk(chunk, images):
+                nonlocal pool
+                if validate == "full" and len(images) > 8 and pool is None:
+                    pool = ThreadPoolExecutor(max_workers=2)     # PIL releases the GIL while decoding
+                # (the header check is too cheap to pay for threads: starting them cost more than it saved)
+                for (key, image_ext), ok in zip(chunk, (pool.map if pool is not None else map)(check, images)):
+                    if not ok:
+                        skip(key, "corrupt_image")
+                        continue
+                    members = groups[key]
+                    texts = _member_ranges(members, fields.exts)
+                    extras = {e: members[e] for e in members if e != image_ext and e not in texts}
+                    samples.append(Sample(shard, key, (image_ext, *members[image_ext]), texts, extras, fields))
+
+            # one pass in tar order (a remote shard is read front to back), checking VALIDATE_CHUNK images at a
+            # time, so only that many encoded images are held at once (shards can be GBs)
+            chunk, images = [], []
+            for key in order:
                 members = groups[key]
+                image_ext = next((e for e in IMAGE_EXTS if e in members), None)
                 texts = _member_ranges(members, fields.exts)
-                extras = {e: members[e] for e in members if e != image_ext and e not in texts}
-                samples.append(Sample(shard, key, (image_ext, *members[image_ext]), texts, extras, fields))
-
-        # one pass in tar order (a remote shard is streamed once), checking VALIDATE_CHUNK images at a
-        # time, so only that many encoded images are held at once (shards can be GBs)
-        chunk, images = [], []
-        for key in order:
-            members = groups[key]
-            image_ext = next((e for e in IMAGE_EXTS if e in members), None)
-            texts = _member_ranges(members, fields.exts)
-            if image_ext is None or not texts:
-                skip(key, "damaged_sample" if key in near_damage else
-                     "non_image_member" if image_ext is None else "missing_caption")
-                continue
-            # members in file order: the image and the caption members are usually neighbours
-            ranges = sorted([(e, r) for e, r in texts.items()] + [(image_ext, members[image_ext])],
-                            key=lambda er: er[1][0])
-            data = {e: read(r) for e, r in ranges}
-            if not fields.extract({e: data[e] for e in texts}):
-                skip(key, "missing_caption")
-                continue
-            chunk.append((key, image_ext))
-            images.append(data[image_ext])
-            if len(chunk) >= VALIDATE_CHUNK:
-                check_chunk(chunk, images)
-                chunk, images = [], []
-        check_chunk(chunk, images)
+                if image_ext is None or not texts:
+                    skip(key, "damaged_sample" if key in near_damage else
+                         "non_image_member" if image_ext is None else "missing_caption")
+                    continue
+                # members in file order: the image and the caption members are usually neighbours
+                ranges = sorted([(e, r) for e, r in texts.items()] + [(image_ext, members[image_ext])],
+                                key=lambda er: er[1][0])
+                data = {e: read(r) for e, r in ranges}
+                if not fields.extract({e: data[e] for e in texts}):
+                    skip(key, "missing_caption")
+                    continue
+                chunk.append((key, image_ext))
+                images.append(data[image_ext])
+                if len(chunk) >= VALIDATE_CHUNK:
+                    check_chunk(chunk, images)
+                    chunk, images = [], []
+            check_chunk(chunk, images)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return samples, skipped
 
 
