@@ -10,7 +10,7 @@ temporary folder, then times ``shards.index_shards`` over all of them, as one ra
 - ``full``: every image decoded once (the DALI loader's index, ``data check``).
 
 Each is timed cold (a fresh index folder) and warm (the same call again: every index is read from
-the folder). The shard files themselves are in the page cache in both cases (just written), so
+the folder), ``--repeat`` times; the fastest run is reported. The shard files themselves are in the page cache in both cases (just written), so
 "cold" is the CPU cost of indexing, not of a cold disk. Run against an older checkout (whose
 ``index_shards`` takes no ``validate``) it times that version's only mode, reported as ``legacy``.
 Numbers are recorded in docs/data.md.
@@ -48,11 +48,34 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _rank(paths, level, folder, rank, world):
+    from fasttips.data import shards as S
+    S.index_shards(paths, validate=level, index_dir=folder, rank=rank, world_size=world)
+
+
+def ranks_cold(paths, level, folder, world) -> float:
+    """Wall time of ``world`` processes starting together on a cold index folder (every rank gets all
+    indexes; each builds about 1/world of them and reads the rest)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_rank, args=(paths, level, folder, r, world)) for r in range(world)]
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert all(p.exitcode == 0 for p in procs)
+    return time.perf_counter() - t0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=int, default=1000)
     ap.add_argument("--per-shard", type=int, default=8)
     ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--ranks", type=int, default=1,
+                    help="also time N processes indexing concurrently as ranks 0..N-1 of one cold start")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each; the fastest is reported (shared machines)")
     args = ap.parse_args(argv)
     from fasttips.data import shards as S
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,14 +85,28 @@ def main(argv=None) -> int:
         print(f"wrote {len(paths)} shards x {args.per_shard} samples in {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)
         rows = {}
-        if "validate" in inspect.signature(S.index_shards).parameters:
-            for level in ("header", "full"):
-                folder = os.path.join(tmp, f"index-{level}")
-                rows[level] = {"cold_s": timed(lambda: S.index_shards(paths, validate=level, index_dir=folder)),
-                               "warm_s": timed(lambda: S.index_shards(paths, validate=level, index_dir=folder))}
-        else:                                     # an older checkout: one mode, indexes beside the shards
-            rows["legacy"] = {"cold_s": timed(lambda: S.index_shards(paths)),
-                              "warm_s": timed(lambda: S.index_shards(paths))}
+        new_api = "validate" in inspect.signature(S.index_shards).parameters
+        for level in ("header", "full") if new_api else ("legacy",):
+            cold, warm = [], []
+            for rep in range(args.repeat):
+                folder = os.path.join(tmp, f"index-{level}-{rep}")
+                if new_api:
+                    def run():
+                        S.index_shards(paths, validate=level, index_dir=folder)
+                else:                             # an older checkout: one mode, indexes beside the shards
+                    for f in os.listdir(os.path.join(tmp, "data")):
+                        if not f.endswith(".tar"):
+                            os.remove(os.path.join(tmp, "data", f))
+
+                    def run():
+                        S.index_shards(paths)
+                cold.append(timed(run))
+                warm.append(timed(run))
+            rows[level] = {"cold_s": min(cold), "warm_s": min(warm)}
+            if new_api and args.ranks > 1:
+                rows[level][f"cold_{args.ranks}_ranks_s"] = min(
+                    ranks_cold(paths, level, os.path.join(tmp, f"ranks-{level}-{rep}"), args.ranks)
+                    for rep in range(args.repeat))
     for name, r in rows.items():
         print(json.dumps({"mode": name, "shards": args.shards, "per_shard": args.per_shard, "size": args.size,
                           **{k: round(v, 2) for k, v in r.items()}}))
