@@ -306,6 +306,8 @@ def _tar_members(shard: str) -> tuple[dict[str, dict[str, tuple[int, int]]], lis
         while True:
             try:
                 m = tar.next()
+            except storage.RemoteError:
+                raise                                        # the network, not the shard (storage.py)
             except (tarfile.ReadError, EOFError, OSError):   # cut off inside a member's data
                 m, cut = None, True
             else:
@@ -360,8 +362,8 @@ def _scan(shard: str, fields: CaptionFields = DEFAULT, skipped_keys: list | None
     try:
         groups, order, near_damage, damaged = _tar_members(shard)
     except (OSError, tarfile.TarError, EOFError) as exc:
-        if isinstance(exc, (FileNotFoundError, PermissionError)) and storage.is_url(shard):
-            raise                                        # a 404 / refused access: the user must act
+        if isinstance(exc, storage.RemoteError):
+            raise                                        # a 404, refused access or an outage: not cached
         log.warning("skipping unreadable shard %s (%s)", shard, exc)
         skipped["unreadable_shard"] = 1
         return [], skipped

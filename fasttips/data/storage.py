@@ -26,6 +26,20 @@ _settings = {"retries": 3, "backoff_s": 0.5}
 _TRANSIENT_MODULES = ("aiohttp", "botocore", "aiobotocore", "google", "gcsfs", "s3fs", "requests", "urllib3")
 
 
+class RemoteError(OSError):
+    """A remote read that failed for good (retries spent, or 404 / refused access). Indexing lets it
+    through rather than counting the shard as damaged, so a network outage is never cached as a
+    property of the shard."""
+
+
+class RemoteNotFound(RemoteError, FileNotFoundError):
+    pass
+
+
+class RemoteDenied(RemoteError, PermissionError):
+    pass
+
+
 def is_url(path) -> bool:
     """True for ``scheme://...`` (a remote or fsspec location); plain paths are local files."""
     return bool(_SCHEME.match(str(path)))
@@ -102,15 +116,15 @@ def retrying(url: str, what: str, fn):
         except Exception as exc:  # classified below; unknown kinds are re-raised untouched
             kind = _classify(exc)
             if kind == "missing":
-                raise FileNotFoundError(f"{url}: not found (404 / no such object) while {what}") from None
+                raise RemoteNotFound(f"{url}: not found (404 / no such object) while {what}") from None
             if kind == "denied":
-                raise PermissionError(f"{url}: access denied while {what} ({_short(exc)}); check the "
+                raise RemoteDenied(f"{url}: access denied while {what} ({_short(exc)}); check the "
                                       "credentials of this storage (e.g. AWS_PROFILE, "
                                       "GOOGLE_APPLICATION_CREDENTIALS)") from None
             if kind == "other":
                 raise
             if attempt == retries:
-                raise OSError(f"{url}: {what} failed after {retries + 1} tries: {_short(exc)}") from None
+                raise RemoteError(f"{url}: {what} failed after {retries + 1} tries: {_short(exc)}") from None
             delay = backoff * (2 ** attempt)
             log.warning("%s: %s failed (%s); retry %d of %d in %.1f s", url, what, _short(exc),
                         attempt + 1, retries, delay)

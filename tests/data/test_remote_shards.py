@@ -92,6 +92,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     """Serves a folder with HTTP Range support; ``fail_next`` requests get a 503, paths under
     /private/ a 403. Requests are counted by method."""
     fail_next = 0
+    fail_ranges = 0                 # ranged GETs (reads of the data, after the size is known) to fail
     counts: dict = {}
 
     def log_message(self, *args):
@@ -116,6 +117,10 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         if self._refuse():
             return
         rng = self.headers.get("Range")
+        if rng and type(self).fail_ranges > 0:
+            type(self).fail_ranges -= 1
+            self.send_error(503, "try again")
+            return
         path = self.translate_path(self.path)
         if not rng or not os.path.isfile(path):
             return super().do_GET()
@@ -165,7 +170,12 @@ def test_http_server_failing_the_first_requests_is_retried(http_shards, tmp_path
     with caplog.at_level(logging.WARNING, logger="fasttips.data"):
         ix = index_shard(f"{base}/{paths[1].name}", index_dir=tmp_path / "i")
     assert len(ix.samples) == 4 and "retry 1 of 3" in caplog.text and "503" in caplog.text
-    H.fail_next = 10                                              # more failures than retries
+    H.fail_ranges = 10                                            # the data reads fail more than retries
+    with pytest.raises(OSError, match=r"shard-000000\.tar: reading bytes .* failed after 4 tries.*503"):
+        index_shard(f"{base}/{paths[0].name}", index_dir=tmp_path / "i")
+    H.fail_ranges = 0                                             # the outage was not cached as damage
+    assert len(index_shard(f"{base}/{paths[0].name}", index_dir=tmp_path / "i").samples) == 4
+    H.fail_next = 10
     with pytest.raises(OSError, match=r"http://127\.0\.0\.1:\d+/shard-000000\.tar: .* failed after 4 tries"):
         MemberReader().read(f"{base}/{paths[0].name}", 0, 10)
 
