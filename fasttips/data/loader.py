@@ -74,7 +74,8 @@ def tokenizer_cache_key(indexes, vocab_size: int) -> str:
     """What the trained tokenizer depends on: each shard's path *and content* (``shards.fingerprint``,
     as for the shard index, so a shard rewritten in place trains a new one), the vocabulary size and
     the caption cap."""
-    parts = [f"{ix.shard}|{fingerprint(ix.shard)}" for ix in indexes]
+    parts = [f"{ix.shard}|{ix.fingerprint if ix.fingerprint is not None else fingerprint(ix.shard)}"
+             for ix in indexes]       # (the index's own fingerprint: no second request per remote shard)
     fields = next((ix.samples[0].fields.spec for ix in indexes if ix.samples), "")
     if fields and fields != DEFAULT_CAPTION_FIELDS:       # (the default leaves the key as it always was)
         parts.append(f"caption_fields={fields}")

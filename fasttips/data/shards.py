@@ -55,6 +55,7 @@ INDEX_VERSION = 4            # 2: captions are the CAPTION_KINDS fields only; 3:
                              # with the validation level
 VALIDATION = ("header", "full")   # image checks, cheapest first (a full index also serves a header request)
 VALIDATE_CHUNK = 256         # images decoded per batch while indexing
+REMOTE_THREADS = 8           # remote shards indexed at once (index_shards)
 MAX_SKIPPED_KEYS = 1000      # skipped keys remembered per shard (with their reason), for `data check`
 # corrupt_image: does not decode; missing_caption: no .json or no usable caption in it; non_image_member:
 # a group of members without an image; damaged_sample: a sample left incomplete by damage in the tar;
@@ -192,6 +193,7 @@ class ShardIndex:
     dali_index: str | None = None           # path of the wds2idx-format index of the good samples
     skipped_keys: list[tuple[str, str]] = field(default_factory=list)   # (key, reason), up to MAX_SKIPPED_KEYS
     validation: str = "full"                # the image check the samples passed (VALIDATION)
+    fingerprint: list | None = None         # the shard's fingerprint when indexed (None: not a file)
 
 
 def parse_captions(data: bytes) -> dict[str, str]:
@@ -482,7 +484,7 @@ def _load_index(json_path: Path, dali_path: Path | None, shard: str, stamp, fiel
         if dali_path is not None and not dali_path.is_file():
             _write_dali_index(dali_path, samples, fields)
         return ShardIndex(shard, samples, d["skipped"], str(dali_path) if dali_path else None,
-                          [tuple(k) for k in d.get("skipped_keys", [])], d["validation"])
+                          [tuple(k) for k in d.get("skipped_keys", [])], d["validation"], stamp)
     except (OSError, ValueError, KeyError, TypeError):
         return None                                      # missing or damaged: (re)built by the caller
 
@@ -525,7 +527,8 @@ def index_shard(shard: str, rebuild: bool = False, fields: CaptionFields = DEFAU
     except OSError as exc:
         raise OSError(f"cannot write the shard index in {json_path.parent} ({exc.strerror or exc}); set "
                       "data.index_dir (or FASTTIPS_DATA_DIR) to a writable folder") from None
-    return ShardIndex(shard, samples, skipped, str(dali_path) if dali_path else None, skipped_keys, validate)
+    return ShardIndex(shard, samples, skipped, str(dali_path) if dali_path else None, skipped_keys, validate,
+                      stamp)
 
 
 def index_shards(shards: list[str], fields: CaptionFields = DEFAULT, validate: str = "full",
@@ -535,12 +538,26 @@ def index_shards(shards: list[str], fields: CaptionFields = DEFAULT, validate: s
     starting at ``r / world_size`` of the way in, so on a first run the ranks build different shards'
     indexes and then find the others' in the shared ``index_dir`` (no collective needed; a shard two
     ranks build at once is written twice, atomically and identically). ``progress(done, total)`` is
-    called after each shard."""
+    called after each shard. Remote shards are indexed by ``REMOTE_THREADS`` threads (the time is
+    spent waiting on the network)."""
     n = len(shards)
     start = (n * rank) // world_size if world_size > 0 else 0
+    order = list(range(start, n)) + list(range(start))
     out: list[ShardIndex | None] = [None] * n
-    for done, i in enumerate(list(range(start, n)) + list(range(start)), 1):
-        out[i] = index_shard(shards[i], fields=fields, validate=validate, index_dir=index_dir)
+
+    def build(i: int) -> ShardIndex:
+        return index_shard(shards[i], fields=fields, validate=validate, index_dir=index_dir)
+    threads = min(REMOTE_THREADS, n) if any(storage.is_url(s) for s in shards) else 1
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            results = pool.map(build, order)
+            for done, (i, ix) in enumerate(zip(order, results), 1):
+                out[i] = ix
+                if progress is not None:
+                    progress(done, n)
+        return out
+    for done, i in enumerate(order, 1):
+        out[i] = build(i)
         if progress is not None:
             progress(done, n)
     return out
