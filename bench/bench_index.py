@@ -10,9 +10,10 @@ temporary folder, then times ``shards.index_shards`` over all of them, as one ra
 - ``full``: every image decoded once (the DALI loader's index, ``data check``).
 
 Each is timed cold (a fresh index folder) and warm (the same call again: every index is read from
-the folder), ``--repeat`` times; the fastest run is reported. The shard files themselves are in the page cache in both cases (just written), so
-"cold" is the CPU cost of indexing, not of a cold disk. Run against an older checkout (whose
-``index_shards`` takes no ``validate``) it times that version's only mode, reported as ``legacy``.
+the folder), ``--repeat`` times; the fastest run is reported. The shard files themselves are in the
+page cache in both cases (just written), so "cold" is the CPU cost of indexing, not of a cold disk.
+Run against an older checkout (``PYTHONPATH=<its root>``; its ``index_shards`` takes no ``validate``)
+it times that version's only mode, reported as ``legacy``.
 Numbers are recorded in docs/data.md.
 """
 from __future__ import annotations

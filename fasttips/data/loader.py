@@ -5,8 +5,9 @@ always means shards, ``effective_source``), picks the DALI loader (``data.loader
 ``nvidia.dali`` imports and the shards are local files, or ``dali``) or the PyTorch + Pillow loader,
 gets the shards' indexes (built once, shared through ``data.index_dir``: ``shards.index_shards``;
 images fully decoded for DALI, header-checked for PyTorch: ``validation_level``; bad samples are
-skipped, counted in ``.stats`` and reported in one log line), then resolves the tokenizer. Iterating yields batches that satisfy ``batch.py`` forever; ``state_dict()`` /
-``load_state_dict()`` capture the data position so a resumed run continues with the same batches.
+skipped, counted in ``.stats`` and reported in one log line), then resolves the tokenizer. Iterating
+yields batches that satisfy ``batch.py`` forever; ``state_dict()`` / ``load_state_dict()`` capture the
+data position so a resumed run continues with the same batches.
 """
 from __future__ import annotations
 
