@@ -287,7 +287,7 @@ def _zero_bytes(f, start: int, stop: int) -> bool:
     return True
 
 
-def _tar_members(shard: str) -> tuple[dict[str, dict[str, tuple[int, int]]], list[str], set[str], int]:
+def _tar_members(shard: str, file_size: int | None = None) -> tuple[dict[str, dict[str, tuple[int, int]]], list[str], set[str], int]:
     """(members by key and extension, keys in order, keys next to damage, damaged places) of a tar.
 
     Damage does not lose the rest of the shard: a header that fails its checksum is skipped block by
@@ -296,7 +296,7 @@ def _tar_members(shard: str) -> tuple[dict[str, dict[str, tuple[int, int]]], lis
     incomplete are counted as ``damaged_sample`` rather than as a missing image or caption.
     Raises ``tarfile.ReadError`` when nothing in the file is a readable member.
     """
-    file_size = _size(shard)
+    file_size = _size(shard) if file_size is None else file_size
     groups: dict[str, dict[str, tuple[int, int]]] = {}
     order: list[str] = []
     near_damage: set[str] = set()
@@ -362,7 +362,8 @@ def _scan(shard: str, fields: CaptionFields = DEFAULT, skipped_keys: list | None
         if len(keys_out) < MAX_SKIPPED_KEYS:
             keys_out.append((key, reason))
     try:
-        groups, order, near_damage, damaged = _tar_members(shard)
+        size = _size(shard)                          # (one metadata request for a remote shard)
+        groups, order, near_damage, damaged = _tar_members(shard, size)
     except (OSError, tarfile.TarError, EOFError) as exc:
         if isinstance(exc, storage.RemoteError):
             raise                                        # a 404, refused access or an outage: not cached
@@ -375,7 +376,7 @@ def _scan(shard: str, fields: CaptionFields = DEFAULT, skipped_keys: list | None
     samples = []
     pool = None
     try:
-        with _open(shard, _size(shard)) as f:
+        with _open(shard, size) as f:
             def read(off_size):
                 f.seek(off_size[0])
                 return f.read(off_size[1])
