@@ -1,6 +1,7 @@
 """Shards at fsspec URLs: memory:// fully, http:// against a local server (ranges, a 404, a 403,
 a server that fails the first requests), file://, and the loader choice for remote shards."""
 import http.server
+import json
 import logging
 import os
 import threading
@@ -199,3 +200,13 @@ def test_http_folder_trains_with_worker_processes(http_shards, tmp_path):
     finally:
         ld.close()
     assert len(set(keys)) == 8 and ld.stats["unreadable_shard"] == 0
+
+
+def test_cli_index_of_remote_shards(memory_shards, tmp_path, capsys):
+    url, _ = memory_shards
+    assert cli.main(["index", url, "--index-dir", str(tmp_path / "i"), "--jobs", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # remote shards are read by the PyTorch loader, whose default check is the header one
+    assert out["shards"] == 3 and out["good_samples"] == 12 and out["validation"] == "header"
+    assert len([n for n in os.listdir(tmp_path / "i") if n.endswith(".index.json")]) == 3
+    assert not [n for n in os.listdir(tmp_path / "i") if n.endswith(".idx")]      # no DALI index for URLs
