@@ -94,6 +94,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     /private/ a 403. Requests are counted by method."""
     fail_next = 0
     fail_ranges = 0                 # ranged GETs (reads of the data, after the size is known) to fail
+    ok_ranges = 0                   # ... after letting this many through
     counts: dict = {}
 
     def log_message(self, *args):
@@ -118,7 +119,9 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         if self._refuse():
             return
         rng = self.headers.get("Range")
-        if rng and type(self).fail_ranges > 0:
+        if rng and type(self).fail_ranges > 0 and type(self).ok_ranges > 0:
+            type(self).ok_ranges -= 1
+        elif rng and type(self).fail_ranges > 0:
             type(self).fail_ranges -= 1
             self.send_error(503, "try again")
             return
@@ -210,3 +213,14 @@ def test_cli_index_of_remote_shards(memory_shards, tmp_path, capsys):
     assert out["shards"] == 3 and out["good_samples"] == 12 and out["validation"] == "header"
     assert len([n for n in os.listdir(tmp_path / "i") if n.endswith(".index.json")]) == 3
     assert not [n for n in os.listdir(tmp_path / "i") if n.endswith(".idx")]      # no DALI index for URLs
+
+
+def test_an_outage_in_the_middle_of_a_shard_is_not_cached_as_damage(http_shards, tmp_path, monkeypatch):
+    base, paths, H = http_shards
+    monkeypatch.setattr(storage, "CHUNK", 1024)                   # many requests per shard
+    H.ok_ranges, H.fail_ranges = 3, 4             # one read of the tar headers fails 4 times (1 + 3 retries)
+    with pytest.raises(OSError, match=r"shard-000000\.tar: reading bytes .* failed after 4 tries"):
+        index_shard(f"{base}/{paths[0].name}", index_dir=tmp_path / "i")
+    H.ok_ranges = H.fail_ranges = 0
+    ix = index_shard(f"{base}/{paths[0].name}", index_dir=tmp_path / "i")
+    assert len(ix.samples) == 4 and sum(ix.skipped.values()) == 0
