@@ -122,6 +122,7 @@ def test_header_check_keeps_what_only_a_decode_catches_and_the_loader_skips_it(t
         assert len(batch["keys"]) == 4                                  # replaced, so batches keep their size
         keys.update(batch["keys"])
     assert ld.stats["corrupt_image"] >= 1 and "s3" not in keys
+    assert os.listdir(tmp_path / "d") == ["shard-000000.tar"]          # nothing written into data.path
 
 
 def test_cli_index_builds_ahead_and_training_only_reads(tmp_path, capsys, monkeypatch, scans):
