@@ -36,6 +36,7 @@ TeacherFeatures = Literal["detached", "separate_no_grad"]
 MomentumSchedule = Literal["cosine", "constant"]
 DataSource = Literal["auto", "demo", "shards", "synthetic"]
 LoaderKind = Literal["auto", "dali", "pytorch"]
+ValidateMode = Literal["auto", "header", "full"]
 PixelNorm = Literal["tips", "imagenet"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -162,7 +163,8 @@ class DataConfig:
                                          "demo = the embedded demo set (kept in the cache, never in data.path); "
                                          "shards = WebDataset tars at data.path; synthetic = random tensors "
                                          "(speed tests)")
-    path: str = setting("", "shard folder, .tar file or glob (selects shards)")
+    path: str = setting("", "shard folder, .tar file or glob, local or an fsspec URL (s3://, gs://, "
+                                "https://, file://...; selects shards)")
     caption_fields: str = setting("alt=json:alt,short=json:short,long=json:long",
                                   "shard members/fields giving each caption granularity, alternatives "
                                   "separated by |; e.g. 'alt=txt|json:caption' for img2dataset shards")
@@ -186,6 +188,16 @@ class DataConfig:
     pixel_norm: PixelNorm = setting("tips", "pixel normalisation: tips = [0, 1] only; imagenet = "
                                             "ImageNet mean/std")
     tokenizer: str = setting("", "SentencePiece .model file; empty = train one from the captions")
+    index_dir: str = setting("", "folder of the shard indexes, built once and shared by every rank (keyed by "
+                                 "each shard's size and mtime, or URL and ETag); empty = "
+                                 "$FASTTIPS_DATA_DIR/index or ~/.cache/fasttips/index; a shared "
+                                 "filesystem path lets all nodes reuse one")
+    validate: ValidateMode = setting("auto", "image check when indexing: header = headers and ends only "
+                                             "(cheap; a bad image met later is skipped and counted); full = "
+                                             "decode each image once; auto = full for the DALI loader (a "
+                                             "corrupt image stops DALI), else header")
+    retries: int = setting(3, "retries of a failed remote shard read (s3://, gs://, https://...), with "
+                              "exponential backoff", ge=0)
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""``fasttips data``: pack shards, train a tokenizer, build the demo data, check shards.
+"""``fasttips data``: pack shards, train a tokenizer, build the demo data, check or index shards.
 
     fasttips data pack IMAGES CAPTIONS.jsonl OUT [--samples-per-shard N] [--prefix P]
     fasttips data tokenizer SHARDS --out FILE.model [--vocab-size N] [--max-captions N]
     fasttips data demo [--root DIR]
     fasttips data check SHARDS [--max-listed N]
+    fasttips data index SHARDS [--validate] [--index-dir DIR] [--jobs N]
 
 Exit codes: 0 done; 1 nothing usable (pack wrote no sample, check found no usable sample);
 2 bad arguments or paths.
@@ -23,7 +24,9 @@ from PIL import Image
 from fasttips.argtypes import int_at_least
 
 from .caption_fields import DEFAULT_CAPTION_FIELDS, missing_caption_hint, parse_caption_fields
-from .shards import CAPTION_KINDS, IMAGE_EXTS, SKIP_REASONS, ShardWriter, index_shards, list_shards, total_skipped
+from . import storage
+from .shards import (CAPTION_KINDS, IMAGE_EXTS, SKIP_REASONS, ShardWriter, index_root, index_shard, index_shards,
+                     list_shards, total_skipped)
 
 
 def _key_for(rel: str, used: set) -> str:
@@ -173,6 +176,48 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def _index_one(job):
+    shard, fields_spec, validate, index_dir = job
+    ix = index_shard(shard, fields=parse_caption_fields(fields_spec), validate=validate, index_dir=index_dir)
+    return len(ix.samples), ix.skipped
+
+
+def _cmd_index(args) -> int:
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+    from .loader import dali_available
+    try:
+        fields = parse_caption_fields(args.caption_fields)
+    except ValueError as exc:
+        print(f"fasttips data index: --caption-fields: {exc}", file=sys.stderr)
+        return 2
+    storage.configure(retries=args.retries)
+    shards = list_shards(args.shards, what="SHARDS")
+    # without --validate: what training with data.loader=auto and data.validate=auto will ask for
+    local = not any(storage.is_url(s) for s in shards)
+    validate = "full" if args.validate or (dali_available() and local) else "header"
+    jobs = [(s, fields.spec, validate, args.index_dir) for s in shards]
+    t0 = time.monotonic()
+    if args.jobs > 1 and len(shards) > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(_index_one, jobs, chunksize=max(1, len(jobs) // (4 * args.jobs))))
+    else:
+        results = [_index_one(j) for j in jobs]
+    stats = dict.fromkeys(SKIP_REASONS, 0)
+    for _, skipped in results:
+        for k, v in skipped.items():
+            stats[k] = stats.get(k, 0) + v
+    good = sum(n for n, _ in results)
+    print(json.dumps({"shards": len(shards), "good_samples": good, "validation": validate,
+                      "seconds": round(time.monotonic() - t0, 2), "index_dir": str(index_root(args.index_dir)),
+                      **{k: stats[k] for k in SKIP_REASONS}}))
+    if not good:
+        print(f"fasttips data index: no usable sample in {len(shards)} shard(s) "
+              f"(fasttips data check {args.shards} lists why)", file=sys.stderr)
+        return 1
+    return 0
+
+
 _count, _positive = int_at_least(0), int_at_least(1)
 
 
@@ -185,10 +230,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _fill(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="data_command", required=True, metavar="{pack,tokenizer,demo,check}")
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="{pack,tokenizer,demo,check,index}")
     pk = sub.add_parser("pack", help="images + captions JSONL -> WebDataset shards (+ validated indexes)",
-                        description="Write WebDataset shards ({key}.jpg|png + {key}.json captions) and, per "
-                                    "shard, a validated index (.tar.index.json) and a DALI index (.tar.idx).")
+                        description="Write WebDataset shards ({key}.jpg|png + {key}.json captions) and index "
+                                    "them (validated; kept in the index cache, not in OUT).")
     pk.add_argument("images", help="folder of images; paths in the JSONL are relative to it")
     pk.add_argument("captions", help='JSONL, one object per line: {"image": "a/b.jpg", "alt": "...", '
                                      '"short": "...", "long": "..."} (any non-empty subset of captions; '
@@ -230,6 +275,25 @@ def _fill(p: argparse.ArgumentParser) -> None:
                     help="skipped samples listed by key and reason, at most (default 100; 0 = none)")
     ck.set_defaults(func=_cmd_check)
 
+    ix = sub.add_parser("index", help="build the shards' indexes ahead of training (once, shared by all ranks)",
+                        description="Build each shard's index (members, good samples, skip counts) and DALI "
+                                    "index, as training would on its first start, into the index folder "
+                                    "(data.index_dir; default $FASTTIPS_DATA_DIR/index or "
+                                    "~/.cache/fasttips/index). Without --validate the image check is what "
+                                    "training with data.validate=auto uses: a full decode when DALI is "
+                                    "installed and the shards are local, else headers only. SHARDS may be "
+                                    "fsspec URLs (s3://, gs://, https://...).")
+    ix.add_argument("shards", help="folder, glob, .tar file or URL of shards")
+    ix.add_argument("--validate", action="store_true",
+                    help="decode every image (as data check and the DALI loader do) instead of headers only")
+    ix.add_argument("--index-dir", default="", help="where the indexes go, as data.index_dir (default: the cache)")
+    ix.add_argument("--caption-fields", default=DEFAULT_CAPTION_FIELDS,
+                    help="as data.caption_fields (the index depends on it; default the built-in mapping)")
+    ix.add_argument("--jobs", type=_positive, default=max(1, min(8, os.cpu_count() or 1)),
+                    help="processes indexing in parallel (default: the CPU count, at most 8)")
+    ix.add_argument("--retries", type=_count, default=3, help="retries of a failed remote read (default 3)")
+    ix.set_defaults(func=_cmd_index)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fasttips data", description=__doc__,
@@ -238,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (OSError, ValueError) as exc:      # a missing or unreadable path, bad content: one line
+    except (OSError, ValueError, ImportError) as exc:   # a missing path, bad content, no backend: one line
         print(f"fasttips data {args.data_command}: {exc}", file=sys.stderr)
         return 2
 

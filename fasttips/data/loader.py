@@ -1,11 +1,13 @@
 """``build_loader(cfg, rank, world_size)``: the one entry point the trainer, evaluation and benches use.
 
-It resolves the shards (demo data, a shard path, or synthetic batches; a ``data.path`` always means
-shards, ``effective_source``), indexes and validates them
-(bad samples are skipped, counted in ``.stats`` and reported in one log line), resolves the tokenizer,
-then picks the DALI loader (``data.loader = auto`` when ``nvidia.dali`` imports, or ``dali``) or the
-PyTorch + Pillow loader. Iterating yields batches that satisfy ``batch.py`` forever; ``state_dict()`` /
-``load_state_dict()`` capture the data position so a resumed run continues with the same batches.
+It resolves the shards (demo data, a shard path or fsspec URL, or synthetic batches; a ``data.path``
+always means shards, ``effective_source``), picks the DALI loader (``data.loader = auto`` when
+``nvidia.dali`` imports and the shards are local files, or ``dali``) or the PyTorch + Pillow loader,
+gets the shards' indexes (built once, shared through ``data.index_dir``: ``shards.index_shards``;
+images fully decoded for DALI, header-checked for PyTorch: ``validation_level``; bad samples are
+skipped, counted in ``.stats`` and reported in one log line), then resolves the tokenizer. Iterating
+yields batches that satisfy ``batch.py`` forever; ``state_dict()`` / ``load_state_dict()`` capture the
+data position so a resumed run continues with the same batches.
 """
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ import hashlib
 import importlib.util
 import logging
 import os
+import time
 
 import torch
 
 from fasttips.distributed.signals import startup_guard
 
-from . import demo
+from . import demo, storage
 from .caption_fields import DEFAULT_CAPTION_FIELDS, caption_fields_of, missing_caption_hint
 from .batch import synthetic_batch
 from .pipeline import SampleStream, StreamSpec
@@ -72,7 +75,8 @@ def tokenizer_cache_key(indexes, vocab_size: int) -> str:
     """What the trained tokenizer depends on: each shard's path *and content* (``shards.fingerprint``,
     as for the shard index, so a shard rewritten in place trains a new one), the vocabulary size and
     the caption cap."""
-    parts = [f"{ix.shard}|{fingerprint(ix.shard)}" for ix in indexes]
+    parts = [f"{ix.shard}|{ix.fingerprint if ix.fingerprint is not None else fingerprint(ix.shard)}"
+             for ix in indexes]       # (the index's own fingerprint: no second request per remote shard)
     fields = next((ix.samples[0].fields.spec for ix in indexes if ix.samples), "")
     if fields and fields != DEFAULT_CAPTION_FIELDS:       # (the default leaves the key as it always was)
         parts.append(f"caption_fields={fields}")
@@ -211,10 +215,48 @@ def build_loader(cfg, rank: int = 0, world_size: int = 1):
         return _build_shard_loader(cfg, rank, world_size)
 
 
+def resolve_loader_kind(cfg, shards) -> str:
+    """``dali`` or ``pytorch`` for these shards (``data.loader``; DALI reads local files only)."""
+    kind = cfg.data.loader
+    remote = [s for s in shards if storage.is_url(s)]
+    if kind == "auto":
+        kind = "dali" if dali_available() and importlib.util.find_spec("fasttips.data.dali_loader") else "pytorch"
+        if kind == "dali" and remote:
+            log.info("data: %s is remote; the DALI loader reads local files only, so the PyTorch loader "
+                     "streams it (data.loader=pytorch)", remote[0])
+            kind = "pytorch"
+    if kind == "dali" and remote:
+        raise ValueError(f"data.loader=dali: {remote[0]} is remote and DALI reads local files only; use "
+                         "data.loader=pytorch (or auto), or copy the shards to a local disk")
+    return kind
+
+
+def validation_level(cfg, kind: str) -> str:
+    """The image check of the index: ``data.validate``, where ``auto`` = ``full`` for DALI (one corrupt
+    image stops a DALI pipeline, so DALI must only ever see decoded-once images) and ``header`` for
+    the PyTorch loader (which skips and counts a bad image when it meets it)."""
+    level = getattr(cfg.data, "validate", "auto")
+    if level == "auto":
+        return "full" if kind == "dali" else "header"
+    if level == "header" and kind == "dali":
+        log.warning("data.validate=header with the DALI loader: a corrupt image that passes the header "
+                    "check will stop the DALI pipeline (use data.validate=full or auto)")
+    return level
+
+
 def _build_shard_loader(cfg, rank: int, world_size: int):
     fields = caption_fields_of(cfg)                  # a bad mapping stops here, before any indexing
+    storage.configure(retries=getattr(cfg.data, "retries", None))
     shards = resolve_shards(cfg)
-    indexes = index_shards(shards, fields)
+    kind = resolve_loader_kind(cfg, shards)
+    validate = validation_level(cfg, kind)
+    t0 = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        if total >= 50 and (done % 500 == 0 or done == total) and time.monotonic() - t0 > 5:
+            log.info("data: indexed %d of %d shards (%.0f s)", done, total, time.monotonic() - t0)
+    indexes = index_shards(shards, fields, validate=validate, index_dir=getattr(cfg.data, "index_dir", ""),
+                           rank=rank, world_size=world_size, progress=progress)
     stats = total_skipped(indexes)
     samples = [s for ix in indexes for s in ix.samples]
     bad = {k: v for k, v in stats.items() if v}
@@ -225,9 +267,6 @@ def _build_shard_loader(cfg, rank: int, world_size: int):
         raise ValueError(f"data.path={cfg.data.path!r}: the {len(shards)} shard(s) hold no usable sample "
                          f"(skipped: {bad or 'none'}){hint}")
     tokenizer = resolve_tokenizer(cfg, indexes)
-    kind = cfg.data.loader
-    if kind == "auto":
-        kind = "dali" if dali_available() and importlib.util.find_spec("fasttips.data.dali_loader") else "pytorch"
     if kind == "dali":
         if not dali_available():
             raise ImportError("data.loader=dali but nvidia.dali is not installed "

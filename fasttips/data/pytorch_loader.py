@@ -3,8 +3,9 @@ decoding and augmenting with Pillow in worker processes.
 
 Worker ``w`` of ``W`` builds batches ``start + w, start + w + W, ...``; the DataLoader hands them out
 round-robin, i.e. in batch order, so the batch sequence is the same for any worker count and a resume
-just restarts at the batch counter. A sample that fails to decode here (the index should have caught
-it) is replaced by the next sample of the stream and counted, so batches keep their size.
+just restarts at the batch counter. A sample that fails to decode here (an index checked with
+``data.validate=header`` does not decode images) is replaced by a later sample of the stream and
+counted, so batches keep their size.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ class BatchDataset(IterableDataset):
                 continue
             try:
                 img = decode_rgb(data, self.min_side)
+                img.load()                    # Pillow decodes lazily: a broken body fails here, not in the crops
             except Exception as exc:  # PIL raises many types for a broken file
                 log.warning("skipping %s in %s: %s", s.key, s.shard, exc)
                 skipped["corrupt_image"] = skipped.get("corrupt_image", 0) + 1

@@ -6,12 +6,22 @@ A sample is a group of tar members sharing a key (the member name up to the firs
 and fields as ``data.caption_fields`` maps them (``caption_fields.py``). Other members of a sample
 (for example the demo's ``{key}.mask.png``) are kept in the index as extras and otherwise ignored.
 
-Every shard gets a validated index before it is read (``index_shard``): the tar is scanned once,
-each sample is checked (an image member that decodes, a caption as ``caption_fields`` reads it), and
-bad samples are left out and counted by reason (``SKIP_REASONS``). A damaged tar keeps its intact
-samples: a bad header is skipped to the next valid one, a shard cut off mid-way keeps everything
-before the cut. The index lives next to the shard (``<shard>.tar.index.json``) or, if that folder is
-read-only, in the cache (``$FASTTIPS_DATA_DIR/index``). A DALI index (``.idx``, wds2idx's format
+Every shard gets a checked index before it is read (``index_shard``): the tar is scanned once,
+each sample is checked (an image member, a caption as ``caption_fields`` reads it), and bad samples
+are left out and counted by reason (``SKIP_REASONS``). The image check is ``full`` (decode every
+image: what the DALI loader needs, since one corrupt image stops its pipeline; ``data check``) or
+``header`` (``image_header_ok``: format, header and container structure, no pixel decoding; a bad
+image that passes it is skipped and counted by the PyTorch loader when met). A damaged tar keeps its
+intact samples: a bad header is skipped to the next valid one, a shard cut off mid-way keeps
+everything before the cut.
+
+The index is built once and shared: it lives in ``data.index_dir`` (default
+``$FASTTIPS_DATA_DIR/index`` or ``~/.cache/fasttips/index``; never in the shards' folder, which is the
+user's), named after the shard's path or URL *and* its fingerprint (size + mtime, or ETag), so a
+rewritten shard gets a new index and a stale one is never read. Files are written to a temporary
+name and renamed, so ranks indexing concurrently never see half a file; ``index_shards`` starts each
+rank at a different place in the list, so the ranks of a first run share the work (and a shard two
+ranks both index is just written twice, identically). A DALI index (``.idx``, wds2idx's format
 v1.2) listing only the good samples is written beside it, so both loaders read exactly the same
 samples and DALI never meets a bad one. Its members are named by sample number, not by key (the
 format is space-separated and DALI's ``source_info`` is ':'-separated; keys may hold both).
@@ -25,12 +35,14 @@ import json
 import logging
 import os
 import tarfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from . import storage
 from .caption_fields import CAPTION_KINDS, DEFAULT, CaptionFields
 from .decode import container_ok
 
@@ -38,9 +50,12 @@ log = logging.getLogger("fasttips.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 CAPTION_EXT = "json"         # the caption member ShardWriter writes (the default caption_fields read it)
-INDEX_VERSION = 3            # 2: captions are the CAPTION_KINDS fields only; 3: damaged tars, DALI names,
-                             # caption members per data.caption_fields
+INDEX_VERSION = 4            # 2: captions are the CAPTION_KINDS fields only; 3: damaged tars, DALI names,
+                             # caption members per data.caption_fields; 4: in the cache, keyed by fingerprint,
+                             # with the validation level
+VALIDATION = ("header", "full")   # image checks, cheapest first (a full index also serves a header request)
 VALIDATE_CHUNK = 256         # images decoded per batch while indexing
+REMOTE_THREADS = 8           # remote shards indexed at once (index_shards)
 MAX_SKIPPED_KEYS = 1000      # skipped keys remembered per shard (with their reason), for `data check`
 # corrupt_image: does not decode; missing_caption: no .json or no usable caption in it; non_image_member:
 # a group of members without an image; damaged_sample: a sample left incomplete by damage in the tar;
@@ -130,8 +145,12 @@ def list_shards(path: str | os.PathLike | list, what: str = "data.path") -> list
     if not items or all(not str(p) for p in items):
         raise FileNotFoundError(f"{what} is empty: give a folder of .tar shards, a glob or a .tar file")
     found: list[str] = []
+    remote: list[str] = []
     for item in items:
-        p = str(item)
+        p = storage.local_path(str(item))
+        if storage.is_url(p):
+            remote += storage.list_remote(p)
+            continue
         if os.path.isdir(p):
             found += glob.glob(os.path.join(p, "**", "*.tar"), recursive=True)
         elif any(ch in p for ch in "*?["):
@@ -141,7 +160,7 @@ def list_shards(path: str | os.PathLike | list, what: str = "data.path") -> list
         else:
             raise FileNotFoundError(f"{what}={p!r} does not exist (expected a folder of .tar shards, "
                                     "a glob such as 'shards/*.tar', or a .tar file)")
-    found = sorted(set(os.path.abspath(f) for f in found))
+    found = sorted(set(os.path.abspath(f) for f in found)) + sorted(set(remote))
     if not found:
         raise FileNotFoundError(f"{what}={path!r} holds no .tar shards")
     return found
@@ -173,6 +192,8 @@ class ShardIndex:
     skipped: dict[str, int]
     dali_index: str | None = None           # path of the wds2idx-format index of the good samples
     skipped_keys: list[tuple[str, str]] = field(default_factory=list)   # (key, reason), up to MAX_SKIPPED_KEYS
+    validation: str = "full"                # the image check the samples passed (VALIDATION)
+    fingerprint: list | None = None         # the shard's fingerprint when indexed (None: not a file)
 
 
 def parse_captions(data: bytes) -> dict[str, str]:
@@ -207,22 +228,49 @@ def image_is_valid(data: bytes) -> bool:
         return False
 
 
-def _index_paths(shard: str) -> tuple[Path, Path]:
-    """(json index, DALI .idx) beside the shard if that folder is writable, else in the cache."""
-    folder = os.path.dirname(shard)
-    if os.access(folder, os.W_OK):
-        base = Path(shard + ".index")
-    else:
-        digest = hashlib.sha1(os.path.abspath(shard).encode()).hexdigest()[:16]
-        base = cache_dir() / "index" / f"{Path(shard).stem}-{digest}"
-        base.parent.mkdir(parents=True, exist_ok=True)
-    return base.with_name(base.name + ".json"), base.with_name(base.name.replace(".index", "") + ".idx")
+def image_header_ok(data: bytes) -> bool:
+    """The cheap check (``validate=header``): Pillow recognises a JPEG or PNG header with a non-empty
+    size, and the container is well formed (``decode.container_ok``: a JPEG's marker segments up to the
+    scan, a PNG's chunk layout and CRCs up to IEND, so a cut-off or bit-flipped PNG fails). It does not
+    decode pixels, so a JPEG damaged or cut off inside its compressed data passes; the PyTorch loader
+    skips and counts such an image when it meets it (the DALI loader would stop: it gets ``full``)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format not in ("JPEG", "PNG") or im.width < 1 or im.height < 1:
+                return False
+            return container_ok(im.format, data)
+    except Exception:  # PIL raises many types for broken files
+        return False
 
 
-def fingerprint(shard: str) -> list[int]:
-    """A cheap content fingerprint of a shard file: [size, mtime in ns] (a rewrite changes it)."""
+def index_root(index_dir: str | os.PathLike = "") -> Path:
+    """Where indexes are kept: ``data.index_dir``, else the cache's ``index`` folder."""
+    return Path(index_dir) if str(index_dir) else cache_dir() / "index"
+
+
+def index_paths(shard: str, stamp, index_dir: str | os.PathLike = "") -> tuple[Path, Path]:
+    """(json index, DALI .idx) of a shard at its current fingerprint ``stamp``, in ``index_root``."""
+    digest = hashlib.sha1(f"{shard}|{json.dumps(stamp)}".encode()).hexdigest()[:20]
+    stem = os.path.basename(shard.rstrip("/")).split(".tar")[0][:60] or "shard"
+    base = index_root(index_dir) / f"{stem}-{digest}"
+    return base.with_name(base.name + ".index.json"), base.with_name(base.name + ".idx")
+
+
+def fingerprint(shard: str) -> list:
+    """A cheap content fingerprint: [size, mtime in ns] of a file, [size, ETag or the like] of a URL
+    (``storage.fingerprint``); a rewrite changes it."""
+    if storage.is_url(shard):
+        return storage.fingerprint(shard)
     st = os.stat(shard)
     return [st.st_size, st.st_mtime_ns]
+
+
+def _open(shard: str, size: int):
+    return storage.open_shard(shard, size) if storage.is_url(shard) else open(shard, "rb")
+
+
+def _size(shard: str) -> int:
+    return fingerprint(shard)[0] if storage.is_url(shard) else os.path.getsize(shard)
 
 
 def _zero_bytes(f, start: int, stop: int) -> bool:
@@ -239,7 +287,7 @@ def _zero_bytes(f, start: int, stop: int) -> bool:
     return True
 
 
-def _tar_members(shard: str) -> tuple[dict[str, dict[str, tuple[int, int]]], list[str], set[str], int]:
+def _tar_members(shard: str, file_size: int | None = None) -> tuple[dict[str, dict[str, tuple[int, int]]], list[str], set[str], int]:
     """(members by key and extension, keys in order, keys next to damage, damaged places) of a tar.
 
     Damage does not lose the rest of the shard: a header that fails its checksum is skipped block by
@@ -248,17 +296,20 @@ def _tar_members(shard: str) -> tuple[dict[str, dict[str, tuple[int, int]]], lis
     incomplete are counted as ``damaged_sample`` rather than as a missing image or caption.
     Raises ``tarfile.ReadError`` when nothing in the file is a readable member.
     """
-    file_size = os.path.getsize(shard)
+    file_size = _size(shard) if file_size is None else file_size
     groups: dict[str, dict[str, tuple[int, int]]] = {}
     order: list[str] = []
     near_damage: set[str] = set()
     damaged = 0
     last_key, expected = None, 0                    # where the next header should start
     # ``raw`` is a second handle for looking at gaps, so tarfile's own file position is left alone
-    with open(shard, "rb") as raw, tarfile.open(shard, mode="r:", ignore_zeros=True) as tar:
+    with _open(shard, file_size) as raw, _open(shard, file_size) as f, \
+            tarfile.open(fileobj=f, mode="r:", ignore_zeros=True) as tar:
         while True:
             try:
                 m = tar.next()
+            except storage.RemoteError:
+                raise                                        # the network, not the shard (storage.py)
             except (tarfile.ReadError, EOFError, OSError):   # cut off inside a member's data
                 m, cut = None, True
             else:
@@ -295,10 +346,14 @@ def _tar_members(shard: str) -> tuple[dict[str, dict[str, tuple[int, int]]], lis
     return groups, order, near_damage, damaged
 
 
-def _scan(shard: str, fields: CaptionFields = DEFAULT,
-          skipped_keys: list | None = None) -> tuple[list[Sample], dict[str, int]]:
+def _scan(shard: str, fields: CaptionFields = DEFAULT, skipped_keys: list | None = None,
+          validate: str = "full") -> tuple[list[Sample], dict[str, int]]:
     """(good samples, skip counts by reason) of a shard; ``skipped_keys`` (if given) receives
-    (key, reason) of the first MAX_SKIPPED_KEYS skipped samples."""
+    (key, reason) of the first MAX_SKIPPED_KEYS skipped samples. ``validate``: the image check
+    (``full`` decodes, ``header`` is ``image_header_ok``)."""
+    if validate not in VALIDATION:
+        raise ValueError(f"validate={validate!r}: allowed {list(VALIDATION)}")
+    check = image_is_valid if validate == "full" else image_header_ok
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     keys_out = skipped_keys if skipped_keys is not None else []
 
@@ -307,39 +362,31 @@ def _scan(shard: str, fields: CaptionFields = DEFAULT,
         if len(keys_out) < MAX_SKIPPED_KEYS:
             keys_out.append((key, reason))
     try:
-        groups, order, near_damage, damaged = _tar_members(shard)
+        size = _size(shard)                          # (one metadata request for a remote shard)
+        groups, order, near_damage, damaged = _tar_members(shard, size)
     except (OSError, tarfile.TarError, EOFError) as exc:
+        if isinstance(exc, storage.RemoteError):
+            raise                                        # a 404, refused access or an outage: not cached
         log.warning("skipping unreadable shard %s (%s)", shard, exc)
         skipped["unreadable_shard"] = 1
         return [], skipped
     if damaged:
         log.warning("shard %s is damaged in %d place(s); its intact samples are kept", shard, damaged)
     skipped["damaged_tar"] = damaged
-    candidates = []                                      # (key, image ext): caption checked, image not yet
-    with open(shard, "rb") as f:
-        def read(off_size):
-            f.seek(off_size[0])
-            return f.read(off_size[1])
+    samples = []
+    pool = None
+    try:
+        with _open(shard, size) as f:
+            def read(off_size):
+                f.seek(off_size[0])
+                return f.read(off_size[1])
 
-        for key in order:
-            members = groups[key]
-            image_ext = next((e for e in IMAGE_EXTS if e in members), None)
-            texts = _member_ranges(members, fields.exts)
-            if image_ext is None or not texts:
-                skip(key, "damaged_sample" if key in near_damage else
-                     "non_image_member" if image_ext is None else "missing_caption")
-                continue
-            if not fields.extract({e: read(r) for e, r in texts.items()}):
-                skip(key, "missing_caption")
-                continue
-            candidates.append((key, image_ext))
-        samples = []
-        # decode in chunks, so only VALIDATE_CHUNK encoded images are held at once (shards can be GBs)
-        with ThreadPoolExecutor(max_workers=2) as pool:  # PIL releases the GIL while decoding
-            for start in range(0, len(candidates), VALIDATE_CHUNK):
-                chunk = candidates[start:start + VALIDATE_CHUNK]
-                images = [read(groups[key][ext]) for key, ext in chunk]
-                for (key, image_ext), ok in zip(chunk, pool.map(image_is_valid, images)):
+            def check_chunk(chunk, images):
+                nonlocal pool
+                if validate == "full" and len(images) > 8 and pool is None:
+                    pool = ThreadPoolExecutor(max_workers=2)     # PIL releases the GIL while decoding
+                # (the header check is too cheap to pay for threads: starting them cost more than it saved)
+                for (key, image_ext), ok in zip(chunk, (pool.map if pool is not None else map)(check, images)):
                     if not ok:
                         skip(key, "corrupt_image")
                         continue
@@ -347,6 +394,34 @@ def _scan(shard: str, fields: CaptionFields = DEFAULT,
                     texts = _member_ranges(members, fields.exts)
                     extras = {e: members[e] for e in members if e != image_ext and e not in texts}
                     samples.append(Sample(shard, key, (image_ext, *members[image_ext]), texts, extras, fields))
+
+            # one pass in tar order (a remote shard is read front to back), checking VALIDATE_CHUNK images at a
+            # time, so only that many encoded images are held at once (shards can be GBs)
+            chunk, images = [], []
+            for key in order:
+                members = groups[key]
+                image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+                texts = _member_ranges(members, fields.exts)
+                if image_ext is None or not texts:
+                    skip(key, "damaged_sample" if key in near_damage else
+                         "non_image_member" if image_ext is None else "missing_caption")
+                    continue
+                # members in file order: the image and the caption members are usually neighbours
+                ranges = sorted([(e, r) for e, r in texts.items()] + [(image_ext, members[image_ext])],
+                                key=lambda er: er[1][0])
+                data = {e: read(r) for e, r in ranges}
+                if not fields.extract({e: data[e] for e in texts}):
+                    skip(key, "missing_caption")
+                    continue
+                chunk.append((key, image_ext))
+                images.append(data[image_ext])
+                if len(chunk) >= VALIDATE_CHUNK:
+                    check_chunk(chunk, images)
+                    chunk, images = [], []
+            check_chunk(chunk, images)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return samples, skipped
 
 
@@ -373,9 +448,7 @@ def _write_dali_index(path: Path, samples: list[Sample], fields: CaptionFields =
         parts += [f"{labels[e]} {s.texts[e][0]} {s.texts[e][1]} {dali_member_name(i, e)}"
                   for e in fields.exts if e in s.texts]
         lines.append(" ".join(parts))
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)              # atomic: another rank's DALI reader may be reading this file
+    _write_atomic(path, "\n".join(lines) + "\n")   # another rank's DALI reader may be reading this file
 
 
 def parse_dali_source(source_info: str) -> tuple[str, int]:
@@ -385,43 +458,110 @@ def parse_dali_source(source_info: str) -> tuple[str, int]:
     return path, int(name.split(".", 1)[0])
 
 
-def index_shard(shard: str, rebuild: bool = False, fields: CaptionFields = DEFAULT) -> ShardIndex:
-    """The validated index of one shard, built on first use and cached until the tar or the caption
-    mapping (``fields``) changes."""
-    shard = os.path.abspath(shard)
-    json_path, dali_path = _index_paths(shard)
-    stamp = fingerprint(shard) if os.path.isfile(shard) else None
-    if not rebuild and stamp and json_path.is_file():
-        try:
-            d = json.loads(json_path.read_text())
-            if (d.get("version") == INDEX_VERSION and d.get("fingerprint") == stamp
-                    and d.get("caption_fields") == fields.spec):
-                samples = [Sample(shard, s["key"], tuple(s["image"]), {k: tuple(v) for k, v in s["texts"].items()},
-                                  {k: tuple(v) for k, v in s.get("extras", {}).items()}, fields)
-                           for s in d["samples"]]
-                if not dali_path.is_file():
-                    _write_dali_index(dali_path, samples, fields)
-                return ShardIndex(shard, samples, d["skipped"], str(dali_path),
-                                  [tuple(k) for k in d.get("skipped_keys", [])])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass                                         # a damaged index is rebuilt below
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a name of this process, then rename: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _load_index(json_path: Path, dali_path: Path | None, shard: str, stamp, fields: CaptionFields,
+                validate: str) -> ShardIndex | None:
+    """The cached index if it is complete and answers this request (same fingerprint and caption
+    mapping, validated at least as strictly), else None."""
+    try:
+        d = json.loads(json_path.read_text())
+        if not (d.get("version") == INDEX_VERSION and d.get("fingerprint") == stamp
+                and d.get("caption_fields") == fields.spec and d.get("shard") == shard
+                and VALIDATION.index(d.get("validation")) >= VALIDATION.index(validate)):
+            return None
+        samples = [Sample(shard, s["key"], tuple(s["image"]), {k: tuple(v) for k, v in s["texts"].items()},
+                          {k: tuple(v) for k, v in s.get("extras", {}).items()}, fields)
+                   for s in d["samples"]]
+        if dali_path is not None and not dali_path.is_file():
+            _write_dali_index(dali_path, samples, fields)
+        return ShardIndex(shard, samples, d["skipped"], str(dali_path) if dali_path else None,
+                          [tuple(k) for k in d.get("skipped_keys", [])], d["validation"], stamp)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None                                      # missing or damaged: (re)built by the caller
+
+
+def index_shard(shard: str, rebuild: bool = False, fields: CaptionFields = DEFAULT, validate: str = "full",
+                index_dir: str | os.PathLike = "") -> ShardIndex:
+    """The index of one shard (module docstring), built on first use and kept in ``index_root`` until
+    the shard or the caption mapping (``fields``) changes. ``validate``: ``full`` (decode every image)
+    or ``header`` (``image_header_ok``); a cached ``full`` index answers a ``header`` request."""
+    if validate not in VALIDATION:
+        raise ValueError(f"validate={validate!r}: allowed {list(VALIDATION)}")
+    remote = storage.is_url(shard)
+    shard = shard if remote else os.path.abspath(shard)
+    if remote:
+        stamp = fingerprint(shard)                       # a 404 / refused access stops here, naming the URL
+    else:
+        stamp = fingerprint(shard) if os.path.isfile(shard) else None
+    if stamp is not None:
+        json_path, dali_path = index_paths(shard, stamp, index_dir)
+        dali_path = None if remote else dali_path        # DALI reads local files only (storage.py)
+        if not rebuild:
+            cached = _load_index(json_path, dali_path, shard, stamp, fields, validate)
+            if cached is not None:
+                return cached
     skipped_keys: list[tuple[str, str]] = []
-    samples, skipped = _scan(shard, fields, skipped_keys)
+    samples, skipped = _scan(shard, fields, skipped_keys, validate)
     if stamp is None:                                    # not a file: nothing to cache
-        return ShardIndex(shard, samples, skipped, None, skipped_keys)
-    _write_dali_index(dali_path, samples, fields)
-    payload = {"version": INDEX_VERSION, "fingerprint": stamp, "caption_fields": fields.spec, "skipped": skipped,
-               "skipped_keys": [list(k) for k in skipped_keys],
-               "samples": [{"key": s.key, "image": list(s.image), "texts": {k: list(v) for k, v in s.texts.items()},
-                            "extras": {k: list(v) for k, v in s.extras.items()}} for s in samples]}
-    tmp = json_path.with_name(json_path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, json_path)                           # atomic: ranks may index the same shard
-    return ShardIndex(shard, samples, skipped, str(dali_path), skipped_keys)
+        return ShardIndex(shard, samples, skipped, None, skipped_keys, validate)
+    try:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        if dali_path is not None:
+            _write_dali_index(dali_path, samples, fields)
+        payload = {"version": INDEX_VERSION, "shard": shard, "fingerprint": stamp, "validation": validate,
+                   "caption_fields": fields.spec, "skipped": skipped,
+                   "skipped_keys": [list(k) for k in skipped_keys],
+                   "samples": [{"key": s.key, "image": list(s.image),
+                                "texts": {k: list(v) for k, v in s.texts.items()},
+                                "extras": {k: list(v) for k, v in s.extras.items()}} for s in samples]}
+        _write_atomic(json_path, json.dumps(payload))
+    except OSError as exc:
+        raise OSError(f"cannot write the shard index in {json_path.parent} ({exc.strerror or exc}); set "
+                      "data.index_dir (or FASTTIPS_DATA_DIR) to a writable folder") from None
+    return ShardIndex(shard, samples, skipped, str(dali_path) if dali_path else None, skipped_keys, validate,
+                      stamp)
 
 
-def index_shards(shards: list[str], fields: CaptionFields = DEFAULT) -> list[ShardIndex]:
-    return [index_shard(s, fields=fields) for s in shards]
+def index_shards(shards: list[str], fields: CaptionFields = DEFAULT, validate: str = "full",
+                 index_dir: str | os.PathLike = "", rank: int = 0, world_size: int = 1,
+                 progress=None) -> list[ShardIndex]:
+    """The indexes of ``shards`` (in their order). Rank ``r`` of ``world_size`` works through the list
+    starting at ``r / world_size`` of the way in, so on a first run the ranks build different shards'
+    indexes and then find the others' in the shared ``index_dir`` (no collective needed; a shard two
+    ranks build at once is written twice, atomically and identically). ``progress(done, total)`` is
+    called after each shard. Remote shards are indexed by ``REMOTE_THREADS`` threads (the time is
+    spent waiting on the network)."""
+    n = len(shards)
+    start = (n * rank) // world_size if world_size > 0 else 0
+    order = list(range(start, n)) + list(range(start))
+    out: list[ShardIndex | None] = [None] * n
+
+    def build(i: int) -> ShardIndex:
+        return index_shard(shards[i], fields=fields, validate=validate, index_dir=index_dir)
+    threads = min(REMOTE_THREADS, n) if any(storage.is_url(s) for s in shards) else 1
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            results = pool.map(build, order)
+            for done, (i, ix) in enumerate(zip(order, results), 1):
+                out[i] = ix
+                if progress is not None:
+                    progress(done, n)
+        return out
+    for done, i in enumerate(order, 1):
+        out[i] = build(i)
+        if progress is not None:
+            progress(done, n)
+    return out
 
 
 def total_skipped(indexes: list[ShardIndex]) -> dict[str, int]:
@@ -442,6 +582,8 @@ class MemberReader:
         self._files: dict[str, io.BufferedReader] = {}
 
     def read(self, shard: str, offset: int, size: int) -> bytes:
+        if storage.is_url(shard):                    # one ranged request, retried (storage.py)
+            return storage.read_range(shard, offset, size)
         f = self._files.get(shard)
         if f is None:
             f = self._files[shard] = open(shard, "rb")

@@ -2,6 +2,7 @@
 import builtins
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -116,7 +117,8 @@ def test_cli_pack_tokenizer_check(tmp_path, capsys, seed):
     assert counts["written"] == 6 and counts["shards"] == 2
     assert counts["missing_image"] == counts["missing_caption"] == counts["bad_line"] == 1
     ix = index_shard(str(out / "shard-000000.tar"))
-    assert [s.image[0] for s in ix.samples][:2] == ["png", "jpg"] and (out / "shard-000000.tar.idx").is_file()
+    assert [s.image[0] for s in ix.samples][:2] == ["png", "jpg"] and os.path.isfile(ix.dali_index)
+    assert not any(p.name.endswith((".idx", ".json")) for p in out.iterdir())     # the index is in the cache
     assert cli.main(["tokenizer", str(out), "--out", str(tmp_path / "t.model"), "--vocab-size", "60"]) == 0
     assert (tmp_path / "t.model").is_file()
     assert cli.main(["check", str(out)]) == 0
