@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from fasttips.config import CENTERINGS
 
-BACKWARDS = ("fused", "slab")   # the Triton path's backward variants (triton.py)
+BACKWARDS = ("fused", "slab", "chunked")   # the Triton path's variants (triton.py; chunked.py)
 MAX_GPU_BOTTLENECK = 256        # the launch configurations are sized for d ≤ 256 (row tiles stay in shared memory)
 
 

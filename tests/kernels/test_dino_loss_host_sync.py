@@ -2,8 +2,8 @@
 
 On a GPU such a read waits for every queued kernel. ``no_host_reads`` (tests/test_no_host_sync.py) makes
 ``.item()``, ``.tolist()``, ``bool(t)`` and friends raise while the op runs, forward and backward, for
-softmax centering and Sinkhorn-Knopp: the chunked reference on the CPU and the Triton path (fused and
-slab) under the interpreter, whose launcher hands tensors to the interpreter by pointer.
+softmax centering and Sinkhorn-Knopp: the chunked reference on the CPU and the Triton path (fused,
+slab and chunked) under the interpreter, whose launcher hands tensors to the interpreter by pointer.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _problem(S=10, T=4, K=130, d=16):
                 center=0.1 * torch.randn(K, generator=g))
 
 
-CASES = [("reference", "fused"), ("triton", "fused"), ("triton", "slab")]
+CASES = [("reference", "fused"), ("triton", "fused"), ("triton", "slab"), ("triton", "chunked")]
 
 
 @pytest.mark.parametrize("centering", ["softmax", "sinkhorn_knopp"])
@@ -52,3 +52,34 @@ def test_bad_pairs_are_still_refused_by_name():
         prototype_cross_entropy(**problem, backend="reference")
     with pytest.raises(HostRead), no_host_reads():     # the guard is live around the op
         problem["pairs"].tolist()
+
+
+@pytest.mark.parametrize("centering", ["softmax", "sinkhorn_knopp"])
+def test_the_losses_read_nothing_back(centering):
+    """dino_loss (2 globals, 3 locals) and iBOT++ (tokens="all") around the op, forward and backward.
+    (Masked-only iBOT selects its rows with a boolean mask, a data-dependent row count: not covered.)"""
+    from fasttips.losses.dino import dino_loss
+    from fasttips.losses.ibot import ibot_loss
+    B, d, K, N = 3, 16, 90, 5
+    g = torch.Generator().manual_seed(1)
+    unit = lambda *shape: F.normalize(torch.randn(*shape, generator=g), dim=-1)   # noqa: E731
+    protos = (torch.randn(K, d, generator=g).requires_grad_(), (torch.rand(K, generator=g) + 0.5).requires_grad_())
+    teacher = (torch.randn(K, d, generator=g), torch.rand(K, generator=g) + 0.5)
+    student_local, student_global = unit(3 * B, d).requires_grad_(), unit(2 * B, d).requires_grad_()
+    student_patches = unit(2 * N, d).requires_grad_()
+    masks = torch.rand(2, N, generator=g) < 0.5
+    backend = "triton" if _backend.interpreting() else "reference"
+    with no_host_reads():
+        with _backend_override(backend):
+            dino, _ = dino_loss(student_local, unit(2 * B, d), protos, teacher, n_global=2,
+                                student_global=student_global, centering=centering)
+            ibot, _ = ibot_loss(student_patches, unit(2 * N, d), masks, protos, teacher, tokens="all",
+                                centering=centering)
+            (dino + ibot).backward()
+    assert student_local.grad is not None and student_patches.grad is not None and protos[0].grad is not None
+
+
+def _backend_override(backend):
+    import os
+    from unittest import mock
+    return mock.patch.dict(os.environ, {"FASTTIPS_KERNELS": backend})
