@@ -1,5 +1,6 @@
 """Hopper compile gate for the prototype cross-entropy kernels: every kernel at every launch configuration
-in ``triton.CONFIGS``, compiled ahead of time for sm_90a (no GPU needed) and checked by ``hopper.py``.
+in ``triton.CONFIGS``, plus the chunked path's row kernel at each of ``chunked.CONFIGS`` with and without
+its gradient pass, compiled ahead of time for sm_90a (no GPU needed) and checked by ``hopper.py``.
 
 The compiles use bf16 features at bottleneck d = 256 with the specialisation a real launch gets
 (16-byte aligned pointers, strides and d divisible by 16; EVEN_K for K = 65536 / 131072). They run in
