@@ -5,6 +5,8 @@ bf16 autocast in training):
 - fasttips         the Triton kernels (no [T × K] tensor)
 - fasttips-slab    the same forward, backward through the opt-in dS slab (backward="slab",
                    a [chunk × K] bf16 slab + 2 cuBLAS GEMMs); fwd+bwd rows only, CUDA only
+- fasttips-chunked backward="chunked": cuBLAS logits on row chunks + one Triton row kernel, the gradient
+                   formed in the forward (kernels/dino_loss/chunked.py); fwd and fwd+bwd, CUDA only
 - torch-eager      naive.py under bf16 autocast: bf16 logits GEMMs, fp32 softmax/CE (DINOv2-style)
 - torch-compile    the same function through torch.compile (only where --compile-cases allows: slow
                    to compile, so by default at the target case T = 16384, K = 65536)
@@ -12,11 +14,14 @@ bf16 autocast in training):
 - xformers         only where importable; it is not installed on this project's GPU machine, and no
                    xformers soft-target cross-entropy is wired in yet: the run prints which, untimed.
 
-Run: python bench/bench_dino_loss.py [--quick]
+Run: python bench/bench_dino_loss.py [--quick] [--cases 16384:65536 65536:131072]
+(``--cases`` replaces the tokens × prototypes grid; torch.compile then runs at every listed case. At
+T = 65536, K = 131072 eager needs ~100 GiB: where it runs out of memory the row is recorded as OOM.)
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import sys
@@ -72,6 +77,10 @@ def _slab(**kw):
     return _fused(backward="slab", **kw)
 
 
+def _chunked(**kw):
+    return _fused(backward="chunked", **kw)
+
+
 def _reference(**kw):
     return reference.prototype_cross_entropy(**kw)
 
@@ -90,10 +99,26 @@ def _step(fn, backward):
 
 
 SLAB = "fasttips-slab"
+CHUNKED = "fasttips-chunked"
+CUDA_ONLY = (SLAB, CHUNKED)   # without CUDA the op runs its chunked reference, not the kernels
+ISSUE_CASES = ((16384, 65536), (65536, 131072))   # issue 17: the target, and ViT-g iBOT++ over all patches
+
+
+def parse_case(text: str) -> tuple[int, int]:
+    try:
+        t, k = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cases: {text!r} is not TOKENS:PROTOTYPES, e.g. 16384:65536") from None
+    if t < 1 or k < 1:
+        raise argparse.ArgumentTypeError(f"--cases: {text!r} needs positive sizes")
+    return t, k
 
 
 def run(quick: bool, compile_cases=(TARGET,), tokens=TOKENS, prototypes=PROTOTYPES,
-        impls=("fasttips", SLAB, "torch-eager", "torch-compile", "reference"), results_dir=None) -> Bench:
+        impls=("fasttips", SLAB, CHUNKED, "torch-eager", "torch-compile", "reference"), results_dir=None,
+        cases=None) -> Bench:
+    """Every impl at tokens × prototypes, or at ``cases`` [(T, K), ...] when given (torch.compile then
+    runs at each of them)."""
     bench = Bench("dino_loss", quick=quick, results_dir=results_dir)
     if importlib.util.find_spec("xformers") is None:
         print("xformers: not importable, skipped", flush=True)
@@ -103,55 +128,61 @@ def run(quick: bool, compile_cases=(TARGET,), tokens=TOKENS, prototypes=PROTOTYP
     if device.type != "cuda":
         print("no CUDA device: tiny CPU shapes; torch-compile skipped (needs CUDA here: compiling "
               "takes minutes on CPU)", flush=True)
-        tokens, prototypes = CPU_TOKENS, CPU_PROTOTYPES
-        print(f"{SLAB}: skipped (without CUDA the op runs its chunked reference, not the kernels)", flush=True)
-        impls = tuple(i for i in impls if i not in ("torch-compile", SLAB))
+        tokens, prototypes, cases = CPU_TOKENS, CPU_PROTOTYPES, None
+        print(f"{', '.join(CUDA_ONLY)}: skipped (without CUDA the op runs its chunked reference, not the "
+              "kernels)", flush=True)
+        impls = tuple(i for i in impls if i not in ("torch-compile",) + CUDA_ONLY)
+    if cases is not None:
+        compile_cases = tuple(cases)
+    grid = list(cases) if cases is not None else [(T, K) for T in tokens for K in prototypes]
     compiled = torch.compile(naive.prototype_cross_entropy) if "torch-compile" in impls else None
 
     def _compiled(**kw):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=kw["student_z"].is_cuda):
             return compiled(**kw)
 
-    fns = {"fasttips": _fused, SLAB: _slab, "torch-eager": _eager, "torch-compile": _compiled,
-           "reference": _reference}
-    for T in tokens:
-        for K in prototypes:
-            inputs = make_inputs(T, K, device)
-            gemm = matmul_flops(T, K, D)
-            # Useful GEMM work, the same for every impl: fwd = teacher + student logits; fwd+bwd adds
-            # dZ and dW (the fused kernels' recomputation is not counted as useful).
-            for mode, backward, flops in (("fwd", False, 2 * gemm), ("fwd_bwd", True, 4 * gemm)):
-                case = {"T": T, "K": K, "d": D, "mode": mode, "centering": "softmax"}
-                for impl in impls:
-                    if impl == "torch-compile" and (T, K) not in compile_cases:
-                        continue
-                    if impl == "reference" and T * K > TARGET[0] * TARGET[1]:
-                        continue       # fp32 reference at the largest shapes costs minutes of device time
-                    if impl == SLAB and not backward:
-                        continue       # same forward as fasttips
-                    step = _step(fns[impl], backward)
-                    try:
-                        step(inputs[0])     # compile / autotune outside the memory measurement
-                        peak = bench.peak_memory(step, inputs[0])
-                        timing = bench.time(step, inputs=[(x,) for x in inputs])
-                    except torch.OutOfMemoryError:
-                        torch.cuda.empty_cache()
-                        print(f"  {impl} {case}: out of memory", flush=True)
-                        bench.add(case, impl, {"ms": float("nan")}, oom=True)
-                        continue
-                    bench.add(case, impl, timing, flops=flops, peak_mem=peak)
-                    torch.cuda.empty_cache() if device.type == "cuda" else None
-            del inputs
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    fns = {"fasttips": _fused, SLAB: _slab, CHUNKED: _chunked, "torch-eager": _eager,
+           "torch-compile": _compiled, "reference": _reference}
+    for T, K in grid:
+        inputs = make_inputs(T, K, device)
+        gemm = matmul_flops(T, K, D)
+        # Useful GEMM work, the same for every impl: fwd = teacher + student logits; fwd+bwd adds
+        # dZ and dW (the fused kernels' recomputation is not counted as useful).
+        for mode, backward, flops in (("fwd", False, 2 * gemm), ("fwd_bwd", True, 4 * gemm)):
+            case = {"T": T, "K": K, "d": D, "mode": mode, "centering": "softmax"}
+            for impl in impls:
+                if impl == "torch-compile" and (T, K) not in compile_cases:
+                    continue
+                if impl == "reference" and T * K > TARGET[0] * TARGET[1]:
+                    continue       # fp32 reference at the largest shapes costs minutes of device time
+                if impl == SLAB and not backward:
+                    continue       # same forward as fasttips
+                step = _step(fns[impl], backward)
+                try:
+                    step(inputs[0])     # compile / autotune outside the memory measurement
+                    peak = bench.peak_memory(step, inputs[0])
+                    timing = bench.time(step, inputs=[(x,) for x in inputs])
+                except torch.OutOfMemoryError:
+                    for x in inputs:              # drop grads left by the failed step
+                        for k in ("student_z", "student_v", "student_g"):
+                            x[k].grad = None
+                    torch.cuda.empty_cache()
+                    print(f"  {impl} {case}: out of memory", flush=True)
+                    bench.add(case, impl, {"ms": float("nan")}, oom=True)
+                    continue
+                bench.add(case, impl, timing, flops=flops, peak_mem=peak)
+                torch.cuda.empty_cache() if device.type == "cuda" else None
+        del inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return bench
 
 
 def kernel_breakdown(T=TARGET[0], K=TARGET[1], dino_backward="fused"):
-    """CUDA time per kernel of one fused fwd+bwd (torch.profiler) and the autotuner's choices."""
+    """CUDA time per kernel of one fwd+bwd with ``dino_backward`` (torch.profiler) and the autotuner's choices."""
     from fasttips.kernels.dino_loss import triton as dino_triton
     inputs = make_inputs(T, K, "cuda", n_sets=1)[0]
-    step = _step(_fused, True, dino_backward=dino_backward)
+    step = _step(functools.partial(_fused, backward=dino_backward), True)
     step(inputs)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -163,6 +194,8 @@ def kernel_breakdown(T=TARGET[0], K=TARGET[1], dino_backward="fused"):
     for name in dino_triton.CONFIGS:
         best = getattr(dino_triton._tuned(name), "best_config", None)
         print(f"  {name}: {best}")
+    from fasttips.kernels.dino_loss import chunked as dino_chunked
+    print(f"  {dino_chunked.ROW_KERNEL}: {getattr(dino_chunked._tuned_row_kernel(), 'best_config', None)}")
 
 
 def main():
@@ -171,15 +204,18 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS))
     parser.add_argument("--prototypes", type=int, nargs="*", default=list(PROTOTYPES))
     parser.add_argument("--breakdown", action="store_true",
-                        help="profile the kernels at the target, with the fused and then the slab backward")
+                        help="profile the kernels at the target with the fused, slab and chunked paths")
+    parser.add_argument("--cases", type=parse_case, nargs="*", default=None, metavar="T:K",
+                        help="(tokens, prototypes) pairs instead of the --tokens × --prototypes grid, "
+                             f"e.g. {' '.join(f'{t}:{k}' for t, k in ISSUE_CASES)} (issue 17)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
     args = parser.parse_args()
-    impls = ("fasttips", SLAB, "torch-eager", "reference") if args.no_compile else (
-        "fasttips", SLAB, "torch-eager", "torch-compile", "reference")
+    impls = ("fasttips", SLAB, CHUNKED, "torch-eager", "reference") if args.no_compile else (
+        "fasttips", SLAB, CHUNKED, "torch-eager", "torch-compile", "reference")
     if args.breakdown:
-        for mode in ("fused", "slab"):
+        for mode in ("fused", "slab", "chunked"):
             kernel_breakdown(dino_backward=mode)
-    bench = run(args.quick, tokens=args.tokens, prototypes=args.prototypes, impls=impls)
+    bench = run(args.quick, tokens=args.tokens, prototypes=args.prototypes, impls=impls, cases=args.cases)
     bench.report(baseline=BASELINE)
     print("wrote", bench.write())
 

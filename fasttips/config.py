@@ -31,6 +31,7 @@ Ffn = Literal["gelu", "swiglu"]
 ContrastiveLoss = Literal["clip", "siglip"]
 Centering = Literal["softmax", "sinkhorn_knopp"]
 IbotTokens = Literal["all", "masked"]
+PrototypeCe = Literal["fused", "slab", "chunked"]
 TeacherMode = Literal["head_ema", "full_ema"]
 TeacherFeatures = Literal["detached", "separate_no_grad"]
 MomentumSchedule = Literal["cosine", "constant"]
@@ -46,6 +47,7 @@ FFNS = get_args(Ffn)
 CONTRASTIVE_LOSSES = get_args(ContrastiveLoss)
 CENTERINGS = get_args(Centering)
 IBOT_TOKENS = get_args(IbotTokens)
+PROTOTYPE_CES = get_args(PrototypeCe)
 TEACHER_MODES = get_args(TeacherMode)
 TEACHER_FEATURES = get_args(TeacherFeatures)
 PIXEL_NORMS = get_args(PixelNorm)
@@ -129,6 +131,9 @@ class LossConfig:
                                               "(softmax) or Sinkhorn-Knopp")
     center_momentum: float = setting(0.9, "EMA momentum of the softmax centers", ge=0, le=1)
     sk_iterations: int = setting(3, "Sinkhorn-Knopp iterations (loss.centering=sinkhorn_knopp)", ge=1)
+    prototype_ce: PrototypeCe = setting("fused", "DINO/iBOT prototype cross-entropy implementation on GPU: "
+                                                 "fused (measured), slab or chunked (both unmeasured on a "
+                                                 "GPU so far; kernels/dino_loss/NOTES.md)")
     ibot_tokens: IbotTokens = setting("all", "patch tokens in the iBOT loss: all = iBOT++ (TIPSv2), "
                                              "masked = DINOv2's iBOT")
     ibot_masked_weight: float = setting(1.0, "iBOT++ weight of the masked patch tokens", ge=0)
@@ -615,8 +620,8 @@ def describe() -> str:
 
 __all__ = ["Config", "ConfigError", "PRESETS", "RETIRED", "load", "preset", "save", "set_value", "to_dict",
            "from_dict", "validate", "check_runnable", "describe", "keys", "setting",
-           "CENTERINGS", "CONTRASTIVE_LOSSES", "FFNS", "IBOT_TOKENS", "PIXEL_NORMS", "TEACHER_FEATURES",
-           "TEACHER_MODES"] + [c.__name__ for c in (
+           "CENTERINGS", "CONTRASTIVE_LOSSES", "FFNS", "IBOT_TOKENS", "PIXEL_NORMS", "PROTOTYPE_CES",
+           "TEACHER_FEATURES", "TEACHER_MODES"] + [c.__name__ for c in (
                VisionConfig, TextConfig, HeadConfig, LossConfig, TeacherConfig, DataConfig,
                OptimConfig, TrainConfig, EvalConfig)]
 

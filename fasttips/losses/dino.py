@@ -43,12 +43,15 @@ def dino_pairing(batch_size: int, n_local: int, n_global: int, device=None):
 def dino_loss(student_local: torch.Tensor, teacher_global: torch.Tensor, student_prototypes,
               teacher_prototypes, *, n_global: int, student_global: torch.Tensor | None = None,
               center: torch.Tensor | None = None, student_temp: float = 0.1, teacher_temp: float = 0.04,
-              centering: str = "softmax", sk_iterations: int = 3, group=None):
+              centering: str = "softmax", sk_iterations: int = 3, group=None,
+              prototype_ce: str = "fused"):
     """DINO loss over L2-normalised bottleneck rows.
 
     student_local [L·B, d] (crop-major), teacher_global [G·B, d] (no grad), student_global [G·B, d]
     (needed when G > 1), prototypes = (v [K, d], g [K]). Returns ``(loss, center_stat)``; center_stat
     is the mean teacher logit over the G·B teacher rows (None when there is no term).
+    ``prototype_ce`` picks the op's implementation (``backward=`` of ``kernels.prototype_cross_entropy``;
+    config ``loss.prototype_ce``).
     """
     check_rows("dino_loss: teacher_global", teacher_global)
     d = teacher_global.shape[1]
@@ -81,4 +84,4 @@ def dino_loss(student_local: torch.Tensor, teacher_global: torch.Tensor, student
     return kernels.prototype_cross_entropy(
         student, sv, sg, teacher_global.detach(), tv.detach(), tg.detach(), teacher_rows, weights,
         center=center, student_temp=student_temp, teacher_temp=teacher_temp, centering=centering,
-        sk_iterations=sk_iterations, group=group)
+        sk_iterations=sk_iterations, group=group, backward=prototype_ce)

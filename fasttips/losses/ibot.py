@@ -51,12 +51,15 @@ def ibot_loss(student: torch.Tensor, teacher: torch.Tensor, masks: torch.Tensor,
               teacher_prototypes, *, tokens: str = "all", masked_weight: float = 1.0,
               visible_weight: float = 1.0, center: torch.Tensor | None = None,
               student_temp: float = 0.1, teacher_temp: float = 0.04, centering: str = "softmax",
-              sk_iterations: int = 3, group=None):
+              sk_iterations: int = 3, group=None,
+              prototype_ce: str = "fused"):
     """iBOT / iBOT++ over L2-normalised bottleneck rows of the selected patches.
 
     student [R, d] from the masked student pass, teacher [R, d] from the unmasked teacher features
     (no grad), masks bool [M, N]; R = M·N for tokens="all", = masks.sum() for tokens="masked".
     Returns ``(loss, center_stat)``; center_stat is None when no row is selected.
+    ``prototype_ce`` picks the op's implementation (``backward=`` of ``kernels.prototype_cross_entropy``;
+    config ``loss.prototype_ce``).
     """
     weights = ibot_weights(masks, tokens, masked_weight, visible_weight).to(student.device)
     R = weights.shape[0]
@@ -73,6 +76,6 @@ def ibot_loss(student: torch.Tensor, teacher: torch.Tensor, masks: torch.Tensor,
     loss, center_stat = kernels.prototype_cross_entropy(
         student, sv, sg, teacher.detach(), tv.detach(), tg.detach(), pairs, weights,
         center=center, student_temp=student_temp, teacher_temp=teacher_temp, centering=centering,
-        sk_iterations=sk_iterations, group=group)
+        sk_iterations=sk_iterations, group=group, backward=prototype_ce)
     # No rows: no statistic (Centering.update(None) keeps the center where it is).
     return loss, (center_stat if R else None)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from fasttips.config import CENTERINGS
 
-BACKWARDS = ("fused", "slab")   # the Triton path's backward variants (triton.py)
+BACKWARDS = ("fused", "slab", "chunked")   # the Triton path's variants (triton.py; chunked.py)
 MAX_GPU_BOTTLENECK = 256        # the launch configurations are sized for d ≤ 256 (row tiles stay in shared memory)
 
 
@@ -69,11 +69,7 @@ def check_arguments(student_z, student_v, student_g, teacher_z, teacher_v, teach
                               f"got shape {tuple(pairs.shape)}")
     need(weights.shape == (S,), f"weights must be [S] = [{S}], got shape {tuple(weights.shape)}")
     if S and teacher_z.shape[0]:
-        # One small reduction and one host read (not two); an out-of-range index would otherwise
-        # read garbage inside a kernel.
-        lo, hi = torch.stack(torch.aminmax(pairs)).tolist()
-        need(0 <= lo and hi < teacher_z.shape[0],
-             f"pairs must index teacher rows in [0, {teacher_z.shape[0]}), got values in [{lo}, {hi}]")
+        check_pair_range(pairs, teacher_z.shape[0])
     elif S:
         need(False, "pairs point into teacher_z, which has no rows")
     need(centering in CENTERINGS, f"centering={centering!r} is not allowed; choose one of {list(CENTERINGS)}")
@@ -83,6 +79,25 @@ def check_arguments(student_z, student_v, student_g, teacher_z, teacher_v, teach
     need(teacher_temp > 0, f"teacher_temp must be > 0, got {teacher_temp}")
     if centering == "sinkhorn_knopp":
         need(int(sk_iterations) >= 1, f"sk_iterations must be ≥ 1, got {sk_iterations}")
+
+
+def check_pair_range(pairs: torch.Tensor, n_teacher: int) -> None:
+    """Every pair index in [0, n_teacher), checked on the device: no host read on the hot path.
+
+    An out-of-range index would read garbage inside a kernel. ``torch._assert_async`` queues the check
+    with the work: on a GPU a bad index stops the process at the next synchronisation (a device-side
+    assert); on the CPU it raises at once, and only then are the values read back for the message.
+    """
+    ok = ((pairs >= 0) & (pairs < n_teacher)).all()
+    if pairs.device.type != "cpu":
+        torch._assert_async(ok, f"prototype_cross_entropy: pairs must index teacher rows in [0, {n_teacher})")
+        return
+    try:
+        torch._assert_async(ok)
+    except RuntimeError:
+        lo, hi = torch.stack(torch.aminmax(pairs)).tolist()   # the error path only
+        raise ValueError(f"prototype_cross_entropy: pairs must index teacher rows in [0, {n_teacher}), "
+                         f"got values in [{lo}, {hi}]") from None
 
 
 def weight_normed(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

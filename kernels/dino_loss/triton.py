@@ -8,7 +8,9 @@ the programs running side by side read are shared through L2.
 Kernels (kernels.py): ``forward_kernel``, ``grad_z_kernel`` / ``grad_w_kernel`` (the fused backward),
 ``grad_s_kernel`` (the slab backward), ``token_lse_kernel`` / ``prototype_lse_kernel`` (Sinkhorn-Knopp).
 
-Backward selection: the ``backward`` argument, ``"fused"`` or ``"slab"``. ``fused``
+Backward selection: the ``backward`` argument, ``"fused"``, ``"slab"`` or ``"chunked"`` (the last
+replaces the forward too: cuBLAS products on row chunks + one Triton row kernel, chunked.py; unmeasured
+on a GPU). ``fused``
 (default) is the measured path: ``grad_z_kernel`` + ``grad_w_kernel``, 6 GEMM-equivalents. ``slab``
 does 2 recompute GEMMs in Triton + 2 cuBLAS GEMMs, with a slab of at most ``slab_bytes`` (default
 SLAB_BYTES, 256 MiB: 2048 rows at K = 65536 in bf16). The slab path is checked by the interpreter and the compile gate only:
@@ -28,6 +30,7 @@ import triton
 
 from .._backend import interpreting
 from ..triton_utils import LN2, LOG2E, autotune_configs, block_d, constexprs_of, launch_config, precision
+from . import chunked as _chunked
 from . import kernels as K
 from .common import (check_arguments, check_backward, center_statistic, sinkhorn_log_scaling, teacher_bias,
                      unsupported_on_gpu, weight_normed)
@@ -271,11 +274,13 @@ def _sinkhorn_bias(teacher_z, w_t, teacher_temp, n_iterations, group):
 def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_v, teacher_g,
                             pairs, weights, center=None, student_temp=0.1, teacher_temp=0.04,
                             centering="softmax", sk_iterations=3, group=None, *, backward="fused",
-                            slab_bytes=SLAB_BYTES, k_splits=None, interpret_k_tiles=INTERPRET_K_TILES):
+                            slab_bytes=SLAB_BYTES, k_splits=None, interpret_k_tiles=INTERPRET_K_TILES,
+                            chunked_bytes=_chunked.CHUNK_BYTES):
     """Same contract as ``fasttips.kernels.prototype_cross_entropy``. Products run in student_z's dtype
     (bf16 on the fast path) with fp32 accumulation; the loss and every statistic are fp32.
 
-    ``backward``: ``"fused"`` (default) or ``"slab"`` (see the module docstring). ``slab_bytes``,
+    ``backward``: ``"fused"`` (default), ``"slab"`` or ``"chunked"`` (cuBLAS on row chunks + one row
+    kernel, forward included: chunked.py); ``chunked_bytes`` bounds that path's two [C × K] slabs. ``slab_bytes``,
     ``k_splits`` and ``interpret_k_tiles`` size the slab chunks, the K-slices and the slab kernel's
     tiles under the interpreter (tests); the defaults are what training runs. Inputs the compiled
     kernels cannot take (``common.unsupported_on_gpu``) are refused: the dispatch sends them to the
@@ -300,6 +305,11 @@ def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_
         bias = teacher_bias(center, teacher_temp, centering, K, student_z.device,
                             sinkhorn=lambda: _sinkhorn_bias(z_t, w_t, teacher_temp, int(sk_iterations), group))
         bias = bias.contiguous()
+    if backward == "chunked":
+        loss = _chunked.ChunkedPrototypeCE.apply(student_z.contiguous(), w_s, z_t, w_t, bias, pairs.contiguous(),
+                                                 weights.detach().contiguous(), float(student_temp),
+                                                 float(teacher_temp), int(chunked_bytes))
+        return loss, center_stat
     loss = _FusedPrototypeCE.apply(student_z.contiguous(), w_s, z_t, w_t, bias, pairs.contiguous(),
                                    weights.detach().contiguous(), float(student_temp), float(teacher_temp),
                                    options)

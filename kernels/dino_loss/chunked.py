@@ -1,0 +1,112 @@
+"""The "chunked" path of the Triton prototype cross-entropy: cuBLAS products on row chunks + one Triton
+row kernel (issue 17). Same math as reference.py; selected with ``backward="chunked"``.
+
+Per chunk of C student rows (C from a byte budget, ``chunk_rows``):
+  1. s = z_s W_sᵀ and u = z_t[pairs] W_tᵀ by torch.matmul into two [C × K] tensors in the features'
+     dtype (bf16 on GPU: cuBLAS, fp32 accumulation);
+  2. ``row_ce_kernel`` (kernels.py): per row the base-2 LSE of s/τ_s, the teacher softmax of
+     u/τ_t + b (b from ``common.teacher_bias``: −c/τ_t, or Sinkhorn-Knopp's log r from the existing
+     distributed reductions), Σ p·s and ℓ_i = LSE − Σ p·s; when a gradient is needed it then
+     overwrites s with dS = (w_i/τ_s)·(softmax(s/τ_s) − p);
+  3. when a gradient is needed, dz[chunk] = dS W_s and dW += dSᵀ z_s by torch.matmul.
+The gradient is complete after the forward; backward only multiplies dz and dW by grad_output.
+Without a gradient (teacher-only or eval calls) steps 3 and the dS pass are skipped.
+
+Extra memory: the two [C × K] slabs (``CHUNK_BYTES`` together), dz [S × d] and dW [K × d] in fp32
+kept from forward to backward, and one chunk's dW product. **Unmeasured on a GPU** (NOTES.md).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from .._backend import interpreting
+from ..triton_utils import LOG2E, autotune_configs, launch_config
+from . import kernels as K
+
+# Both [C × K] slabs together: 256 MiB is 1024 rows at K = 65536 in bf16, 1.6 % of the 16.2 GiB that
+# eager materialises at T = 16384 (the ≤ 5 % memory rule leaves room for dz, dW and one dW product).
+CHUNK_BYTES = 256 * 2**20
+CHUNK_ROW_ALIGN = 64      # whole 64-row groups: cuBLAS tiles and 16-byte aligned row starts
+
+ROW_KERNEL = "_row_ce_kernel"
+CONFIGS = [launch_config(4, 1, BLOCK_K=1024), launch_config(8, 1, BLOCK_K=2048),
+           launch_config(8, 2, BLOCK_K=4096)]
+INTERPRET_CONFIG = launch_config(4, 1, BLOCK_K=256)
+
+
+def chunk_rows(K: int, itemsize: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk: as many as two [rows × K] slabs in ``chunk_bytes`` hold, in whole 64-row groups
+    on a GPU (any count under the interpreter, so tests can force several small chunks), at least 1."""
+    if chunk_bytes <= 0:
+        raise ValueError(f"prototype_cross_entropy: chunk_bytes must be > 0, got {chunk_bytes}")
+    rows = chunk_bytes // (2 * max(K, 1) * itemsize)
+    if not interpreting():
+        rows = rows // CHUNK_ROW_ALIGN * CHUNK_ROW_ALIGN
+    return max(1 if interpreting() else CHUNK_ROW_ALIGN, rows)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_row_kernel():
+    # The kernel writes dS over s in place: every tuning run must start from the same logits.
+    kernel = triton.heuristics({"EVEN_K": lambda m: m["K"] % m["BLOCK_K"] == 0})(K.row_ce_kernel)
+    return triton.autotune(autotune_configs(CONFIGS), key=["K", "WRITE_GRAD"], restore_value=["s_ptr"])(kernel)
+
+
+def _row_kernel(s, u, bias, coef, row_loss, s_scale, t_scale, write_grad: bool):
+    rows, n_k = s.shape
+    args = (s, u, bias, coef, row_loss, n_k, s.stride(0), u.stride(0), s_scale, t_scale)
+    if interpreting():
+        block = INTERPRET_CONFIG["BLOCK_K"]
+        K.row_ce_kernel[(rows,)](*args, BLOCK_K=block, WRITE_GRAD=write_grad, EVEN_K=n_k % block == 0)
+    else:
+        _tuned_row_kernel()[(rows,)](*args, WRITE_GRAD=write_grad)
+
+
+class ChunkedPrototypeCE(torch.autograd.Function):
+    """loss = Σ_i w_i [LSE(s_i) − p_{pairs[i]}·s_i]; gradients for z_s and W_s, formed in the forward."""
+
+    @staticmethod
+    def forward(ctx, student_z, w_s, teacher_z, w_t, bias, pairs, weights, student_temp, teacher_temp,
+                chunk_bytes):
+        S, D = student_z.shape
+        n_k = w_s.shape[0]
+        dev, dtype = student_z.device, student_z.dtype
+        want_z, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        write_grad = want_z or want_w
+        s_scale, t_scale = LOG2E / student_temp, LOG2E / teacher_temp
+        coef = (weights.float() / student_temp).contiguous()
+        row_loss = torch.empty(S, dtype=torch.float32, device=dev)
+        dz = torch.empty(S, D, dtype=dtype, device=dev) if want_z else None
+        dw = torch.zeros(n_k, D, dtype=torch.float32, device=dev) if want_w else None
+        rows = min(S, chunk_rows(n_k, student_z.element_size(), chunk_bytes)) if S else 0
+        if rows:
+            s_slab = torch.empty(rows, n_k, dtype=dtype, device=dev)
+            u_slab = torch.empty(rows, n_k, dtype=dtype, device=dev)
+            w_s_t, w_t_t = w_s.t(), w_t.t()
+        for a in range(0, S, rows or 1):
+            b = min(S, a + rows)
+            zs = student_z[a:b]
+            s, u = s_slab[: b - a], u_slab[: b - a]
+            torch.matmul(zs, w_s_t, out=s)
+            torch.matmul(teacher_z.index_select(0, pairs[a:b]), w_t_t, out=u)
+            _row_kernel(s, u, bias, coef[a:b], row_loss[a:b], s_scale, t_scale, write_grad)
+            if want_z:
+                torch.matmul(s, w_s, out=dz[a:b])                  # s now holds dS
+            if want_w:
+                dw.add_((s.t() @ zs).float())
+        loss = (weights.float() * row_loss).sum()
+        ctx.save_for_backward(dz, dw)
+        ctx.dtypes = (student_z.dtype, w_s.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dz, dw = ctx.saved_tensors
+        z_dtype, w_dtype = ctx.dtypes
+        grad = grad_loss.float()
+        gz = None if dz is None else (dz.float() * grad).to(z_dtype)
+        gw = None if dw is None else (dw * grad).to(w_dtype)
+        return (gz, gw) + (None,) * 8
