@@ -105,7 +105,8 @@ def compute_losses(model: nn.Module, teacher, state: LossState, batch: dict, tea
 
     # 4. DINO: local CLS#1 (+ masked globals' CLS#1 for the cross-global pairs) vs teacher CLS#1
     shared = dict(student_temp=lc.student_temp, teacher_temp=float(teacher_temp),
-                  centering=lc.centering, sk_iterations=lc.sk_iterations, group=state.group)
+                  centering=lc.centering, sk_iterations=lc.sk_iterations, group=state.group,
+                  prototype_ce=lc.prototype_ce)
     s_local_z = (model.dino_head.bottleneck(outs[2]["cls1"]) if L
                  else feats["cls1"].new_zeros(0, t_cls_z.shape[1]))
     s_global_z = model.dino_head.bottleneck(masked["cls1"]) if G > 1 else None

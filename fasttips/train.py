@@ -134,7 +134,7 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resuming: bool = False, prog
         except ConfigError as exc:
             print(f"fasttips train: config error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-        except (ValueError, FileNotFoundError) as exc:   # bad data path, tokenizer/vocab mismatch, ...
+        except (ValueError, OSError, ImportError) as exc:   # bad data path or URL, tokenizer mismatch, ...
             print(f"fasttips train: cannot start: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         try:

@@ -56,8 +56,11 @@ def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_
     ``(loss, center_stat)`` where center_stat [K] = mean over teacher rows of z_t W_tᵀ (fp32, no grad;
     zeros when there is no teacher row).
     ``chunk_bytes`` caps the reference path's per-chunk [rows × K] working set; ``backward`` picks the
-    Triton path's backward (``"fused"``, default, or the experimental ``"slab"``; see
-    ``kernels/dino_loss/triton.py``). fp32 features or a bottleneck over 256 run the reference on a GPU.
+    Triton path (``loss.prototype_ce``): ``"fused"`` (default, the one measured on a GPU), or the
+    experimental ``"slab"`` (dS slab per row chunk, products in cuBLAS; ``kernels/dino_loss/triton.py``)
+    or ``"chunked"`` (cuBLAS logits per row chunk + one Triton row kernel, gradient formed in the forward;
+    ``kernels/dino_loss/chunked.py``), both unmeasured on a GPU. fp32 features or a bottleneck over 256
+    run the reference on a GPU.
     """
     args = (student_z, student_v, student_g, teacher_z, teacher_v, teacher_g, pairs, weights)
     kwargs = dict(center=center, student_temp=student_temp, teacher_temp=teacher_temp,
