@@ -119,8 +119,9 @@ def sdpa_attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None, back
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-def naive_prototype_cross_entropy(*args, chunk_bytes=None, backend=None, **kwargs):
-    """The unfused fp32 loss: full [rows × K] logits and softmaxes (kernels/dino_loss/naive.py)."""
+def naive_prototype_cross_entropy(*args, chunk_bytes=None, backend=None, backward=None, **kwargs):
+    """The unfused fp32 loss: full [rows × K] logits and softmaxes (kernels/dino_loss/naive.py); it has
+    one backward (autograd's), so the fasttips-only ``backward`` choice is ignored."""
     from fasttips.kernels.dino_loss import naive
     return naive.prototype_cross_entropy(*args, **kwargs)
 

@@ -12,9 +12,12 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SECTIONS = {key.split(".")[0] for key in config.keys()}
 # Dotted words in backticks that are not config keys: modules, attributes and placeholders.
 NOT_CONFIG = {"fasttips", "torch", "tl", "triton", "np", "nn", "dist", "dcp", "os", "sys", "self", "metadata",
-              "skimage", "nvidia", "fn", "types", "section", "shards", "mma", "head", "model", "teacher_head", "cfg", "args"}
+              "skimage", "nvidia", "fn", "types", "section", "shards", "mma", "head", "model", "teacher_head", "cfg", "args",
+              # parameter names of the released TIPS / transformers / timm layouts (docs/interop.md)
+              "attn", "ls1", "ls2", "mlp", "token_embedding", "timm"}
 FILE_SUFFIXES = {"py", "md", "json", "jsonl", "yaml", "yml", "png", "jpg", "jpeg", "tar", "idx", "txt", "pt",
-                 "model", "toml", "sh", "distcp", "metadata", "cubin", "whl", "cfg", "log", "cpp", "html"}
+                 "model", "toml", "sh", "distcp", "metadata", "cubin", "whl", "cfg", "log", "cpp", "html", "npz",
+                 "safetensors"}
 
 # a known section followed by .name, not inside a longer dotted or path name, not a call
 _SECTION_KEY = re.compile(r"(?<![\w./-])(%s)\.([a-z_][a-z0-9_]*)\b(?![.(/\w-])" % "|".join(sorted(SECTIONS)))
