@@ -6,7 +6,7 @@ the longest sequence of ``cu_seqlens`` without waiting for the device on the hot
 
 - ``cu_seqlens_from_lengths`` builds the offsets from host lengths and records their maximum;
 - any other ``cu_seqlens`` tensor has its maximum computed once (one host read; free on the CPU) and
-  recorded, keyed by the tensor object and its version counter, so a layout reused every step (the
+  recorded (``host_offsets`` does the same for the whole list, which the CPU reference loops over), keyed by the tensor object and its version counter, so a layout reused every step (the
   models' ``Packing`` keeps its offsets) is read at most once, and an in-place change is seen.
 """
 from __future__ import annotations
@@ -16,15 +16,16 @@ import weakref
 
 import torch
 
-# id(cu_seqlens) -> (weak reference, version when recorded, longest sequence)
-_LONGEST: dict[int, tuple[weakref.ref, int | None, int]] = {}
+# id(cu_seqlens) -> (weak reference, version when recorded, longest sequence, the offsets as a host
+# list or None when only the longest is known)
+_LONGEST: dict[int, tuple[weakref.ref, int | None, int, list[int] | None]] = {}
 
 
 def _version(cu: torch.Tensor) -> int | None:
     return None if cu.is_inference() else cu._version   # inference tensors keep no version counter
 
 
-def _remember(cu: torch.Tensor, longest: int) -> None:
+def _remember(cu: torch.Tensor, longest: int, offsets: list[int] | None = None) -> None:
     key = id(cu)
 
     def forget(ref, key=key):
@@ -32,7 +33,14 @@ def _remember(cu: torch.Tensor, longest: int) -> None:
         if entry is not None and entry[0] is ref:
             del _LONGEST[key]
 
-    _LONGEST[key] = (weakref.ref(cu, forget), _version(cu), int(longest))
+    _LONGEST[key] = (weakref.ref(cu, forget), _version(cu), int(longest), offsets)
+
+
+def _recorded(cu: torch.Tensor):
+    entry = _LONGEST.get(id(cu))
+    if entry is not None and entry[0]() is cu and entry[1] == _version(cu):
+        return entry
+    return None
 
 
 def cu_seqlens_from_lengths(lengths, device) -> torch.Tensor:
@@ -40,23 +48,36 @@ def cu_seqlens_from_lengths(lengths, device) -> torch.Tensor:
     lengths = [int(n) for n in lengths]
     if any(n < 0 for n in lengths):
         raise ValueError(f"cu_seqlens_from_lengths: lengths must be >= 0, got {lengths}")
-    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    offsets = [0, *itertools.accumulate(lengths)]
+    cu = torch.tensor(offsets, dtype=torch.int32, device=device)
     if not cu.device.type == "meta":
-        _remember(cu, max(lengths, default=0))
+        _remember(cu, max(lengths, default=0), offsets)
     return cu
 
 
 def longest_sequence(cu_seqlens: torch.Tensor) -> int | None:
     """The longest sequence in ``cu_seqlens``: recorded, or computed now (one host read) and recorded.
     None while a CUDA graph is being captured, when it is not recorded (a read would break the capture)."""
-    entry = _LONGEST.get(id(cu_seqlens))
-    if entry is not None and entry[0]() is cu_seqlens and entry[1] == _version(cu_seqlens):
+    entry = _recorded(cu_seqlens)
+    if entry is not None:
         return entry[2]
     if cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
     _remember(cu_seqlens, longest)
     return longest
+
+
+def host_offsets(cu_seqlens: torch.Tensor) -> list[int]:
+    """``cu_seqlens`` as a host list: recorded by ``cu_seqlens_from_lengths``, or read now (the CPU
+    reference's per-segment loop needs every bound) and recorded."""
+    entry = _recorded(cu_seqlens)
+    if entry is not None and entry[3] is not None:
+        return entry[3]
+    offsets = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(offsets[:-1], offsets[1:])]
+    _remember(cu_seqlens, max(lengths, default=0), offsets)
+    return offsets
 
 
 def check_max_seqlen(max_seqlen, longest: int | None) -> int:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .common import check_max_seqlen
+from .common import check_max_seqlen, host_offsets
 
 
 def attention(q, k, v, key_padding_mask=None, scale=None):
@@ -34,7 +34,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
     path checks it, so both accept the same calls.
     """
     out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
+    bounds = host_offsets(cu_seqlens)          # recorded with the offsets: no device read
     lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     check_max_seqlen(max_seqlen, max(lengths, default=0))
     first = 0
