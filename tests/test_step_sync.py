@@ -27,7 +27,7 @@ from fasttips.schedules import Schedules
 from fasttips.step import LossState, compute_losses
 from fasttips.teacher import Teacher
 from fasttips.training import build_training
-from test_no_host_sync import HostRead, no_host_reads
+from test_no_host_sync import no_host_reads
 
 ROOT = Path(__file__).resolve().parents[1]
 # (file, function) of each host read left in the loss path, and the line it was on when listed
