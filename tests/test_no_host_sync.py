@@ -8,6 +8,7 @@ read-back that slips into it fails here without a GPU. (The GPU test of a whole 
 from __future__ import annotations
 
 import contextlib
+import traceback
 
 import pytest
 import torch
@@ -24,7 +25,9 @@ def no_host_reads():
     """Make every host read of a tensor's value raise ``HostRead`` while the block runs."""
     def refuse(name):
         def method(self, *args, **kwargs):
-            raise HostRead(f"host read of a tensor value: Tensor.{name}")
+            caller = traceback.extract_stack(limit=2)[0]      # where the read is, for the failure message
+            raise HostRead(f"host read of a tensor value: Tensor.{name} in {caller.name} "
+                           f"({caller.filename}:{caller.lineno})")
         return method
     names = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy")
     saved = {name: getattr(torch.Tensor, name) for name in names}
