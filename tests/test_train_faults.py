@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from fasttips.distributed.checkpoint import MARKER, complete_checkpoints, latest_checkpoint
+from tooling.processes import wait_for
 
 STEPS = 6
 SMALL = ["vision.depth=1", "text.depth=1", "text.max_len=8",
@@ -47,18 +48,6 @@ def _run(cmd) -> subprocess.CompletedProcess:
 def _losses(run_dir: Path) -> dict[int, float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
-
-
-def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
-    t0 = time.time()
-    while not predicate():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"training exited ({proc.returncode}) before {what}:\n{out}\n{err}")
-        if time.time() - t0 > timeout:
-            proc.kill()
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +86,7 @@ def test_sigterm_checkpoints_and_resume_is_bitwise(reference_run, tmp_path):
     proc = subprocess.Popen(_cmd(run_dir, "train.ckpt_every=100"), env=_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = run_dir / "metrics.jsonl"
-    _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, proc, "step 2")
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, proc, "step 2")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -117,7 +106,7 @@ def _kill9_in_checkpoint(run_dir: Path, step: int) -> Path:
     proc = subprocess.Popen(_cmd(run_dir, "train.ckpt_every=2", f"--fault-pause-in-checkpoint={step}"),
                             env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     partial = run_dir / "checkpoints" / f".tmp-step_{step:08d}"
-    _wait_for(lambda: (partial / ".metadata").is_file() and (partial / "rank_00000.pt").is_file(),
+    wait_for(lambda: (partial / ".metadata").is_file() and (partial / "rank_00000.pt").is_file(),
               proc, "the paused checkpoint write")
     # The pause comes after every file but the marker: kill -9 at the worst moment.
     time.sleep(0.2)

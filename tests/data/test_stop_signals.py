@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fasttips.distributed.signals import StartupInterrupted, StopRequest, ignore_stop_signals, startup_guard
+from tooling.processes import wait_for
 
 SMALL = ["vision.depth=1", "text.depth=1", "text.max_len=8", "text.vocab_size=200",
          "heads.hidden=64", "heads.bottleneck=32", "heads.prototypes=64", "data.batch_size=4",
@@ -30,18 +31,6 @@ def _start(tmp_path: Path, shards, *args: str, **env) -> tuple[subprocess.Popen,
     return proc, run_dir
 
 
-def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 180.0) -> None:
-    t0 = time.time()
-    while not predicate():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"training exited ({proc.returncode}) before {what}:\n{out}\n{err}")
-        if time.time() - t0 > timeout:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _finish(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str, str]:
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -56,7 +45,7 @@ def test_group_sigterm_with_dataloader_workers_checkpoints_and_exits_0(tmp_path,
     signum = signal.SIGTERM
     proc, run_dir = _start(tmp_path, tiny_shards, "data.loader=pytorch", "data.num_workers=2")
     metrics = run_dir / "metrics.jsonl"
-    _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1, proc, "the first step")
+    wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1, proc, "the first step")
     os.killpg(proc.pid, signum)                            # the trainer and its two workers
     code, out, err = _finish(proc)
     name = signal.Signals(signum).name
@@ -69,7 +58,7 @@ def test_group_sigterm_with_dataloader_workers_checkpoints_and_exits_0(tmp_path,
 def test_group_sigterm_during_data_start_up_exits_0_with_one_line(tmp_path, tiny_shards):
     proc, run_dir = _start(tmp_path, tiny_shards, "data.loader=pytorch", "--fault-pause-in-startup=120")
     lines: list[str] = []
-    _wait_for(lambda: "test pause in data start-up" in (lines.append(proc.stdout.readline()) or lines[-1]),
+    wait_for(lambda: "test pause in data start-up" in (lines.append(proc.stdout.readline()) or lines[-1]),
               proc, "the data start-up")
     os.killpg(proc.pid, signal.SIGTERM)
     code, out, err = _finish(proc, timeout=60)
@@ -130,7 +119,7 @@ def test_sigterm_to_torchrun_leaves_a_checkpoint_from_every_rank(tmp_path, tiny_
     proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = run_dir / "metrics.jsonl"
-    _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1, proc, "the first step")
+    wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1, proc, "the first step")
     os.killpg(proc.pid, signal.SIGTERM)                    # the agent's group (the ranks have their own)
     code, out, err = _finish(proc)
     assert "stopped by SIGTERM" in out, f"exit {code}\n{out}\n{err}"
