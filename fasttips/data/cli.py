@@ -151,11 +151,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    try:
-        fields = parse_caption_fields(args.caption_fields)
-    except ValueError as exc:
-        print(f"fasttips data check: --caption-fields: {exc}", file=sys.stderr)
-        return 2
+    fields = args.caption_fields                  # parsed by argparse (_caption_fields)
     indexes = index_shards(list_shards(args.shards, what="SHARDS"), fields)
     stats = total_skipped(indexes)
     good = sum(len(ix.samples) for ix in indexes)
@@ -186,11 +182,7 @@ def _cmd_index(args) -> int:
     import time
     from concurrent.futures import ProcessPoolExecutor
     from .loader import dali_available
-    try:
-        fields = parse_caption_fields(args.caption_fields)
-    except ValueError as exc:
-        print(f"fasttips data index: --caption-fields: {exc}", file=sys.stderr)
-        return 2
+    fields = args.caption_fields                  # parsed by argparse (_caption_fields)
     storage.configure(retries=args.retries)
     shards = list_shards(args.shards, what="SHARDS")
     # without --validate: what training with data.loader=auto and data.validate=auto will ask for
@@ -219,6 +211,14 @@ def _cmd_index(args) -> int:
 
 
 _count, _positive = int_at_least(0), int_at_least(1)
+
+
+def _caption_fields(text: str):
+    """argparse type for --caption-fields: a bad mapping is one usage line, exit 2."""
+    try:
+        return parse_caption_fields(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -268,7 +268,7 @@ def _fill(p: argparse.ArgumentParser) -> None:
                                     "each skipped sample with its reason, and print the counts by reason: "
                                     + ", ".join(SKIP_REASONS) + ". Exit 1 when no sample is usable.")
     ck.add_argument("shards", help="folder, glob or .tar file of shards")
-    ck.add_argument("--caption-fields", default=DEFAULT_CAPTION_FIELDS,
+    ck.add_argument("--caption-fields", type=_caption_fields, default=DEFAULT_CAPTION_FIELDS,
                     help="shard members/fields giving each caption granularity, as data.caption_fields "
                          f"(default {DEFAULT_CAPTION_FIELDS!r}; img2dataset shards: 'alt=txt|json:caption')")
     ck.add_argument("--max-listed", type=_count, default=100,
@@ -287,7 +287,7 @@ def _fill(p: argparse.ArgumentParser) -> None:
     ix.add_argument("--validate", action="store_true",
                     help="decode every image (as data check and the DALI loader do) instead of headers only")
     ix.add_argument("--index-dir", default="", help="where the indexes go, as data.index_dir (default: the cache)")
-    ix.add_argument("--caption-fields", default=DEFAULT_CAPTION_FIELDS,
+    ix.add_argument("--caption-fields", type=_caption_fields, default=DEFAULT_CAPTION_FIELDS,
                     help="as data.caption_fields (the index depends on it; default the built-in mapping)")
     ix.add_argument("--jobs", type=_positive, default=max(1, min(8, os.cpu_count() or 1)),
                     help="processes indexing in parallel (default: the CPU count, at most 8)")
