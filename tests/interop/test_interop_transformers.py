@@ -53,6 +53,21 @@ def exported(tmp_path_factory, tok):
     return out
 
 
+
+def test_transformers_loads_an_export_from_the_repository_root(exported):
+    """Python started in the repository root sees kernels/ as a top-level 'kernels', the name of the
+    Hugging Face package that transformers >= 5.25 imports; fasttips' folder must step aside."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys; from transformers import AutoModel; "
+            f"m = AutoModel.from_pretrained(sys.argv[1]); print(type(m).__name__)")
+    done = subprocess.run([sys.executable, "-c", code, str(exported["gelu"][0])], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "Tipsv2Model"
+
 @pytest.mark.parametrize("name", ["gelu", "swiglu"])
 def test_transformers_loads_the_export_and_gives_the_same_embeddings(exported, tok, name):
     folder, model = exported[name]
