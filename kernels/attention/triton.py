@@ -26,6 +26,8 @@ import triton
 
 from .._backend import interpreting
 from ..triton_utils import LOG2E, autotune_configs, block_d, constexprs_of, launch_config, precision
+from . import backward_onepass as B1
+from . import forward_tma as FT
 from . import kernels as K
 from .common import check_max_seqlen, longest_sequence
 
@@ -65,9 +67,60 @@ DKDV_CONFIGS = {
 # local crops): dQ, dK, dV in one pass. Only warps and heads per program vary.
 SHORT_BWD_BLOCK = 64
 SHORT_BWD_MAX = SHORT_BWD_BLOCK  # default short_bwd_max; 0 sends short sequences through the two-pass backward
+# (At 8 warps the 64 × 64 tile made every thread exponentiate each of its scores twice: dropped.)
 SHORT_BWD_CONFIGS = {"short": [_cfg(SHORT_BWD_BLOCK, SHORT_BWD_BLOCK, 1, 4, 1),
-                               _cfg(SHORT_BWD_BLOCK, SHORT_BWD_BLOCK, 1, 8, 1),
-                               _cfg(SHORT_BWD_BLOCK, SHORT_BWD_BLOCK, 4, 8, 1)]}
+                               _cfg(SHORT_BWD_BLOCK, SHORT_BWD_BLOCK, 2, 4, 1)]}
+
+# TMA forward (forward_tma.py), plain and warp-specialised: BLOCK_M rows per program, full BLOCK_N-key
+# steps, then TAIL_N-key masked steps. No row tail: TMA zero-fills the rows past the end.
+FWD_TMA_CONFIGS = {
+    "long": [_cfg(128, 64, 1, 4, 3), _cfg(64, 64, 1, 4, 3)],
+    "short": [_cfg(64, 64, 1, 4, 2)],
+    "wide": [_cfg(64, 64, 1, 4, 2)],
+}
+# Warp specialisation is applied at 4 warps only (8 would be silently ignored): a producer warp
+# and two consumer warpgroups of 64 rows each at BLOCK_M = 128.
+FWD_WS_CONFIGS = {
+    "long": [_cfg(128, 64, 1, 4, 2), _cfg(128, 64, 1, 4, 3)],
+    "short": [_cfg(128, 64, 1, 4, 2)],
+    "wide": [_cfg(128, 64, 1, 4, 2)],
+}
+# Short sequences (≤ SHORT_FWD_BLOCK tokens) on the TMA paths: one tile per head, HEADS_PER_PROG heads
+# per program with the head loop pipelined.
+SHORT_FWD_BLOCK = 64
+SHORT_FWD_CONFIGS = {"short": [_cfg(SHORT_FWD_BLOCK, SHORT_FWD_BLOCK, 4, 4, 2),
+                               _cfg(SHORT_FWD_BLOCK, SHORT_FWD_BLOCK, 8, 4, 2)],
+                     "wide": [_cfg(SHORT_FWD_BLOCK, SHORT_FWD_BLOCK, 4, 4, 2)]}
+# One-pass backward (backward_onepass.py): BLOCK_N keys per program, BLOCK_M query rows per step; and
+# its pre-pass (delta, zeroed dQ buffer) over BLOCK_M-row blocks.
+# "wide" (head dims 65..128, run 128 wide): dK and dV of 128 keys over two warpgroups, one stage (at
+# 64 keys and 4 warps it spills; at 64 keys and 8 warps each thread exponentiates every score twice).
+BWD_ONEPASS_CONFIGS = {
+    "long": [_cfg(64, 64, 1, 4, 2), _cfg(64, 128, 1, 8, 2)],
+    "short": [_cfg(64, 64, 1, 4, 2)],
+    "wide": [_cfg(64, 128, 1, 8, 1)],
+}
+BWD_PREP_CONFIGS = {"long": [_cfg(64, 64, 1, 4, 1)], "short": [_cfg(64, 64, 1, 4, 1)],
+                    "wide": [_cfg(32, 32, 1, 4, 1)]}
+
+# The paths a call may take (``forward=`` / ``backward=`` of ``attention`` and ``attention_varlen``).
+FORWARDS = ("pointer", "tma", "ws")   # pointer loads (kernels.py); TMA; TMA + warp specialisation
+BACKWARDS = ("two_pass", "onepass")   # dQ pass + dK/dV pass (kernels.py); one pass, dQ by atomics
+# The default is a guess from the compiler's output (NOTES.md): the warp-specialised forward (the
+# only one whose softmax can overlap the tensor cores) and the one-pass backward (5 GEMMs, one exp per
+# score instead of 7 and 2). Measured dispatch (the variants below) decides on a GPU.
+DEFAULT_FORWARD = "ws"
+DEFAULT_BACKWARD = "onepass"
+# Every implementation measured dispatch may time: name → keyword arguments of both ``attention``
+# and ``attention_varlen``. "fasttips" is the path used before the TMA and one-pass kernels existed.
+VARIANTS: dict[str, dict] = {
+    "fasttips": dict(forward="pointer", backward="two_pass"),
+    "fasttips-onepass": dict(forward="pointer", backward="onepass"),
+    "fasttips-tma": dict(forward="tma", backward="onepass"),
+    "fasttips-tma-2pass": dict(forward="tma", backward="two_pass"),
+    "fasttips-ws": dict(forward="ws", backward="onepass"),
+    "fasttips-ws-2pass": dict(forward="ws", backward="two_pass"),
+}
 # Under the interpreter: small blocks so that tests hit full tiles, narrow key and row tails at
 # N = 50, and several heads per program. Tests pass others (``interpret_config``).
 INTERPRET_CONFIG = _cfg(32, 32, 2, 4, 1)
@@ -87,14 +140,31 @@ def _interpret_config(blocks) -> dict:
 KERNELS = {"fwd": (K.attn_fwd_kernel, FWD_CONFIGS),
            "dq": (K.attn_bwd_dq_kernel, DQ_CONFIGS),
            "dkdv": (K.attn_bwd_dkdv_kernel, DKDV_CONFIGS),
-           "bwd_short": (K.attn_bwd_short_kernel, SHORT_BWD_CONFIGS)}
+           "bwd_short": (K.attn_bwd_short_kernel, SHORT_BWD_CONFIGS),
+           "fwd_tma": (FT.attn_fwd_tma_kernel, FWD_TMA_CONFIGS),
+           "fwd_ws": (FT.attn_fwd_tma_kernel, FWD_WS_CONFIGS),
+           "fwd_short_tma": (FT.attn_fwd_short_kernel, SHORT_FWD_CONFIGS),
+           "bwd_prep": (B1.attn_bwd_prep_kernel, BWD_PREP_CONFIGS),
+           "bwd_onepass": (B1.attn_bwd_onepass_kernel, BWD_ONEPASS_CONFIGS)}
+# kernels that read and write through TMA descriptors (they need a scratch allocator on a GPU)
+TMA_KERNELS = ("fwd_tma", "fwd_ws", "fwd_short_tma", "bwd_onepass")
+# what each kernel writes by atomics: the autotuner must restore it after timing a configuration
+ACCUMULATES = {"bwd_onepass": ["DQ32"]}
 
 
 def launch_constexprs(name: str, config: dict) -> dict:
-    """The constexprs a configuration sets for kernel ``name``: the one-tile backward takes only
-    the heads per program (its tile is SHORT_BWD_BLOCK, passed with the launch)."""
-    if name == "bwd_short":
+    """The constexprs a configuration sets for kernel ``name`` (each kernel takes only its own): the
+    one-tile kernels take the heads per program (their tile is passed with the launch); the TMA
+    forward its tiles and whether to warp-specialise."""
+    if name in ("bwd_short", "fwd_short_tma"):
         return {"HEADS_PER_PROG": config["HEADS_PER_PROG"]}
+    if name in ("fwd_tma", "fwd_ws"):
+        return {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"], "TAIL_N": config["TAIL_N"],
+                "WARP_SPECIALIZE": name == "fwd_ws"}
+    if name == "bwd_prep":
+        return {"BLOCK": config["BLOCK_M"]}
+    if name == "bwd_onepass":
+        return {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
     return constexprs_of(config)
 
 
@@ -120,7 +190,26 @@ def _autotuned(name: str, family: str):
     kernel, configs = KERNELS[name]
     tconfigs = autotune_configs(configs[family], lambda c: launch_constexprs(name, c))
     key = ["SEQ_BUCKET", "H", "HEAD_DIM", "HAS_MASK", "VARLEN"]
-    return triton.autotune(configs=tconfigs, key=key)(kernel)
+    return triton.autotune(configs=tconfigs, key=key, restore_value=ACCUMULATES.get(name))(kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _arg_names(name: str) -> frozenset:
+    kernel = KERNELS[name][0]
+    return frozenset(getattr(kernel, "arg_names", None) or kernel.fn.arg_names)
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_tma_allocator():
+    """Descriptors made inside a kernel live in a per-launch global scratch buffer that Triton asks
+    an allocator for. Its setting is a context variable, so it is unset in threads that did not set
+    it (autograd runs the backward on a thread of its own): set ours where none is."""
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_scratch)
 
 
 def _launch(name: str, max_seqlen: int, n_seqs: int, H: int, program_axis: str, args: tuple,
@@ -128,12 +217,15 @@ def _launch(name: str, max_seqlen: int, n_seqs: int, H: int, program_axis: str, 
     """Launch kernel ``name``: autotuned on a GPU, with ``interpret_config`` under the interpreter."""
     def grid(meta):  # one program per full block plus one for the short remainder (or one tile)
         blocks = 1 if program_axis is None else triton.cdiv(max_seqlen, meta[program_axis])
-        return (blocks, triton.cdiv(H, meta["HEADS_PER_PROG"]), n_seqs)
+        return (blocks, triton.cdiv(H, meta.get("HEADS_PER_PROG", 1)), n_seqs)
 
+    consts = {k: v for k, v in consts.items() if k in _arg_names(name)}
     if interpreting():
         launch = launch_constexprs(name, interpret_config)
         KERNELS[name][0][grid(launch)](*args, **consts, **launch)
     else:
+        if name in TMA_KERNELS:
+            _ensure_tma_allocator()
         _autotuned(name, family(max_seqlen, consts["HEAD_DIM"]))[grid](*args, **consts)
 
 
@@ -178,8 +270,42 @@ def _pad_arg(key_padding_mask, q):
     return key_padding_mask.view(torch.uint8), key_padding_mask.stride(0)
 
 
-def _forward_impl(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, interpret_blocks=None):
-    q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
+def tma_usable(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the TMA kernels can serve this head dim and dtype: a TMA row stride must be a multiple
+    of 16 bytes, so a contiguous row of HEAD_DIM elements must be (d = 64, 72, 128 in 16-bit types:
+    128, 144, 256 bytes). Other head dims take the pointer kernels whatever the call asks for."""
+    return head_dim * torch.empty((), dtype=dtype).element_size() % 16 == 0
+
+
+def _tma_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if TMA can address every head of it (base and every stride that is ever multiplied by a
+    nonzero index a multiple of 16 bytes, last dim contiguous), else a contiguous copy."""
+    elem = t.element_size()
+    ok = (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+          and all(stride * elem % 16 == 0 for stride, size in zip(t.stride()[:-1], t.shape[:-1]) if size > 1))
+    return t if ok else t.contiguous()
+
+
+def _check_path(forward: str, backward: str) -> None:
+    if forward not in FORWARDS:
+        raise ValueError(f"forward={forward!r} is not one of {list(FORWARDS)}")
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward={backward!r} is not one of {list(BACKWARDS)}")
+
+
+def resolved_paths(forward: str, backward: str, head_dim: int, dtype: torch.dtype, scale: float):
+    """The (forward, backward) a call runs: the TMA kernels need ``tma_usable``; the TMA forward
+    keeps its running maximum on scaled scores, which needs scale > 0."""
+    if not tma_usable(head_dim, dtype):
+        return "pointer", "two_pass"
+    return ("pointer" if scale <= 0 else forward), backward
+
+
+def _forward_impl(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, interpret_blocks=None,
+                  forward=DEFAULT_FORWARD):
+    forward, _ = resolved_paths(forward, "two_pass", q.shape[-1], q.dtype, scale)
+    layout = _kernel_layout if forward == "pointer" else _tma_layout
+    q, k, v = layout(q), layout(k), layout(v)
     varlen = cu_seqlens is not None
     if varlen:  # here, in the op's body, so that compiled callers are checked too (no device wait
         # once the layout is known: see common.py)
@@ -190,22 +316,37 @@ def _forward_impl(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, inte
     lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
     if q.numel() == 0 or n_seqs == 0 or max_seqlen == 0:
         return out, lse.fill_(float("inf"))
+    if forward != "pointer":
+        out = _tma_layout(out)
     pad, stride_pb = _pad_arg(key_padding_mask, q)
     args = (q, k, v, out, lse, pad, cu_seqlens if varlen else q,
             *_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen),
             *_layout_strides(out, varlen), *_lse_strides(lse, varlen), stride_pb,
             H, N, _seq_bucket(max_seqlen), scale * LOG2E)
-    _launch("fwd", max_seqlen, n_seqs, H, "BLOCK_M", args,
-            _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen), _interpret_config(interpret_blocks))
+    consts = _common_consts(q, key_padding_mask, cu_seqlens, max_seqlen)
+    interpret_config = _interpret_config(interpret_blocks)
+    if forward == "pointer":
+        _launch("fwd", max_seqlen, n_seqs, H, "BLOCK_M", args, consts, interpret_config)
+    elif max_seqlen <= SHORT_FWD_BLOCK:  # one tile per head, several heads per program
+        _launch("fwd_short_tma", max_seqlen, n_seqs, H, None, args, dict(consts, BLOCK=SHORT_FWD_BLOCK),
+                interpret_config)
+    else:
+        _launch("fwd_ws" if forward == "ws" else "fwd_tma", max_seqlen, n_seqs, H, "BLOCK_M", args, consts,
+                interpret_config)
     return out, lse
 
 
 def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale,
-                   short_bwd_max=SHORT_BWD_MAX, interpret_blocks=None):
+                   short_bwd_max=SHORT_BWD_MAX, interpret_blocks=None, backward=DEFAULT_BACKWARD):
     interpret_config = _interpret_config(interpret_blocks)
+    _, backward = resolved_paths("pointer", backward, q.shape[-1], q.dtype, scale)
     varlen = cu_seqlens is not None
     n_seqs, H, N = _shape_info(q, cu_seqlens, max_seqlen)
-    dout, q, k, v, out = (_kernel_layout(t) for t in (dout, q, k, v, out))
+    short = max_seqlen <= short_bwd_max and q.shape[-1] <= 64
+    onepass = backward == "onepass" and not short
+    # the pre-pass reads out and dout with pointer loads (ROW_ALIGN strides), the rest is TMA
+    dout, q, k, v, out = (_tma_layout(_kernel_layout(t)) if onepass else _kernel_layout(t)
+                          for t in (dout, q, k, v, out))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or n_seqs == 0 or max_seqlen == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
@@ -215,14 +356,26 @@ def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_se
     tail = (*_lse_strides(lse, varlen), stride_pb, H, N, _seq_bucket(max_seqlen), scale,
             scale * LOG2E)
     qkv = (*_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen))
-    if max_seqlen <= short_bwd_max and q.shape[-1] <= 64:  # one tile per head: a single pass
+    if short:  # one tile per head: a single pass
         _launch("bwd_short", max_seqlen, n_seqs, H, None,
                 (q, k, v, out, dout, lse, pad, dq, dk, dv, cu, *qkv, *_layout_strides(out, varlen),
                  *_layout_strides(dout, varlen), *_layout_strides(dq, varlen),
                  *_layout_strides(dk, varlen), *_layout_strides(dv, varlen), *tail),
                 dict(consts, BLOCK=SHORT_BWD_BLOCK), interpret_config)
         return dq, dk, dv
-    delta = torch.empty_like(lse)  # written by the dQ pass, read by the dK/dV pass
+    delta = torch.empty_like(lse)  # written by the dQ pass (or the pre-pass), read by the dK/dV pass
+    if onepass:
+        dk, dv = _tma_layout(dk), _tma_layout(dv)   # fresh tensors: already TMA-addressable
+        dq32 = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # zeroed by the pre-pass
+        _launch("bwd_prep", max_seqlen, n_seqs, H, "BLOCK",
+                (out, dout, delta, dq32, cu, *_layout_strides(out, varlen), *_layout_strides(dout, varlen),
+                 *_layout_strides(dq32, varlen), *_lse_strides(lse, varlen), H, N, _seq_bucket(max_seqlen)),
+                consts, interpret_config)
+        _launch("bwd_onepass", max_seqlen, n_seqs, H, "BLOCK_N",
+                (q, k, v, dout, lse, delta, pad, dq32, dk, dv, cu, *qkv, *_layout_strides(dout, varlen),
+                 *_layout_strides(dq32, varlen), *_layout_strides(dk, varlen), *_layout_strides(dv, varlen),
+                 *tail), consts, interpret_config)
+        return torch.mul(dq32, scale, out=dq), dk, dv   # the cast: one pass, fp32 → q's dtype
     _launch("dq", max_seqlen, n_seqs, H, "BLOCK_M",
             (q, k, v, out, dout, lse, delta, pad, dq, cu, *qkv, *_layout_strides(out, varlen),
              *_layout_strides(dout, varlen), *_layout_strides(dq, varlen), *tail), consts, interpret_config)
@@ -239,13 +392,16 @@ def _backward_impl(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_se
 def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                         max_seqlen: int, scale: float, short_bwd_max: int,
-                        interpret_blocks: Optional[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    # short_bwd_max is the backward's (it reaches it through the autograd context)
-    return _forward_impl(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, interpret_blocks)
+                        interpret_blocks: Optional[list[int]], forward: str, backward: str
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    # short_bwd_max and backward are the backward's (they reach it through the autograd context)
+    return _forward_impl(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, interpret_blocks,
+                         forward)
 
 
 @flash_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, short_bwd_max, interpret_blocks):
+def _(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, short_bwd_max, interpret_blocks, forward,
+      backward):
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else q.shape[:3]
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -254,31 +410,34 @@ def _(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, short_bwd_max, i
 def flash_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         out: torch.Tensor, lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                         cu_seqlens: Optional[torch.Tensor], max_seqlen: int, scale: float,
-                        short_bwd_max: int, interpret_blocks: Optional[list[int]]
+                        short_bwd_max: int, interpret_blocks: Optional[list[int]], backward: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale,
-                          short_bwd_max, interpret_blocks)
+                          short_bwd_max, interpret_blocks, backward)
 
 
 @flash_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale, short_bwd_max, interpret_blocks):
+def _(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale, short_bwd_max, interpret_blocks,
+      backward):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, short_bwd_max, interpret_blocks = inputs
+    (q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, short_bwd_max, interpret_blocks, _forward,
+     backward) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, cu_seqlens)
     ctx.max_seqlen, ctx.scale = max_seqlen, scale
-    ctx.short_bwd_max, ctx.interpret_blocks = short_bwd_max, interpret_blocks
+    ctx.short_bwd_max, ctx.interpret_blocks, ctx.backward = short_bwd_max, interpret_blocks, backward
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, key_padding_mask, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = flash_attention_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens,
-                                     ctx.max_seqlen, ctx.scale, ctx.short_bwd_max, ctx.interpret_blocks)
-    return dq, dk, dv, None, None, None, None, None, None
+                                     ctx.max_seqlen, ctx.scale, ctx.short_bwd_max, ctx.interpret_blocks,
+                                     ctx.backward)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -326,12 +485,16 @@ def _default_scale(q, scale):
 
 
 def attention(q, k, v, key_padding_mask=None, scale=None, *, short_bwd_max=SHORT_BWD_MAX,
-              interpret_config=None):
+              interpret_config=None, forward=DEFAULT_FORWARD, backward=DEFAULT_BACKWARD):
     """softmax(q kᵀ·scale) v for q, k, v [B, H, N, D]; key_padding_mask [B, N] bool (True = pad).
 
     ``short_bwd_max``: sequences up to this length (and head dims ≤ 64) take the one-tile backward,
-    longer ones the two-pass backward (0: always two passes). ``interpret_config``: block shapes under
-    the interpreter (a ``_cfg``; default INTERPRET_CONFIG). The defaults are what training runs."""
+    longer ones ``backward`` (0: never the one-tile one). ``forward`` (one of FORWARDS) and
+    ``backward`` (one of BACKWARDS) pick the kernels; VARIANTS names the combinations worth timing.
+    Head dims the TMA kernels cannot address (``tma_usable``) take "pointer" / "two_pass" whatever
+    is asked. ``interpret_config``: block shapes under the interpreter (a ``_cfg``; default
+    INTERPRET_CONFIG). The defaults are what training runs."""
+    _check_path(forward, backward)
     q, k, v = _check_qkv(q, k, v, 4, "[B, H, N, D]")
     B, _, N, _ = q.shape
     if key_padding_mask is not None:
@@ -342,19 +505,21 @@ def attention(q, k, v, key_padding_mask=None, scale=None, *, short_bwd_max=SHORT
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
         key_padding_mask = key_padding_mask.contiguous()
     out, _ = flash_attention_fwd(q, k, v, key_padding_mask, None, N, _default_scale(q, scale),
-                                 int(short_bwd_max), _interpret_blocks(interpret_config))
+                                 int(short_bwd_max), _interpret_blocks(interpret_config), forward, backward)
     return out
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None, *, short_bwd_max=SHORT_BWD_MAX,
-                     interpret_config=None):
+                     interpret_config=None, forward=DEFAULT_FORWARD, backward=DEFAULT_BACKWARD):
     """Packed attention: q, k, v [T, H, D]; sequence i is rows cu_seqlens[i]:cu_seqlens[i+1].
 
     ``max_seqlen`` must be at least the longest sequence (it sizes the launch); a smaller value is a
     ValueError. None derives it. Either way the longest sequence is read from the host record of
     ``cu_seqlens_from_lengths``, or computed once per offsets tensor (one host read, see common.py).
-    Pass it under ``torch.compile``. ``short_bwd_max`` and ``interpret_config`` as in ``attention``.
+    Pass it under ``torch.compile``. ``short_bwd_max``, ``interpret_config``, ``forward`` and
+    ``backward`` as in ``attention``.
     """
+    _check_path(forward, backward)
     q, k, v = _check_qkv(q, k, v, 3, "[T, H, D]")
     if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1
             or cu_seqlens.dtype not in (torch.int32, torch.int64)):
@@ -367,5 +532,5 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None, *, short_
     if max_seqlen is None:  # the op's body checks a given value (compiled callers included)
         max_seqlen = check_max_seqlen(None, longest_sequence(cu_seqlens))
     out, _ = flash_attention_fwd(q, k, v, None, cu_seqlens, int(max_seqlen), _default_scale(q, scale),
-                                 int(short_bwd_max), _interpret_blocks(interpret_config))
+                                 int(short_bwd_max), _interpret_blocks(interpret_config), forward, backward)
     return out

@@ -232,8 +232,9 @@ def test_hopper_compile_gate(case, hopper_reports):
     report = hopper_reports[case]
     if isinstance(report, Exception):
         raise report
-    print(report.summary())   # registers, shared memory, CTAs/SM, HGMMA: shown with -s or on failure
-    report.check(matmul=True)
+    print(report.summary())   # registers, shared memory, CTAs/SM, GEMMs/EX2 per step: shown with -s or on failure
+    report.check(matmul=case[0] not in hopper_gate.NO_MATMUL)
+    report.check_expected(hopper_gate.expected(case))
 
 
 # ------------------------------------------------------------------------------------------------

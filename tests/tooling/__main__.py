@@ -32,6 +32,8 @@ def main(argv=None) -> int:
             try:
                 matmul = MATMUL[op] and case[0] not in getattr(gate, "NO_MATMUL", ())   # e.g. a row kernel
                 report.check(matmul=matmul, serialised_ok=known is not None)
+                if hasattr(gate, "expected"):          # what the kernel claims (GEMMs, EX2, TMA, WS, budgets)
+                    report.check_expected(gate.expected(case))
                 tag = "known" if known and report.wgmma_serialised else "ok   "
                 print(f"{tag} {report.summary()}")
             except AssertionError as exc:

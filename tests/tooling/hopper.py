@@ -10,7 +10,16 @@ matmul kernel without Hopper's HGMMA instructions. Per kernel and configuration 
 shared memory, CTAs per SM, HGMMA instructions and ptxas warnings (``HopperReport.summary``).
 
 The ptxas log is the one Triton's own ptxas run prints with TRITON_DUMP_PTXAS_LOG=1; when the kernel
-comes from Triton's cache (no ptxas run), ptxas runs once more on the PTX with Triton's options.
+comes from Triton's cache (no ptxas run), ptxas runs once more on the PTX with Triton's options. That
+is the ptxas Triton picks for sm_90 (``get_ptxas(90)``: under Triton 3.9 the newer one the wheel ships,
+not the legacy ``bin/ptxas``, which misses some C7515 notes).
+
+The SASS is read too (``sass_profile``): per innermost loop the HGMMA instructions, the tensor-core
+GEMMs (wgmma groups: the HGMMA that ends a group carries ``gsb0``), the exps (MUFU.EX2) and any
+``HMMA`` (mma.sync, the pre-Hopper path); over the kernel the TMA loads / stores (UTMALDG / UTMASTG),
+``USETMAXREG`` (the register split a warp-specialised kernel makes between its producer and consumer
+warps: its presence, not the source's flag, says warp specialisation happened) and the atomics.
+``HopperReport.check_expected`` checks these against what a kernel claims (``Expected``).
 """
 from __future__ import annotations
 
@@ -32,6 +41,83 @@ H100_SM_BLOCKS = 32
 WGMMA_SERIALISED = "wgmma.mma_async instructions are serialized"
 
 
+_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+SASS_COUNTED = ("HGMMA", "HMMA", "MUFU.EX2", "UTMALDG", "UTMASTG", "USETMAXREG", "REDG", "ATOMG")
+
+
+@dataclass(frozen=True)
+class LoopProfile:
+    """One innermost loop of the SASS (an address range closed by a backward branch that holds no
+    other loop): what one iteration executes, per thread."""
+    start: int
+    end: int
+    hgmma: int
+    gemms: int          # wgmma groups: the last HGMMA of each carries gsb0
+    ex2: int
+    hmma: int
+
+
+def _instructions(sass: str) -> list[tuple[int, str, str]]:
+    out = []
+    for line in sass.splitlines():
+        m = _INSN.search(line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    return out
+
+
+def _count(insns, name: str) -> int:
+    return sum(1 for _, op, _ in insns if op == name or op.startswith(name + "."))
+
+
+def sass_profile(sass: str) -> tuple[dict, tuple]:
+    """({instruction: count over the kernel} for SASS_COUNTED, innermost loops with tensor-core or
+    exp work as LoopProfiles, in address order; when no loop does tensor-core work, the whole kernel
+    comes last as one more "loop", so that a one-tile kernel's GEMMs are counted too)."""
+    insns = _instructions(sass)
+    ranges = set()
+    for addr, op, args in insns:
+        m = _BRANCH_TARGET.search(args) if op.startswith("BRA") else None
+        if m and int(m.group(1), 16) < addr:
+            ranges.add((int(m.group(1), 16), addr))
+    innermost = [r for r in ranges if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in ranges)]
+    loops = [_profile(insns, start, end) for start, end in sorted(innermost)]
+    loops = [lp for lp in loops if lp.hgmma or lp.ex2 or lp.hmma]
+    if not any(lp.hgmma for lp in loops) and insns:   # no loop does tensor-core work: the kernel is one step
+        loops.append(_profile(insns, insns[0][0], insns[-1][0]))
+    return {name: _count(insns, name) for name in SASS_COUNTED}, tuple(loops)
+
+
+def _profile(insns, start: int, end: int) -> LoopProfile:
+    body = [i for i in insns if start <= i[0] <= end]
+    hgmma = [i for i in body if i[1].startswith("HGMMA")]
+    return LoopProfile(start, end, hgmma=len(hgmma), gemms=sum("gsb0" in args for _, _, args in hgmma),
+                       ex2=_count(body, "MUFU.EX2"), hmma=_count(body, "HMMA"))
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a kernel configuration claims, checked against its SASS by ``HopperReport.check_expected``.
+
+    ``gemms_per_step``: tensor-core GEMMs per iteration of the main loop (the innermost loop with
+    the most HGMMA); ``scores_per_step``: scores one thread owns per iteration of it, and
+    ``ex2_per_step`` the most MUFU.EX2 it may execute per iteration (one per score, plus the online
+    softmax's rescale: one per row the thread holds). ``ex2_duplicated``: a known, tracked case that
+    executes more (every score twice): the check fails once it no longer does. ``tma``: UTMALDG
+    present; ``warp_specialized``: USETMAXREG present; ``mma_sync_ok``: HMMA tolerated (known and
+    tracked the same way); budgets on registers and CTAs/SM."""
+    gemms_per_step: int | None = None
+    scores_per_step: int | None = None
+    ex2_per_step: int | None = None
+    ex2_duplicated: bool = False
+    tma: bool = False
+    warp_specialized: bool = False
+    mma_sync_ok: bool = False
+    max_registers: int | None = None
+    min_ctas_per_sm: int | None = None
+
+
 @dataclass
 class HopperReport:
     name: str
@@ -45,6 +131,16 @@ class HopperReport:
     hgmma_count: int = 0
     spill_bytes: int = 0                    # ptxas: spill stores + spill loads
     ptxas_warnings: tuple = ()              # ptxas's warnings and "Potential Performance Loss" notes
+    sass_counts: dict | None = None         # sass_profile: instruction counts over the kernel
+    loops: tuple = ()                       # sass_profile: innermost loops (LoopProfile)
+
+    @property
+    def main_loop(self) -> LoopProfile | None:
+        """The innermost loop with the most HGMMA (the steady state of an attention kernel)."""
+        return max(self.loops, key=lambda lp: (lp.hgmma, lp.ex2), default=None)
+
+    def count(self, name: str) -> int:
+        return (self.sass_counts or {}).get(name, 0)
 
     @property
     def ctas_per_sm(self) -> int:
@@ -61,9 +157,51 @@ class HopperReport:
 
     def summary(self) -> str:
         warns = f", ptxas warnings: {len(self.ptxas_warnings)}" if self.ptxas_warnings else ""
-        return (f"{self.name}: {self.registers} registers, {self.shared_bytes} B shared, "
+        text = (f"{self.name}: {self.registers} registers, {self.shared_bytes} B shared, "
                 f"{self.ctas_per_sm} CTAs/SM at {self.num_warps} warps, {self.hgmma_count} HGMMA, "
                 f"spills {self.local_bytes + self.stack_bytes + self.spill_bytes} B{warns}")
+        if self.sass_counts is not None:
+            main = self.main_loop
+            step = (f"; main loop: {main.gemms} GEMMs ({main.hgmma} HGMMA), {main.ex2} EX2 per step"
+                    if main else "")
+            flags = [f for f, name in (("TMA", "UTMALDG"), ("WS", "USETMAXREG"), ("mma.sync", "HMMA"),
+                                       ("atomics", "REDG")) if self.count(name)]
+            text += step + (f"; {', '.join(flags)}" if flags else "")
+        return text
+
+    def check_expected(self, expected: Expected) -> None:
+        """Assert what the kernel claims (``Expected``) against its SASS and resources."""
+        e, main = expected, self.main_loop
+        if e.gemms_per_step is not None:
+            assert main is not None and main.gemms == e.gemms_per_step, (
+                f"{self.name}: {main.gemms if main else 0} GEMMs per main-loop step, expected {e.gemms_per_step}")
+        if e.ex2_per_step is not None:
+            ex2 = main.ex2 if main else 0
+            if e.ex2_duplicated:
+                assert ex2 > e.ex2_per_step, (
+                    f"{self.name}: {ex2} EX2 per step, no longer more than {e.ex2_per_step}: drop it from "
+                    "the known duplicated-exp cases")
+            else:
+                assert ex2 <= e.ex2_per_step, (
+                    f"{self.name}: {ex2} EX2 per step for {e.scores_per_step} scores per thread "
+                    f"({ex2 / e.scores_per_step:.2f} per score), expected ≤ {e.ex2_per_step}")
+        if e.tma:
+            assert self.count("UTMALDG"), f"{self.name}: claims TMA but has no UTMALDG in its SASS"
+        if e.warp_specialized:
+            assert self.count("USETMAXREG"), (
+                f"{self.name}: claims warp specialisation but has no USETMAXREG in its SASS (Triton "
+                "drops it silently, e.g. at 8 warps, on a flattened loop or with a second tensor-core loop)")
+        hmma = self.count("HMMA")
+        if e.mma_sync_ok:
+            assert hmma, f"{self.name}: no HMMA any more: drop it from the known mma.sync kernels"
+        else:
+            assert not hmma, f"{self.name}: {hmma} HMMA (mma.sync, not wgmma) in a Hopper path"
+        if e.max_registers is not None:
+            assert self.registers <= e.max_registers, (
+                f"{self.name}: {self.registers} registers > budget {e.max_registers}")
+        if e.min_ctas_per_sm is not None:
+            assert self.ctas_per_sm >= e.min_ctas_per_sm, (
+                f"{self.name}: {self.ctas_per_sm} CTAs/SM < budget {e.min_ctas_per_sm}")
 
     def check(self, matmul: bool, serialised_ok: bool = False) -> None:
         """Assert: fits shared memory, no spills, no serialised wgmma (unless ``serialised_ok``: a
@@ -137,6 +275,7 @@ def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int
         m = re.search(rf"{key}:(\d+)", usage)
         return int(m.group(1)) if m else 0
 
+    counts, loops = sass_profile(sass)
     return HopperReport(
         name=name or getattr(fn, "__name__", "kernel"),
         shared_bytes=int(compiled.metadata.shared),
@@ -145,8 +284,10 @@ def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int
         stack_bytes=field("STACK"),
         has_hgmma="HGMMA" in sass,
         has_wgmma_ptx="wgmma" in compiled.asm["ptx"],
-        num_warps=num_warps,
+        num_warps=int(compiled.metadata.num_warps),   # a warp-specialised kernel launches more than asked
         hgmma_count=len(re.findall(r"\bHGMMA\.", sass)),
+        sass_counts=counts,
+        loops=loops,
         **parse_ptxas_log(ptxas_log),
     )
 
