@@ -77,6 +77,7 @@ FWD_TMA_CONFIGS = {
     "long": [_cfg(128, 64, 1, 4, 3), _cfg(64, 64, 1, 4, 3)],
     "short": [_cfg(64, 64, 1, 4, 2)],
     "wide": [_cfg(64, 64, 1, 4, 2)],
+    "split": [_cfg(128, 64, 1, 4, 2), _cfg(64, 64, 1, 4, 3)],
 }
 # Warp specialisation is applied at 4 warps only (8 would be silently ignored): a producer warp
 # and two consumer warpgroups of 64 rows each at BLOCK_M = 128.
@@ -84,13 +85,15 @@ FWD_WS_CONFIGS = {
     "long": [_cfg(128, 64, 1, 4, 2), _cfg(128, 64, 1, 4, 3)],
     "short": [_cfg(128, 64, 1, 4, 2)],
     "wide": [_cfg(128, 64, 1, 4, 2)],
+    "split": [_cfg(128, 64, 1, 4, 2)],
 }
 # Short sequences (≤ SHORT_FWD_BLOCK tokens) on the TMA paths: one tile per head, HEADS_PER_PROG heads
 # per program with the head loop pipelined.
 SHORT_FWD_BLOCK = 64
 SHORT_FWD_CONFIGS = {"short": [_cfg(SHORT_FWD_BLOCK, SHORT_FWD_BLOCK, 4, 4, 2),
                                _cfg(SHORT_FWD_BLOCK, SHORT_FWD_BLOCK, 8, 4, 2)],
-                     "wide": [_cfg(SHORT_FWD_BLOCK, SHORT_FWD_BLOCK, 4, 4, 2)]}
+                     "wide": [_cfg(SHORT_FWD_BLOCK, SHORT_FWD_BLOCK, 4, 4, 2)],
+                     "split": [_cfg(SHORT_FWD_BLOCK, SHORT_FWD_BLOCK, 4, 4, 2)]}
 # One-pass backward (backward_onepass.py): BLOCK_N keys per program, BLOCK_M query rows per step; and
 # its pre-pass (delta, zeroed dQ buffer) over BLOCK_M-row blocks.
 # "wide" (head dims 65..128, run 128 wide): dK and dV of 128 keys over two warpgroups, one stage (at
@@ -99,6 +102,7 @@ BWD_ONEPASS_CONFIGS = {
     "long": [_cfg(64, 64, 1, 4, 2), _cfg(64, 128, 1, 8, 2)],
     "short": [_cfg(64, 64, 1, 4, 2)],
     "wide": [_cfg(64, 128, 1, 8, 1)],
+    "split": [_cfg(64, 64, 1, 4, 2)],
 }
 BWD_PREP_CONFIGS = {"long": [_cfg(64, 64, 1, 4, 1)], "short": [_cfg(64, 64, 1, 4, 1)],
                     "wide": [_cfg(32, 32, 1, 4, 1)]}
@@ -178,8 +182,19 @@ def row_align(head_dim: int) -> int:
     return 8 if head_dim % 16 == 8 else 1
 
 
-def family(max_seqlen: int, head_dim: int) -> str:
-    """Which configuration list serves this launch."""
+def column_panels(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, SPLIT_D): how the TMA kernels cover a head's columns. Head dims 65..96 run as a
+    64-wide panel plus a 16- or 32-wide one (d = 72: 64 + 16 = 80 columns of tensor-core work, not
+    128; TMA zero-fills columns 72..79 and drops them on store); others as one power-of-two panel."""
+    if 64 < head_dim <= 96:
+        return 64, max(16, triton.next_power_of_2(head_dim - 64))
+    return block_d(head_dim), 0
+
+
+def family(max_seqlen: int, head_dim: int, tma: bool = False) -> str:
+    """Which configuration list serves this launch ("split": a TMA kernel at a two-panel head dim)."""
+    if tma and column_panels(head_dim)[1]:
+        return "split"
     if block_d(head_dim) > 64:
         return "wide"
     return "short" if max_seqlen <= SHORT_SEQ else "long"
@@ -219,14 +234,18 @@ def _launch(name: str, max_seqlen: int, n_seqs: int, H: int, program_axis: str, 
         blocks = 1 if program_axis is None else triton.cdiv(max_seqlen, meta[program_axis])
         return (blocks, triton.cdiv(H, meta.get("HEADS_PER_PROG", 1)), n_seqs)
 
+    tma = name in TMA_KERNELS
+    if tma:
+        consts = dict(consts, **dict(zip(("BLOCK_D", "SPLIT_D"), column_panels(consts["HEAD_DIM"]))))
+    fam = family(max_seqlen, consts["HEAD_DIM"], tma)
     consts = {k: v for k, v in consts.items() if k in _arg_names(name)}
     if interpreting():
         launch = launch_constexprs(name, interpret_config)
         KERNELS[name][0][grid(launch)](*args, **consts, **launch)
     else:
-        if name in TMA_KERNELS:
+        if tma:
             _ensure_tma_allocator()
-        _autotuned(name, family(max_seqlen, consts["HEAD_DIM"]))[grid](*args, **consts)
+        _autotuned(name, fam)[grid](*args, **consts)
 
 
 def _seq_bucket(max_seqlen: int) -> int:

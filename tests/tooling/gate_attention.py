@@ -19,7 +19,9 @@ from fasttips.kernels.attention import triton as T
 KERNELS = T.KERNELS
 # bf16 at the head dim each family serves; fp16 once, at d = 128 (at d = 64 every kernel and
 # configuration compiled to the same registers, shared memory and instruction counts in both types)
-SIGNATURES = {"long": (("bf16", 64),), "short": (("bf16", 64),), "wide": (("bf16", 72), ("fp16", 128))}
+# ("split": the TMA kernels at d = 72, as 64 + 16 columns; their "wide" lists then serve d = 128 only.)
+SIGNATURES = {"long": (("bf16", 64),), "short": (("bf16", 64),), "wide": (("bf16", 72), ("fp16", 128)),
+              "split": (("bf16", 72),)}
 
 
 def cases() -> list[tuple[str, str, int, str, int]]:
@@ -31,6 +33,8 @@ def cases() -> list[tuple[str, str, int, str, int]]:
         for family in configs:
             for i, cfg in enumerate(configs[family]):
                 for dtype, head_dim in SIGNATURES[family]:
+                    if family == "wide" and name in T.TMA_KERNELS and T.column_panels(head_dim)[1]:
+                        continue                       # served by "split"
                     key = (name, tuple(sorted(cfg.items())), dtype, head_dim)
                     if key not in seen:
                         seen.add(key)
@@ -68,6 +72,8 @@ def constexprs(name: str, cfg: dict, head_dim: int) -> dict:
                   DOT_PRECISION="tf32", ROW_ALIGN=T.row_align(head_dim),
                   BLOCK={"bwd_short": T.SHORT_BWD_BLOCK, "fwd_short_tma": T.SHORT_FWD_BLOCK}.get(name))
     values.update(T.launch_constexprs(name, cfg))
+    if name in T.TMA_KERNELS:
+        values.update(zip(("BLOCK_D", "SPLIT_D"), T.column_panels(head_dim)))
     return {k: v for k, v in values.items() if k in params}
 
 
@@ -103,7 +109,8 @@ NO_MATMUL = ("bwd_prep",)
 
 def expected(case) -> "Expected":
     """What each kernel and configuration claims, as the compile gate checks it (NOTES.md lists the
-    figures): GEMMs per main-loop step; one exp per score (the forward adds one per row it holds, for
+    figures): GEMMs per main-loop step (each twice, once per column panel, at a split head dim: the
+    wgmma groups are counted); one exp per score (the forward adds one per row it holds, for
     the rescale: two per 64-row slab per thread); TMA and warp specialisation where the kernel uses
     them; registers and CTAs per SM within budget (the short-sequence forward at d ≤ 64: ≤ 128
     registers, ≥ 3 CTAs per SM)."""
@@ -125,9 +132,10 @@ def expected(case) -> "Expected":
     # warpgroups) and fills an SM's registers by itself
     budget = dict(fwd_short_tma=(128, 3), bwd_onepass=(255, 2 if cfg["num_warps"] == 4 else 1),
                   fwd_tma=(255, 2)).get(name, (255, 1))
-    if head_dim > 64:   # head dims 65..128 run 128 wide: twice the accumulators and shared memory
+    split = family == "split"   # a TMA kernel at d = 72: 64 + 16 columns, every GEMM in two panels
+    if head_dim > 64 and not split:   # 128 wide: twice the accumulators and shared memory
         budget = (168, 2) if name == "fwd_short_tma" else (255, 1)
-    return Expected(gemms_per_step=GEMMS_PER_STEP[name], scores_per_step=scores,
+    return Expected(gemms_per_step=GEMMS_PER_STEP[name] * (2 if split else 1), scores_per_step=scores,
                     ex2_per_step=scores + rescale, ex2_duplicated=duplicated, tma=name in T.TMA_KERNELS,
                     warp_specialized=name == "fwd_ws", mma_sync_ok=(name, family) in KNOWN_MMA_SYNC,
                     max_registers=budget[0], min_ctas_per_sm=budget[1])
