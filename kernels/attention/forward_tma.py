@@ -10,8 +10,8 @@ takes any batch / head strides (a slice of a fused qkv projection), which one 3-
 descriptor cannot, and needs no reshape (the warp-specialisation pass rejects a reshaped 3-D load).
 
 - ``attn_fwd_tma_kernel``: one program per (row block, head, sequence). The loop over full key blocks
-  is unmasked; the keys left past the last full block take narrow TAIL_N-wide masked steps through a
-  second, narrow pair of descriptors. ``WARP_SPECIALIZE`` asks Triton to split the main loop into a
+  is unmasked; the keys left past the last full block take one masked step: TAIL_N wide (through a
+  second, narrow pair of descriptors) when they fit in it, else BLOCK_N wide. ``WARP_SPECIALIZE`` asks Triton to split the main loop into a
   TMA producer warp and two consumer warpgroups (``tl.range(..., warp_specialize=True)``), so one
   warpgroup's softmax overlaps the other's wgmma. Triton applies it only at num_warps = 4 and drops
   it silently otherwise: the compile gate checks the SASS for ``USETMAXREG``, not this flag.
@@ -137,17 +137,21 @@ def attn_fwd_tma_kernel(Q, K, V, O, LSE, PAD, CU_SEQLENS,
                 m_i, l_i, acc, acc2 = _online_softmax_step(
                     q, q2, k_desc, v_desc, k2_desc, v2_desc, start_n, m_i, l_i, acc, acc2, seq_len, pad_base,
                     qk_scale, BLOCK_N, BLOCK_D, SPLIT_D, False, HAS_MASK, DOT_PRECISION)
-            if full_end < seq_len:  # the leftover keys in narrow masked steps
-                kt_desc = _head_desc(k_base, seq_len, stride_kn, HEAD_DIM, TAIL_N, BLOCK_D)
-                vt_desc = _head_desc(v_base, seq_len, stride_vn, HEAD_DIM, TAIL_N, BLOCK_D)
-                kt2_desc, vt2_desc = kt_desc, vt_desc
-                if SPLIT_D:
-                    kt2_desc = _head_desc(k_base, seq_len, stride_kn, HEAD_DIM, TAIL_N, SPLIT_D)
-                    vt2_desc = _head_desc(v_base, seq_len, stride_vn, HEAD_DIM, TAIL_N, SPLIT_D)
-                for start_n in range(full_end, seq_len, TAIL_N):
+            if full_end < seq_len:  # the 1..BLOCK_N-1 leftover keys: one masked step
+                if seq_len - full_end <= TAIL_N:   # a narrow one (N = 257: one key, 16 columns, not 64)
+                    kt_desc = _head_desc(k_base, seq_len, stride_kn, HEAD_DIM, TAIL_N, BLOCK_D)
+                    vt_desc = _head_desc(v_base, seq_len, stride_vn, HEAD_DIM, TAIL_N, BLOCK_D)
+                    kt2_desc, vt2_desc = kt_desc, vt_desc
+                    if SPLIT_D:
+                        kt2_desc = _head_desc(k_base, seq_len, stride_kn, HEAD_DIM, TAIL_N, SPLIT_D)
+                        vt2_desc = _head_desc(v_base, seq_len, stride_vn, HEAD_DIM, TAIL_N, SPLIT_D)
                     m_i, l_i, acc, acc2 = _online_softmax_step(
-                        q, q2, kt_desc, vt_desc, kt2_desc, vt2_desc, start_n, m_i, l_i, acc, acc2, seq_len,
+                        q, q2, kt_desc, vt_desc, kt2_desc, vt2_desc, full_end, m_i, l_i, acc, acc2, seq_len,
                         pad_base, qk_scale, TAIL_N, BLOCK_D, SPLIT_D, True, HAS_MASK, DOT_PRECISION)
+                else:   # a full-width one (a 50-token crop in a packed batch: one step, not four narrow)
+                    m_i, l_i, acc, acc2 = _online_softmax_step(
+                        q, q2, k_desc, v_desc, k2_desc, v2_desc, full_end, m_i, l_i, acc, acc2, seq_len,
+                        pad_base, qk_scale, BLOCK_N, BLOCK_D, SPLIT_D, True, HAS_MASK, DOT_PRECISION)
         out, lse = _finish_rows(acc, m_i, l_i)
         _head_desc(o_base, seq_len, stride_on, HEAD_DIM, BLOCK_M, BLOCK_D).store(
             [row_start, 0], out.to(O.dtype.element_ty))

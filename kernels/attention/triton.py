@@ -110,10 +110,14 @@ BWD_PREP_CONFIGS = {"long": [_cfg(64, 64, 1, 4, 1)], "short": [_cfg(64, 64, 1, 4
 # The paths a call may take (``forward=`` / ``backward=`` of ``attention`` and ``attention_varlen``).
 FORWARDS = ("pointer", "tma", "ws")   # pointer loads (kernels.py); TMA; TMA + warp specialisation
 BACKWARDS = ("two_pass", "onepass")   # dQ pass + dK/dV pass (kernels.py); one pass, dQ by atomics
-# The default is a guess from the compiler's output (NOTES.md): the warp-specialised forward (the
-# only one whose softmax can overlap the tensor cores) and the one-pass backward (5 GEMMs, one exp per
-# score instead of 7 and 2). Measured dispatch (the variants below) decides on a GPU.
-DEFAULT_FORWARD = "ws"
+# The default is a guess from the compiler's output (NOTES.md has the figures); measured dispatch
+# (the variants below) decides on a GPU. Backward: one pass (5 GEMMs and one exp per score instead of 7
+# and 2, no mma.sync tails, 194 registers, 2 blocks per SM). Forward: the plain TMA kernel (2–3 blocks
+# per SM, so one block's softmax can overlap another's tensor-core work, as the warp-specialised one
+# does inside its single 12-warp block; and a narrow last key step: at N = 257 it executes 320 × 272
+# scores at 64-row tiles where the warp-specialised one, whose steps are all full and masked, executes
+# 384 × 320).
+DEFAULT_FORWARD = "tma"
 DEFAULT_BACKWARD = "onepass"
 # Every implementation measured dispatch may time: name → keyword arguments of both ``attention``
 # and ``attention_varlen``. "fasttips" is the path used before the TMA and one-pass kernels existed.
