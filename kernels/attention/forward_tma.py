@@ -205,28 +205,27 @@ def attn_fwd_short_kernel(Q, K, V, O, LSE, PAD, CU_SEQLENS,
             key_ok = key_ok & (tl.load(PAD + b64 * stride_pb + idx, mask=idx < seq_len, other=1) == 0)
         lse_base = LSE + b64 * stride_lb + seq_start
         h0 = tl.program_id(1) * HEADS_PER_PROG
-        for i in tl.range(0, HEADS_PER_PROG, num_stages=2):  # next head's loads overlap this head
-            h = h0 + i
-            if h < H:
-                q = q_desc.load([h, 0, 0]).reshape(BLOCK, BLOCK_D)
-                k = k_desc.load([h, 0, 0]).reshape(BLOCK, BLOCK_D)
-                v = v_desc.load([h, 0, 0]).reshape(BLOCK, BLOCK_D)
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-                if SPLIT_D:
-                    qk = tl.dot(q2_desc.load([h, 0, BLOCK_D]).reshape(BLOCK, SPLIT_D),
-                                tl.trans(k2_desc.load([h, 0, BLOCK_D]).reshape(BLOCK, SPLIT_D)), qk,
-                                input_precision=DOT_PRECISION)
-                qk = tl.where(key_ok[None, :], qk, float("-inf"))
-                m = tl.max(qk, 1) * qk_scale
-                if HAS_MASK:  # a row of padding only: keep exp2 away from (-inf) - (-inf)
-                    m = tl.where(m == float("-inf"), 0.0, m)
-                p = tl.math.exp2(qk * qk_scale - m[:, None])
-                l_i = tl.sum(p, 1)
-                p = p.to(v.dtype)
-                out, lse = _finish_rows(tl.dot(p, v, input_precision=DOT_PRECISION), m, l_i)
-                o_desc.store([h, 0, 0], out.to(O.dtype.element_ty).reshape(1, BLOCK, BLOCK_D))
-                if SPLIT_D:
-                    v2 = v2_desc.load([h, 0, BLOCK_D]).reshape(BLOCK, SPLIT_D)
-                    out2, _ = _finish_rows(tl.dot(p, v2, input_precision=DOT_PRECISION), m, l_i)
-                    o2_desc.store([h, 0, BLOCK_D], out2.to(O.dtype.element_ty).reshape(1, BLOCK, SPLIT_D))
-                tl.store(lse_base + h * stride_lh + idx, lse, mask=idx < seq_len)
+        # the next head's loads overlap this head's math (no branch in the loop: it would stop that)
+        for h in tl.range(h0, tl.minimum(h0 + HEADS_PER_PROG, H), num_stages=2):
+            q = q_desc.load([h, 0, 0]).reshape(BLOCK, BLOCK_D)
+            k = k_desc.load([h, 0, 0]).reshape(BLOCK, BLOCK_D)
+            v = v_desc.load([h, 0, 0]).reshape(BLOCK, BLOCK_D)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            if SPLIT_D:
+                qk = tl.dot(q2_desc.load([h, 0, BLOCK_D]).reshape(BLOCK, SPLIT_D),
+                            tl.trans(k2_desc.load([h, 0, BLOCK_D]).reshape(BLOCK, SPLIT_D)), qk,
+                            input_precision=DOT_PRECISION)
+            qk = tl.where(key_ok[None, :], qk, float("-inf"))
+            m = tl.max(qk, 1) * qk_scale
+            if HAS_MASK:  # a row of padding only: keep exp2 away from (-inf) - (-inf)
+                m = tl.where(m == float("-inf"), 0.0, m)
+            p = tl.math.exp2(qk * qk_scale - m[:, None])
+            l_i = tl.sum(p, 1)
+            p = p.to(v.dtype)
+            out, lse = _finish_rows(tl.dot(p, v, input_precision=DOT_PRECISION), m, l_i)
+            o_desc.store([h, 0, 0], out.to(O.dtype.element_ty).reshape(1, BLOCK, BLOCK_D))
+            if SPLIT_D:
+                v2 = v2_desc.load([h, 0, BLOCK_D]).reshape(BLOCK, SPLIT_D)
+                out2, _ = _finish_rows(tl.dot(p, v2, input_precision=DOT_PRECISION), m, l_i)
+                o2_desc.store([h, 0, BLOCK_D], out2.to(O.dtype.element_ty).reshape(1, BLOCK, SPLIT_D))
+            tl.store(lse_base + h * stride_lh + idx, lse, mask=idx < seq_len)
