@@ -27,8 +27,8 @@ def recall_at_k(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5),
     for that text and either copy of the text a right answer for image i.
 
     R@k is the fraction of queries with a correct candidate among the k best-scored candidates. Ties
-    are counted against the query (a wrong candidate scoring *equal* to the best correct one ranks
-    ahead of it), so a constant similarity gives R@k = 0 rather than a lucky 1.
+    are broken by index, as a stable descending sort does (open_clip's rule): a wrong candidate scoring
+    *equal* to the best correct one ranks ahead of it only when its index is lower.
     Returns {"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"} (one pair per k), in [0, 1].
     """
     _check_matrix("similarity", similarity)
@@ -55,20 +55,31 @@ def recall_at_k(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5),
 
 def recall_from_positives(similarity: torch.Tensor, positives: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
     """Recall@k both ways for a [N_img, N_txt] similarity whose bool ``positives`` marks the right pairs
-    (every row and column has one). Ties count against the query; a NaN score is never a hit."""
+    (every row and column has one). A query's rank is the position of its best correct candidate in a
+    stable descending sort: a wrong candidate ranks ahead when it scores higher, or the same with a
+    lower index. A NaN score ranks last (as -inf)."""
     sim = similarity.float()
     sim = sim.masked_fill(sim.isnan(), -math.inf)
-    pos = positives
-    # rank of the best correct candidate = how many wrong candidates score at least as high (0 = first)
-    best_i2t = sim.masked_fill(~pos, -math.inf).amax(dim=1)
-    best_t2i = sim.masked_fill(~pos, -math.inf).amax(dim=0)
-    i2t_rank = ((sim >= best_i2t[:, None]) & ~pos).sum(dim=1)
-    t2i_rank = ((sim >= best_t2i[None, :]) & ~pos).sum(dim=0)
+    pos = positives.to(sim.device)
+    i2t_rank = _rank_of_best_positive(sim, pos)
+    t2i_rank = _rank_of_best_positive(sim.T, pos.T)
     out = {}
     for k in ks:
         out[f"i2t_r{k}"] = (i2t_rank < k).float().mean().item()
         out[f"t2i_r{k}"] = (t2i_rank < k).float().mean().item()
     return out
+
+
+def _rank_of_best_positive(sim: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Per row: how many wrong candidates a stable descending sort puts before the row's first
+    best-scoring correct candidate (0 = first)."""
+    best = sim.masked_fill(~pos, -math.inf).amax(dim=1, keepdim=True)            # [Q, 1]
+    at_best = pos & (sim == best)
+    # index of the first correct candidate reaching the best score (argmax returns the first maximum)
+    first = at_best.to(torch.uint8).argmax(dim=1, keepdim=True)
+    index = torch.arange(sim.shape[1], device=sim.device)[None, :]
+    ahead = (sim > best) | ((sim == best) & (index < first))
+    return (ahead & ~pos).sum(dim=1)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
