@@ -90,3 +90,19 @@ def run_suite(model, tok, cfg, suite, root, tmp_path, **kw):
     opts.update(kw)
     out = run_suites(model, tok, cfg, [suite], None, roots={suite: root}, out_dir=tmp_path / "out", **opts)
     return out["suites"][suite], log.getvalue()
+
+
+class RecordingModel(OracleModel):
+    """An oracle that also keeps what its vision tower was fed: the pixel batches and whether bf16
+    autocast was on (``seen``: [(pixels, autocast_on)])."""
+
+    def __init__(self, dim, shift=0):
+        super().__init__(dim, shift)
+        self.seen = []
+        inner = self.vision.forward
+
+        def forward(x, masks=None):
+            self.seen.append((x.detach().clone(), torch.is_autocast_enabled(x.device.type)))
+            return inner(x, masks)
+
+        self.vision.forward = forward

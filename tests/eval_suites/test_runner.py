@@ -108,3 +108,37 @@ def test_fasttips_eval_cli_runs_the_suites_on_a_checkpoint(tmp_path, capsys):
     assert rc == 0
     assert "CLS#1 image->text R@1" in capsys.readouterr().out
     assert "coco" in json.loads((tmp_path / "out" / "suites.json").read_text())["suites"]
+
+
+def test_a_new_suite_plugs_in_through_the_registry(tmp_path, tiny, monkeypatch, capsys):
+    """One SuiteSpec and a module with check_layout() and run(): --suite, --data-root, the layout check
+    before any suite runs, the table (with notes) and suites.json all pick it up."""
+    import sys
+    import types
+
+    from fasttips.eval.suites import DatasetLayoutError
+    from fasttips.eval.suites.registry import REGISTRY, SuiteSpec
+
+    module = types.ModuleType("fasttips.eval.suites.toy")
+
+    def check_layout(root, suite):
+        if not (root / "toy.txt").is_file():
+            raise DatasetLayoutError(f"{suite}: missing file {root / 'toy.txt'}")
+
+    def run(ctx, root, suite):
+        return {"metrics": {"answer": 0.42}, "chance": {"answer": 0.1}, "n_images": 1, "notes": ["a note"]}
+
+    module.check_layout, module.run = check_layout, run
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(REGISTRY, "toy", SuiteSpec("toy", "toy", "toys", "a toy suite"))
+    model, tok, cfg = tiny
+    root = tmp_path / "data"
+    args = eval_parser().parse_args(["RUN", "--suite", "toy", "--data-root", str(root), "--out", str(tmp_path / "o")])
+    assert run_from_args(args, model, tok, cfg, default_out=tmp_path) == 2
+    assert capsys.readouterr().err.strip() == f"fasttips eval: toy: missing file {root / 'toys' / 'toy.txt'}"
+    (root / "toys").mkdir(parents=True)
+    (root / "toys" / "toy.txt").write_text("")
+    assert run_from_args(args, model, tok, cfg, default_out=tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "toy    answer" in out and "42.00" in out and "toy: a note" in out
+    assert json.loads((tmp_path / "o" / "suites.json").read_text())["suites"]["toy"]["metrics"] == {"answer": 0.42}

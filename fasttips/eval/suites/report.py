@@ -13,7 +13,8 @@ def _pct(v) -> str:
 
 
 def table(results: dict[str, dict]) -> str:
-    """``results``: {suite: {"metrics": {name: value}, "chance": {name: value}, ...}}."""
+    """``results``: {suite: {"metrics": {name: value}, "chance": {name: value}, "notes": [str]?, ...}};
+    each suite's notes are printed under the table as ``suite: note``."""
     rows = [(suite, name, _pct(value), _pct(res.get("chance", {}).get(name)))
             for suite, res in results.items() for name, value in res["metrics"].items()]
     head = ("suite", "metric", "value %", "chance %")
@@ -21,6 +22,7 @@ def table(results: dict[str, dict]) -> str:
     fmt = lambda r: f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}"  # noqa: E731
     lines = [fmt(head), "-" * (sum(widths) + 6)]
     lines += [fmt(r) for r in rows]
+    lines += [f"{suite}: {note}" for suite, res in results.items() for note in res.get("notes", [])]
     return "\n".join(lines)
 
 

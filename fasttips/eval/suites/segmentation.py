@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .common import (DatasetLayoutError, Progress, SuiteContext, autocast, class_embeddings, limited,
-                     load_metadata, require_dir, require_file, to_pixels)
+from fasttips.eval.transforms import resize_short_side
+
+from .common import (DatasetLayoutError, Progress, SuiteContext, class_embeddings, limited, load_metadata,
+                     precision_context, require_dir, require_file, to_pixels)
 
 
 @dataclass(frozen=True)
@@ -73,20 +75,15 @@ def list_pairs(suite: str, root: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def check_layout(root: Path, suite: str) -> None:
+    list_pairs(suite, root)
+
+
 def to_targets(label: np.ndarray) -> np.ndarray:
     """Label map values → class indices: 0 (unlabelled / background) and 255 (void) → 255 (ignored),
     k → k - 1. The same rule serves all three layouts."""
     label = label.astype(np.int64)
     return np.where((label == 0) | (label == 255), 255, label - 1)
-
-
-def resize_short_side(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    if min(w, h) == size:
-        return img
-    if w < h:
-        return img.resize((size, int(size * h / w)), Image.BICUBIC)
-    return img.resize((int(size * w / h), size), Image.BICUBIC)
 
 
 class SegDataset(torch.utils.data.Dataset):
@@ -153,7 +150,7 @@ def window_patch_features(ctx: SuiteContext, crops: torch.Tensor) -> torch.Tenso
     vision = ctx.model.vision
     dtype = next((p.dtype for p in ctx.model.parameters() if p.is_floating_point()), torch.float32)
     hook = value_attention(vision) if ctx.seg_tokens == "values" else contextlib.nullcontext()
-    with hook, autocast(ctx.device):
+    with hook, precision_context(ctx.device, ctx.precision):
         return vision(crops.to(ctx.device, dtype))["patch"].float()
 
 
