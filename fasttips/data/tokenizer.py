@@ -91,6 +91,10 @@ class Tokenizer:
         pad = torch.arange(self.max_len)[None, :] >= lengths[:, None]
         return ids, pad
 
+    def n_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per text before ``encode`` cuts to ``max_len`` (so a count > max_len was cut)."""
+        return [len(r) for r in self.sp.encode([t.lower() for t in texts])] if texts else []
+
     def decode(self, ids) -> str:
         ids = [int(i) - self.offset for i in ids if int(i) != PAD_ID]
         return self.sp.decode(ids)

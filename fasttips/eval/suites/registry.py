@@ -33,6 +33,7 @@ BUILTIN = (
     SuiteSpec("imagenet", "imagenet", "imagenet", "ImageNet-1k val zero-shot classification, 1000-way"),
     SuiteSpec("coco", "retrieval", "coco", "COCO Karpathy test, image-text retrieval"),
     SuiteSpec("flickr30k", "retrieval", "flickr30k", "Flickr30k Karpathy test, image-text retrieval"),
+    SuiteSpec("docci", "docci", "docci", "DOCCI test, long-description image-text retrieval"),
     SuiteSpec("ade20k", "segmentation", "ADEChallengeData2016", "ADE20K-150 zero-shot segmentation", "seg"),
     SuiteSpec("voc", "segmentation", "VOCdevkit/VOC2012", "Pascal VOC-20 zero-shot segmentation", "seg"),
     SuiteSpec("context", "segmentation", "VOCdevkit/VOC2010", "Pascal Context-59 zero-shot segmentation", "seg"),
