@@ -1,6 +1,5 @@
 """DOCCI long-description retrieval on a tiny fixture in the release's layout: the descriptions file
 ``docci_descriptions.jsonlines`` (example_id, split, image_file, description) and ``images/``."""
-import argparse
 import json
 
 import pytest

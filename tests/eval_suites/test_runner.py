@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from fasttips.eval.suites import DEFAULT_DIRS, add_arguments, parse_suites, run_from_args
-from fasttips.eval.suites.common import load_metadata
 from suite_helpers import colour, save_image
 from test_retrieval import write_karpathy
 from test_segmentation import write_ade
@@ -31,9 +30,9 @@ def test_parse_suites():
 def test_three_suites_under_one_data_root(tmp_path, tiny, capsys):
     model, tok, cfg = tiny
     root = tmp_path / "data"
-    wnids = load_metadata("imagenet")["wnids"]
-    for c in range(2):
-        save_image(root / "imagenet" / "val" / wnids[c] / "a.JPEG", colour(c))
+    for c, name in enumerate(("cat", "dog")):           # not ImageNet wnids: 2-way, 160 prompts, not 80,000
+        save_image(root / "imagenet" / "val" / name / "a.JPEG", colour(c))
+    (root / "imagenet" / "classnames.txt").write_text("cat\ndog\n")
     write_karpathy(root / "coco", "coco", n_test=2)
     write_ade(root / "ADEChallengeData2016", np.random.default_rng(0), n=1)
     out = tmp_path / "out"
