@@ -61,11 +61,12 @@ def test_fp32_on_cuda_matches_the_cpu_and_bf16_does_not(tmp_path, tiny):
     model, tok, cfg = tiny
     x = torch.rand(4, 3, 28, 28)
     feats = {}
-    for device, precision in (("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "bf16")):
-        m = model.to(device)
-        ctx = SuiteContext(model=m, tokenizer=tok, device=torch.device(device), precision=precision)
-        feats[device, precision] = encode_image_batch(ctx, x)["cls1"]
-    model.to("cpu")
+    try:
+        for device, precision in (("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "bf16")):
+            ctx = SuiteContext(model=model.to(device), tokenizer=tok, device=torch.device(device), precision=precision)
+            feats[device, precision] = encode_image_batch(ctx, x)["cls1"]
+    finally:
+        model.to("cpu")                       # the session's tiny model serves the other tests
     ref = feats["cpu", "fp32"]
     err32 = (feats["cuda", "fp32"] - ref).abs().max().item()
     err16 = (feats["cuda", "bf16"] - ref).abs().max().item()
