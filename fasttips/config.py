@@ -551,6 +551,10 @@ def check_runnable(cfg: Config) -> None:
     run_dir = Path(cfg.train.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.run_dir: {str(run_dir)!r} is a file, not a folder; choose another path")
+    existing = next((p for p in run_dir.absolute().parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():     # the folder could never be created
+        raise ConfigError(f"train.run_dir: {str(run_dir)!r} is under {str(existing)!r}, which is a file, "
+                          "not a folder; choose another path")
 
 
 def _installed(module: str) -> bool:

@@ -10,6 +10,13 @@ the arguments and the config, joins the process group, hands the trainer its eva
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # python -m fasttips.train (and torchrun): the imports below take seconds (torch). Catch a stop
+    # signal from the first line on, so one there ends the run like one during start-up (exit 0, one
+    # line), not silently by the default action (exit 143). train() installs the run's own handler.
+    from fasttips.distributed.signals import StopRequest as _EarlyStop
+    _EarlyStop(startup=True).install()
+
 import argparse
 import sys
 from pathlib import Path

@@ -141,17 +141,14 @@ class Trainer:
             print(*parts, flush=True)
 
     def _build_loader(self) -> Loader:
-        from fasttips.data.loader import build_loader, effective_source
+        from fasttips.data.loader import build_loader, effective_source, startup_line
         cfg = self.cfg
         # Indexing the shards, and on a first run building the demo data and training a tokenizer,
         # takes tens of seconds: say so before the silence.
         source = self.data_source = effective_source(cfg.data)
-        if source == "demo":
-            self.say("data: preparing the demo data (the first run builds it and trains a tokenizer on its "
-                     "captions, about 30 s; later runs reuse the cache)...")
-        elif source == "shards":
-            self.say(f"data: indexing the shards of data.path={cfg.data.path} (and training a tokenizer on "
-                     f"their captions unless data.tokenizer is set or one is cached)...")
+        line = startup_line(cfg)
+        if line:
+            self.say(line)
         t0 = time.perf_counter()
         # A rank that cannot start (no usable sample, a bad path) stops every rank with its message
         # instead of leaving the others at the next collective.
@@ -168,7 +165,7 @@ class Trainer:
     # -- run directory and resume ---------------------------------------------------------------
     def prepare_run_dir(self) -> None:
         # Every rank checks (before anyone writes), so every rank fails alike: no rank left waiting.
-        with startup_phase(self.ctx, "run dir"):
+        with startup_phase(self.ctx, "run dir"), _naming_run_dir(self.run_dir):
             if self.is_main:     # one run per run directory: a second one is refused while this one lives
                 self.run_lock = RunLock.acquire(self.run_dir)
             if not self.resuming and latest_checkpoint(self.run_dir / "checkpoints"):
@@ -333,6 +330,19 @@ class Trainer:
             writer.write(step, record)
         terms = {k: v for k, v in out.terms.items() if k in TERMS}
         bar.update(step - 1, out.loss, terms, record["images_per_s"])
+
+
+@contextlib.contextmanager
+def _naming_run_dir(run_dir: Path):
+    """An OS error while creating the run directory (a file in its way, no permission, a full disk)
+    becomes a config error naming train.run_dir: the config checked the path before the data start-up,
+    but the disk may have changed since."""
+    try:
+        yield
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(run_dir) else ""
+        raise ConfigError(f"train.run_dir: cannot create the run directory {run_dir}{where}: "
+                          f"{exc.strerror or exc}; choose another path") from None
 
 
 def batch_warning(batch_size: int, samples: int, rank: int) -> str | None:

@@ -57,6 +57,21 @@ def resolve_shards(cfg) -> list[str]:
     return list_shards(cfg.data.path, what="data.path")
 
 
+def startup_line(cfg) -> str | None:
+    """What the data start-up is about to do, said before its silence (None: nothing slow). The long
+    demo line only when the demo data is really built (the first run); a short one when it is cached."""
+    source = effective_source(cfg.data)
+    if source == "demo":
+        if demo.demo_data_ready():
+            return f"data: the demo data, cached in {demo.demo_dir()}"
+        return ("data: preparing the demo data (this first run builds it in "
+                f"{demo.demo_dir()} and trains a tokenizer on its captions, about 30 s; later runs reuse it)...")
+    if source == "shards":
+        return (f"data: indexing the shards of data.path={cfg.data.path} (and training a tokenizer on their "
+                "captions unless data.tokenizer is set or one is cached)...")
+    return None
+
+
 def shard_captions(indexes, limit: int = MAX_TOKENIZER_CAPTIONS) -> list[str]:
     """Every caption of every good sample (up to ``limit``), for tokenizer training."""
     reader, texts = MemberReader(), []
