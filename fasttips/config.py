@@ -203,6 +203,11 @@ class DataConfig:
                                              "corrupt image stops DALI), else header")
     retries: int = setting(3, "retries of a failed remote shard read (s3://, gs://, https://...), with "
                               "exponential backoff", ge=0)
+    outage_deadline_s: float = setting(600.0, "seconds a training run keeps trying a remote shard that "
+                                              "stops answering once data.retries are spent (pauses of up to "
+                                              "30 s); then it checkpoints and stops with exit 5, and --resume "
+                                              "continues with the samples not yet seen. An outage never "
+                                              "skips samples; 0 = stop at once", ge=0)
 
 
 @dataclass

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "loss_curve.png (one smoothed panel per loss term), tensorboard/ (when tensorboard is\n"
                 "installed). Next: fasttips eval RUN_DIR.\n\n"
                 "exit codes: 0 done or stopped by SIGTERM/SIGINT with a checkpoint; 2 bad config;\n"
-                "3 too many consecutive non-finite losses; 4 CUDA out of memory.\n\n"
+                "3 too many consecutive non-finite losses; 4 CUDA out of memory; 5 remote data unavailable\n"
+                "past data.outage_deadline_s (checkpointed first; --resume continues).\n\n"
                 f"config fields (key=value; defaults before the preset, presets: {', '.join(config_lib.PRESETS)}):\n"
                 + config_lib.describe()))
     parser.add_argument("overrides", nargs="*", metavar="key=value",

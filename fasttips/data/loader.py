@@ -154,12 +154,16 @@ class Loader:
         if self._it is None:
             self._it = self._start()
         batch = next(self._it)
-        for reason, n in batch.pop("_skipped", {}).items():
-            if n:
-                self.stats[reason] = self.stats.get(reason, 0) + n
-                log.warning("data: skipped %d sample(s) at load time (%s); totals %s", n, reason, self.stats)
         index = batch.pop("_batch_index", self.batches)
         assert index == self.batches, f"loader out of order: got batch {index}, expected {self.batches}"
+        if "_outage" in batch:        # the storage stayed unavailable: nothing skipped, the run stops here
+            self.close()
+            raise storage.RemoteOutage(batch["_outage"])
+        # counted and reported here, as the batch is handed out (one line per sample, so the counts
+        # match the lines; a batch built ahead and never used counts nothing)
+        for reason, key, shard, why in batch.pop("_skipped", ()):
+            self.stats[reason] = self.stats.get(reason, 0) + 1
+            log.warning("data: skipped sample %r of %s at load time: %s (%s)", key, shard, reason, why)
         self.batches += 1
         return batch
 

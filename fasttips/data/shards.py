@@ -607,14 +607,22 @@ def total_skipped(indexes: list[ShardIndex]) -> dict[str, int]:
 # Reading
 # ----------------------------------------------------------------------------------------------
 class MemberReader:
-    """Reads byte ranges from shards, keeping the files open (one reader per worker process)."""
+    """Reads byte ranges from shards, keeping the files open (one reader per worker process).
 
-    def __init__(self):
+    ``outage_deadline_s`` (training): a remote read whose retries are spent is tried again for up to
+    that long, then raises ``storage.RemoteOutage`` (``storage.through_outage``); None: it raises at
+    once (start-up and tools, which stop with the message)."""
+
+    def __init__(self, outage_deadline_s: float | None = None):
         self._files: dict[str, io.BufferedReader] = {}
+        self.outage_deadline_s = outage_deadline_s
 
     def read(self, shard: str, offset: int, size: int) -> bytes:
         if storage.is_url(shard):                    # one ranged request, retried (storage.py)
-            return storage.read_range(shard, offset, size)
+            if self.outage_deadline_s is None:
+                return storage.read_range(shard, offset, size)
+            return storage.through_outage(shard, lambda: storage.read_range(shard, offset, size),
+                                          self.outage_deadline_s)
         f = self._files.get(shard)
         if f is None:
             f = self._files[shard] = open(shard, "rb")
@@ -639,7 +647,7 @@ class MemberReader:
         self._files.clear()
 
     def __getstate__(self):          # open files do not pickle into worker processes
-        return {"_files": {}}
+        return {"_files": {}, "outage_deadline_s": self.outage_deadline_s}
 
 
 def rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
