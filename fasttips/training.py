@@ -115,8 +115,8 @@ class Training:
         # One sync: did any rank see a non-finite loss/gradient, a stop signal, or no data?
         finite = torch.isfinite(loss_sum.float()) & torch.stack(
             [torch.isfinite(n) for n in norms.values()] or [torch.tensor(True, device=loss_sum.device)]).all()
-        flags = torch.stack([(~finite).float(), torch.tensor(float(stop_requested), device=finite.device),
-                             torch.tensor(float(data_failed), device=finite.device)])
+        asked = torch.tensor([float(stop_requested), float(data_failed)], device=finite.device)   # one copy
+        flags = torch.cat([(~finite).float().reshape(1), asked])
         skipped, stop, data_failed = (bool(x) for x in ctx.all_max(flags).tolist())
         if skipped or data_failed:
             self.optimizer.zero_grad(set_to_none=True)
