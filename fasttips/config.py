@@ -203,6 +203,11 @@ class DataConfig:
                                              "corrupt image stops DALI), else header")
     retries: int = setting(3, "retries of a failed remote shard read (s3://, gs://, https://...), with "
                               "exponential backoff", ge=0)
+    outage_deadline_s: float = setting(600.0, "seconds a training run keeps trying a remote shard that "
+                                              "stops answering once data.retries are spent (pauses of up to "
+                                              "30 s); then it checkpoints and stops with exit 5, and --resume "
+                                              "continues with the samples not yet seen. An outage never "
+                                              "skips samples; 0 = stop at once", ge=0)
 
 
 @dataclass
@@ -551,6 +556,10 @@ def check_runnable(cfg: Config) -> None:
     run_dir = Path(cfg.train.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.run_dir: {str(run_dir)!r} is a file, not a folder; choose another path")
+    existing = next((p for p in run_dir.absolute().parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():     # the folder could never be created
+        raise ConfigError(f"train.run_dir: {str(run_dir)!r} is under {str(existing)!r}, which is a file, "
+                          "not a folder; choose another path")
 
 
 def _installed(module: str) -> bool:

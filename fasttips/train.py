@@ -10,6 +10,13 @@ the arguments and the config, joins the process group, hands the trainer its eva
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # python -m fasttips.train (and torchrun): the imports below take seconds (torch). Catch a stop
+    # signal from the first line on, so one there ends the run like one during start-up (exit 0, one
+    # line), not silently by the default action (exit 143). train() installs the run's own handler.
+    from fasttips.distributed.signals import StopRequest as _EarlyStop
+    _EarlyStop(startup=True).install()
+
 import argparse
 import sys
 from pathlib import Path
@@ -40,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "loss_curve.png (one smoothed panel per loss term), tensorboard/ (when tensorboard is\n"
                 "installed). Next: fasttips eval RUN_DIR.\n\n"
                 "exit codes: 0 done or stopped by SIGTERM/SIGINT with a checkpoint; 2 bad config;\n"
-                "3 too many consecutive non-finite losses; 4 CUDA out of memory.\n\n"
+                "3 too many consecutive non-finite losses; 4 CUDA out of memory; 5 remote data unavailable\n"
+                "past data.outage_deadline_s (checkpointed first; --resume continues).\n\n"
                 f"config fields (key=value; defaults before the preset, presets: {', '.join(config_lib.PRESETS)}):\n"
                 + config_lib.describe()))
     parser.add_argument("overrides", nargs="*", metavar="key=value",

@@ -6,7 +6,10 @@
 ``fasttips.train`` (the CLI) builds one and hands it its evaluator. Faults: SIGTERM/SIGINT finish
 the step, checkpoint and exit 0. A non-finite loss or gradient skips the step and is counted;
 ``train.max_nonfinite`` consecutive ones stop the run with a checkpoint of the last good state
-(exit 3). A CUDA OOM exits 4 with the memory options (``fasttips.train``).
+(exit 3). A CUDA OOM exits 4 with the memory options (``fasttips.train``). Remote data that stays
+unavailable past ``data.outage_deadline_s`` stops the run at a step that never happens: no rank
+updates anything, the checkpoint holds the state (data position and RNG included) from before that
+step, and the run exits 5; ``--resume`` continues with the samples not yet seen.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import torch
 
 from fasttips import config as config_lib
 from fasttips.config import ConfigError
-from fasttips.data.batch import to_device
+from fasttips.data.batch import synthetic_batch, to_device
+from fasttips.data.storage import RemoteOutage
 from fasttips.distributed import fsdp
 from fasttips.distributed.checkpoint import (CheckpointManager, latest_checkpoint, restore_training_state,
                                              training_state)
@@ -38,7 +42,7 @@ from fasttips.schedules import Schedules, StepValues
 from fasttips.step import TERMS
 from fasttips.training import StepOutcome, build_training, seed_everything
 
-EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_OOM = 0, 2, 3, 4
+EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_OOM, EXIT_DATA_OUTAGE = 0, 2, 3, 4, 5
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 
@@ -124,6 +128,8 @@ class Trainer:
         self.step = 0                      # optimiser steps completed
         self.nonfinite_total = 0           # skipped steps over the whole run
         self.nonfinite_run = 0             # consecutive skipped steps
+        self.data_outage: str | None = None   # why this rank's data stopped (next_batches), if it did
+        self.batches_this_step = 0         # real batches the current step took from the loader
         self.global_batch = cfg.data.batch_size * cfg.optim.accum_steps * ctx.world_size
         self.flops = flop_model(cfg, cfg.data.batch_size * ctx.world_size)
         self.peak = peak_flops(ctx.device, ctx.param_dtype)
@@ -141,17 +147,14 @@ class Trainer:
             print(*parts, flush=True)
 
     def _build_loader(self) -> Loader:
-        from fasttips.data.loader import build_loader, effective_source
+        from fasttips.data.loader import build_loader, effective_source, startup_line
         cfg = self.cfg
         # Indexing the shards, and on a first run building the demo data and training a tokenizer,
         # takes tens of seconds: say so before the silence.
         source = self.data_source = effective_source(cfg.data)
-        if source == "demo":
-            self.say("data: preparing the demo data (the first run builds it and trains a tokenizer on its "
-                     "captions, about 30 s; later runs reuse the cache)...")
-        elif source == "shards":
-            self.say(f"data: indexing the shards of data.path={cfg.data.path} (and training a tokenizer on "
-                     f"their captions unless data.tokenizer is set or one is cached)...")
+        line = startup_line(cfg)
+        if line:
+            self.say(line)
         t0 = time.perf_counter()
         # A rank that cannot start (no usable sample, a bad path) stops every rank with its message
         # instead of leaving the others at the next collective.
@@ -168,7 +171,7 @@ class Trainer:
     # -- run directory and resume ---------------------------------------------------------------
     def prepare_run_dir(self) -> None:
         # Every rank checks (before anyone writes), so every rank fails alike: no rank left waiting.
-        with startup_phase(self.ctx, "run dir"):
+        with startup_phase(self.ctx, "run dir"), _naming_run_dir(self.run_dir):
             if self.is_main:     # one run per run directory: a second one is refused while this one lives
                 self.run_lock = RunLock.acquire(self.run_dir)
             if not self.resuming and latest_checkpoint(self.run_dir / "checkpoints"):
@@ -236,16 +239,44 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def next_batches(self, iterator: list[Iterator[dict]]) -> list[dict]:
-        """``optim.accum_steps`` batches on the device (a finite loader starts its next epoch)."""
+        """``optim.accum_steps`` batches on the device (a finite loader starts its next epoch). When the
+        data storage stays unavailable (``RemoteOutage``), ``data_outage`` says why and the rest are
+        stand-ins, so this rank still meets the step's collectives; the step then updates nothing."""
         batches = []
+        self.batches_this_step = 0
         for _ in range(self.cfg.optim.accum_steps):
-            try:
-                batch = next(iterator[0])
-            except StopIteration:
-                iterator[0] = iter(self.loader)
-                batch = next(iterator[0])
+            if self.data_outage is None:
+                try:
+                    try:
+                        batch = next(iterator[0])
+                    except StopIteration:
+                        iterator[0] = iter(self.loader)
+                        batch = next(iterator[0])
+                    self.batches_this_step += 1
+                except RemoteOutage as exc:
+                    self.data_outage = str(exc)
+                    print(f"fasttips train: rank {self.ctx.rank}: data: {exc}", file=sys.stderr, flush=True)
+            if self.data_outage is not None:
+                batch = self._stand_in_batch()
             batches.append(to_device(batch, self.ctx.device))
         return batches
+
+    def _stand_in_batch(self) -> dict:
+        """A batch of the right shapes for a step that will not update anything (next_batches)."""
+        d, c = self.cfg.data, self.cfg
+        return synthetic_batch(d.batch_size, d.global_size, d.local_size, d.n_global, d.n_local,
+                               c.vision.patch_size, c.text.max_len, c.text.vocab_size,
+                               mask_ratio=sum(d.mask_ratio) / 2, generator=torch.Generator().manual_seed(0))
+
+    def _undo_step(self, torch_rng: dict) -> None:
+        """Put back what a step that never happened (``StepOutcome.data_failed``) moved: the loader's
+        position (by the batches it took; the loaders that read remote data keep only that counter)
+        and the torch RNG its forward drew from, so the checkpoint resumes exactly before it."""
+        state = self.loader.state_dict()
+        if self.batches_this_step and "batches" in state:
+            state["batches"] -= self.batches_this_step
+            self.loader.load_state_dict(state)
+        set_torch_rng_state(torch_rng, self.ctx.device)
 
     def run(self) -> int:
         """Train from ``self.step`` to ``train.steps``; returns the exit code."""
@@ -268,9 +299,21 @@ class Trainer:
             stop.started()                   # from here a signal finishes the step and checkpoints
             while self.step < total:
                 values = self.schedules(self.step)
+                torch_rng = torch_rng_state(ctx.device)   # (cheap: put back if the step never happens)
                 batches = self.next_batches(iterator)
                 out = self.training.train_step(batches, values, stop_requested=stop.requested,
-                                               inject_nan=self.step in self.faults.nan_steps)
+                                               inject_nan=self.step in self.faults.nan_steps,
+                                               data_failed=self.data_outage is not None)
+                if out.data_failed:             # no rank updated anything: checkpoint the state before it
+                    self._undo_step(torch_rng)
+                    path = self.save_checkpoint("data outage")
+                    code = EXIT_DATA_OUTAGE
+                    message = (f"stopped before step {self.step + 1}: the data storage stayed unavailable past "
+                               f"data.outage_deadline_s={cfg.data.outage_deadline_s:g} s "
+                               f"({self.data_outage or 'on another rank'}); no sample was skipped; checkpoint "
+                               f"{path}; once the storage answers, continue with: fasttips train --resume "
+                               f"{self.run_dir}")
+                    break
                 self.step += 1
                 self.nonfinite_total += out.skipped
                 self.nonfinite_run = self.nonfinite_run + 1 if out.skipped else 0
@@ -335,6 +378,19 @@ class Trainer:
         bar.update(step - 1, out.loss, terms, record["images_per_s"])
 
 
+@contextlib.contextmanager
+def _naming_run_dir(run_dir: Path):
+    """An OS error while creating the run directory (a file in its way, no permission, a full disk)
+    becomes a config error naming train.run_dir: the config checked the path before the data start-up,
+    but the disk may have changed since."""
+    try:
+        yield
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(run_dir) else ""
+        raise ConfigError(f"train.run_dir: cannot create the run directory {run_dir}{where}: "
+                          f"{exc.strerror or exc}; choose another path") from None
+
+
 def batch_warning(batch_size: int, samples: int, rank: int) -> str | None:
     """What to say when one batch holds more images than this rank's share of the data."""
     if samples >= batch_size:
@@ -351,6 +407,20 @@ def rng_state(device: torch.device) -> dict:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def torch_rng_state(device: torch.device) -> dict:
+    """The torch generators alone (what a training step draws from), cheap enough for every step."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_torch_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:

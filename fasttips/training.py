@@ -11,9 +11,9 @@ and the one training step that the CLI's loop, the benchmarks and the tests all 
     → teacher EMA tensors ← the student's → loss state → optimiser.
 
 One step: ``accum_steps`` × (forward → backward), gradient sync only on the last micro-batch →
-hold frozen parameters still → per-module clip → one all-reduce of {non-finite, stop requested} →
-AdamW → logit-scale cap → head EMA. A non-finite loss or gradient on any rank skips the step on
-every rank: no optimiser, EMA or center update.
+hold frozen parameters still → per-module clip → one all-reduce of {non-finite, stop requested, no
+data} → AdamW → logit-scale cap → head EMA. A non-finite loss or gradient on any rank skips the step
+on every rank: no optimiser, EMA or center update; so does a rank without data (a storage outage).
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ class StepOutcome:
     stop: bool                       # some rank was asked to stop
     seconds: float
     images: int                      # images this process trained on
+    data_failed: bool = False        # some rank had no data (a storage outage): no update happened
 
 
 @dataclass
@@ -74,11 +75,14 @@ class Training:
         return {"loss_state": self.loss_state, "teacher": self.teacher}
 
     def train_step(self, batches: list[dict], values: StepValues, stop_requested: bool = False,
-                   inject_nan: bool = False) -> StepOutcome:
+                   inject_nan: bool = False, data_failed: bool = False) -> StepOutcome:
         """One optimiser step over ``batches`` (the micro-batches, already on the device).
 
         ``stop_requested``: this rank wants to stop (a signal); the answer, agreed over ranks, comes
         back in ``StepOutcome.stop``. ``inject_nan``: make this step's loss NaN (fault injection).
+        ``data_failed``: this rank could not read its data (``batches`` are stand-ins, so that every
+        rank still meets the step's collectives); if any rank says so no rank updates anything, and
+        ``StepOutcome.data_failed`` says so on every rank.
         """
         cfg, ctx = self.cfg, self.ctx
         t0 = time.perf_counter()
@@ -108,12 +112,13 @@ class Training:
         self._hold_still(values)
         norms = clip_gradients(self.clip_units, cfg.optim.clip_grad)
 
-        # One sync: did any rank see a non-finite loss/gradient, or a stop signal?
+        # One sync: did any rank see a non-finite loss/gradient, a stop signal, or no data?
         finite = torch.isfinite(loss_sum.float()) & torch.stack(
             [torch.isfinite(n) for n in norms.values()] or [torch.tensor(True, device=loss_sum.device)]).all()
-        flags = torch.stack([(~finite).float(), torch.tensor(float(stop_requested), device=finite.device)])
-        skipped, stop = (bool(x) for x in ctx.all_max(flags).tolist())
-        if skipped:
+        asked = torch.tensor([float(stop_requested), float(data_failed)], device=finite.device)   # one copy
+        flags = torch.cat([(~finite).float().reshape(1), asked])
+        skipped, stop, data_failed = (bool(x) for x in ctx.all_max(flags).tolist())
+        if skipped or data_failed:
             self.optimizer.zero_grad(set_to_none=True)
             self.loss_state.load_state_dict(centers)             # the step never happened
         else:
@@ -128,7 +133,7 @@ class Training:
         host = torch.cat([scalars] + [n.reshape(1).to(scalars) for n in norms.values()]).tolist()
         n_scalars = scalars.numel()
         return StepOutcome(host[0], dict(zip(term_sums, host[1:n_scalars])),
-                           dict(zip(norms, host[n_scalars:])), skipped, stop, seconds, images)
+                           dict(zip(norms, host[n_scalars:])), skipped, stop, seconds, images, data_failed)
 
     def _hold_still(self, values: StepValues) -> None:
         """Drop the gradients of the parameters frozen this step (no Adam moments either), as DINOv2

@@ -57,6 +57,21 @@ def resolve_shards(cfg) -> list[str]:
     return list_shards(cfg.data.path, what="data.path")
 
 
+def startup_line(cfg) -> str | None:
+    """What the data start-up is about to do, said before its silence (None: nothing slow). The long
+    demo line only when the demo data is really built (the first run); a short one when it is cached."""
+    source = effective_source(cfg.data)
+    if source == "demo":
+        if demo.demo_data_ready():
+            return f"data: the demo data, cached in {demo.demo_dir()}"
+        return ("data: preparing the demo data (this first run builds it in "
+                f"{demo.demo_dir()} and trains a tokenizer on its captions, about 30 s; later runs reuse it)...")
+    if source == "shards":
+        return (f"data: indexing the shards of data.path={cfg.data.path} (and training a tokenizer on their "
+                "captions unless data.tokenizer is set or one is cached)...")
+    return None
+
+
 def shard_captions(indexes, limit: int = MAX_TOKENIZER_CAPTIONS) -> list[str]:
     """Every caption of every good sample (up to ``limit``), for tokenizer training."""
     reader, texts = MemberReader(), []
@@ -139,12 +154,16 @@ class Loader:
         if self._it is None:
             self._it = self._start()
         batch = next(self._it)
-        for reason, n in batch.pop("_skipped", {}).items():
-            if n:
-                self.stats[reason] = self.stats.get(reason, 0) + n
-                log.warning("data: skipped %d sample(s) at load time (%s); totals %s", n, reason, self.stats)
         index = batch.pop("_batch_index", self.batches)
         assert index == self.batches, f"loader out of order: got batch {index}, expected {self.batches}"
+        if "_outage" in batch:        # the storage stayed unavailable: nothing skipped, the run stops here
+            self.close()
+            raise storage.RemoteOutage(batch["_outage"])
+        # counted and reported here, as the batch is handed out (one line per sample, so the counts
+        # match the lines; a batch built ahead and never used counts nothing)
+        for reason, key, shard, why in batch.pop("_skipped", ()):
+            self.stats[reason] = self.stats.get(reason, 0) + 1
+            log.warning("data: skipped sample %r of %s at load time: %s (%s)", key, shard, reason, why)
         self.batches += 1
         return batch
 

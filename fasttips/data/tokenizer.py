@@ -43,7 +43,14 @@ class Tokenizer:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"data.tokenizer={str(p)!r}: no such SentencePiece .model file")
-        return cls.from_bytes(p.read_bytes(), max_len)
+        try:
+            return cls.from_bytes(p.read_bytes(), max_len)
+        except OSError as exc:
+            raise OSError(f"data.tokenizer={str(p)!r}: cannot read it ({exc.strerror or exc})") from None
+        except RuntimeError:              # sentencepiece's only error type: the bytes are not a model proto
+            raise ValueError(f"data.tokenizer={str(p)!r}: not a SentencePiece model (give a .model file "
+                             "written by SentencePiece, or leave data.tokenizer empty to train one on the "
+                             "captions)") from None
 
     @classmethod
     def train(cls, texts, vocab_size: int, path: str | os.PathLike | None = None, max_len: int = 64,
