@@ -145,14 +145,32 @@ class _WritesMarker:
         return (open, (self.marker, "w"))
 
 
-def test_a_rank_file_whose_unpickling_runs_code_is_refused(tmp_path, seed):
+def _reseal(path):
+    """Rewrite the manifest to match the files as they are now: what someone who swapped a file in
+    would do (the checksums guard against damage, not tampering)."""
+    from fasttips.distributed.checkpoint import build_manifest
+    (path / "MANIFEST.json").unlink()
+    (path / "MANIFEST.json").write_text(json.dumps(build_manifest(path)))
+
+
+def _as_written_by_an_older_fasttips(path):
+    """No manifest, and no record that there was one (fasttips before the manifest)."""
+    (path / "MANIFEST.json").unlink()
+    (path / MARKER).write_text(path.name.split("_")[1].lstrip("0") + "\n")
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["manifest"]
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("manifest", ["resealed", "older fasttips"])
+def test_a_rank_file_whose_unpickling_runs_code_is_refused(tmp_path, seed, manifest):
     from fasttips.distributed.checkpoint import DamagedCheckpoint
     model, opt, _ = _objects(seed)
     manager = CheckpointManager(tmp_path / "ckpt", keep=2, ctx=CTX)
     path = manager.save(1, training_state(model, opt), {"rng": torch.get_rng_state()}, {}, {})
     marker = tmp_path / "pwned"
     torch.save({"rng": _WritesMarker(marker)}, path / "rank_00000.pt")   # swapped in by someone
-    (path / "MANIFEST.json").unlink()                                  # ... who also removed the checksums
+    _reseal(path) if manifest == "resealed" else _as_written_by_an_older_fasttips(path)
     with pytest.raises(DamagedCheckpoint, match=r"rank_00000.pt: asks to unpickle .*open.*refused"):
         CheckpointManager(tmp_path / "ckpt", keep=2, ctx=CTX).load(path, training_state(model, opt))
     assert not marker.exists()
@@ -232,7 +250,7 @@ def test_checkpoints_without_manifest_load_with_a_note_and_a_structural_check(tm
     from fasttips.distributed.checkpoint import check_checkpoint
     model, opt, buffers, newest = _two_checkpoints(tmp_path, seed)
     for path in (newest, newest.parent / "step_00000002"):
-        (path / "MANIFEST.json").unlink()              # as written by an older fasttips
+        _as_written_by_an_older_fasttips(path)
     manager = CheckpointManager(tmp_path / "ckpt", keep=3, ctx=CTX)
     assert manager.latest_intact()[0] == 4
     assert "no MANIFEST.json" in capfd.readouterr().err
@@ -303,3 +321,132 @@ def test_two_ranks_agree_on_the_newest_intact_checkpoint(tmp_path, capfd):
     assert {"rank_00000.pt", "rank_00001.pt", ".metadata"} <= set(manifest)
     err = capfd.readouterr().err
     assert err.count("step_00000004 is damaged: rank_00001.pt") == 1, err     # said once, by rank 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing in a checkpoint runs code: DCP's .metadata and non-tensor items are read restricted
+# ----------------------------------------------------------------------------------------------
+class _Touch:
+    """Unpickling this runs ``os.system("touch MARKER")`` (pickled as posix.system)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant_in_metadata(path, marker, where):
+    """Replace ``path``'s .metadata by a pickle that runs code: the whole file, or one object inside
+    a genuine Metadata record (where a check of the outer type alone would not look)."""
+    import pickle
+
+    from fasttips.distributed.checkpoint import read_dcp_metadata
+    if where == "whole file":
+        payload = _Touch(marker)
+    else:
+        payload = read_dcp_metadata(path / ".metadata")
+        payload.planner_data = {"x": _Touch(marker)}
+    (path / ".metadata").write_bytes(pickle.dumps(payload))
+
+
+@pytest.mark.parametrize("where", ["whole file", "inside the record"])
+def test_a_metadata_pickle_that_would_run_code_is_refused_and_passed_over(tmp_path, seed, capfd, where):
+    from fasttips.distributed.checkpoint import DamagedCheckpoint, check_checkpoint
+    model, opt, buffers, newest = _two_checkpoints(tmp_path, seed)
+    marker = tmp_path / "pwned"
+    _plant_in_metadata(newest, marker, where)
+    _reseal(newest)
+    verdict = check_checkpoint(newest)
+    assert ".metadata: asks to unpickle posix.system" in verdict.describe() and "refused" in verdict.describe()
+    with pytest.raises(DamagedCheckpoint, match=r"\.metadata: asks to unpickle posix\.system"):
+        CheckpointManager(tmp_path / "ckpt", keep=3, ctx=CTX).load(newest, training_state(model, opt))
+    manager = CheckpointManager(tmp_path / "ckpt", keep=3, ctx=CTX)
+    assert manager.latest_intact()[0] == 2                     # resume: the previous checkpoint
+    assert "step_00000004 is damaged: .metadata: asks to unpickle posix.system" in capfd.readouterr().err
+    manager.load(tmp_path / "ckpt" / "step_00000002", training_state(model, opt, centers=buffers))
+    assert not marker.exists()
+
+
+def test_a_metadata_naming_a_file_outside_the_checkpoint_is_refused(tmp_path, seed):
+    import pickle
+
+    from fasttips.distributed.checkpoint import DamagedCheckpoint, read_dcp_metadata
+    _, _, _, newest = _two_checkpoints(tmp_path, seed)
+    metadata = read_dcp_metadata(newest / ".metadata")
+    info = next(iter(metadata.storage_data.values()))
+    info.relative_path = "../step_00000002/" + info.relative_path
+    (newest / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(DamagedCheckpoint, match=r"names a shard '\.\./step_00000002/.*' outside"):
+        read_dcp_metadata(newest / ".metadata")
+
+
+def test_a_non_tensor_item_that_would_run_code_is_refused(tmp_path, seed):
+    """DCP stores non-tensor values (optimiser hyper-parameters) with torch.save and loads them with
+    weights_only=False; fasttips loads them weights_only, before and during a load."""
+    import torch.distributed.checkpoint as dcp
+
+    from fasttips.distributed.checkpoint import DamagedCheckpoint, check_checkpoint, load_dcp
+    model, opt, _, newest = _two_checkpoints(tmp_path, seed)
+    marker = tmp_path / "pwned"
+    state = training_state(model, opt)
+    state["optim"]["param_groups"][0]["lr"] = _Touch(marker)
+    for name in [".metadata", *(p.name for p in newest.glob("*.distcp"))]:
+        (newest / name).unlink()
+    dcp.save(state, checkpoint_id=str(newest))                  # DCP itself happily writes it
+    _reseal(newest)
+    verdict = check_checkpoint(newest)
+    assert "item optim.param_groups.0.lr" in verdict.describe() and "posix.system" in verdict.describe()
+    with pytest.raises(DamagedCheckpoint, match=r"item optim.param_groups.0.lr: asks to unpickle posix.system"):
+        load_dcp(training_state(model, opt), newest)
+    assert not marker.exists()
+    assert CheckpointManager(tmp_path / "ckpt", keep=3, ctx=CTX).latest_intact()[0] == 2
+
+
+def test_a_refused_rank_file_falls_back_to_the_previous_checkpoint(tmp_path, seed, capfd):
+    model, opt, _, newest = _two_checkpoints(tmp_path, seed)
+    marker = tmp_path / "pwned"
+    torch.save({"rng": _WritesMarker(marker)}, newest / "rank_00000.pt")
+    _reseal(newest)
+    assert CheckpointManager(tmp_path / "ckpt", keep=3, ctx=CTX).latest_intact()[0] == 2
+    err = capfd.readouterr().err
+    assert "step_00000004 is damaged: rank_00000.pt: asks to unpickle" in err and "refused" in err, err
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A lost manifest or marker is damage, not an older fasttips
+# ----------------------------------------------------------------------------------------------
+def test_a_checkpoint_that_lost_its_manifest_is_damaged(tmp_path, seed, capfd):
+    from fasttips.distributed.checkpoint import check_checkpoint
+    _, _, _, newest = _two_checkpoints(tmp_path, seed)
+    assert "MANIFEST.json" in (newest / MARKER).read_text()
+    assert json.loads((newest / "meta.json").read_text())["manifest"] == "MANIFEST.json"
+    (newest / "MANIFEST.json").unlink()
+    _damage(next(newest.glob("*.distcp")), "corrupt")          # same size: only a checksum sees it
+    verdict = check_checkpoint(newest)
+    assert verdict.verified and "MANIFEST.json: missing" in verdict.describe()
+    assert CheckpointManager(tmp_path / "ckpt", keep=3, ctx=CTX).latest_intact()[0] == 2
+    assert "step_00000004 is damaged: MANIFEST.json: missing" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("record", ["COMPLETE", "meta.json"])
+def test_either_record_of_the_manifest_is_enough(tmp_path, seed, record):
+    from fasttips.distributed.checkpoint import check_checkpoint
+    _, _, _, newest = _two_checkpoints(tmp_path, seed)
+    (newest / "MANIFEST.json").unlink()
+    if record == "COMPLETE":                       # meta.json lost its record; the marker still says so
+        (newest / "meta.json").write_text("{}")
+    else:
+        (newest / MARKER).write_text("4\n")
+    assert "MANIFEST.json: missing" in check_checkpoint(newest).describe()
+
+
+def test_a_step_folder_without_its_marker_is_reported_and_set_aside(tmp_path, seed, capfd):
+    _, _, _, newest = _two_checkpoints(tmp_path, seed)
+    (newest / MARKER).unlink()
+    assert CheckpointManager(tmp_path / "ckpt", keep=3, ctx=CTX).latest_intact()[0] == 2
+    err = capfd.readouterr().err
+    assert "step_00000004 is damaged: no COMPLETE marker" in err and "moved to damaged-step_00000004" in err, err
+    assert (tmp_path / "ckpt" / "damaged-step_00000004" / "MANIFEST.json").is_file()
