@@ -450,3 +450,161 @@ def test_a_step_folder_without_its_marker_is_reported_and_set_aside(tmp_path, se
     err = capfd.readouterr().err
     assert "step_00000004 is damaged: no COMPLETE marker" in err and "moved to damaged-step_00000004" in err, err
     assert (tmp_path / "ckpt" / "damaged-step_00000004" / "MANIFEST.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Asynchronous writes: the caller goes on while the files are written; the protocol stays atomic
+# ----------------------------------------------------------------------------------------------
+def _held_hook(started, release):
+    """A before_commit hook that says it started and then waits for ``release`` (a write in flight)."""
+    def hook(step):
+        started.set()
+        assert release.wait(60), "the test never released the write"
+    return hook
+
+
+def test_an_async_save_returns_while_the_write_goes_on_and_holds_the_state_of_the_call(tmp_path, seed):
+    import threading
+    model, opt, buffers = _objects(seed)
+    manager = CheckpointManager(tmp_path / "ckpt", keep=3, ctx=CTX, asynchronous=True)
+    started, release = threading.Event(), threading.Event()
+    path = manager.save(3, training_state(model, opt, centers=buffers), {"rng": torch.get_rng_state()},
+                        {"config.yaml": b"a: 1\n"}, {}, before_commit=_held_hook(started, release))
+    assert started.wait(60)
+    assert manager.writing == path and not path.exists()        # in flight, not complete
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():                                          # the step loop goes on meanwhile
+        for p in model.parameters():
+            p.add_(1.0)
+        buffers.center.mul_(2)
+    second = threading.Thread(target=manager.save, args=(4, training_state(model, opt), {}, {}, {}))
+    second.start()                                                 # waits for the write in flight
+    second.join(0.5)
+    assert second.is_alive() and not (tmp_path / "ckpt" / ".tmp-step_00000004").exists()
+    release.set()
+    second.join(60)
+    assert manager.wait() == tmp_path / "ckpt" / "step_00000004" and manager.writing is None
+    assert [s for s, _ in complete_checkpoints(tmp_path / "ckpt")] == [3, 4]
+    other, other_opt, other_buffers = _objects(seed + 1)
+    target = training_state(other, other_opt, centers=other_buffers)
+    manager.load(path, target)
+    restore_training_state(target, other, other_opt, centers=other_buffers)
+    for k, v in other.state_dict().items():                        # the state when save was called
+        assert torch.equal(v, saved[k]), k
+    assert torch.equal(other_buffers.center, buffers.center / 2)
+    manager.close()
+
+
+def test_a_failed_async_write_commits_nothing_and_is_raised_by_the_next_wait(tmp_path, seed):
+    from fasttips.distributed.checkpoint import CheckpointWriteError
+    model, opt, _ = _objects(seed)
+    manager = CheckpointManager(tmp_path / "ckpt", keep=3, ctx=CTX, asynchronous=True)
+    manager.save(2, training_state(model, opt), {}, {}, {}, wait=True)
+    manager.save(4, training_state(model, opt), {}, {"no/such/folder.txt": b"x"}, {})   # a write that fails
+    with pytest.raises(CheckpointWriteError, match=r"step_00000004 was not written \(the previous one stands\): "
+                                                   r"rank 0: FileNotFoundError"):
+        manager.wait()
+    assert latest_checkpoint(tmp_path / "ckpt")[0] == 2
+    assert manager.save(6, training_state(model, opt), {}, {}, {}, wait=True).name == "step_00000006"
+    assert not (tmp_path / "ckpt" / ".tmp-step_00000004").exists()     # pruned by the next commit
+    manager.close()
+
+
+@pytest.mark.parametrize("backend, problem", [("gloo", None), ("nccl", None), ("cpu:gloo,cuda:nccl", None),
+                                              ("mpi", "backend is 'mpi'"), ("fake", "backend is 'fake'")])
+def test_async_checkpoints_are_supported_on_gloo_and_nccl(monkeypatch, backend, problem):
+    from fasttips.distributed import checkpoint
+    monkeypatch.setattr(checkpoint.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(checkpoint.dist, "get_backend", lambda group=None: backend)
+    found = checkpoint.async_checkpoint_problem()
+    assert found is None if problem is None else problem in found
+
+
+def test_an_unsupported_backend_for_async_checkpoints_is_one_line_and_exit_2(tmp_path, capsys):
+    """A caller's own process group of another backend (here PyTorch's test backend "fake"): every
+    rank stops at start-up with the field named, before any collective."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from fasttips.train import main
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=1)
+    try:
+        code = main([f"train.run_dir={tmp_path / 'run'}", "train.steps=1", "data.source=synthetic"])
+    finally:
+        dist.destroy_process_group()
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "config error: train.async_checkpoint: the process group's backend is 'fake'" in err
+    assert "train.async_checkpoint=false" in err
+
+
+def _sharded_objects(seed, mesh):
+    """``_objects``' model and AdamW under FSDP2 (DTensor shards: what the trainer checkpoints)."""
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 5)).square().mean().backward()
+    opt.step()
+    return model, opt
+
+
+def _two_rank_async_worker(rank: int, port: int, root: str, out: str) -> None:
+    import os
+    import threading
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    ctx = DistContext(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"), mesh=mesh,
+                      param_dtype=torch.float32)
+    model, opt = _sharded_objects(0, mesh)
+    manager = CheckpointManager(root, keep=3, ctx=ctx, asynchronous=True)
+    release = threading.Event()
+    path = manager.save(2, training_state(model, opt), {"rng": torch.get_rng_state(), "rank": rank}, {}, {},
+                        before_commit=lambda step: release.wait(60))
+    saved = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+    # the step loop's collectives on the default group, while the writer's run on its own group
+    total = torch.zeros(1)
+    for _ in range(20):
+        one = torch.ones(1)
+        dist.all_reduce(one)
+        total += one
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+    in_flight = manager.writing is not None
+    release.set()
+    manager.wait()
+    other, other_opt = _sharded_objects(7, mesh)
+    target = training_state(other, other_opt)
+    rank_state, meta = manager.load(path, target)
+    restore_training_state(target, other, other_opt)
+    equal = all(torch.equal(v.full_tensor(), saved[k]) for k, v in other.state_dict().items())
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"in_flight": in_flight, "collectives": total.item(),
+                                                         "equal": equal, "rank": rank_state["rank"]}))
+    manager.close()
+    dist.destroy_process_group()
+
+
+def test_two_fsdp_ranks_write_asynchronously_while_their_step_loop_runs_collectives(tmp_path):
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = mp.start_processes(_two_rank_async_worker, args=(port, str(tmp_path / "ckpt"), str(tmp_path)),
+                               nprocs=2, join=False, start_method="fork")
+    deadline = time.time() + 120
+    while not procs.join(timeout=1):
+        assert time.time() < deadline, "ranks hung"
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results == [{"in_flight": True, "collectives": 40.0, "equal": True, "rank": r} for r in range(2)]
+    assert [s for s, _ in complete_checkpoints(tmp_path / "ckpt")] == [2]
