@@ -608,3 +608,47 @@ def test_two_fsdp_ranks_write_asynchronously_while_their_step_loop_runs_collecti
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert results == [{"in_flight": True, "collectives": 40.0, "equal": True, "rank": r} for r in range(2)]
     assert [s for s, _ in complete_checkpoints(tmp_path / "ckpt")] == [2]
+
+
+@pytest.mark.gpu
+def test_an_async_checkpoint_on_cuda_goes_through_pinned_memory_and_restores_bitwise(tmp_path):
+    """One GPU in bf16 as training runs it (FSDP2 on an NCCL group; the writer on its own gloo group):
+    the parameters change on the device right after save returns, and the checkpoint still holds the
+    state of the call."""
+    from fasttips import config
+    from fasttips.distributed import fsdp
+    from fasttips.training import build_training
+    cfg = config.load(None, ["preset=tiny", "train.device=cuda", "train.precision=bf16"])
+    ctx = fsdp.init_distributed(cfg)
+    try:
+        def build():
+            training = build_training(cfg, ctx)
+            for p in training.model.parameters():
+                p.grad = torch.zeros_like(p)
+            training.optimizer.step()
+            return training, lambda: training_state(training.model, training.optimizer,
+                                                    **training.stateful_modules())
+
+        training, state = build()
+        saved = {k: v.full_tensor().clone() for k, v in training.model.state_dict().items()}
+        manager = CheckpointManager(tmp_path / "ckpt", keep=1, ctx=ctx, asynchronous=True)
+        path = manager.save(1, state(), {"rng": torch.get_rng_state()}, {}, {})
+        with torch.no_grad():
+            for p in training.model.parameters():
+                p.add_(1.0)
+        staged = list(manager._stager._state_dict_stager._cached_storage_mapping.values())
+        assert staged and all(s.device.type == "cpu" for s in staged)
+        assert any(s.is_pinned() for s in staged)
+        assert manager.wait() == path and (path / MARKER).is_file()
+        manager.close()
+        other, other_state = build()
+        with torch.no_grad():                      # other weights, so that only the load restores them
+            for p in other.model.parameters():
+                p.mul_(0.5).add_(3.0)
+        target = other_state()
+        CheckpointManager(tmp_path / "ckpt", keep=1, ctx=ctx).load(path, target)
+        restore_training_state(target, other.model, other.optimizer, **other.stateful_modules())
+        for k, v in other.model.state_dict().items():
+            assert torch.equal(v.full_tensor(), saved[k]), k
+    finally:
+        fsdp.shutdown(ctx)
