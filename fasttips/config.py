@@ -244,6 +244,10 @@ class TrainConfig:
     log_every: int = setting(1, "metrics line every N steps (also the last and every skipped step)", ge=1)
     ckpt_every: int = setting(50, "checkpoint every N steps (and at the end and when stopped)", ge=1)
     keep_ckpts: int = setting(2, "complete checkpoints kept; older ones are deleted", ge=1)
+    async_checkpoint: bool = setting(True, "write checkpoints in the background while the steps go on "
+                                           "(DCP async_save from a host copy, pinned on a GPU; one write in "
+                                           "flight); supported: one process, gloo or NCCL; false = the "
+                                           "step loop waits for each write")
     max_nonfinite: int = setting(5, "consecutive non-finite steps (skipped) before the run stops", ge=1)
     wandb_project: str = setting("", "Weights & Biases project for the metrics, config and loss curve "
                                      "(pip install 'fasttips[wandb]'); empty = off")

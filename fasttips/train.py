@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--fault-pause-in-checkpoint", metavar="STEP", type=int, default=None,
                         help="stop inside the write of checkpoint STEP, after its shards and before its "
                              "completion marker, until killed (prints PAUSED_IN_CHECKPOINT step=STEP)")
+    faults.add_argument("--fault-slow-checkpoint", metavar="SECONDS", type=float, default=0.0,
+                        help="make every checkpoint write sleep SECONDS at the same place (prints "
+                             "SLOW_CHECKPOINT step=STEP), so that a write stays in flight a while")
     faults.add_argument("--fault-pause-in-startup", metavar="SECONDS", type=float, default=0.0,
                         help="sleep SECONDS while the data starts up (prints a line first), so a test can "
                              "signal the process there")
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fasttips train: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return train(cfg, run_dir, resuming=resuming, progress=not args.no_progress, evaluate=evaluator(cfg),
-                 faults=Faults(args.fault_nan_steps, args.fault_pause_in_checkpoint, args.fault_pause_in_startup))
+                 faults=Faults(args.fault_nan_steps, args.fault_pause_in_checkpoint, args.fault_pause_in_startup,
+                               args.fault_slow_checkpoint))
 
 
 def evaluator(cfg):

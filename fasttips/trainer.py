@@ -3,8 +3,9 @@
     trainer = Trainer(cfg, ctx, run_dir, resuming=False, evaluate=None, faults=Faults())
     code = trainer.run()                           # an exit code (EXIT_*)
 
-``fasttips.train`` (the CLI) builds one and hands it its evaluator. Faults: SIGTERM/SIGINT finish
-the step, checkpoint and exit 0. A non-finite loss or gradient skips the step and is counted;
+``fasttips.train`` (the CLI) builds one and hands it its evaluator. Checkpoints are written in the
+background (``train.async_checkpoint``) except the last one and a stop's, which are waited for.
+Faults: SIGTERM/SIGINT finish the step, wait for a checkpoint write in flight, checkpoint and exit 0. A non-finite loss or gradient skips the step and is counted;
 ``train.max_nonfinite`` consecutive ones stop the run with a checkpoint of the last good state
 (exit 3). A CUDA OOM exits 4 with the memory options (``fasttips.train``). Remote data that stays
 unavailable past ``data.outage_deadline_s`` stops the run at a step that never happens: no rank
@@ -31,8 +32,8 @@ from fasttips.config import ConfigError
 from fasttips.data.batch import synthetic_batch, to_device
 from fasttips.data.storage import RemoteOutage
 from fasttips.distributed import fsdp
-from fasttips.distributed.checkpoint import (CheckpointManager, latest_checkpoint, restore_training_state,
-                                             training_state)
+from fasttips.distributed.checkpoint import (CheckpointManager, async_checkpoint_problem, latest_checkpoint,
+                                             restore_training_state, training_state)
 from fasttips.distributed.signals import StopRequest
 from fasttips.flops import flop_model, mfu, peak_flops
 from fasttips.distributed.run_lock import RunLock
@@ -79,10 +80,12 @@ class Faults:
     ``nan_steps``: the loss of these (0-based) steps is made NaN. ``pause_in_checkpoint``: the write
     of this step's checkpoint stops after its shards and before its completion marker (printing
     ``PAUSED_IN_CHECKPOINT step=N``) until the process is killed. ``pause_in_startup``: see
-    :meth:`startup_pause`."""
+    :meth:`startup_pause`. ``slow_checkpoint``: every checkpoint write sleeps this many seconds at
+    the same place (printing ``SLOW_CHECKPOINT step=N``): a write that stays in flight a while."""
     nan_steps: frozenset[int] = frozenset()
     pause_in_checkpoint: int | None = None
     pause_in_startup: float = 0.0
+    slow_checkpoint: float = 0.0
 
     def startup_pause(self) -> None:
         """``pause_in_startup``: sleep that long while the data starts up, after saying so, so a test
@@ -92,11 +95,14 @@ class Faults:
             time.sleep(self.pause_in_startup)
 
     def checkpoint_hook(self) -> Callable[[int], None] | None:
-        if self.pause_in_checkpoint is None:
+        if self.pause_in_checkpoint is None and self.slow_checkpoint <= 0:
             return None
-        wanted = self.pause_in_checkpoint
+        wanted, slow = self.pause_in_checkpoint, self.slow_checkpoint
 
         def pause(step: int) -> None:
+            if slow > 0:
+                print(f"SLOW_CHECKPOINT step={step}", flush=True)
+                time.sleep(slow)
             if step == wanted:
                 print(f"PAUSED_IN_CHECKPOINT step={step}", flush=True)
                 while True:
@@ -112,6 +118,10 @@ class Trainer:
                  stop: StopRequest | None = None):
         self.cfg, self.ctx, self.run_dir, self.resuming = cfg, ctx, Path(run_dir), resuming
         self.progress, self.evaluate, self.faults = progress, evaluate, faults
+        # Every rank finds the same answer, so every rank stops alike (before any collective).
+        problem = async_checkpoint_problem() if cfg.train.async_checkpoint else None
+        if problem:
+            raise ConfigError(f"train.async_checkpoint: {problem}; set train.async_checkpoint=false")
         # The caller's installed StopRequest (the command installs one before start-up, so a signal
         # there exits at once); without one, run() installs its own for the loop.
         self.stop = stop
@@ -123,7 +133,8 @@ class Trainer:
         self.schedules = Schedules(cfg, world_size=ctx.world_size * cfg.optim.accum_steps)
         seed_everything(cfg.train.seed + 1000 * ctx.rank)   # per-rank streams (masks, drop path)
         self.loader: Loader = self._build_loader()
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_ckpts, ctx)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_ckpts, ctx,
+                                      asynchronous=cfg.train.async_checkpoint)
         self.run_lock: RunLock | None = None   # held by rank 0 from prepare_run_dir() to the end
         self.step = 0                      # optimiser steps completed
         self.nonfinite_total = 0           # skipped steps over the whole run
@@ -228,14 +239,18 @@ class Trainer:
     def _sharded_state(self) -> dict:
         return training_state(self.training.model, self.training.optimizer, **self.training.stateful_modules())
 
-    def save_checkpoint(self, reason: str = "") -> Path:
+    def save_checkpoint(self, reason: str = "", wait: bool = False) -> Path:
+        """Checkpoint the state after ``self.step``; ``wait``: return only once it is complete (the
+        last checkpoint of a run), else a write may go on in the background (train.async_checkpoint)."""
         rank_state = {"rng": rng_state(self.ctx.device), "data": self.loader.state_dict()}
         files = {CONFIG_FILE: _config_bytes(self.cfg)}
         if self.loader.tokenizer is not None:
             files["tokenizer.model"] = self.loader.tokenizer.serialized()
         meta = {"nonfinite_total": self.nonfinite_total, "reason": reason, "global_batch": self.global_batch}
+        if wait and self.ckpt.writing is not None:
+            self.say(f"checkpoint: waiting for the write of {self.ckpt.writing.name} in flight")
         return self.ckpt.save(self.step, self._sharded_state(), rank_state, files, meta,
-                              before_commit=self.faults.checkpoint_hook())
+                              before_commit=self.faults.checkpoint_hook(), wait=wait)
 
     # -- the loop -------------------------------------------------------------------------------
     def next_batches(self, iterator: list[Iterator[dict]]) -> list[dict]:
@@ -295,6 +310,7 @@ class Trainer:
         iterator = [iter(self.loader)]
         code, message = EXIT_OK, None
         with contextlib.ExitStack() as cleanup:
+            cleanup.callback(self.ckpt.close)     # a write in flight ends before the run does, whatever happens
             stop = self.stop if self.stop is not None else cleanup.enter_context(StopRequest())
             stop.started()                   # from here a signal finishes the step and checkpoints
             while self.step < total:
@@ -319,18 +335,18 @@ class Trainer:
                 self.nonfinite_run = self.nonfinite_run + 1 if out.skipped else 0
                 self.log_step(writer, bar, values, out)
                 if out.skipped and self.nonfinite_run >= cfg.train.max_nonfinite:
-                    path = self.save_checkpoint("non-finite")
+                    path = self.save_checkpoint("non-finite", wait=True)
                     code = EXIT_NONFINITE
                     message = (f"stopped: {self.nonfinite_run} consecutive non-finite losses (limit "
                                f"train.max_nonfinite={cfg.train.max_nonfinite}); the last good state is in {path}")
                     break
                 if out.stop:
-                    path = self.save_checkpoint(stop.signal_name or "signal")
+                    path = self.save_checkpoint(stop.signal_name or "signal", wait=True)
                     message = (f"stopped by {stop.signal_name or 'a signal on another rank'} after step "
                                f"{self.step}; checkpoint {path}; continue with: fasttips train --resume {self.run_dir}")
                     break
                 if self.step % cfg.train.ckpt_every == 0 or self.step == total:
-                    self.save_checkpoint()
+                    self.save_checkpoint(wait=self.step == total)
                 if self.evaluate is not None:   # every rank evaluates (sharded forwards); rank 0 logs
                     record = self.evaluate(self.step, self.training.model, self.loader.tokenizer)
                     if record:

@@ -14,7 +14,7 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 ENV_FIELDS = ("bench", "case", "impl", "ms", "p20", "p80", "reps", "device", "torch", "triton", "cuda",
               "python", "git_commit", "date", "quick", "ceilings")
 FILE_STEM = {"attention": "attention", "dino-loss": "dino_loss", "ema": "ema", "data": "data",
-             "step": "train_step"}
+             "step": "train_step", "checkpoint": "checkpoint"}
 
 
 def _rows(folder: Path, name: str) -> list[dict]:
@@ -82,6 +82,15 @@ def test_quick_all_writes_every_bench(tmp_path, capsys):
     _run(["all"], tmp_path, capsys)
     for name in FILE_STEM:
         _check_rows(_rows(tmp_path, name), name)
+
+
+def test_quick_checkpoint_bench_times_both_modes(tmp_path, capsys):
+    _run(["checkpoint"], tmp_path, capsys)
+    rows = _rows(tmp_path, "checkpoint")
+    _check_rows(rows, "checkpoint")
+    assert [r["impl"] for r in rows] == ["sync", "async"] and rows[0]["case"] == rows[1]["case"]
+    for row in rows:                        # the caller waits at most until the checkpoint is complete
+        assert row["checkpoint_bytes"] > 10e6 and row["write_ms"] >= row["ms"] > 0
 
 
 def test_bench_scripts_are_the_installed_fasttips_bench_package(tmp_path, monkeypatch):

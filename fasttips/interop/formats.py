@@ -3,7 +3,8 @@ and fasttips runs.
 
 Everything read from outside fasttips goes through formats that cannot run code: JSON,
 safetensors and ``np.load(allow_pickle=False)``. A fasttips run is read with the project's own
-checkpoint loader (a fasttips checkpoint is trusted input, like any PyTorch checkpoint).
+checkpoint loader, which unpickles nothing but DCP's own metadata records, tensors and plain
+containers (``fasttips.distributed.checkpoint``), so a run from someone else is data too.
 
 ``read_source(path)`` gives an :class:`Imported`: the weights under fasttips names, the config
 fields that describe the architecture, and the tokenizer. The writers take a fasttips state dict and
@@ -306,10 +307,8 @@ def read_fasttips(path: Path, weights: str = "student") -> Imported:
 
 def _teacher_backbone(ckpt: Path, model) -> Tensors | None:
     """The full-EMA teacher's vision tower (``teacher.backbone.*`` in the DCP shards), or None."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-    saved = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    from fasttips.distributed.checkpoint import load_dcp, saved_keys
+    saved = saved_keys(ckpt)
     prefixes = sorted((k[: -len("cls_tokens")] for k in saved if k.endswith("backbone.cls_tokens")), key=len)
     if not prefixes:
         return None
@@ -318,9 +317,7 @@ def _teacher_backbone(ckpt: Path, model) -> Tensors | None:
     missing = [k for k in wanted if k not in saved]
     if missing:
         raise SourceError(f"{ckpt}: teacher backbone lacks {missing[0]!r}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(wanted, checkpoint_id=str(ckpt))
+    load_dcp(wanted, ckpt)
     return {"vision." + k[len(prefix):]: v for k, v in wanted.items()}
 
 
