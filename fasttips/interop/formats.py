@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import layout
+from . import hf_tokenizer, layout
 from .layout import LayoutError, Tensors
 
 HF_PREFIXES = {"vision": "vision_encoder.", "text": "text_encoder."}
@@ -423,9 +423,16 @@ def hf_config(cfg, logit_scale: torch.Tensor) -> dict:
     }
 
 
-def _hf_tokenizer_config(max_len: int) -> dict:
-    return {"tokenizer_class": "Tipsv2Tokenizer", "model_max_length": max_len, "do_lower_case": True,
-            "pad_token": "<pad>", "unk_token": "<unk>", "padding_side": "right"}
+def _hf_tokenizer_config(proto: bytes, max_len: int) -> dict:
+    """transformers' generic fast tokenizer over tokenizer.json (``Tipsv2Tokenizer`` would rebuild its
+    own pipeline, which drops characters outside the vocabulary); "<pad>" typed in a caption is
+    text, as in SentencePiece."""
+    pieces = hf_tokenizer.read_spec(proto).pieces
+    unk = next(p for p, _, kind in pieces if kind == 2)
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
+            "pad_token": pieces[0][0], "unk_token": unk, "padding_side": "right", "truncation_side": "right",
+            "split_special_tokens": True, "add_bos_token": False, "add_eos_token": False,
+            "clean_up_tokenization_spaces": False}
 
 
 def _hf_preprocessor_config(cfg) -> dict:
@@ -442,6 +449,8 @@ def _hf_preprocessor_config(cfg) -> dict:
 
 def write_hf(out: Path, state: Tensors, cfg, tokenizer: bytes) -> list[Path]:
     from safetensors.torch import save_file
+    fast_tokenizer = hf_tokenizer.tokenizer_json(tokenizer)     # refused before anything is written
+    hf_tokenizer.check_ids(fast_tokenizer, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     scale = state["logit_scale"].detach().float().cpu()
     tensors = {HF_PREFIXES["vision"] + k: v
@@ -453,10 +462,12 @@ def write_hf(out: Path, state: Tensors, cfg, tokenizer: bytes) -> list[Path]:
     save_file(_fp32(tensors), str(out / "model.safetensors"), metadata=meta)
     (out / "config.json").write_text(json.dumps(hf_config(cfg, scale), indent=2) + "\n")
     (out / TOKENIZER_FILE).write_bytes(tokenizer)
-    (out / "tokenizer_config.json").write_text(json.dumps(_hf_tokenizer_config(cfg.text.max_len), indent=2) + "\n")
+    (out / "tokenizer.json").write_text(json.dumps(fast_tokenizer, ensure_ascii=False) + "\n")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(_hf_tokenizer_config(tokenizer, cfg.text.max_len), indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(_hf_preprocessor_config(cfg), indent=2) + "\n")
-    return [out / n for n in ("config.json", "model.safetensors", TOKENIZER_FILE, "tokenizer_config.json",
-                              "preprocessor_config.json")]
+    return [out / n for n in ("config.json", "model.safetensors", TOKENIZER_FILE, "tokenizer.json",
+                              "tokenizer_config.json", "preprocessor_config.json")]
 
 
 def write_tips(out: Path, state: Tensors, tokenizer: bytes | None) -> list[Path]:
