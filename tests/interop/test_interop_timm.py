@@ -5,6 +5,7 @@ torch needs a CPU torchvision); where none imports, these tests are skipped with
 export's preprocessing config is checked without timm in test_interop_unrecorded.py."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from interop_helpers import images, rel_err, save_run, tiny_cfg, tiny_model, tokenizer
@@ -75,7 +76,7 @@ def fasttips_eval_pixels(image, crop: int, resize: int, pixel_norm: str) -> torc
             pytest.skip("fasttips' kNN transform (resize 256/224 of the crop) is in fasttips.eval.transforms")
         from fasttips.eval.suites.common import resize_center_crop
         pixels = resize_center_crop(image, crop)
-    return normalize(torch.from_numpy(pixels[None]), pixel_norm)
+    return normalize(torch.from_numpy(np.array(pixels)[None]), pixel_norm)
 
 
 def photo():
