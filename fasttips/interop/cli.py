@@ -25,6 +25,9 @@ from .formats import Imported, SourceError, read_source
 from .layout import LayoutError
 
 _PRESET_BY_WIDTH = {384: "vit-s", 768: "vit-b", 1024: "vit-l", 1152: "so400m", 1536: "vit-g"}
+# recorded settings an import may still change: the text length is a data choice (the positions are
+# sinusoidal), not part of the weights
+_FREE_ON_IMPORT = {"text.max_len"}
 
 
 def config_for(imported: Imported, overrides: list[str] = ()):
@@ -50,6 +53,11 @@ def config_for(imported: Imported, overrides: list[str] = ()):
             config_lib.set_value(cfg, "loss.max_logit_scale", float(math.ceil(math.exp(float(scale.max())))))
     for key, value in given:
         config_lib.set_value(cfg, key, value)
+        section, name = key.split(".", 1)
+        if key in imported.overrides and key not in _FREE_ON_IMPORT and \
+                getattr(getattr(cfg, section), name) != imported.overrides[key]:
+            raise SourceError(f"{key}={value}: {imported.path} records {key}={imported.overrides[key]}; a model "
+                              "built otherwise would not give the source's features")
     config_lib.validate(cfg)
     return cfg
 

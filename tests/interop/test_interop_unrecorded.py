@@ -104,6 +104,9 @@ def test_a_timm_export_records_heads_and_pixels_a_bare_file_does_not(tmp_path):
     assert json.loads((tmp_path / "t2" / "config.json").read_text())["model_args"]["num_heads"] == 4
     # only what the source does not record can be given to export
     assert cli.main(["export", str(tmp_path / "run"), "--to", "timm", str(tmp_path / "t3"), "vision.heads=2"]) == 2
+    # nor can an import change what the source records
+    assert cli.main(["import", str(tmp_path / "run"), str(tmp_path / "i"), "vision.heads=2"]) == 2
+    assert cli.main(["import", str(tmp_path / "run"), str(tmp_path / "i"), "vision.heads=4"]) == 0
 
 
 def test_init_from_a_timm_file_names_what_to_use_instead(tmp_path):
