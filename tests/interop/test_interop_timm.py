@@ -68,15 +68,8 @@ def fasttips_eval_pixels(image, crop: int, resize: int, pixel_norm: str) -> torc
     """fasttips' evaluation preprocessing of a PIL image: shorter side to ``resize`` (bicubic), the
     central ``crop`` square, then the run's normalisation."""
     from fasttips.data.augment import normalize
-    try:
-        from fasttips.eval.transforms import resize_center_crop          # torchvision's rounding
-        pixels = resize_center_crop(image, resize, crop)
-    except ImportError:
-        if resize != crop:
-            pytest.skip("fasttips' kNN transform (resize 256/224 of the crop) is in fasttips.eval.transforms")
-        from fasttips.eval.suites.common import resize_center_crop
-        pixels = resize_center_crop(image, crop)
-    return normalize(torch.from_numpy(np.array(pixels)[None]), pixel_norm)
+    from fasttips.eval.transforms import resize_center_crop
+    return normalize(torch.from_numpy(np.array(resize_center_crop(image, resize, crop))[None]), pixel_norm)
 
 
 def photo():
