@@ -477,6 +477,12 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
+def explicit_keys(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
+    """The dotted keys a user set in the YAML file or as overrides (not those the preset filled in)."""
+    keys = set(_flatten(_read_yaml(Path(path)))) if path is not None else set()
+    return keys | {_parse_override(item)[0] for item in overrides}
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------

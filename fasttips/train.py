@@ -97,7 +97,8 @@ def resolve_config(args) -> tuple[config_lib.Config, Path, bool]:
     if cfg.train.init_from:      # the architecture comes from the weights and overrides the preset
         from fasttips.interop import resolve_init_config
         try:
-            cfg, changes = resolve_init_config(cfg, cfg.train.init_from)
+            cfg, changes = resolve_init_config(cfg, cfg.train.init_from,
+                                               explicit=config_lib.explicit_keys(args.config, args.overrides))
         except (ValueError, OSError) as exc:
             raise ConfigError(f"train.init_from: {exc}") from None
         config_lib.validate(cfg)

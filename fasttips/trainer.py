@@ -293,11 +293,19 @@ class Trainer:
             self.loader.load_state_dict(state)
         set_torch_rng_state(torch_rng, self.ctx.device)
 
+    def model_origin(self) -> str:
+        """The start-up line's model: the preset, or what train.init_from loaded (its architecture
+        replaced the preset's)."""
+        if not self.cfg.train.init_from:
+            return f"preset {self.cfg.preset}"
+        from fasttips.interop.warmstart import architecture
+        return f"model from train.init_from={self.cfg.train.init_from} ({architecture(self.cfg)})"
+
     def run(self) -> int:
         """Train from ``self.step`` to ``train.steps``; returns the exit code."""
         cfg, ctx = self.cfg, self.ctx
         total = cfg.train.steps
-        self.say(f"fasttips train: run dir {self.run_dir}, preset {cfg.preset}, device {ctx.device} × "
+        self.say(f"fasttips train: run dir {self.run_dir}, {self.model_origin()}, device {ctx.device} × "
                  f"{ctx.world_size}, {'FSDP2 ' if ctx.sharded else ''}{str(ctx.param_dtype).replace('torch.', '')}, "
                  f"global batch {self.global_batch}, steps {self.step}→{total}")
         self.say(f"model: {sum(p.numel() for p in self.training.model.parameters()) / 1e6:.2f} M parameters; "
