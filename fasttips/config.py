@@ -266,6 +266,15 @@ class EvalConfig:
     every: int = setting(0, "evaluate every N steps; 0 = only when asked (fasttips eval)", ge=0)
     n_images: int = setting(64, "demo images used by each evaluation", ge=1)
 @dataclass
+class DistConfig:
+    """How the ranks of a torchrun job share the model (FSDP2 over a device mesh)."""
+    shard_size: int = setting(0, "ranks per FSDP2 shard group: parameters, gradients and optimiser state "
+                                 "are sharded inside a group and replicated across groups (HSDP, a 2-D "
+                                 "replicate × shard mesh), typically the GPUs of one node; must divide "
+                                 "the number of ranks; 0 = all ranks (plain FSDP)", ge=0)
+
+
+@dataclass
 class Config:
     preset: str = "tiny"
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -277,6 +286,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,7 +646,7 @@ __all__ = ["Config", "ConfigError", "PRESETS", "RETIRED", "load", "preset", "sav
            "CENTERINGS", "CONTRASTIVE_LOSSES", "FFNS", "IBOT_TOKENS", "PIXEL_NORMS", "PROTOTYPE_CES",
            "TEACHER_FEATURES", "TEACHER_MODES"] + [c.__name__ for c in (
                VisionConfig, TextConfig, HeadConfig, LossConfig, TeacherConfig, DataConfig,
-               OptimConfig, TrainConfig, EvalConfig)]
+               OptimConfig, TrainConfig, EvalConfig, DistConfig)]
 
 
 if __name__ == "__main__":  # `python -m fasttips.config` prints the field reference used in the README
