@@ -228,6 +228,10 @@ class Trainer:
                 self.loader.load_state_dict(rank_state["data"])
         else:
             self._resume_elsewhere(path, meta)
+        saved_mesh = meta.get("mesh")
+        if saved_mesh and saved_mesh[0] != self.ctx.replicas and self.ctx.sharded:
+            self.say(f"resume: {path} was written as {fsdp.mesh_text(meta['world_size'], saved_mesh[0])}, now "
+                     f"{self.ctx.describe_mesh()}; DCP reshards parameters, optimiser state and teacher")
         self._check_tokenizer(path)
         self.say(f"resume: from {path} (step {self.step})")
 
@@ -330,7 +334,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         total = cfg.train.steps
         self.say(f"fasttips train: run dir {self.run_dir}, preset {cfg.preset}, device {ctx.device} × "
-                 f"{ctx.world_size}, {'FSDP2 ' if ctx.sharded else ''}{str(ctx.param_dtype).replace('torch.', '')}, "
+                 f"{ctx.world_size}, {ctx.describe_mesh() + ', ' if ctx.sharded else ''}"
+                 f"{str(ctx.param_dtype).replace('torch.', '')}, "
                  f"global batch {self.global_batch}, steps {self.step}→{total}")
         self.say(f"model: {sum(p.numel() for p in self.training.model.parameters()) / 1e6:.2f} M parameters; "
                  f"FLOPs: {self.flops.describe()}")
