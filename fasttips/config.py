@@ -469,10 +469,12 @@ def _parse_override(item: str) -> tuple[str, Any]:
         return key, value            # not a YAML scalar: the field's type decides (and names the key)
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+         check_machine: bool = True) -> Config:
     """Preset (from the file's or an override's ``preset``), then the YAML file, then overrides.
 
-    Checks every value (``validate``) and that this machine can run it (``check_runnable``)."""
+    Checks every value (``validate``) and, unless ``check_machine`` is False (planning a run for
+    another machine: ``fasttips train --dry-run``), that this machine can run it (``check_runnable``)."""
     values: dict[str, Any] = {}
     if path is not None:
         values.update(_flatten(_read_yaml(Path(path))))
@@ -483,7 +485,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         if key != "preset":
             set_value(cfg, key, value)
     validate(cfg)
-    check_runnable(cfg)
+    if check_machine:
+        check_runnable(cfg)
     return cfg
 
 
