@@ -8,7 +8,7 @@ start-up of 4 processes is paid once):
                batches: every loss term and gradient norm of the HSDP run equals the 1-D run's to fp32
                tolerance (the contrastive all-gather, the centers and the DINO statistics stay global
                over the 4 ranks; only the parameters are laid out differently), and the two replicas
-               hold identical shards
+               hold identical shards (after the steps, and after a meta-device initialisation)
   reshard      a checkpoint written under HSDP resumes under 1-D FSDP and the next step matches the
                HSDP run's; that run's checkpoint resumes under HSDP again and matches once more
   trainer      the Trainer with dist.shard_size=2 for a step, then resumed with dist.shard_size=0
@@ -112,11 +112,17 @@ def _worker() -> None:
                      f"step {step}")
     # The replicas of a shard group hold the same shard: gradients were all-reduced across them.
     replicate = hsdp.mesh.get_group("replicate")
-    for name, p in list(two_d.model.named_parameters()) + list(two_d.teacher.named_parameters()):
-        mine = p.detach().to_local().contiguous()
-        other = [torch.empty_like(mine) for _ in range(replicas)]
-        dist.all_gather(other, mine, group=replicate)
-        assert all(torch.equal(o, mine) for o in other), f"{name}: the replicas differ"
+
+    def replicas_agree(training, what):
+        for name, p in list(training.model.named_parameters()) + list(training.teacher.named_parameters()):
+            mine = p.detach().to_local().contiguous()
+            other = [torch.empty_like(mine) for _ in range(replicas)]
+            dist.all_gather(other, mine, group=replicate)
+            assert all(torch.equal(o, mine) for o in other), f"{what}: {name} differs between the replicas"
+
+    replicas_agree(two_d, "after 3 steps")
+    # The large-model path (meta build → shard → to_empty → init_weights) initialises every replica alike.
+    replicas_agree(build_training(cfg, hsdp, meta_init=True), "meta init")
     print(f"PASS losses (rank {rank}) {time.perf_counter() - t0:.1f} s", flush=True)
 
     # reshard: HSDP → 1-D FSDP → HSDP through checkpoints ---------------------------------------
