@@ -237,7 +237,8 @@ class OptimConfig:
 class TrainConfig:
     """The run: length, device, logging and checkpoints."""
     steps: int = setting(100, "optimiser steps in the run", ge=1)
-    seed: int = setting(0, "random seed (any integer; each rank adds 1000 × its rank)")
+    seed: int = setting(0, "random seed (any integer; each rank adds 1000 × its rank; a resume on another "
+                           "number of ranks seeds each rank from (seed, step, rank))")
     device: Device = setting("auto", "auto = CUDA when available, else CPU")
     precision: Precision = setting("auto", "parameter precision: auto = bf16 on CUDA, fp32 on CPU")
     run_dir: str = setting("runs/default", "output folder: config, metrics, checkpoints, plots")

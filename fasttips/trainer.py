@@ -30,6 +30,7 @@ import torch
 from fasttips import config as config_lib
 from fasttips.config import ConfigError
 from fasttips.data.batch import synthetic_batch, to_device
+from fasttips.data.pipeline import mix_seed
 from fasttips.data.storage import RemoteOutage
 from fasttips.distributed import fsdp
 from fasttips.distributed.checkpoint import (CheckpointManager, async_checkpoint_problem, latest_checkpoint,
@@ -42,7 +43,6 @@ from fasttips.runlog import MetricsWriter, ProgressBar, drop_metrics_after, plot
 from fasttips.schedules import Schedules, StepValues
 from fasttips.step import TERMS
 from fasttips.training import StepOutcome, build_training, seed_everything
-from fasttips.data.pipeline import mix_seed
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_OOM, EXIT_DATA_OUTAGE = 0, 2, 3, 4, 5
 CONFIG_FILE = "config.yaml"
@@ -248,8 +248,9 @@ class Trainer:
             self.say(f"resume: {was}; the data continue at {where}, RNG streams restart from "
                      f"(train.seed, step, rank)")
         else:
-            why = ("an older checkpoint holds no global data position" if not data
-                   else f"the {self.loader.kind} loader cannot move its position to another number of ranks")
+            why = (f"the {self.loader.kind} loader cannot move its position to another number of ranks"
+                   if not hasattr(self.loader, "resume_at") else
+                   "the checkpoint holds no global data position (an earlier fasttips, or the DALI loader)")
             self.say(f"resume: {was}; {why}, so the data positions restart (this epoch may repeat "
                      f"samples); RNG streams restart from (train.seed, step, rank)")
         if meta.get("global_batch") not in (None, self.global_batch):
