@@ -22,6 +22,7 @@ from the config, per rank:
   is higher: read ``peak_mem_gb`` in metrics.jsonl after a few steps.
 
 The checkpoint size is exact up to metadata: fp32 model, AdamW moments, teacher and loss centers.
+An asynchronous write (``train.async_checkpoint``) first copies the rank's shards to host memory.
 """
 from __future__ import annotations
 
@@ -149,12 +150,16 @@ def _device_type(cfg) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _async_text(cfg) -> str:
-    # Hook for asynchronous checkpoints: reported once the config has train.async_checkpoint.
-    value = getattr(cfg.train, "async_checkpoint", None)
-    if value is None:
-        return "written synchronously (the step loop waits for the write)"
-    return "written asynchronously (train.async_checkpoint)" if value else "written synchronously (train.async_checkpoint=false)"
+def _async_text(cfg, staged: float) -> str:
+    """How checkpoints are written; ``staged``: bytes of this rank's shards (what an asynchronous
+    write copies to host memory before the steps go on)."""
+    value = getattr(cfg.train, "async_checkpoint", None)    # (absent in a config of an older fasttips)
+    if not value:
+        return "written synchronously: the step loop waits for each write" + (
+            " (train.async_checkpoint=false)" if value is not None else "")
+    return (f"written in the background while the steps go on (train.async_checkpoint), after a copy of "
+            f"this rank's shards to host memory (about {_size(staged)}); the last one and a stop's are "
+            f"waited for")
 
 
 def describe_plan(cfg, world_size: int, resume: str | None = None) -> str:
@@ -208,7 +213,7 @@ def describe_plan(cfg, world_size: int, resume: str | None = None) -> str:
               f"               each {_size(total)} (" + ", ".join(f"{k} {_size(v)}" for k, v in sizes.items())
               + f"); about {_size(total / world_size)} written per rank (DCP writes each replicated shard once); "
               f"up to {keep + 1} on disk while one is written ({_size((keep + 1) * total)})",
-              f"               {_async_text(cfg)}"]
+              f"               {_async_text(cfg, (total - sizes['centers']) / shard_ranks)}"]
     if resume:
         lines.append(f"  resume       {resume}")
     return "\n".join(lines)

@@ -102,6 +102,9 @@ def test_a_rank_process_stops_on_a_bad_layout_with_one_line_and_exit_2(tmp_path)
                                         "(all ranks)"]
 
 
-def test_plan_text_for_one_process():
+def test_plan_text_for_one_process_and_how_checkpoints_are_written():
     text = describe_plan(config_lib.load(None, []), 1)
     assert "one process, unsharded" in text and "gathered" in text
+    assert "written in the background while the steps go on" in text            # train.async_checkpoint default
+    text = describe_plan(config_lib.load(None, ["train.async_checkpoint=false"]), 1)
+    assert "written synchronously: the step loop waits for each write" in text
