@@ -237,7 +237,8 @@ class OptimConfig:
 class TrainConfig:
     """The run: length, device, logging and checkpoints."""
     steps: int = setting(100, "optimiser steps in the run", ge=1)
-    seed: int = setting(0, "random seed (any integer; each rank adds 1000 × its rank)")
+    seed: int = setting(0, "random seed (any integer; each rank adds 1000 × its rank; a resume on another "
+                           "number of ranks seeds each rank from (seed, step, rank))")
     device: Device = setting("auto", "auto = CUDA when available, else CPU")
     precision: Precision = setting("auto", "parameter precision: auto = bf16 on CUDA, fp32 on CPU")
     run_dir: str = setting("runs/default", "output folder: config, metrics, checkpoints, plots")
@@ -266,6 +267,15 @@ class EvalConfig:
     every: int = setting(0, "evaluate every N steps; 0 = only when asked (fasttips eval)", ge=0)
     n_images: int = setting(64, "demo images used by each evaluation", ge=1)
 @dataclass
+class DistConfig:
+    """How the ranks of a torchrun job share the model (FSDP2 over a device mesh)."""
+    shard_size: int = setting(0, "ranks per FSDP2 shard group: parameters, gradients and optimiser state "
+                                 "are sharded inside a group and replicated across groups (HSDP, a 2-D "
+                                 "replicate × shard mesh), typically the GPUs of one node; must divide "
+                                 "the number of ranks; 0 = all ranks (plain FSDP)", ge=0)
+
+
+@dataclass
 class Config:
     preset: str = "tiny"
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -277,6 +287,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,10 +470,12 @@ def _parse_override(item: str) -> tuple[str, Any]:
         return key, value            # not a YAML scalar: the field's type decides (and names the key)
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+         check_machine: bool = True) -> Config:
     """Preset (from the file's or an override's ``preset``), then the YAML file, then overrides.
 
-    Checks every value (``validate``) and that this machine can run it (``check_runnable``)."""
+    Checks every value (``validate``) and, unless ``check_machine`` is False (planning a run for
+    another machine: ``fasttips train --dry-run``), that this machine can run it (``check_runnable``)."""
     values: dict[str, Any] = {}
     if path is not None:
         values.update(_flatten(_read_yaml(Path(path))))
@@ -473,7 +486,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         if key != "preset":
             set_value(cfg, key, value)
     validate(cfg)
-    check_runnable(cfg)
+    if check_machine:
+        check_runnable(cfg)
     return cfg
 
 
@@ -642,7 +656,7 @@ __all__ = ["Config", "ConfigError", "PRESETS", "RETIRED", "load", "preset", "sav
            "CENTERINGS", "CONTRASTIVE_LOSSES", "FFNS", "IBOT_TOKENS", "PIXEL_NORMS", "PROTOTYPE_CES",
            "TEACHER_FEATURES", "TEACHER_MODES"] + [c.__name__ for c in (
                VisionConfig, TextConfig, HeadConfig, LossConfig, TeacherConfig, DataConfig,
-               OptimConfig, TrainConfig, EvalConfig)]
+               OptimConfig, TrainConfig, EvalConfig, DistConfig)]
 
 
 if __name__ == "__main__":  # `python -m fasttips.config` prints the field reference used in the README

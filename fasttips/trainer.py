@@ -30,6 +30,7 @@ import torch
 from fasttips import config as config_lib
 from fasttips.config import ConfigError
 from fasttips.data.batch import synthetic_batch, to_device
+from fasttips.data.pipeline import mix_seed
 from fasttips.data.storage import RemoteOutage
 from fasttips.distributed import fsdp
 from fasttips.distributed.checkpoint import (CheckpointManager, async_checkpoint_problem, latest_checkpoint,
@@ -67,6 +68,9 @@ class Loader(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    # Optional, for a resume on another number of ranks: ``position_state()`` (a layout-free
+    # position, saved in meta.json) and ``resume_at(position_state)``; without them the data restart.
 
 
 # evaluate(step, model, tokenizer) → metrics to log at this step, or None (every rank calls it).
@@ -223,10 +227,35 @@ class Trainer:
             if rank_state.get("data") is not None:
                 self.loader.load_state_dict(rank_state["data"])
         else:
-            self.say(f"resume: {path} was written by {meta.get('world_size')} ranks, now "
-                     f"{self.ctx.world_size}; RNG streams and data positions restart")
+            self._resume_elsewhere(path, meta)
+        saved_mesh = meta.get("mesh")
+        if saved_mesh and saved_mesh[0] != self.ctx.replicas and self.ctx.sharded:
+            self.say(f"resume: {path} was written as {fsdp.mesh_text(meta['world_size'], saved_mesh[0])}, now "
+                     f"{self.ctx.describe_mesh()}; DCP reshards parameters, optimiser state and teacher")
         self._check_tokenizer(path)
         self.say(f"resume: from {path} (step {self.step})")
+
+    def _resume_elsewhere(self, path: Path, meta: dict) -> None:
+        """A checkpoint of another number of ranks (DCP has resharded the tensors): each rank's RNG
+        streams start from (seed, step, rank), so the new layout is reproducible, and the data continue
+        at the saved global position (no sample of the epoch repeated or skipped)."""
+        seed_everything(mix_seed(self.cfg.train.seed, self.step, self.ctx.rank))
+        data = meta.get("data")
+        was = f"{path} was written by {meta.get('world_size')} ranks, now {self.ctx.world_size}"
+        if data and hasattr(self.loader, "resume_at"):
+            self.loader.resume_at(data)
+            where = f"global sample {data['position']}" if "position" in data else f"batch {data['batches']}"
+            self.say(f"resume: {was}; the data continue at {where}, RNG streams restart from "
+                     f"(train.seed, step, rank)")
+        else:
+            why = (f"the {self.loader.kind} loader cannot move its position to another number of ranks"
+                   if not hasattr(self.loader, "resume_at") else
+                   "the checkpoint holds no global data position (an earlier fasttips, or the DALI loader)")
+            self.say(f"resume: {was}; {why}, so the data positions restart (this epoch may repeat "
+                     f"samples); RNG streams restart from (train.seed, step, rank)")
+        if meta.get("global_batch") not in (None, self.global_batch):
+            self.say(f"resume: the global batch changes from {meta['global_batch']} to {self.global_batch} "
+                     f"images (the lr follows the new one, optim.lr's sqrt rule)")
 
     def _check_tokenizer(self, path: Path) -> None:
         """The text tower learned ids of the tokenizer saved with the checkpoint: insist on it."""
@@ -246,11 +275,19 @@ class Trainer:
         files = {CONFIG_FILE: _config_bytes(self.cfg)}
         if self.loader.tokenizer is not None:
             files["tokenizer.model"] = self.loader.tokenizer.serialized()
-        meta = {"nonfinite_total": self.nonfinite_total, "reason": reason, "global_batch": self.global_batch}
+        meta = {"nonfinite_total": self.nonfinite_total, "reason": reason, "global_batch": self.global_batch,
+                "mesh": [self.ctx.replicas, self.ctx.shard_size], "data": self._data_position()}
         if wait and self.ckpt.writing is not None:
             self.say(f"checkpoint: waiting for the write of {self.ckpt.writing.name} in flight")
         return self.ckpt.save(self.step, self._sharded_state(), rank_state, files, meta,
                               before_commit=self.faults.checkpoint_hook(), wait=wait)
+
+    def _data_position(self) -> dict | None:
+        """Where the data stand, for any layout of ranks (meta.json, written by rank 0; every rank has
+        taken as many batches): the global index of the next sample, the batch counter, the epoch size.
+        None for a loader that cannot resume on another layout (DALI)."""
+        position_state = getattr(self.loader, "position_state", None)
+        return position_state() if position_state is not None else None
 
     # -- the loop -------------------------------------------------------------------------------
     def next_batches(self, iterator: list[Iterator[dict]]) -> list[dict]:
@@ -306,7 +343,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         total = cfg.train.steps
         self.say(f"fasttips train: run dir {self.run_dir}, {self.model_origin()}, device {ctx.device} × "
-                 f"{ctx.world_size}, {'FSDP2 ' if ctx.sharded else ''}{str(ctx.param_dtype).replace('torch.', '')}, "
+                 f"{ctx.world_size}, {ctx.describe_mesh() + ', ' if ctx.sharded else ''}"
+                 f"{str(ctx.param_dtype).replace('torch.', '')}, "
                  f"global batch {self.global_batch}, steps {self.step}→{total}")
         self.say(f"model: {sum(p.numel() for p in self.training.model.parameters()) / 1e6:.2f} M parameters; "
                  f"FLOPs: {self.flops.describe()}")
