@@ -14,7 +14,7 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 ENV_FIELDS = ("bench", "case", "impl", "ms", "p20", "p80", "reps", "device", "torch", "triton", "cuda",
               "python", "git_commit", "date", "quick", "ceilings")
 FILE_STEM = {"attention": "attention", "dino-loss": "dino_loss", "ema": "ema", "data": "data",
-             "step": "train_step"}
+             "step": "train_step", "dispatch": "dispatch"}
 
 
 def _rows(folder: Path, name: str) -> list[dict]:
@@ -42,8 +42,10 @@ def _run(names, tmp_path, capsys):
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["attention", "ema", "step"])
-def test_quick_bench_writes_valid_json(name, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["attention", "ema", "step", "dispatch"])
+def test_quick_bench_writes_valid_json(name, tmp_path, capsys, monkeypatch):
+    if name == "dispatch":    # the fasttips kernels would time in the interpreter: minutes, not seconds
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
     out = _run([name], tmp_path, capsys)
     assert "wrote" in out and str(tmp_path) in out
     rows = _rows(tmp_path, name)
@@ -66,6 +68,12 @@ def test_quick_bench_writes_valid_json(name, tmp_path, capsys):
         assert by_impl["fasttips"]["teacher_mode"] == "head_ema"
         assert by_impl["plain-pytorch"]["case"] == by_impl["fasttips"]["case"]   # same model, same batch
         assert all(r["images_per_s"] > 0 and "max_batch" not in r for r in rows)  # no search on CPU
+    if name == "dispatch":    # one row per (site, timed candidate), with its site and the decision
+        assert {r["case"]["op"] for r in rows} == {"attention", "attention_varlen", "prototype_cross_entropy",
+                                                   "ema_update_"}
+        assert {"sdpa-math", "per-size", "reference", "foreach_lerp"} <= impls
+        assert all(r["site"] and r["winner"] and r["why"] == "measured" for r in rows)
+        assert "== dispatch measured live" in out and "→ per-size(" in out
 
 
 def test_quick_dino_loss_on_cpu(tmp_path, capsys):
