@@ -248,6 +248,20 @@ def test_a_cached_winner_that_no_longer_fits_is_re_picked_from_the_cached_times(
     assert dispatch.decisions()[-1].reason == "cached (fasttips-slab is not admissible now)"
 
 
+def test_decide_by_hand_decides_without_changing_anything():
+    timer = FakeTimer({"sdpa-math": 1.0, "sdpa-flash": 2.0, "fasttips": 0.5, "foreach_lerp": 3.0})
+    dispatch.configure(timer=timer)
+    q, k, v = qkv()
+    (d,) = dispatch.decide(ops.attention, q, k, v)
+    assert (d.site.mode, d.winner) == ("fwd_bwd", "sdpa-math") and q.grad is None
+    teacher, student = [torch.zeros(5), torch.ones(3)], [torch.ones(5), torch.zeros(3)]
+    (e,) = dispatch.decide(ops.ema_update_, teacher, student, 0.5)   # runs with momentum 1: no change
+    assert e.site.op == "ema_update_" and e.winner == "foreach_lerp"
+    assert torch.equal(teacher[0], torch.zeros(5)) and torch.equal(teacher[1], torch.ones(3))
+    with pytest.raises(ValueError, match="not a fasttips.kernels op"):
+        dispatch.decide(torch.matmul, q, k)
+
+
 # ------------------------------------------------------------------------------------------------
 # the cache file
 # ------------------------------------------------------------------------------------------------
@@ -520,8 +534,9 @@ def test_a_training_run_says_which_implementation_each_op_runs(tmp_path, capsys)
     run_dir = tmp_path / "run"
     code = main(["data.source=synthetic", "vision.depth=1", "text.depth=1", "data.batch_size=2",
                  "heads.prototypes=64", "train.steps=2", "train.log_every=2", f"train.run_dir={run_dir}",
-                 f"kernels.cache={tmp_path / 'cache.json'}", "--no-progress"])
+                 f"kernels.cache={tmp_path / 'cache.json'}", "kernels.budget_s=7", "--no-progress"])
     assert code == 0
+    assert dispatch.settings().budget_s == 7 and dispatch.settings().cache == str(tmp_path / "cache.json")
     out = capsys.readouterr().out
     assert "kernels: dispatch=measured; on the CPU every op runs its PyTorch reference" in out
     for op in ("attention_varlen", "attention", "prototype_cross_entropy", "ema_update_"):
