@@ -248,6 +248,29 @@ def test_a_cached_winner_that_no_longer_fits_is_re_picked_from_the_cached_times(
     assert dispatch.decisions()[-1].reason == "cached (fasttips-slab is not admissible now)"
 
 
+def test_timing_inside_an_activation_checkpointed_block_leaves_its_recomputation_intact():
+    """The first call of a site may come inside a checkpointed block (train.activation_checkpointing):
+    the timed candidates' own autograd graphs must not count as the block's saved tensors."""
+    from torch.utils.checkpoint import checkpoint
+    timer = FakeTimer({"sdpa-math": 1.0, "sdpa-flash": 2.0}, run=True)
+    dispatch.configure(timer=timer)
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(8, 24)
+
+    def block(x):
+        q, k, v = proj(x).view(2, 9, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        return ops.attention(q, k, v).sum()
+    x = torch.randn(2, 9, 8, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # no candidate may fail here
+        checkpoint(block, x, use_reentrant=False).backward()
+    grad = x.grad.clone()
+    x.grad = None
+    block(x).backward()
+    torch.testing.assert_close(grad, x.grad)
+    assert timer.timed() == ["sdpa-flash", "sdpa-math"] and dispatch.decisions()[0].winner == "sdpa-math"
+
+
 def test_decide_by_hand_decides_without_changing_anything():
     timer = FakeTimer({"sdpa-math": 1.0, "sdpa-flash": 2.0, "fasttips": 0.5, "foreach_lerp": 3.0})
     dispatch.configure(timer=timer)

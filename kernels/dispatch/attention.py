@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from .site import Candidate, Site, dtype_name, size_class
+from .timing import own_autograd
 
 DEFAULT_VARIANTS = {"fasttips": {}}
 # Variants whose backward is deterministic (no atomics). Others are treated as not deterministic unless
@@ -307,20 +308,17 @@ def _leaves(tensors, grad: bool):
 def _bench(call, tensors, grad: bool):
     """A zero-argument function running ``call(*leaves)`` (and its backward when ``grad``)."""
     leaves = _leaves(tensors, grad)
-    if not grad:
-        def forward():
-            with torch.no_grad():
-                return call(*leaves)
-        return forward
     douts = []
 
-    def forward_backward():
-        with torch.enable_grad():
+    def run():
+        with own_autograd(grad):
             out = call(*leaves)
+            if not grad:
+                return out
             if not douts:
                 douts.append(torch.randn_like(out))
             return torch.autograd.grad(out, leaves, douts[0])
-    return forward_backward
+    return run
 
 
 class DenseTiming:
@@ -352,7 +350,7 @@ class VarlenTiming:
             end = start + count * length
             if end > start:
                 views = [t.detach()[start:end].unflatten(0, (count, length)).transpose(1, 2) for t in self.qkv]
-                with torch.enable_grad() if grad else torch.no_grad():
+                with own_autograd(grad):
                     self.dense(*_leaves(views, grad), scale=self.scale)
             start = end
 

@@ -19,6 +19,7 @@ import torch
 
 from .. import _backend
 from .site import Candidate, Site, dtype_name, size_class
+from .timing import own_autograd
 
 ARG_NAMES = ("student_z", "student_v", "student_g", "teacher_z", "teacher_v", "teacher_g", "pairs", "weights")
 PATHS = {"fasttips": "fused", "fasttips-slab": "slab", "fasttips-chunked": "chunked"}
@@ -164,7 +165,7 @@ class Timing:
         leaves = [args[i].requires_grad_() for i in range(3)] if grad else []
 
         def run():
-            with torch.enable_grad() if grad else torch.no_grad():
+            with own_autograd(grad):
                 loss, _ = candidate.run(*args, chunk_bytes=self.chunk_bytes, **self.options)
                 if grad:
                     loss.backward()

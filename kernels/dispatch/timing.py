@@ -13,6 +13,7 @@ Tests inject their own timer (``dispatch.configure(timer=...)``).
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Callable
@@ -67,6 +68,16 @@ def cpu_samples(name: str, fn: Callable[[], object], give_up_ms: float | None = 
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
     return samples
+
+
+@contextlib.contextmanager
+def own_autograd(grad: bool):
+    """Grad mode for a timed call, and its autograd graph keeping its saved tensors itself: timing
+    may run inside an activation-checkpointed forward, whose saved-tensor hooks would otherwise take
+    them over (and then count them against the recomputation)."""
+    with torch.enable_grad() if grad else torch.no_grad():
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            yield
 
 
 def median(samples: list[float]) -> float:
