@@ -10,7 +10,7 @@
 #
 # Stages (estimates on one H100/H200, seconds):
 #   env        environment, nvidia-smi, the matmul and copy ceilings                            20
-#   dispatch   measured dispatch on the bench shapes: every op's candidates timed, the decisions 100
+#   dispatch   measured dispatch on the bench shapes: every op's candidates timed, the decisions 150
 #   step_dispatch  vit-l step, compiled: auto (measured dispatch) vs plain vs fasttips-only     240
 #   attention  per kernel and config, N = 256/257/272, 1025 and 50, with the SDPA peers          100
 #   dino_loss  prototype cross-entropy paths at T = 16384, K = 65536                             60
@@ -102,7 +102,7 @@ if [ "$DRY" = 1 ]; then
   LOSS=(--quick --no-compile)
   GPU_TESTS=(tests/test_step_sync.py)
 else
-  DISPATCH=(--quick --budget-s 10)
+  DISPATCH=(--quick --budget-s 30)
   DISPATCH_ENV=()
   STEP_DISPATCH=(--preset vit-l --batch 64,32 --kernels auto,plain,fasttips-only --compile on --no-max-batch)
   STEP=(--preset vit-l --batch 64,32 --kernels auto,plain,plain-head --compile off,on --no-max-batch)
@@ -129,7 +129,7 @@ if device.type == "cuda":
 harness.stream_row(row)
 print(json.dumps(row, indent=1))
 EOF
-stage dispatch 100 env "${DISPATCH_ENV[@]}" "$PY" bench/bench_dispatch.py "${DISPATCH[@]}"
+stage dispatch 150 env "${DISPATCH_ENV[@]}" "$PY" bench/bench_dispatch.py "${DISPATCH[@]}"
 stage step_dispatch 240 "$PY" bench/bench_train_step.py "${STEP_DISPATCH[@]}"
 stage attention 100 "$PY" bench/bench_attention.py $Q "${ATTN_FLAGS[@]}"
 stage dino_loss 60 "$PY" bench/bench_dino_loss.py "${LOSS[@]}"
