@@ -8,8 +8,8 @@ Live (no ``--timings``): every op at the shapes of the other benches (attention 
 training calls, decided by ``fasttips.kernels.dispatch`` exactly as a run decides them (no cache: every
 candidate is timed). Prints the table (op, shape, each candidate's time, winner) and writes one row
 per (site, candidate) to ``dispatch-<device>.jsonl`` (``site``, ``winner``, ``why`` and ``dropped``
-beside the timing). Without CUDA it is a smoke pass at tiny shapes with a wall-clock timer (plain
-measured dispatch times nothing on the CPU; under TRITON_INTERPRET=1 the fasttips kernels join).
+beside the timing). Without CUDA it is a smoke pass at tiny shapes with a wall-clock timer, the fasttips
+kernels left out (plain measured dispatch times nothing on the CPU).
 
 Replay (``--timings``): the decisions the same code makes from the timings in bench rows
 (``bench/results/*.jsonl``; ``kernels/dispatch/replay.py`` says which rows count), without a GPU.
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from harness import Bench, summarize  # noqa: E402
+from harness import Bench, env_var, summarize  # noqa: E402
 
 import fasttips.kernels as ops  # noqa: E402
 from fasttips.kernels import dispatch  # noqa: E402
@@ -137,35 +137,43 @@ def run(quick: bool = False, results_dir: str | None = None, budget_s: float = D
     on_gpu = device.type == "cuda"
     if not on_gpu:
         print("no CUDA device: a smoke pass at tiny shapes, timed on the wall clock (measured dispatch "
-              "itself times nothing on the CPU)", flush=True)
+              "itself times nothing on the CPU); the fasttips kernels are left out (in the Triton "
+              "interpreter they would take minutes)", flush=True)
     saved = dispatch.settings()
     dispatch.reset()
     dispatch.configure(cache="off", budget_s=budget_s, timer=None if on_gpu else timing.cpu_samples,
                        log=None if not quiet else (lambda line: None))
     bench.decisions = []
     try:
-        for label, build, modes in cases(device, quick):
-            for mode in modes:
-                print(f"-- {label} {mode}", flush=True)
-                with torch.enable_grad() if mode == "fwd_bwd" else torch.no_grad():
-                    op, args, kwargs = build(mode == "fwd_bwd")
-                    made = dispatch.decide(getattr(ops, op), *args, **kwargs)
-                for d in made:
-                    if d.reason != "measured" or any(d is seen for seen in bench.decisions):
-                        continue
-                    bench.decisions.append(d)
-                    for name, samples in d.samples.items():
-                        bench.add(case={"op": d.site.op, "mode": d.site.mode, **case_of(d.site)},
-                                  impl=name, timing=summarize(samples), site=d.site.key(),
-                                  winner=d.winner_text(), why=d.reason, dropped=d.dropped)
-                del args, kwargs
-                if on_gpu:
-                    torch.cuda.empty_cache()
+        with env_var("TRITON_INTERPRET", None if on_gpu else "0"):
+            _decide_all(bench, device, quick)
     finally:
         dispatch.reset()
         dispatch.configure(**{k: getattr(saved, k) for k in ("policy", "deterministic", "budget_s",
                                                                 "memory_fraction", "cache")})
     return bench
+
+
+def _decide_all(bench: Bench, device: torch.device, quick: bool) -> None:
+    """Every case and mode through ``dispatch.decide``; one row per (measured site, timed candidate)."""
+    on_gpu = device.type == "cuda"
+    for label, build, modes in cases(device, quick):
+        for mode in modes:
+            print(f"-- {label} {mode}", flush=True)
+            with torch.enable_grad() if mode == "fwd_bwd" else torch.no_grad():
+                op, args, kwargs = build(mode == "fwd_bwd")
+                made = dispatch.decide(getattr(ops, op), *args, **kwargs)
+            for d in made:
+                if d.reason != "measured" or any(d is seen for seen in bench.decisions):
+                    continue
+                bench.decisions.append(d)
+                for name, samples in d.samples.items():
+                    bench.add(case={"op": d.site.op, "mode": d.site.mode, **case_of(d.site)},
+                              impl=name, timing=summarize(samples), site=d.site.key(),
+                              winner=d.winner_text(), why=d.reason, dropped=d.dropped)
+            del args, kwargs
+            if on_gpu:
+                torch.cuda.empty_cache()
 
 
 def report(bench: Bench, as_json: bool = False) -> str:

@@ -94,7 +94,6 @@ supports bench/bench_attention.py --graph && ATTN_FLAGS+=(--graph)
 
 if [ "$DRY" = 1 ]; then
   DISPATCH=(--budget-s 5)
-  DISPATCH_ENV=(TRITON_INTERPRET=0)   # the interpreter would time the fasttips kernels for minutes
   STEP_DISPATCH=(--quick --kernels auto,plain,fasttips-only --compile on --no-max-batch)
   STEP=(--quick --compile off,on --no-max-batch)
   PROFILE=(--quick --kernels auto,plain)
@@ -103,7 +102,6 @@ if [ "$DRY" = 1 ]; then
   GPU_TESTS=(tests/test_step_sync.py)
 else
   DISPATCH=(--quick --budget-s 30)
-  DISPATCH_ENV=()
   STEP_DISPATCH=(--preset vit-l --batch 64,32 --kernels auto,plain,fasttips-only --compile on --no-max-batch)
   STEP=(--preset vit-l --batch 64,32 --kernels auto,plain,plain-head --compile off,on --no-max-batch)
   PROFILE=(--preset vit-l --batch 64 --kernels auto,plain)
@@ -129,7 +127,7 @@ if device.type == "cuda":
 harness.stream_row(row)
 print(json.dumps(row, indent=1))
 EOF
-stage dispatch 150 env "${DISPATCH_ENV[@]}" "$PY" bench/bench_dispatch.py "${DISPATCH[@]}"
+stage dispatch 150 "$PY" bench/bench_dispatch.py "${DISPATCH[@]}"
 stage step_dispatch 240 "$PY" bench/bench_train_step.py "${STEP_DISPATCH[@]}"
 stage attention 100 "$PY" bench/bench_attention.py $Q "${ATTN_FLAGS[@]}"
 stage dino_loss 60 "$PY" bench/bench_dino_loss.py "${LOSS[@]}"
