@@ -31,7 +31,7 @@ Ffn = Literal["gelu", "swiglu"]
 ContrastiveLoss = Literal["clip", "siglip"]
 Centering = Literal["softmax", "sinkhorn_knopp"]
 IbotTokens = Literal["all", "masked"]
-PrototypeCe = Literal["fused", "slab", "chunked"]
+PrototypeCe = Literal["auto", "fused", "slab", "chunked"]
 TeacherMode = Literal["head_ema", "full_ema"]
 TeacherFeatures = Literal["detached", "separate_no_grad"]
 MomentumSchedule = Literal["cosine", "constant"]
@@ -42,6 +42,7 @@ PixelNorm = Literal["tips", "imagenet"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
 WandbMode = Literal["online", "offline"]
+KernelDispatch = Literal["measured", "fasttips", "pytorch"]
 
 FFNS = get_args(Ffn)
 CONTRASTIVE_LOSSES = get_args(ContrastiveLoss)
@@ -131,9 +132,9 @@ class LossConfig:
                                               "(softmax) or Sinkhorn-Knopp")
     center_momentum: float = setting(0.9, "EMA momentum of the softmax centers", ge=0, le=1)
     sk_iterations: int = setting(3, "Sinkhorn-Knopp iterations (loss.centering=sinkhorn_knopp)", ge=1)
-    prototype_ce: PrototypeCe = setting("fused", "DINO/iBOT prototype cross-entropy implementation on GPU: "
-                                                 "fused (measured), slab or chunked (both unmeasured on a "
-                                                 "GPU so far; kernels/dino_loss/NOTES.md)")
+    prototype_ce: PrototypeCe = setting("auto", "DINO/iBOT prototype cross-entropy implementation: auto = the "
+                                                "one kernels.dispatch picks; fused, slab or chunked force that "
+                                                "Triton path on GPU (kernels/dino_loss/NOTES.md)")
     ibot_tokens: IbotTokens = setting("all", "patch tokens in the iBOT loss: all = iBOT++ (TIPSv2), "
                                              "masked = DINOv2's iBOT")
     ibot_masked_weight: float = setting(1.0, "iBOT++ weight of the masked patch tokens", ge=0)
@@ -266,6 +267,8 @@ class EvalConfig:
     """Evaluation during training."""
     every: int = setting(0, "evaluate every N steps; 0 = only when asked (fasttips eval)", ge=0)
     n_images: int = setting(64, "demo images used by each evaluation", ge=1)
+
+
 @dataclass
 class DistConfig:
     """How the ranks of a torchrun job share the model (FSDP2 over a device mesh)."""
@@ -273,6 +276,26 @@ class DistConfig:
                                  "are sharded inside a group and replicated across groups (HSDP, a 2-D "
                                  "replicate × shard mesh), typically the GPUs of one node; must divide "
                                  "the number of ranks; 0 = all ranks (plain FSDP)", ge=0)
+
+
+@dataclass
+class KernelsConfig:
+    """Which implementation each fasttips.kernels op runs (README "Kernels: which implementation runs")."""
+    dispatch: KernelDispatch = setting("measured", "measured = time each op's implementations (fasttips "
+                                                   "kernels, SDPA backends, flash-attn, ...) at its first call "
+                                                   "of each shape on this device and run the fastest (CPU "
+                                                   "tensors: the PyTorch references, untimed); fasttips = the "
+                                                   "Triton kernels on CUDA; pytorch = PyTorch's own ops")
+    deterministic: bool = setting(False, "measured dispatch admits only implementations whose backward is "
+                                         "deterministic")
+    budget_s: float = setting(30.0, "seconds of first-use timing per op and shape (the later candidates "
+                                    "are skipped once it is spent)", gt=0)
+    memory_fraction: float = setting(0.5, "share of the free device memory an implementation's working set "
+                                          "may take to be timed or chosen (prototype cross-entropy)",
+                                     gt=0, le=1)
+    cache: str = setting("", "file of measured decisions, reused by later runs on the same device and "
+                             "versions; empty = $FASTTIPS_DISPATCH_CACHE or ~/.cache/fasttips/dispatch.json; "
+                             "off = none")
 
 
 @dataclass
@@ -288,6 +311,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -656,7 +680,7 @@ __all__ = ["Config", "ConfigError", "PRESETS", "RETIRED", "load", "preset", "sav
            "CENTERINGS", "CONTRASTIVE_LOSSES", "FFNS", "IBOT_TOKENS", "PIXEL_NORMS", "PROTOTYPE_CES",
            "TEACHER_FEATURES", "TEACHER_MODES"] + [c.__name__ for c in (
                VisionConfig, TextConfig, HeadConfig, LossConfig, TeacherConfig, DataConfig,
-               OptimConfig, TrainConfig, EvalConfig, DistConfig)]
+               OptimConfig, TrainConfig, EvalConfig, DistConfig, KernelsConfig)]
 
 
 if __name__ == "__main__":  # `python -m fasttips.config` prints the field reference used in the README

@@ -31,20 +31,28 @@ API (all paths are ``str`` or ``Path``; every error names the file):
 ``unsafe_globals(path) -> list[str]``
     The globals a PyTorch zip file asks for beyond what ``weights_only`` admits (for messages).
 
+``write_atomic(path, data: bytes)``
+    The one writer here: the file is written whole or not at all (a temporary file beside it, unique
+    per writer, flushed to disk, then renamed over it), so a crash or a second process writing at the
+    same time never leaves a part of a file for the readers above.
+
 ``UnsafeFileError`` (a ``ValueError``) is raised for files that need pickling; a damaged or
 unreadable file raises ``ValueError`` (``UnreadableFileError``) with the file's name and the cause.
 """
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 __all__ = ["UnsafeFileError", "UnreadableFileError", "load_npz", "load_npy", "load_safetensors",
-           "load_torch_weights", "load_json", "load_weights", "load_restricted_pickle", "unsafe_globals"]
+           "load_torch_weights", "load_json", "load_weights", "load_restricted_pickle", "unsafe_globals",
+           "write_atomic"]
 
 _CONVERT = ("convert it to safetensors or .npz (plain arrays) on a machine where you trust the file, "
             "e.g. with safetensors.torch.save_file")
@@ -188,6 +196,27 @@ def load_json(path):
                                   f"{exc.msg})") from None
     except UnicodeDecodeError as exc:
         raise UnreadableFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` in one step (see the module docstring); creates the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        # mkstemp makes the file private (0600): keep the mode of the file it replaces, else rw-r--r--
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 _BY_SUFFIX = {".npz": load_npz, ".npy": load_npy, ".safetensors": load_safetensors,

@@ -37,9 +37,11 @@ from fasttips.distributed.checkpoint import (CheckpointManager, async_checkpoint
                                              restore_training_state, training_state)
 from fasttips.distributed.signals import StopRequest
 from fasttips.flops import flop_model, mfu, peak_flops
+from fasttips.kernels import dispatch as kernel_dispatch
 from fasttips.distributed.run_lock import RunLock
 from fasttips.distributed.startup import startup_phase
 from fasttips.runlog import MetricsWriter, ProgressBar, drop_metrics_after, plot_loss_curve
+from fasttips.safe_io import write_atomic
 from fasttips.schedules import Schedules, StepValues
 from fasttips.step import TERMS
 from fasttips.training import StepOutcome, build_training, seed_everything
@@ -147,6 +149,7 @@ class Trainer:
         self.batches_this_step = 0         # real batches the current step took from the loader
         self.global_batch = cfg.data.batch_size * cfg.optim.accum_steps * ctx.world_size
         self.flops = flop_model(cfg, cfg.data.batch_size * ctx.world_size)
+        self.kernels_record: list[dict] | None = None   # the ops' implementations, for metrics.jsonl
         self.peak = peak_flops(ctx.device, ctx.param_dtype)
 
     def _warm(self, cfg) -> bool:
@@ -350,6 +353,7 @@ class Trainer:
                  f"FLOPs: {self.flops.describe()}")
         self.say(f"data: {self.data_source} through the {self.loader.kind} loader, "
                  f"{cfg.data.batch_size} images per process")
+        self.say(kernel_dispatch.describe(ctx.device.type))
         writer = MetricsWriter(self.run_dir, enabled=self.is_main, cfg=cfg)   # + W&B when train.wandb_project
         bar = ProgressBar(total, self.step, enabled=self.is_main, redraw=self.progress,
                           every=max(1, total // 20))
@@ -363,6 +367,7 @@ class Trainer:
                 values = self.schedules(self.step)
                 torch_rng = torch_rng_state(ctx.device)   # (cheap: put back if the step never happens)
                 batches = self.next_batches(iterator)
+                deciding = not self.training.kernels_decided
                 out = self.training.train_step(batches, values, stop_requested=stop.requested,
                                                inject_nan=self.step in self.faults.nan_steps,
                                                data_failed=self.data_outage is not None)
@@ -376,6 +381,8 @@ class Trainer:
                                f"{path}; once the storage answers, continue with: fasttips train --resume "
                                f"{self.run_dir}")
                     break
+                if deciding and self.training.kernels_decided:
+                    self._report_kernels()
                 self.step += 1
                 self.nonfinite_total += out.skipped
                 self.nonfinite_run = self.nonfinite_run + 1 if out.skipped else 0
@@ -424,6 +431,15 @@ class Trainer:
               f"next: fasttips eval {self.run_dir}   (zero-shot retrieval, classification, segmentation)",
               flush=True)
 
+    def _report_kernels(self) -> None:
+        """After the step that decided them: which implementation each op runs and why, on the terminal,
+        in the next metrics row and as a comment block at the end of config.yaml."""
+        self.kernels_record = kernel_dispatch.report_records()
+        lines = kernel_dispatch.report_lines()
+        self.say("\n".join(lines))
+        if self.is_main:
+            record_kernels_in_config(self.run_dir / CONFIG_FILE, lines)
+
     def log_step(self, writer: MetricsWriter, bar: ProgressBar, values: StepValues, out: StepOutcome) -> None:
         step = self.step                              # steps completed
         per_device = out.images / out.seconds if out.seconds > 0 else 0.0
@@ -435,6 +451,8 @@ class Trainer:
                   "mfu": mfu(self.flops.per_image, per_device, self.peak),
                   "skipped": out.skipped, "nonfinite_total": self.nonfinite_total}
         if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps or out.skipped:
+            if self.kernels_record is not None:     # the first row written after the decisions
+                record["kernels"], self.kernels_record = self.kernels_record, None
             writer.write(step, record)
         terms = {k: v for k, v in out.terms.items() if k in TERMS}
         bar.update(step - 1, out.loss, terms, record["images_per_s"])
@@ -497,6 +515,20 @@ def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20    # peak RSS (Linux: KiB)
+
+
+KERNELS_MARK = "# kernels: the implementation each op runs, decided at the first step (not read back):"
+
+
+def record_kernels_in_config(path: Path, lines: list[str]) -> None:
+    """Put ``lines`` as a comment block at the end of config.yaml (replacing an earlier block), so the
+    resolved config says what ran; YAML ignores comments, so a resume reads the same config."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    text = text.split("\n" + KERNELS_MARK)[0].rstrip("\n") + "\n"
+    block = "\n".join([KERNELS_MARK] + [f"#   {line.removeprefix('kernels: ')}" for line in lines])
+    write_atomic(path, (text + "\n" + block + "\n").encode())
 
 
 def _config_bytes(cfg) -> bytes:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fasttips.distributed import fsdp
+from fasttips.kernels import dispatch as kernel_dispatch
 from fasttips.flops import head_params
 from fasttips.interop.warmstart import backbone_parameters
 from fasttips.models import build_model
@@ -69,6 +70,7 @@ class Training:
     prototype_params: list[nn.Parameter]
     backbone_params: list[nn.Parameter]   # the towers and logit scales (optim.freeze_backbone_steps)
     gather_modules: list[nn.Module]  # teacher modules held gathered for a whole step
+    kernels_decided: bool = False    # every op's implementation chosen (the first completed step)
 
     def stateful_modules(self) -> dict[str, nn.Module]:
         """Checkpointed modules besides the model and optimiser (schedules are a function of the step)."""
@@ -76,6 +78,20 @@ class Training:
 
     def train_step(self, batches: list[dict], values: StepValues, stop_requested: bool = False,
                    inject_nan: bool = False, data_failed: bool = False) -> StepOutcome:
+        """One optimiser step over ``batches`` (the micro-batches, already on the device); see ``_step``.
+
+        Until one step completes, the step runs inside ``kernels.dispatch.deciding()``: every op call
+        decides its implementation (timing the new ones, agreed over ranks), compiled blocks run eagerly,
+        and torch.compile traces them at a later step with those choices fixed."""
+        if self.kernels_decided:
+            return self._step(batches, values, stop_requested, inject_nan, data_failed)
+        with kernel_dispatch.deciding():
+            out = self._step(batches, values, stop_requested, inject_nan, data_failed)
+        self.kernels_decided = not out.skipped          # a skipped step never reached the EMA
+        return out
+
+    def _step(self, batches: list[dict], values: StepValues, stop_requested: bool = False,
+              inject_nan: bool = False, data_failed: bool = False) -> StepOutcome:
         """One optimiser step over ``batches`` (the micro-batches, already on the device).
 
         ``stop_requested``: this rank wants to stop (a signal); the answer, agreed over ranks, comes
@@ -155,6 +171,13 @@ class Training:
         return values
 
 
+def configure_dispatch(cfg) -> None:
+    """``kernels.*`` → how every fasttips.kernels op picks its implementation in this process."""
+    k = cfg.kernels
+    kernel_dispatch.configure(policy=k.dispatch, deterministic=k.deterministic, budget_s=k.budget_s,
+                              memory_fraction=k.memory_fraction, cache=k.cache)
+
+
 def build_training(cfg, ctx: fsdp.DistContext, load_weights: Callable[[nn.Module], None] | None = None,
                    meta_init: bool | None = None) -> Training:
     """The model, teacher, objective and optimiser of ``cfg`` on ``ctx``, ready for ``train_step``.
@@ -165,6 +188,7 @@ def build_training(cfg, ctx: fsdp.DistContext, load_weights: Callable[[nn.Module
     from other weights. ``meta_init``: build on the meta device and initialise only the local shards
     (default: when sharded and larger than ``META_INIT_PARAMS``).
     """
+    configure_dispatch(cfg)
     seed_everything(cfg.train.seed)          # same weights on every rank before sharding
     meta = ctx.sharded and (estimate_params(cfg) > META_INIT_PARAMS if meta_init is None else meta_init)
     model = build_model(cfg, device="meta" if meta else "cpu")

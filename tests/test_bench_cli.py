@@ -14,7 +14,8 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 ENV_FIELDS = ("bench", "case", "impl", "ms", "p20", "p80", "reps", "device", "torch", "triton", "cuda",
               "python", "git_commit", "date", "quick", "ceilings")
 FILE_STEM = {"attention": "attention", "dino-loss": "dino_loss", "ema": "ema", "data": "data",
-             "step": "train_step", "checkpoint": "checkpoint"}
+             "step": "train_step", "checkpoint": "checkpoint",
+             "dispatch": "dispatch"}
 
 
 def _rows(folder: Path, name: str) -> list[dict]:
@@ -42,7 +43,7 @@ def _run(names, tmp_path, capsys):
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["attention", "ema", "step"])
+@pytest.mark.parametrize("name", ["attention", "ema", "step", "dispatch"])
 def test_quick_bench_writes_valid_json(name, tmp_path, capsys):
     out = _run([name], tmp_path, capsys)
     assert "wrote" in out and str(tmp_path) in out
@@ -66,6 +67,13 @@ def test_quick_bench_writes_valid_json(name, tmp_path, capsys):
         assert by_impl["fasttips"]["teacher_mode"] == "head_ema"
         assert by_impl["plain-pytorch"]["case"] == by_impl["fasttips"]["case"]   # same model, same batch
         assert all(r["images_per_s"] > 0 and "max_batch" not in r for r in rows)  # no search on CPU
+    if name == "dispatch":    # one row per (site, timed candidate), with its site and the decision
+        assert {r["case"]["op"] for r in rows} == {"attention", "attention_varlen", "prototype_cross_entropy",
+                                                   "ema_update_"}
+        assert {"sdpa-math", "per-size", "reference", "foreach_lerp"} <= impls
+        assert all(r["site"] and r["winner"] and r["why"] == "measured" for r in rows)
+        assert "== dispatch measured live" in out and "→ per-size(" in out
+        assert "fasttips kernels are left out" in out and "fasttips" not in impls   # no interpreter timing
 
 
 def test_quick_dino_loss_on_cpu(tmp_path, capsys):

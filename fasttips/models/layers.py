@@ -62,6 +62,7 @@ class Packing:
     uniform: int | None
     key_padding_mask: torch.Tensor | None = None
     token_seq: torch.Tensor | None = field(default=None, repr=False)   # [T] (non-uniform only)
+    runs: tuple | None = None    # ((count, length), ...): runs of equal lengths, on the host (dispatch)
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device, key_padding_mask=None) -> "Packing":
@@ -70,7 +71,8 @@ class Packing:
         if key_padding_mask is not None and uniform is None:
             raise ValueError("Packing: key_padding_mask needs sequences of equal length")
         lens, cu, token_seq = _packing_tensors(tuple(lengths), torch.device(device), uniform is None)
-        return cls(lens, cu, max(lengths, default=0), uniform, key_padding_mask, token_seq)
+        return cls(lens, cu, max(lengths, default=0), uniform, key_padding_mask, token_seq,
+                   kernels.segment_runs(lengths))
 
     @property
     def num_sequences(self) -> int:
@@ -138,7 +140,8 @@ class Attention(nn.Module):
             out = out.transpose(1, 2).reshape(T, D)
         else:
             q, k, v = qkv.unbind(1)                                                       # [T, H, d]
-            out = kernels.attention_varlen(q, k, v, packing.cu_seqlens, max_seqlen=packing.max_seqlen)
+            out = kernels.attention_varlen(q, k, v, packing.cu_seqlens, max_seqlen=packing.max_seqlen,
+                                           runs=packing.runs)
             out = out.reshape(T, D)
         return self.proj(out)
 
