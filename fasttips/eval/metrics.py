@@ -154,3 +154,64 @@ def patch_grid(n_patches: int, image_hw: tuple[int, int] | None = None) -> tuple
     if side * side != n_patches:
         raise ValueError(f"n_patches: {n_patches} tokens do not form a square grid; pass image_hw")
     return side, side
+
+
+# -- depth and surface normals ----------------------------------------------------------------------
+EIGEN_CROP = (45, 471, 41, 601)     # rows y1:y2, columns x1:x2 scored on a 480×640 NYUv2 depth map
+
+
+def depth_eval_mask(gt: torch.Tensor, min_depth: float = 1e-3, max_depth: float = 10.0,
+                    eigen_crop: bool = True) -> torch.Tensor:
+    """Pixels scored on a ground-truth depth map ``[H, W]`` (metres): min_depth < gt < max_depth, and on a
+    480×640 map only inside Eigen et al.'s crop (the rule of the BTS / DINOv2 NYUv2 evaluation)."""
+    valid = (gt > min_depth) & (gt < max_depth)
+    if eigen_crop and tuple(gt.shape[-2:]) == (480, 640):
+        y1, y2, x1, x2 = EIGEN_CROP
+        crop = torch.zeros_like(valid)
+        crop[..., y1:y2, x1:x2] = True
+        valid &= crop
+    return valid
+
+
+def depth_errors(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> dict[str, float] | None:
+    """One image's RMSE (metres), AbsRel and δ1 (fraction of pixels with max(p/g, g/p) < 1.25) over
+    ``mask``; None when the mask is empty."""
+    p, g = pred[mask].double(), gt[mask].double()
+    if g.numel() == 0:
+        return None
+    ratio = torch.maximum(p / g, g / p.clamp_min(1e-9))
+    return {"rmse": float(((p - g) ** 2).mean().sqrt()), "abs_rel": float(((p - g).abs() / g).mean()),
+            "delta1": float((ratio < 1.25).double().mean())}
+
+
+class AngleStats:
+    """Angular errors (degrees) pooled over every scored pixel of a split: mean, median, RMSE and the
+    fractions within 11.25°, 22.5° and 30° (the surface-normal metrics of Fouhey et al. and Probe3D).
+    The median comes from a histogram of 0.01° bins (exact to ±0.005°), so memory stays fixed."""
+    THRESHOLDS = (11.25, 22.5, 30.0)
+    BIN = 0.01
+
+    def __init__(self):
+        self.hist = torch.zeros(int(180 / self.BIN) + 1, dtype=torch.float64)
+        self.n = 0
+        self.sum = self.sumsq = 0.0
+        self.within = [0] * len(self.THRESHOLDS)
+
+    def add(self, deg: torch.Tensor) -> None:
+        deg = deg.detach().flatten().double().cpu()
+        self.n += deg.numel()
+        self.sum += float(deg.sum())
+        self.sumsq += float((deg * deg).sum())
+        for i, t in enumerate(self.THRESHOLDS):
+            self.within[i] += int((deg < t).sum())
+        idx = (deg / self.BIN).floor().long().clamp(0, self.hist.numel() - 1)
+        self.hist += torch.bincount(idx, minlength=self.hist.numel()).double()
+
+    def result(self) -> dict[str, float]:
+        if self.n == 0:
+            return {}
+        half = int(torch.searchsorted(self.hist.cumsum(0), torch.tensor(self.n / 2, dtype=torch.float64)))
+        out = {"mean": self.sum / self.n, "median": (half + 0.5) * self.BIN, "rmse": math.sqrt(self.sumsq / self.n)}
+        for t, k in zip(self.THRESHOLDS, self.within):
+            out[f"within {t:g}"] = k / self.n
+        return out

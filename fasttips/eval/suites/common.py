@@ -46,6 +46,10 @@ class SuiteContext:
     seg_tokens: str = "values"       # "values" (TIPS: value-attention last block) or "final"
     precision: str = "fp32"          # "fp32" or "bf16" (autocast): see ``precision_context``
     log: object = None               # a text stream; None = sys.stderr at the time of printing
+    probe_epochs: int | None = None  # linear probes (probe.py): None = each probe's default recipe
+    probe_lrs: tuple | None = None
+    probe_batch_size: int | None = None
+    probe_cache: str | None = None   # folder for memory-mapped probe features; None = in RAM
 
     def say(self, msg: str) -> None:
         print(msg, file=self.log or sys.stderr, flush=True)
@@ -172,11 +176,12 @@ def class_embeddings(ctx: SuiteContext, class_names: list[str], templates: tuple
 
 
 @torch.no_grad()
-def embed_images(ctx: SuiteContext, items: list, suite: str,
-                 resize: int | None = None) -> tuple[dict[str, torch.Tensor], list, int]:
-    """Normalised CLS#1 / CLS#2 features of the readable images of ``items`` [(path, tag)], the tags of
-    those images in the same order, and how many images could not be read. Images are resized so the
-    short side is ``resize`` (default: the crop size) and centre-cropped to ``ctx.image_size``."""
+def embed_images(ctx: SuiteContext, items: list, suite: str, resize: int | None = None,
+                 normalized: bool = True) -> tuple[dict[str, torch.Tensor], list, int]:
+    """CLS#1 / CLS#2 features (L2-normalised unless ``normalized=False``) of the readable images of
+    ``items`` [(path, tag)], the tags of those images in the same order, and how many images could not
+    be read. Images are resized so the short side is ``resize`` (default: the crop size) and
+    centre-cropped to ``ctx.image_size``."""
     from fasttips.eval.zeroshot import normalize
     feats: dict[str, list[torch.Tensor]] = {"cls1": [], "cls2": []}
     tags, skipped = [], 0
@@ -187,7 +192,7 @@ def embed_images(ctx: SuiteContext, items: list, suite: str,
         if good:
             out = encode_image_batch(ctx, to_pixels([g[0] for g in good], ctx.pixel_norm))
             for k in feats:
-                feats[k].append(normalize(out[k]))
+                feats[k].append(normalize(out[k]) if normalized else out[k].float())
             tags.extend(g[1] for g in good)
         progress.step(len(good))
     return {k: torch.cat(v) if v else torch.empty(0) for k, v in feats.items()}, tags, skipped

@@ -25,22 +25,24 @@ K = 20
 TEMPERATURE = 0.07
 
 
-def list_split_pair(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]]]:
-    train_dir = require_dir(root / "train", SUITE, "training images train/<class>/*")
+def list_split_pair(root: Path, suite: str = SUITE) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]]]:
+    """(class folders, train [(image, class index)], val [(image, class index)]) of an ImageFolder
+    train/val pair; also read by the ``linear`` probe suite."""
+    train_dir = require_dir(root / "train", suite, "training images train/<class>/*")
     classes, train_pairs = image_folder(train_dir)
     if not train_pairs:
-        raise DatasetLayoutError(f"{SUITE}: no images in class folders under {train_dir}")
+        raise DatasetLayoutError(f"{suite}: no images in class folders under {train_dir}")
     index = {c: i for i, c in enumerate(classes)}
-    val_dir = require_dir(root / "val", SUITE, "validation images val/<class>/*")
+    val_dir = require_dir(root / "val", suite, "validation images val/<class>/*")
     if any(d.is_dir() for d in val_dir.iterdir()):
         val_classes, val_pairs = image_folder(val_dir)
         extra = sorted(set(val_classes) - set(index))
         if extra:
-            raise DatasetLayoutError(f"{SUITE}: val class folder {val_dir / extra[0]} has no train/{extra[0]}")
+            raise DatasetLayoutError(f"{suite}: val class folder {val_dir / extra[0]} has no train/{extra[0]}")
         val = [(p, index[c]) for p, c in val_pairs]
     else:
         if classes != load_metadata("imagenet")["wnids"]:
-            raise DatasetLayoutError(f"{SUITE}: {val_dir} holds images directly, which only works when "
+            raise DatasetLayoutError(f"{suite}: {val_dir} holds images directly, which only works when "
                                      "train/ holds exactly the 1000 ImageNet-1k wnid folders")
         val = list_val(root)[1]
     return classes, [(p, index[c]) for p, c in train_pairs], val
@@ -76,7 +78,7 @@ def knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tens
 
 
 def check_layout(root: Path, suite: str = SUITE) -> None:
-    list_split_pair(root)
+    list_split_pair(root, suite)
 
 
 @torch.no_grad()

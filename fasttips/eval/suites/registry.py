@@ -38,6 +38,11 @@ BUILTIN = (
     SuiteSpec("voc", "segmentation", "VOCdevkit/VOC2012", "Pascal VOC-20 zero-shot segmentation", "seg"),
     SuiteSpec("context", "segmentation", "VOCdevkit/VOC2010", "Pascal Context-59 zero-shot segmentation", "seg"),
     SuiteSpec("knn", "knn", "imagenet", "k-NN probe on frozen CLS features, k=20"),
+    SuiteSpec("linear", "linear", "imagenet", "ImageNet-1k linear probe on frozen CLS features"),
+    SuiteSpec("ade20k-linear", "seg_linear", "ADEChallengeData2016", "ADE20K-150 linear probe on patch tokens", "seg"),
+    SuiteSpec("voc-linear", "seg_linear", "VOCdevkit/VOC2012", "Pascal VOC-21 linear probe on patch tokens", "seg"),
+    SuiteSpec("nyu-depth", "nyu_depth", "nyu_depth_v2", "NYUv2 depth, linear probe (BTS layout)", "seg"),
+    SuiteSpec("nyu-normals", "nyu_normals", "nyuv2", "NYUv2 surface normals, linear probe (MTAN layout)", "seg"),
 )
 
 REGISTRY: dict[str, SuiteSpec] = {s.name: s for s in BUILTIN}
