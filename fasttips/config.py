@@ -267,6 +267,13 @@ class EvalConfig:
     """Evaluation during training."""
     every: int = setting(0, "evaluate every N steps; 0 = only when asked (fasttips eval)", ge=0)
     n_images: int = setting(64, "demo images used by each evaluation", ge=1)
+    suites: str = setting("", "benchmark suites that eval.every runs instead of the demo evaluation, "
+                              "comma-separated, as `fasttips eval --suite` takes them (e.g. 'knn,voc-linear'); "
+                              "metrics.jsonl gets eval/<suite>/<metric>; empty = the demo evaluation")
+    data_root: str = setting("", "folder holding the eval.suites datasets, each in its usual folder under it "
+                                 "(as `fasttips eval --data-root`)")
+    limit: int = setting(0, "eval.suites: only the first N samples of each split, to keep a periodic "
+                            "evaluation cheap; 0 = all", ge=0)
 
 
 @dataclass
@@ -587,6 +594,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.caption_fields: {exc}") from None
     if not cfg.train.run_dir.strip():
         raise ConfigError("train.run_dir: must not be empty (a folder for the run's outputs)")
+    if cfg.eval.suites.strip() and not cfg.eval.data_root.strip():
+        raise ConfigError("eval.data_root: required when eval.suites is set (the folder holding their datasets)")
 
 
 def check_runnable(cfg: Config) -> None:

@@ -125,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg, run_dir, resuming = resolve_config(args)
         if args.dry_run:
             return dry_run(cfg, run_dir if resuming else None, args.world_size)
+        evaluate = evaluator(cfg)
     except ConfigError as exc:
         print(f"fasttips train: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    return train(cfg, run_dir, resuming=resuming, progress=not args.no_progress, evaluate=evaluator(cfg),
+    return train(cfg, run_dir, resuming=resuming, progress=not args.no_progress, evaluate=evaluate,
                  faults=Faults(args.fault_nan_steps, args.fault_pause_in_checkpoint, args.fault_pause_in_startup,
                                args.fault_slow_checkpoint))
 
@@ -165,10 +166,12 @@ def _resume_plan(run_dir: Path, world_size: int) -> str:
 
 
 def evaluator(cfg):
-    """Evaluation during training (``eval.every > 0``), or None."""
+    """Evaluation during training (``eval.every > 0``), or None. With ``eval.suites``, their names and
+    dataset layouts are checked now (ConfigError), not at the first evaluation hours into the run."""
     if cfg.eval.every <= 0:
         return None
-    from fasttips.eval.periodic import maybe_evaluate
+    from fasttips.eval.periodic import check_suites, maybe_evaluate
+    check_suites(cfg)
     return lambda step, model, tokenizer: maybe_evaluate(step, model, tokenizer, cfg)
 
 

@@ -24,6 +24,7 @@ class SuiteSpec:
     default_dir: str       # its folder under --data-root (override: --suite-root NAME=PATH)
     what: str              # one line for --help and the docs
     input: str = "image"   # which size option feeds the model: "image" (--image-size) or "seg" (--seg-size)
+    text: bool = True      # uses the text tower (prompts, captions); False: runs without a tokenizer
 
     def load(self):
         return importlib.import_module(f"{__package__}.{self.module}")
@@ -37,12 +38,15 @@ BUILTIN = (
     SuiteSpec("ade20k", "segmentation", "ADEChallengeData2016", "ADE20K-150 zero-shot segmentation", "seg"),
     SuiteSpec("voc", "segmentation", "VOCdevkit/VOC2012", "Pascal VOC-20 zero-shot segmentation", "seg"),
     SuiteSpec("context", "segmentation", "VOCdevkit/VOC2010", "Pascal Context-59 zero-shot segmentation", "seg"),
-    SuiteSpec("knn", "knn", "imagenet", "k-NN probe on frozen CLS features, k=20"),
-    SuiteSpec("linear", "linear", "imagenet", "ImageNet-1k linear probe on frozen CLS features"),
-    SuiteSpec("ade20k-linear", "seg_linear", "ADEChallengeData2016", "ADE20K-150 linear probe on patch tokens", "seg"),
-    SuiteSpec("voc-linear", "seg_linear", "VOCdevkit/VOC2012", "Pascal VOC-21 linear probe on patch tokens", "seg"),
-    SuiteSpec("nyu-depth", "nyu_depth", "nyu_depth_v2", "NYUv2 depth, linear probe (BTS layout)", "seg"),
-    SuiteSpec("nyu-normals", "nyu_normals", "nyuv2", "NYUv2 surface normals, linear probe (MTAN layout)", "seg"),
+    SuiteSpec("knn", "knn", "imagenet", "k-NN probe on frozen CLS features, k=20", text=False),
+    SuiteSpec("linear", "linear", "imagenet", "ImageNet-1k linear probe on frozen CLS features", text=False),
+    SuiteSpec("ade20k-linear", "seg_linear", "ADEChallengeData2016", "ADE20K-150 linear probe on patch tokens",
+              "seg", text=False),
+    SuiteSpec("voc-linear", "seg_linear", "VOCdevkit/VOC2012", "Pascal VOC-21 linear probe on patch tokens", "seg",
+              text=False),
+    SuiteSpec("nyu-depth", "nyu_depth", "nyu_depth_v2", "NYUv2 depth, linear probe (BTS layout)", "seg", text=False),
+    SuiteSpec("nyu-normals", "nyu_normals", "nyuv2", "NYUv2 surface normals, linear probe (MTAN layout)", "seg",
+              text=False),
 )
 
 REGISTRY: dict[str, SuiteSpec] = {s.name: s for s in BUILTIN}
