@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .common import Progress, SuiteContext, collate_skipping, encode_image_batch, to_pixels
+from .common import DatasetLayoutError, Progress, SuiteContext, collate_skipping, encode_image_batch, to_pixels
 from .probe import Store, standardizer
 
 UPSAMPLE = 4          # training targets per patch side
@@ -85,6 +85,9 @@ class DenseCache:
             progress.step(len(good))
         self.items = torch.nonzero(self.valid).flatten()
         self.skipped = len(dataset) - len(self.items)
+        if len(self.items) == 0:
+            self.close()
+            raise DatasetLayoutError(f"{suite}: none of the {len(dataset)} training images could be read")
 
     def close(self) -> None:
         for store in (self.patch, self.cls, self.targets):

@@ -23,7 +23,11 @@ from .knn import list_split_pair
 from .probe import CLASSIFICATION, fit, recipe_for
 
 SUITE = "linear"
-INPUTS = {"CLS#1": ("cls1",), "CLS#2": ("cls2",), "CLS#1+CLS#2": ("cls1", "cls2")}
+INPUTS = ("CLS#1", "CLS#2", "CLS#1+CLS#2")
+
+
+def both(feats: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([feats.pop("cls1"), feats.pop("cls2")], dim=1)
 
 
 class ClassificationTask:
@@ -80,13 +84,14 @@ def run(ctx: SuiteContext, root: Path, suite: str = SUITE) -> dict:
     train_feats, train_labels, skipped_train = _embed(ctx, train, "train", suite)
     val_feats, val_labels, skipped_val = _embed(ctx, val, "val", suite)
     k = min(5, C)
+    # one [N, 2D] copy of the features; each probe reads a column slice of it (a view, no copy)
+    train_x, val_x = both(train_feats), both(val_feats)
+    D = train_x.shape[1] // 2
     metrics, probes = {}, {}
-    for name, keys in INPUTS.items():
-        x = torch.cat([train_feats[key] for key in keys], dim=1)
-        task = ClassificationTask(x, train_labels, C, ctx.device)
+    for name, cols in {"CLS#1": slice(0, D), "CLS#2": slice(D, 2 * D), "CLS#1+CLS#2": slice(0, 2 * D)}.items():
+        task = ClassificationTask(train_x[:, cols], train_labels, C, ctx.device)
         probe = fit(task, torch.arange(len(train_labels)), recipe, ctx, f"{suite} {name}")
-        x_val = torch.cat([val_feats[key] for key in keys], dim=1)
-        top1, topk = _topk_hits(probe.linear(), x_val, val_labels, k, ctx.device)
+        top1, topk = _topk_hits(probe.linear(), val_x[:, cols], val_labels, k, ctx.device)
         metrics[f"linear {name} top-1 acc"] = top1
         metrics[f"linear {name} top-{k} acc"] = topk
         probes[name] = probe.record
