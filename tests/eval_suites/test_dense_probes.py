@@ -217,3 +217,34 @@ def test_tiny_model_runs_a_dense_probe_end_to_end(tmp_path, tiny):
                        probe_lrs=(1e-3, 1e-2), probe_cache=str(tmp_path / "cache"))
     assert np.isfinite(res["metrics"]["RMSE"]) and res["probe"]["lr"] in (1e-3, 1e-2)
     assert not list((tmp_path / "cache").rglob("*.npy"))              # the memory-mapped cache is removed
+
+
+def test_probe_options_through_the_command_line(tmp_path, capsys):
+    """``fasttips eval --suite nyu-normals,voc-linear --probe-epochs ... --probe-lrs ...``: one table with
+    units and fractions, suites.json with each probe's record; bad probe options are one line, exit 2."""
+    import json
+
+    from fasttips.eval.suites import run_from_args
+    from test_runner import eval_parser
+    root = tmp_path / "data"
+    write_mtan(root / "nyuv2")
+    write_voc_splits(root / "VOCdevkit" / "VOC2012", np.random.default_rng(0))
+    out = tmp_path / "out"
+    common = ["RUN", "--data-root", str(root), "--out", str(out), "--seg-size", "28", "--seg-stride", "14",
+              "--workers", "0", "--batch-size", "2"]
+    args = eval_parser().parse_args([*common, "--suite", "nyu-normals,voc-linear", "--probe-epochs", "3",
+                                     "--probe-lrs", "0.1,1", "--probe-batch-size", "2"])
+    assert run_from_args(args, OracleModel(16), None, None, default_out=tmp_path) == 0
+    printed = capsys.readouterr()
+    assert "nyu-normals  mean angular error (lower is better)" in printed.out and " deg" in printed.out
+    assert "voc-linear   mIoU" in printed.out
+    assert "[nyu-normals] epoch 3/3" in printed.err
+    saved = json.loads((out / "suites.json").read_text())
+    assert saved["settings"]["probe"] == {"epochs": 3, "lrs": [0.1, 1.0], "batch_size": 2, "cache": None}
+    assert saved["suites"]["voc-linear"]["probe"]["lrs"] == [0.1, 1.0]
+    assert set(saved["suites"]["nyu-normals"]["probe"]["selection_error"]) == {"0.1", "1"}
+    for bad, message in ((["--probe-lrs", "0,1"], "--probe-lrs: expected positive learning rates, got (0.0, 1.0)"),
+                         (["--probe-epochs", "0"], "--probe-epochs: must be >= 1, got 0")):
+        args = eval_parser().parse_args([*common, "--suite", "nyu-normals", *bad])
+        assert run_from_args(args, OracleModel(16), None, None, default_out=tmp_path) == 2
+        assert capsys.readouterr().err.strip() == f"fasttips eval: {message}"
