@@ -248,3 +248,21 @@ def test_probe_options_through_the_command_line(tmp_path, capsys):
         args = eval_parser().parse_args([*common, "--suite", "nyu-normals", *bad])
         assert run_from_args(args, OracleModel(16), None, None, default_out=tmp_path) == 2
         assert capsys.readouterr().err.strip() == f"fasttips eval: {message}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("suite", ["linear", "voc-linear", "nyu-depth", "nyu-normals"])
+def test_probes_on_cuda_match_the_cpu(tmp_path, suite):
+    """Every probe suite on a GPU (features, layer, upsampling and metrics on the device): the oracle's
+    numbers as on the CPU."""
+    from test_linear_probe import write_pair
+    writers = {"linear": write_pair, "voc-linear": lambda r: write_voc_splits(r, np.random.default_rng(0)),
+               "nyu-depth": write_bts, "nyu-normals": write_mtan}
+    writers[suite](tmp_path / "d")
+    opts = {"linear": dict(probe_epochs=30, probe_lrs=(0.5,), probe_batch_size=8), "voc-linear": SEG}.get(suite, GEO)
+    res = {}
+    for device in ("cpu", "cuda"):
+        model = OracleModel(256 if suite == "voc-linear" else 16).to(device)
+        res[device], _ = run_suite(model, None, None, suite, tmp_path / "d", tmp_path / device, device=device, **opts)
+    for name, value in res["cpu"]["metrics"].items():
+        assert res["cuda"]["metrics"][name] == pytest.approx(value, rel=1e-2, abs=1e-2), name

@@ -184,7 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="linear probes: training batch (default 256 images for 'linear', 16 for the dense probes)")
     g.add_argument("--probe-cache", default=None, metavar="DIR",
                    help="linear probes: keep the cached training features in memory-mapped files under DIR "
-                        "instead of RAM (dense probes on ADE20K / NYUv2 need tens of GB)")
+                        "instead of RAM (dense probes on ADE20K / NYUv2 need tens of GiB)")
     g.add_argument("--workers", type=int, default=4, help="image decoding processes (default 4; 0 = in process)")
     g.add_argument("--progress-every", type=int, default=50, help="a progress line every N batches (0 = none)")
     g.add_argument("--limit", type=int, default=None, help="only the first N samples of each split (smoke runs)")
