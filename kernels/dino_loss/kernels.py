@@ -136,6 +136,12 @@ def grad_w_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, lse_s_ptr
                    dw_ptr, S, K, D, stride_zs, stride_zt, stride_ws, stride_wt, stride_dw, s_scale, t_scale,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                    PRECISION: tl.constexpr):
+    """Program i: dW of prototype block i, streaming all rows in blocks of BLOCK_M.
+
+    The logit tiles are token-major [BM, BK] (rows are the products' M side, as in ``grad_z_kernel``)
+    and dsᵀ goes through shared memory into the dW product. The prototype-major form (s as W·zᵀ,
+    [BK, BM]) made ptxas serialise every wgmma (C7515) and, with 64 rows, duplicated the logit tiles
+    over both warpgroups and spilled; this one compiles clean at 128×64 (NOTES.md)."""
     ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = ks < K
     dims = tl.arange(0, BLOCK_D)
@@ -156,14 +162,13 @@ def grad_w_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, lse_s_ptr
                      mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0)
         lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)
-        coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-        # Transposed tiles [BK, BM], so dsᵀ feeds the dW product without a register transpose.
-        s2 = tl.dot(ws, tl.trans(zs), input_precision=PRECISION) * s_scale
-        u2 = tl.dot(wt, tl.trans(zt), input_precision=PRECISION) * t_scale + bias[:, None]
-        q = tl.exp2(s2 - lse_s[None, :])
-        p = tl.exp2(u2 - lse_t[None, :])
-        ds = coef[None, :] * (q - p)
-        dw += tl.dot(ds.to(zs.dtype), zs, input_precision=PRECISION)
+        coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)     # 0 on padding rows: their ds is 0
+        s2 = tl.dot(zs, tl.trans(ws), input_precision=PRECISION) * s_scale                       # [BM, BK]
+        u2 = tl.dot(zt, tl.trans(wt), input_precision=PRECISION) * t_scale + bias[None, :]
+        q = tl.exp2(s2 - lse_s[:, None])               # softmax(s)
+        p = tl.exp2(u2 - lse_t[:, None])               # teacher target
+        ds = coef[:, None] * (q - p)
+        dw += tl.dot(tl.trans(ds.to(zs.dtype)), zs, input_precision=PRECISION)
     tl.store(dw_ptr + ks[:, None] * stride_dw + dims[None, :], dw, mask=w_mask)
 
 

@@ -49,7 +49,9 @@ CONFIGS = {   # chosen so that each compiles for sm_90a with HGMMA, no spills an
     # grad_z 64×32 at 3 stages was dropped: ptxas serialises its wgmma (C7515, the gate's lint), and
     # the autotuner chose 64×64 on the H100 anyway (NOTES.md)
     "_grad_z_kernel": [_cfg(64, 64, 8, 2)],
-    "_grad_w_kernel": [_cfg(32, 64, 8, 3), _cfg(32, 128, 8, 2)],
+    # grad_w: 128 rows × 64 prototypes, one stage (two stages of 128-row tiles exceed shared memory;
+    # 64-row tiles spill). The former 32×64 / 32×128 were serialised by ptxas (C7515; NOTES.md).
+    "_grad_w_kernel": [_cfg(128, 64, 8, 1)],
     # one tile per program (K_TILES=1), or 16 tiles with W streamed past resident row tiles
     "_grad_s_kernel": [_cfg(128, 64, 8, 1, K_TILES=1), _cfg(64, 128, 8, 1, K_TILES=1),
                        _cfg(64, 64, 8, 2, K_TILES=16), _cfg(128, 32, 8, 2, K_TILES=16)],
