@@ -8,12 +8,13 @@ Per chunk of C student rows (C from a byte budget, ``chunk_rows``):
      u/τ_t + b (b from ``common.teacher_bias``: −c/τ_t, or Sinkhorn-Knopp's log r from the existing
      distributed reductions), Σ p·s and ℓ_i = LSE − Σ p·s; when a gradient is needed it then
      overwrites s with dS = (w_i/τ_s)·(softmax(s/τ_s) − p);
-  3. when a gradient is needed, dz[chunk] = dS W_s and dW += dSᵀ z_s by torch.matmul.
+  3. when a gradient is needed, dz[chunk] = dS W_s by torch.matmul and dW += dSᵀ z_s into an fp32
+     accumulator (``accumulate_dw_``: one cuBLAS addmm with an fp32 output on CUDA).
 The gradient is complete after the forward; backward only multiplies dz and dW by grad_output.
 Without a gradient (teacher-only or eval calls) steps 3 and the dS pass are skipped.
 
 Extra memory: the two [C × K] slabs (``CHUNK_BYTES`` together), dz [S × d] and dW [K × d] in fp32
-kept from forward to backward, and one chunk's dW product. **Unmeasured on a GPU** (NOTES.md).
+kept from forward to backward (plus, off CUDA, one chunk's dW product). **Unmeasured on a GPU** (NOTES.md).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import triton
 from .._backend import interpreting
 from ..triton_utils import LOG2E, autotune_configs, launch_config
 from . import kernels as K
+from .common import accumulate_dw_
 
 # Both [C × K] slabs together: 256 MiB is 1024 rows at K = 65536 in bf16, 1.6 % of the 16.2 GiB that
 # eager materialises at T = 16384 (the ≤ 5 % memory rule leaves room for dz, dW and one dW product).
@@ -32,9 +34,11 @@ CHUNK_BYTES = 256 * 2**20
 CHUNK_ROW_ALIGN = 64      # whole 64-row groups: cuBLAS tiles and 16-byte aligned row starts
 
 ROW_KERNEL = "_row_ce_kernel"
-CONFIGS = [launch_config(4, 1, BLOCK_K=1024), launch_config(8, 1, BLOCK_K=2048),
-           launch_config(8, 2, BLOCK_K=4096)]
-INTERPRET_CONFIG = launch_config(4, 1, BLOCK_K=256)
+# ROWS rows per program share each bias block (one read per ROWS rows instead of one per row); all
+# compile clean for sm_90a without spills (the compile gate).
+CONFIGS = [launch_config(4, 1, ROWS=4, BLOCK_K=512), launch_config(8, 1, ROWS=4, BLOCK_K=1024),
+           launch_config(8, 1, ROWS=8, BLOCK_K=512), launch_config(8, 2, ROWS=2, BLOCK_K=2048)]
+INTERPRET_CONFIG = launch_config(4, 1, ROWS=4, BLOCK_K=256)
 
 
 def chunk_rows(K: int, itemsize: int, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -57,12 +61,18 @@ def _tuned_row_kernel():
 
 def _row_kernel(s, u, bias, coef, row_loss, s_scale, t_scale, write_grad: bool):
     rows, n_k = s.shape
-    args = (s, u, bias, coef, row_loss, n_k, s.stride(0), u.stride(0), s_scale, t_scale)
+    args = (s, u, bias, coef, row_loss, rows, n_k, s.stride(0), u.stride(0), s_scale, t_scale)
+
+    def grid(meta):
+        return (triton.cdiv(rows, meta["ROWS"]),)
+
     if interpreting():
-        block = INTERPRET_CONFIG["BLOCK_K"]
-        K.row_ce_kernel[(rows,)](*args, BLOCK_K=block, WRITE_GRAD=write_grad, EVEN_K=n_k % block == 0)
+        c = INTERPRET_CONFIG
+        K.row_ce_kernel[grid(c)](*args, ROWS=c["ROWS"], BLOCK_K=c["BLOCK_K"], WRITE_GRAD=write_grad,
+                                 EVEN_K=n_k % c["BLOCK_K"] == 0)
     else:
-        _tuned_row_kernel()[(rows,)](*args, WRITE_GRAD=write_grad)
+        _tuned_row_kernel()[grid](*args, WRITE_GRAD=write_grad)
+
 
 
 class ChunkedPrototypeCE(torch.autograd.Function):
@@ -96,7 +106,7 @@ class ChunkedPrototypeCE(torch.autograd.Function):
             if want_z:
                 torch.matmul(s, w_s, out=dz[a:b])                  # s now holds dS
             if want_w:
-                dw.add_((s.t() @ zs).float())
+                accumulate_dw_(dw, s, zs)
         loss = (weights.float() * row_loss).sum()
         ctx.save_for_backward(dz, dw)
         ctx.dtypes = (student_z.dtype, w_s.dtype)

@@ -32,7 +32,7 @@ from .._backend import interpreting
 from ..triton_utils import LN2, LOG2E, autotune_configs, block_d, constexprs_of, launch_config, precision
 from . import chunked as _chunked
 from . import kernels as K
-from .common import (check_arguments, check_backward, center_statistic, sinkhorn_log_scaling, teacher_bias,
+from .common import (accumulate_dw_, check_arguments, check_backward, center_statistic, sinkhorn_log_scaling, teacher_bias,
                      unsupported_on_gpu, weight_normed)
 
 
@@ -218,7 +218,7 @@ def _slab_backward(common, s_scale, t_scale, options: Options):
 
     The slab has the features' dtype, like the bf16 ds operand of the fused kernels' products. dz gets
     one rounding to that dtype (the fused path rounds its fp32 dz once too); dW is summed over chunks
-    in an fp32 accumulator, so each chunk adds one rounding of its partial product.
+    in an fp32 accumulator (``accumulate_dw_``: on CUDA the chunk's product is not rounded to 16 bits).
     """
     student_z, teacher_z, pairs, w_s, w_t, bias, lse_s, lse_t, coef = common
     S, D = student_z.shape
@@ -227,7 +227,7 @@ def _slab_backward(common, s_scale, t_scale, options: Options):
     rows = min(S, slab_rows(K, student_z.element_size(), options.slab_bytes))
     slab = torch.empty(rows, K, dtype=student_z.dtype, device=student_z.device)
     dz = torch.empty(S, D, dtype=student_z.dtype, device=student_z.device)
-    dw = None
+    dw = torch.zeros(K, D, dtype=torch.float32, device=w_s.device)
     for a in range(0, S, rows):
         b = min(S, a + rows)
         ds, zs = slab[: b - a], student_z[a:b]
@@ -236,8 +236,7 @@ def _slab_backward(common, s_scale, t_scale, options: Options):
                 w_t.stride(0), ds.stride(0), s_scale, t_scale, k_tiles=K,
                 interpret_k_tiles=options.interpret_k_tiles, **opts)
         torch.matmul(ds, w_s, out=dz[a:b])
-        part = (ds.t() @ zs).float()
-        dw = part if dw is None else dw.add_(part)
+        accumulate_dw_(dw, ds, zs)
     return dz, dw
 
 

@@ -145,21 +145,34 @@ def test_slab_chunks_are_sized_by_bytes():
 # ------------------------------------------------------------------------------------------------
 # The chunked path (backward="chunked"): cuBLAS products on row chunks + one Triton row kernel
 # ------------------------------------------------------------------------------------------------
+def with_features(problem, dtype):
+    """The same problem with student and teacher features in ``dtype`` (the head stays fp32, as in
+    training); the naive truth runs on the fp32 features."""
+    return dict(problem, student_z=problem["student_z"].to(dtype), teacher_z=problem["teacher_z"].to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("centering", CENTERINGS)
 @pytest.mark.parametrize("pairing", ["many_to_one", "one_to_one"])
-def test_chunked_path_matches_naive(seed, centering, pairing):
+def test_chunked_path_matches_naive(seed, centering, pairing, dtype):
     """T = 50 / 37 student rows (odd), K = 1000 (not a multiple of the interpreter's 256-wide block),
-    zero-weight rows, and a budget of 16 rows per chunk: 4 / 3 chunks, the last one partial."""
+    zero-weight rows, and a budget of 16 rows per chunk: 4 / 3 chunks, the last one partial, and the
+    row kernel's last group of 4 rows partial (2 / 1 rows). fp16: the slabs and dS are fp16 (as bf16 on
+    a GPU; the interpreter gets bf16 wrong), so the tolerance is fp16's."""
     from fasttips.kernels.dino_loss import chunked
     S = 50 if pairing == "many_to_one" else 37
     problem = make_problem(pairing=pairing, S=S, T=15, K=1000)
-    budget = 16 * 2 * 1000 * 4
-    assert chunked.chunk_rows(1000, 4, budget) == 16 < S
+    itemsize = torch.finfo(dtype).bits // 8
+    budget = 16 * 2 * 1000 * itemsize
+    assert chunked.chunk_rows(1000, itemsize, budget) == 16 < S
+    assert S % 16 % chunked.INTERPRET_CONFIG["ROWS"]
     kwargs = dict(student_temp=0.1, teacher_temp=0.04, centering=centering)
-    teacher = {k: problem[k].clone() for k in ("teacher_z", "teacher_v", "teacher_g", "center")}
     expected = run(naive.prototype_cross_entropy, problem, **kwargs)
+    problem = with_features(problem, dtype)
+    teacher = {k: problem[k].clone() for k in ("teacher_z", "teacher_v", "teacher_g", "center")}
     actual = run_triton_with_backward("chunked", problem, chunked_bytes=budget, **kwargs)
-    assert_matches(actual, expected)
+    assert actual[2].dtype == dtype
+    assert_matches(actual, expected, dtype)
     zero_rows = problem["weights"] == 0
     assert torch.count_nonzero(actual[2][zero_rows]) == 0
     for k, v in teacher.items():                  # the teacher's inputs are read, never written
@@ -177,15 +190,30 @@ def test_chunked_path_block_edges_and_chunk_sizes(seed, K):
                                                 chunked_bytes=budget), expected)
 
 
-def test_chunked_path_without_grad_skips_the_gradient(seed):
-    """No input needs a gradient (evaluation): the same loss, a loss without grad_fn, no dS pass."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_chunked_path_without_grad_skips_the_gradient(seed, dtype):
+    """No input needs a gradient (evaluation): the same loss, a loss without grad_fn, no dS pass
+    (the student logits are left as computed: nothing is written over them)."""
     from fasttips.kernels.dino_loss import triton as dino_triton
     problem = make_problem(S=13, T=5, K=300, d=16)
     expected = naive.prototype_cross_entropy(**problem)[0]
     with torch.no_grad():
-        loss, _ = dino_triton.prototype_cross_entropy(**problem, backward="chunked", chunked_bytes=4 * 2 * 300 * 4)
+        loss, _ = dino_triton.prototype_cross_entropy(**with_features(problem, dtype), backward="chunked",
+                                                      chunked_bytes=4 * 2 * 300 * 4)
     assert loss.grad_fn is None
-    torch.testing.assert_close(loss, expected, atol=1e-5 * expected.abs().item(), rtol=1e-5)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(loss, expected, atol=atol * expected.abs().item(), rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_dw_accumulation_off_cuda(seed, dtype):
+    """The slab and chunked paths' dW += dSᵀ·z into fp32, on the CPU (the CUDA addmm is a -m gpu test)."""
+    from fasttips.kernels.dino_loss.common import accumulate_dw_
+    dw, ds, z = torch.randn(70, 24), torch.randn(33, 70).to(dtype), torch.randn(33, 24).to(dtype)
+    expected = dw + ds.double().t().mm(z.double()).float()
+    out = accumulate_dw_(dw, ds, z)
+    assert out is dw and dw.dtype == torch.float32
+    torch.testing.assert_close(dw, expected, atol=1e-2 if dtype == torch.float16 else 1e-5, rtol=1e-3)
 
 
 def test_chunked_path_scales_its_stored_gradient_by_grad_output(seed):
@@ -392,6 +420,27 @@ def test_cuda_bf16_within_2x_of_torch(seed, backward, centering, pairing):
     for name, k, t, r in zip(names, kernel, torch_bf16, ref32):
         assert torch.isfinite(k).all(), name
         assert_within_2x(k, t, r, name=name, floor=1e-5 * r.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_dw_accumulates_in_fp32_without_a_product_tensor(seed, dtype):
+    """On CUDA, dW += dSᵀ·z is one addmm into the fp32 accumulator (out_dtype=float32): exact to an
+    fp32-accumulated product (no 16-bit rounding of the chunk's product), and no [K × d] temporary."""
+    from fasttips.kernels.dino_loss.common import accumulate_dw_
+    K, d, C = 8192, 256, 1024
+    dw = torch.randn(K, d, device="cuda")
+    ds, z = torch.randn(C, K, device="cuda").to(dtype), torch.randn(C, d, device="cuda").to(dtype)
+    expected = dw + ds.float().t() @ z.float()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    accumulate_dw_(dw, ds, z)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < K * d * 2, f"{extra} B allocated: a [K × d] product tensor was made"
+    # fp32 accumulation of 1024 products: far tighter than one bf16 rounding of the sum (~4e-3 relative)
+    torch.testing.assert_close(dw, expected, atol=1e-3 * expected.abs().max().item(), rtol=1e-4)
 
 
 @pytest.mark.gpu

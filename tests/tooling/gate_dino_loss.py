@@ -28,7 +28,7 @@ def cases() -> list[tuple[str, int]]:
 def signature(kernel) -> dict:
     sig = {}
     for name in kernel.arg_names:
-        if name.startswith(("BLOCK", "K_TILES")) or name in ("PRECISION", "EVEN_K", "WRITE_GRAD"):
+        if name.startswith(("BLOCK", "K_TILES")) or name in ("PRECISION", "EVEN_K", "WRITE_GRAD", "ROWS"):
             sig[name] = "constexpr"
         elif name in _FEATURE_POINTERS:
             sig[name] = "*bf16"
