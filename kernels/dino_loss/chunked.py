@@ -11,7 +11,9 @@ Per chunk of C student rows (C from a byte budget, ``chunk_rows``):
   3. when a gradient is needed, dz[chunk] = dS W_s by torch.matmul and dW += dSᵀ z_s into an fp32
      accumulator (``accumulate_dw_``: one cuBLAS addmm with an fp32 output on CUDA).
 The gradient is complete after the forward; backward only multiplies dz and dW by grad_output.
-Without a gradient (teacher-only or eval calls) steps 3 and the dS pass are skipped.
+Without a gradient (teacher-only or eval calls) steps 3 and the dS pass are skipped. The whole is one
+torch.library custom op (``fasttips::prototype_ce_chunked``) with a fake and an autograd formula, so
+torch.compile treats it as one opaque call.
 
 Extra memory: the two [C × K] slabs (``CHUNK_BYTES`` together), dz [S × d] and dW [K × d] in fp32
 kept from forward to backward (plus, off CUDA, one chunk's dW product). **Unmeasured on a GPU** (NOTES.md).
@@ -75,48 +77,65 @@ def _row_kernel(s, u, bias, coef, row_loss, s_scale, t_scale, write_grad: bool):
 
 
 
-class ChunkedPrototypeCE(torch.autograd.Function):
-    """loss = Σ_i w_i [LSE(s_i) − p_{pairs[i]}·s_i]; gradients for z_s and W_s, formed in the forward."""
+@torch.library.custom_op("fasttips::prototype_ce_chunked", mutates_args=())
+def prototype_ce_chunked(student_z: torch.Tensor, w_s: torch.Tensor, teacher_z: torch.Tensor, w_t: torch.Tensor,
+                         bias: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, student_temp: float,
+                         teacher_temp: float, chunk_bytes: int, grad_z: bool, grad_w: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dz, dW): loss = Σ_i w_i [LSE(s_i) − p_{pairs[i]}·s_i] and, when asked for (``grad_z`` /
+    ``grad_w``), its gradients for z_s ([S × d], z_s's dtype) and W_s ([K × d], fp32), formed here;
+    an empty tensor stands for a gradient not asked for. The autograd formula scales them."""
+    S, D = student_z.shape
+    n_k = w_s.shape[0]
+    dev, dtype = student_z.device, student_z.dtype
+    s_scale, t_scale = LOG2E / student_temp, LOG2E / teacher_temp
+    coef = (weights.float() / student_temp).contiguous()
+    row_loss = torch.empty(S, dtype=torch.float32, device=dev)
+    dz = torch.empty(S if grad_z else 0, D, dtype=dtype, device=dev)
+    dw = torch.zeros(n_k if grad_w else 0, D, dtype=torch.float32, device=dev)
+    rows = min(S, chunk_rows(n_k, student_z.element_size(), chunk_bytes)) if S else 0
+    if rows:
+        s_slab = torch.empty(rows, n_k, dtype=dtype, device=dev)
+        u_slab = torch.empty(rows, n_k, dtype=dtype, device=dev)
+        w_s_t, w_t_t = w_s.t(), w_t.t()
+    for a in range(0, S, rows or 1):
+        b = min(S, a + rows)
+        zs = student_z[a:b]
+        s, u = s_slab[: b - a], u_slab[: b - a]
+        torch.matmul(zs, w_s_t, out=s)
+        torch.matmul(teacher_z.index_select(0, pairs[a:b]), w_t_t, out=u)
+        _row_kernel(s, u, bias, coef[a:b], row_loss[a:b], s_scale, t_scale, grad_z or grad_w)
+        if grad_z:
+            torch.matmul(s, w_s, out=dz[a:b])                  # s now holds dS
+        if grad_w:
+            accumulate_dw_(dw, s, zs)
+    return (weights.float() * row_loss).sum(), dz, dw
 
-    @staticmethod
-    def forward(ctx, student_z, w_s, teacher_z, w_t, bias, pairs, weights, student_temp, teacher_temp,
-                chunk_bytes):
-        S, D = student_z.shape
-        n_k = w_s.shape[0]
-        dev, dtype = student_z.device, student_z.dtype
-        want_z, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        write_grad = want_z or want_w
-        s_scale, t_scale = LOG2E / student_temp, LOG2E / teacher_temp
-        coef = (weights.float() / student_temp).contiguous()
-        row_loss = torch.empty(S, dtype=torch.float32, device=dev)
-        dz = torch.empty(S, D, dtype=dtype, device=dev) if want_z else None
-        dw = torch.zeros(n_k, D, dtype=torch.float32, device=dev) if want_w else None
-        rows = min(S, chunk_rows(n_k, student_z.element_size(), chunk_bytes)) if S else 0
-        if rows:
-            s_slab = torch.empty(rows, n_k, dtype=dtype, device=dev)
-            u_slab = torch.empty(rows, n_k, dtype=dtype, device=dev)
-            w_s_t, w_t_t = w_s.t(), w_t.t()
-        for a in range(0, S, rows or 1):
-            b = min(S, a + rows)
-            zs = student_z[a:b]
-            s, u = s_slab[: b - a], u_slab[: b - a]
-            torch.matmul(zs, w_s_t, out=s)
-            torch.matmul(teacher_z.index_select(0, pairs[a:b]), w_t_t, out=u)
-            _row_kernel(s, u, bias, coef[a:b], row_loss[a:b], s_scale, t_scale, write_grad)
-            if want_z:
-                torch.matmul(s, w_s, out=dz[a:b])                  # s now holds dS
-            if want_w:
-                accumulate_dw_(dw, s, zs)
-        loss = (weights.float() * row_loss).sum()
-        ctx.save_for_backward(dz, dw)
-        ctx.dtypes = (student_z.dtype, w_s.dtype)
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        dz, dw = ctx.saved_tensors
-        z_dtype, w_dtype = ctx.dtypes
-        grad = grad_loss.float()
-        gz = None if dz is None else (dz.float() * grad).to(z_dtype)
-        gw = None if dw is None else (dw * grad).to(w_dtype)
-        return (gz, gw) + (None,) * 8
+@prototype_ce_chunked.register_fake
+def _(student_z, w_s, teacher_z, w_t, bias, pairs, weights, student_temp, teacher_temp, chunk_bytes, grad_z,
+      grad_w):
+    S, D = student_z.shape
+    return (student_z.new_empty((), dtype=torch.float32), student_z.new_empty((S if grad_z else 0, D)),
+            student_z.new_empty((w_s.shape[0] if grad_w else 0, D), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    _, dz, dw = output
+    ctx.save_for_backward(dz, dw)
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+    ctx.mark_non_differentiable(dz, dw)
+
+
+def _backward(ctx, grad_loss, _grad_dz, _grad_dw):
+    """The gradient was formed in the forward; here it is only scaled by grad_output."""
+    dz, dw = ctx.saved_tensors
+    z_dtype, w_dtype = ctx.dtypes
+    grad = grad_loss.float()
+    want_z, want_w = ctx.needs_input_grad[:2]
+    gz = (dz.float() * grad).to(z_dtype) if want_z else None
+    gw = (dw * grad).to(w_dtype) if want_w else None
+    return (gz, gw) + (None,) * 10
+
+
+prototype_ce_chunked.register_autograd(_backward, setup_context=_setup_context)
