@@ -377,6 +377,67 @@ def test_sinkhorn_row_sums_across_two_gloo_ranks(seed, tmp_path, rank1_rows):
 
 
 # ------------------------------------------------------------------------------------------------
+# The custom ops (torch.library) and torch.compile
+# ------------------------------------------------------------------------------------------------
+def op_inputs(seed_problem, grad=True):
+    """The custom ops' inputs for a small problem: features and head as the Triton path passes them."""
+    from fasttips.kernels.dino_loss.common import weight_normed
+    p = seed_problem
+    z_s = p["student_z"].clone().requires_grad_(grad)
+    w_s = weight_normed(p["student_v"], p["student_g"]).detach().contiguous().requires_grad_(grad)
+    w_t = weight_normed(p["teacher_v"], p["teacher_g"]).contiguous()
+    bias = (-p["center"] / 0.04).contiguous()
+    return (z_s, w_s, p["teacher_z"], w_t, bias, p["pairs"], p["weights"], 0.1, 0.04)
+
+
+def _op_cases():
+    from fasttips.kernels.dino_loss import chunked as C, triton as T
+    budget = 4 * 2 * 70 * 4        # 4 rows per chunk: 3 chunks for 9 rows
+    return {
+        "fused": lambda p: (T.prototype_ce_fused, op_inputs(p) + ("fused", T.SLAB_BYTES, None, 2)),
+        "slab": lambda p: (T.prototype_ce_fused, op_inputs(p) + ("slab", 1, None, 2)),
+        "fused_backward": lambda p: (T.prototype_ce_fused_backward, _fused_backward_inputs(p)),
+        "chunked": lambda p: (C.prototype_ce_chunked, op_inputs(p) + (budget, True, True)),
+        "chunked_no_grad": lambda p: (C.prototype_ce_chunked, op_inputs(p, grad=False) + (budget, False, False)),
+        "prototype_lse": lambda p: (T.prototype_lse, (p["teacher_z"], op_inputs(p)[3], torch.randn(4), 25.0)),
+        "token_lse": lambda p: (T.token_lse, (p["teacher_z"], op_inputs(p)[3], torch.randn(70), 25.0)),
+    }
+
+
+def _fused_backward_inputs(p):
+    from fasttips.kernels.dino_loss import triton as T
+    inputs = tuple(x.detach() if torch.is_tensor(x) else x for x in op_inputs(p))
+    _, lse_s, lse_t = T.prototype_ce_fused(*inputs, "fused", T.SLAB_BYTES, None, 2)
+    return (torch.tensor(1.5),) + inputs[:7] + (lse_s, lse_t) + inputs[7:] + ("fused", T.SLAB_BYTES, None, 2)
+
+
+@pytest.mark.parametrize("case", ["fused", "slab", "fused_backward", "chunked", "chunked_no_grad", "prototype_lse",
+                                  "token_lse"])
+def test_custom_ops_pass_opcheck(seed, case):
+    """Schema, fake (shapes under FakeTensor and dynamic shapes), autograd registration and the AOT
+    dispatch of every prototype-CE custom op (the kernels run in the interpreter): K = 70, 9 rows."""
+    op, args = _op_cases()[case](make_problem(S=9, T=4, K=70, d=16))
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backward, centering", [("fused", "softmax"), ("fused", "sinkhorn_knopp"),
+                                                 ("slab", "softmax"), ("chunked", "sinkhorn_knopp")])
+def test_torch_compile_fullgraph_matches_eager(seed, backward, centering):
+    """The whole loss under torch.compile(fullgraph=True) with the Triton path (interpreter): one graph
+    around the custom ops (before they existed Dynamo traced into the kernel launch and failed), the
+    same loss, center statistic and gradients as eager."""
+    problem = make_problem(S=9, T=4, K=70, d=16)
+
+    def loss_fn(**kwargs):
+        return prototype_cross_entropy(**kwargs, backend="triton", backward=backward, centering=centering)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    for a, e in zip(run(compiled, problem), run(loss_fn, problem)):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
 # Hopper compile gate: every kernel at every launch configuration, bf16, bottleneck 256
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")

@@ -168,6 +168,31 @@ def test_a_cached_plan_does_not_skip_the_checks(backend, seed):
     _check([T], [torch.lerp(before, S, 0.5)])
 
 
+@pytest.mark.parametrize("momentum", [0.9, torch.tensor(0.95)], ids=["float", "tensor"])
+def test_custom_op_passes_opcheck(seed, momentum):
+    """fasttips::ema_update_ declares that it writes the teacher list (and nothing else) and has a fake:
+    torch.library.opcheck, the kernel in the interpreter."""
+    teacher, student = _pairs([300, 35], torch.bfloat16)
+    on_device = torch.is_tensor(momentum)
+    torch.library.opcheck(ema_triton.ema_update_op, (teacher, student, momentum if on_device else None,
+                                                     0.0 if on_device else momentum, SMALL_BLOCK, 4))
+
+
+@pytest.mark.parametrize("momentum", [0.9, torch.tensor(0.95)], ids=["float", "tensor"])
+def test_torch_compile_fullgraph_matches_eager(seed, momentum):
+    """The public op under torch.compile(fullgraph=True) with the Triton path (interpreter): one graph
+    around the mutating custom op (before, Dynamo traced into the launch and failed), the same update."""
+    teacher, student = _pairs([300, 1000, 7], torch.bfloat16)
+    expected = _expected(teacher, student, momentum)
+
+    def update(t, s, m):
+        ema_update_(t, s, m, backend="triton")
+
+    torch._dynamo.reset()
+    torch.compile(update, backend="aot_eager", fullgraph=True)(teacher, student, momentum)
+    _check(teacher, expected)
+
+
 @pytest.fixture(scope="module")
 def hopper_reports():
     return hopper_gate.compile_all()  # in spawned workers with TRITON_INTERPRET=0, like the other ops
