@@ -79,12 +79,14 @@ def _row_kernel(s, u, bias, coef, row_loss, s_scale, t_scale, write_grad: bool):
 
 @torch.library.custom_op("fasttips::prototype_ce_chunked", mutates_args=())
 def prototype_ce_chunked(student_z: torch.Tensor, w_s: torch.Tensor, teacher_z: torch.Tensor, w_t: torch.Tensor,
-                         bias: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, student_temp: float,
-                         teacher_temp: float, chunk_bytes: int, grad_z: bool, grad_w: bool
+                         bias: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, student_temp: torch.Tensor,
+                         teacher_temp: torch.Tensor, chunk_bytes: int, grad_z: bool, grad_w: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dz, dW): loss = Σ_i w_i [LSE(s_i) − p_{pairs[i]}·s_i] and, when asked for (``grad_z`` /
     ``grad_w``), its gradients for z_s ([S × d], z_s's dtype) and W_s ([K × d], fp32), formed here;
-    an empty tensor stands for a gradient not asked for. The autograd formula scales them."""
+    an empty tensor stands for a gradient not asked for. The autograd formula scales them. Temperatures
+    are 0-dim CPU tensors (``common.scalar_tensor``)."""
+    student_temp, teacher_temp = float(student_temp), float(teacher_temp)
     S, D = student_z.shape
     n_k = w_s.shape[0]
     dev, dtype = student_z.device, student_z.dtype

@@ -9,6 +9,7 @@
     Sinkhorn-Knopp:     b = log r, the row scaling after the last row update (factorised form,
                         docs/loss_math.md). The final column normalisation of SK *is* this
                         softmax, so SK differs from centering only in how b is found.
+- ``scalar_tensor``: a temperature as the custom ops take it (no recompile per value under torch.compile).
 - ``accumulate_dw_``: dW += dSᵀ·z into an fp32 accumulator (the slab and chunked paths' weight gradient).
 - ``sinkhorn_log_scaling``: the SK iterations in log domain, given two streaming reductions over the
   teacher logits (one per prototype, one per token), with the per-prototype sums all-reduced over
@@ -49,8 +50,8 @@ def unsupported_on_gpu(student_z, interpreting: bool) -> str | None:
 def check_arguments(student_z, student_v, student_g, teacher_z, teacher_v, teacher_g, pairs, weights,
                     center, student_temp, teacher_temp, centering, sk_iterations) -> None:
     def need(cond, msg):
-        if not cond:
-            raise ValueError(f"prototype_cross_entropy: {msg}")
+        if not cond:   # a callable message is formatted only on failure (a temperature under torch.compile)
+            raise ValueError(f"prototype_cross_entropy: {msg() if callable(msg) else msg}")
 
     need(student_z.dim() == 2, f"student_z must be [S, d], got shape {tuple(student_z.shape)}")
     need(teacher_z.dim() == 2, f"teacher_z must be [T, d], got shape {tuple(teacher_z.shape)}")
@@ -76,8 +77,8 @@ def check_arguments(student_z, student_v, student_g, teacher_z, teacher_v, teach
     need(centering in CENTERINGS, f"centering={centering!r} is not allowed; choose one of {list(CENTERINGS)}")
     if center is not None:
         need(center.numel() == K, f"center must have K={K} elements, got shape {tuple(center.shape)}")
-    need(student_temp > 0, f"student_temp must be > 0, got {student_temp}")
-    need(teacher_temp > 0, f"teacher_temp must be > 0, got {teacher_temp}")
+    need(student_temp > 0, lambda: f"student_temp must be > 0, got {student_temp}")
+    need(teacher_temp > 0, lambda: f"teacher_temp must be > 0, got {teacher_temp}")
     if centering == "sinkhorn_knopp":
         need(int(sk_iterations) >= 1, f"sk_iterations must be ≥ 1, got {sk_iterations}")
 
@@ -99,6 +100,14 @@ def check_pair_range(pairs: torch.Tensor, n_teacher: int) -> None:
         lo, hi = torch.stack(torch.aminmax(pairs)).tolist()   # the error path only
         raise ValueError(f"prototype_cross_entropy: pairs must index teacher rows in [0, {n_teacher}), "
                          f"got values in [{lo}, {hi}]") from None
+
+
+def scalar_tensor(value) -> torch.Tensor:
+    """A temperature as the custom ops take it: a 0-dim float64 CPU tensor (read on the host, no device
+    sync). Made by tensor arithmetic, so that under torch.compile a value that changes from step to step
+    (the teacher temperature's warm-up) is one graph input, not a constant baked into the graph (a new
+    graph per value: a float argument, ``float()`` or ``torch.tensor()`` all specialise on it)."""
+    return torch.ones((), dtype=torch.float64) * value
 
 
 def weight_normed(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

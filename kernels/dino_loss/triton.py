@@ -33,7 +33,8 @@ from .._backend import interpreting
 from ..triton_utils import LN2, LOG2E, autotune_configs, block_d, constexprs_of, launch_config, precision
 from . import chunked as _chunked
 from . import kernels as K
-from .common import (accumulate_dw_, check_arguments, check_backward, center_statistic, sinkhorn_log_scaling, teacher_bias,
+from .common import (accumulate_dw_, check_arguments, check_backward, center_statistic, scalar_tensor,
+                     sinkhorn_log_scaling, teacher_bias,
                      unsupported_on_gpu, weight_normed)
 
 
@@ -160,10 +161,12 @@ class Options:
 # implementations for shapes and an autograd formula. Options travel as plain arguments.
 @torch.library.custom_op("fasttips::prototype_ce_fused", mutates_args=())
 def prototype_ce_fused(student_z: torch.Tensor, w_s: torch.Tensor, teacher_z: torch.Tensor, w_t: torch.Tensor,
-                       bias: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, student_temp: float,
-                       teacher_temp: float, backward: str, slab_bytes: int, k_splits: Optional[int],
+                       bias: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, student_temp: torch.Tensor,
+                       teacher_temp: torch.Tensor, backward: str, slab_bytes: int, k_splits: Optional[int],
                        interpret_k_tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, lse_s, lse_t): the forward kernel; the per-row base-2 LSEs are kept for the backward."""
+    """(loss, lse_s, lse_t): the forward kernel; the per-row base-2 LSEs are kept for the backward.
+    Temperatures are 0-dim CPU tensors (``common.scalar_tensor``)."""
+    student_temp, teacher_temp = float(student_temp), float(teacher_temp)
     S, D = student_z.shape
     K = w_s.shape[0]
     dev = student_z.device
@@ -190,10 +193,11 @@ def _(student_z, w_s, teacher_z, w_t, bias, pairs, weights, student_temp, teache
 def prototype_ce_fused_backward(grad_loss: torch.Tensor, student_z: torch.Tensor, w_s: torch.Tensor,
                                 teacher_z: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor, pairs: torch.Tensor,
                                 weights: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
-                                student_temp: float, teacher_temp: float, backward: str, slab_bytes: int,
-                                k_splits: Optional[int], interpret_k_tiles: int
+                                student_temp: torch.Tensor, teacher_temp: torch.Tensor, backward: str,
+                                slab_bytes: int, k_splits: Optional[int], interpret_k_tiles: int
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d student_z, d w_s) in their dtypes, by the fused kernels or the slab backward (``backward``)."""
+    student_temp, teacher_temp = float(student_temp), float(teacher_temp)
     options = Options(backward, slab_bytes, k_splits, interpret_k_tiles)
     S, D = student_z.shape
     K = w_s.shape[0]
@@ -288,9 +292,11 @@ def slab_rows(K: int, itemsize: int, slab_bytes: int = SLAB_BYTES) -> int:
 # Sinkhorn-Knopp reductions and the op
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fasttips::prototype_lse", mutates_args=())
-def prototype_lse(z: torch.Tensor, w: torch.Tensor, row_bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """Per prototype k: LSE_j(z_j·w_k·scale + row_bias_j) over the rows of z (−inf without rows)."""
+def prototype_lse(z: torch.Tensor, w: torch.Tensor, row_bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per prototype k: LSE_j(z_j·w_k·scale + row_bias_j) over the rows of z (−inf without rows); scale a
+    0-dim CPU tensor."""
     (N, D), K = z.shape, w.shape[0]
+    scale = float(scale)
     out = torch.full((K,), float("-inf"), dtype=torch.float32, device=w.device)
     if N:
         _launch("_prototype_lse_kernel", K, False, z, w, row_bias, out, N, K, D, z.stride(0), w.stride(0),
@@ -304,9 +310,10 @@ def _(z, w, row_bias, scale):
 
 
 @torch.library.custom_op("fasttips::token_lse", mutates_args=())
-def token_lse(z: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """Per row j of z: LSE_k(z_j·w_k·scale + bias_k) over the prototypes."""
+def token_lse(z: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per row j of z: LSE_k(z_j·w_k·scale + bias_k) over the prototypes; scale a 0-dim CPU tensor."""
     (N, D), K = z.shape, w.shape[0]
+    scale = float(scale)
     out = torch.empty(N, dtype=torch.float32, device=w.device)
     if N:
         _launch("_token_lse_kernel", N, True, z, w, bias, out, N, K, D, z.stride(0), w.stride(0),
@@ -320,7 +327,7 @@ def _(z, w, bias, scale):
 
 
 def _sinkhorn_bias(teacher_z, w_t, teacher_temp, n_iterations, group):
-    scale = 1.0 / teacher_temp
+    scale = scalar_tensor(1.0) / teacher_temp
 
     def row_lse(log_c):            # per prototype: LSE over this rank's rows
         return prototype_lse(teacher_z, w_t, log_c.contiguous(), scale)
@@ -366,7 +373,7 @@ def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_
                             sinkhorn=lambda: _sinkhorn_bias(z_t, w_t, teacher_temp, int(sk_iterations), group))
         bias = bias.contiguous()
     inputs = (student_z.contiguous(), w_s, z_t, w_t, bias, pairs.contiguous(), weights.detach().contiguous(),
-              float(student_temp), float(teacher_temp))
+              scalar_tensor(student_temp), scalar_tensor(teacher_temp))
     if backward == "chunked":
         # the gradients are formed in the forward: ask for them only where autograd will want them
         grads = torch.is_grad_enabled()

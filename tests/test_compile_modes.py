@@ -1,0 +1,50 @@
+"""``train.compile``: off, blocks (each transformer block) and step (the whole student forward of a
+micro-batch: towers, heads, teacher targets, losses, and through AOTAutograd the backward) train the
+same numbers. Compiled with backend="aot_eager" (``fsdp.COMPILE_OPTIONS``): the same graphs Dynamo
+captures for inductor, without inductor's minutes of CPU code generation."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from fasttips import config
+from fasttips.distributed import fsdp
+from fasttips.schedules import Schedules
+from fasttips.training import build_training
+
+from test_step import SMALL, batch_for
+
+STEPS = 3
+# the teacher temperature changes at every step: a compiled step must take it as an input, not recompile
+OVERRIDES = dict(SMALL, **{"loss.teacher_temp_warmup_steps": STEPS})
+
+
+def train(mode: str):
+    """Losses of STEPS optimiser steps from one seed and the same batches, and the parameters after."""
+    cfg = config.load(None, [f"{k}={v}" for k, v in OVERRIDES.items()] + [f"train.compile={mode}"])
+    torch.manual_seed(0)
+    training = build_training(cfg, fsdp.init_distributed(cfg))
+    schedules, batches = Schedules(cfg), torch.Generator().manual_seed(1)
+    losses = [training.train_step([batch_for(cfg, batches)], schedules(step)).loss for step in range(STEPS)]
+    return losses, {n: p.detach().clone() for n, p in training.model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def eager():
+    return train("off")
+
+
+@pytest.mark.parametrize("mode", ["blocks", "step"])
+def test_compiled_training_matches_eager(monkeypatch, eager, mode):
+    monkeypatch.setitem(fsdp.COMPILE_OPTIONS, "backend", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    losses, params = train(mode)
+    assert counters["stats"]["unique_graphs"] >= 1                      # it did compile
+    if mode == "step":
+        # one graph for the whole forward, no graph break; one recompile only, when the teacher
+        # temperature (a new value every step) turns from a constant into a graph input
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] == 2
+    torch.testing.assert_close(losses, eager[0], atol=1e-5, rtol=1e-5)
+    for name, p in eager[1].items():
+        torch.testing.assert_close(params[name], p, atol=1e-5, rtol=1e-4, msg=name)
