@@ -2,6 +2,8 @@
 micro-batch: towers, heads, teacher targets, losses, and through AOTAutograd the backward) train the
 same numbers. Compiled with backend="aot_eager" (``fsdp.COMPILE_OPTIONS``): the same graphs Dynamo
 captures for inductor, without inductor's minutes of CPU code generation."""
+import os
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -28,13 +30,22 @@ def train(mode: str):
     return losses, {n: p.detach().clone() for n, p in training.model.named_parameters()}
 
 
-@pytest.fixture(scope="module")
-def eager():
-    return train("off")
+_EAGER: dict = {}
 
 
-@pytest.mark.parametrize("mode", ["blocks", "step"])
-def test_compiled_training_matches_eager(monkeypatch, eager, mode):
+def eager(kernels: str):
+    if kernels not in _EAGER:
+        _EAGER[kernels] = train("off")
+    return _EAGER[kernels]
+
+
+@pytest.mark.parametrize("mode, kernels", [("blocks", "reference"), ("step", "reference"), ("step", "triton")])
+def test_compiled_training_matches_eager(monkeypatch, mode, kernels):
+    """"triton": every op on its Triton path, the kernels in the interpreter (FASTTIPS_KERNELS=triton)."""
+    if kernels == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs TRITON_INTERPRET=1 (CPU tensors through the Triton kernels)")
+    monkeypatch.setenv("FASTTIPS_KERNELS", kernels)
+    expected = eager(kernels)
     monkeypatch.setitem(fsdp.COMPILE_OPTIONS, "backend", "aot_eager")
     torch._dynamo.reset()
     counters.clear()
@@ -45,6 +56,6 @@ def test_compiled_training_matches_eager(monkeypatch, eager, mode):
         # temperature (a new value every step) turns from a constant into a graph input
         assert not counters["graph_break"], dict(counters["graph_break"])
         assert counters["stats"]["unique_graphs"] == 2
-    torch.testing.assert_close(losses, eager[0], atol=1e-5, rtol=1e-5)
-    for name, p in eager[1].items():
+    torch.testing.assert_close(losses, expected[0], atol=1e-5, rtol=1e-5)
+    for name, p in expected[1].items():
         torch.testing.assert_close(params[name], p, atol=1e-5, rtol=1e-4, msg=name)

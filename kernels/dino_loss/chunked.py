@@ -79,18 +79,17 @@ def _row_kernel(s, u, bias, coef, row_loss, s_scale, t_scale, write_grad: bool):
 
 @torch.library.custom_op("fasttips::prototype_ce_chunked", mutates_args=())
 def prototype_ce_chunked(student_z: torch.Tensor, w_s: torch.Tensor, teacher_z: torch.Tensor, w_t: torch.Tensor,
-                         bias: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, student_temp: torch.Tensor,
-                         teacher_temp: torch.Tensor, chunk_bytes: int, grad_z: bool, grad_w: bool
+                         bias: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, student_temp: float,
+                         chunk_bytes: int, grad_z: bool, grad_w: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dz, dW): loss = Σ_i w_i [LSE(s_i) − p_{pairs[i]}·s_i] and, when asked for (``grad_z`` /
     ``grad_w``), its gradients for z_s ([S × d], z_s's dtype) and W_s ([K × d], fp32), formed here;
-    an empty tensor stands for a gradient not asked for. The autograd formula scales them. Temperatures
-    are 0-dim CPU tensors (``common.scalar_tensor``)."""
-    student_temp, teacher_temp = float(student_temp), float(teacher_temp)
+    an empty tensor stands for a gradient not asked for. The autograd formula scales them. ``w_t`` comes
+    divided by the teacher temperature (``triton.prototype_cross_entropy``)."""
     S, D = student_z.shape
     n_k = w_s.shape[0]
     dev, dtype = student_z.device, student_z.dtype
-    s_scale, t_scale = LOG2E / student_temp, LOG2E / teacher_temp
+    s_scale, t_scale = LOG2E / student_temp, LOG2E
     coef = (weights.float() / student_temp).contiguous()
     row_loss = torch.empty(S, dtype=torch.float32, device=dev)
     dz = torch.empty(S if grad_z else 0, D, dtype=dtype, device=dev)
@@ -115,8 +114,7 @@ def prototype_ce_chunked(student_z: torch.Tensor, w_s: torch.Tensor, teacher_z: 
 
 
 @prototype_ce_chunked.register_fake
-def _(student_z, w_s, teacher_z, w_t, bias, pairs, weights, student_temp, teacher_temp, chunk_bytes, grad_z,
-      grad_w):
+def _(student_z, w_s, teacher_z, w_t, bias, pairs, weights, student_temp, chunk_bytes, grad_z, grad_w):
     S, D = student_z.shape
     return (student_z.new_empty((), dtype=torch.float32), student_z.new_empty((S if grad_z else 0, D)),
             student_z.new_empty((w_s.shape[0] if grad_w else 0, D), dtype=torch.float32))
@@ -137,7 +135,7 @@ def _backward(ctx, grad_loss, _grad_dz, _grad_dw):
     want_z, want_w = ctx.needs_input_grad[:2]
     gz = (dz.float() * grad).to(z_dtype) if want_z else None
     gw = (dw * grad).to(w_dtype) if want_w else None
-    return (gz, gw) + (None,) * 10
+    return (gz, gw) + (None,) * 9
 
 
 prototype_ce_chunked.register_autograd(_backward, setup_context=_setup_context)

@@ -9,7 +9,6 @@
     Sinkhorn-Knopp:     b = log r, the row scaling after the last row update (factorised form,
                         docs/loss_math.md). The final column normalisation of SK *is* this
                         softmax, so SK differs from centering only in how b is found.
-- ``scalar_tensor``: a temperature as the custom ops take it (no recompile per value under torch.compile).
 - ``accumulate_dw_``: dW += dSᵀ·z into an fp32 accumulator (the slab and chunked paths' weight gradient).
 - ``sinkhorn_log_scaling``: the SK iterations in log domain, given two streaming reductions over the
   teacher logits (one per prototype, one per token), with the per-prototype sums all-reduced over
@@ -100,14 +99,6 @@ def check_pair_range(pairs: torch.Tensor, n_teacher: int) -> None:
         lo, hi = torch.stack(torch.aminmax(pairs)).tolist()   # the error path only
         raise ValueError(f"prototype_cross_entropy: pairs must index teacher rows in [0, {n_teacher}), "
                          f"got values in [{lo}, {hi}]") from None
-
-
-def scalar_tensor(value) -> torch.Tensor:
-    """A temperature as the custom ops take it: a 0-dim float64 CPU tensor (read on the host, no device
-    sync). Made by tensor arithmetic, so that under torch.compile a value that changes from step to step
-    (the teacher temperature's warm-up) is one graph input, not a constant baked into the graph (a new
-    graph per value: a float argument, ``float()`` or ``torch.tensor()`` all specialise on it)."""
-    return torch.ones((), dtype=torch.float64) * value
 
 
 def weight_normed(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

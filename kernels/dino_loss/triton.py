@@ -33,8 +33,8 @@ from .._backend import interpreting
 from ..triton_utils import LN2, LOG2E, autotune_configs, block_d, constexprs_of, launch_config, precision
 from . import chunked as _chunked
 from . import kernels as K
-from .common import (accumulate_dw_, check_arguments, check_backward, center_statistic, scalar_tensor,
-                     sinkhorn_log_scaling, teacher_bias,
+from .common import (accumulate_dw_, check_arguments, check_backward, center_statistic, sinkhorn_log_scaling,
+                     teacher_bias,
                      unsupported_on_gpu, weight_normed)
 
 
@@ -161,12 +161,11 @@ class Options:
 # implementations for shapes and an autograd formula. Options travel as plain arguments.
 @torch.library.custom_op("fasttips::prototype_ce_fused", mutates_args=())
 def prototype_ce_fused(student_z: torch.Tensor, w_s: torch.Tensor, teacher_z: torch.Tensor, w_t: torch.Tensor,
-                       bias: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, student_temp: torch.Tensor,
-                       teacher_temp: torch.Tensor, backward: str, slab_bytes: int, k_splits: Optional[int],
-                       interpret_k_tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       bias: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, student_temp: float,
+                       backward: str, slab_bytes: int, k_splits: Optional[int], interpret_k_tiles: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse_s, lse_t): the forward kernel; the per-row base-2 LSEs are kept for the backward.
-    Temperatures are 0-dim CPU tensors (``common.scalar_tensor``)."""
-    student_temp, teacher_temp = float(student_temp), float(teacher_temp)
+    ``w_t`` comes divided by the teacher temperature (``prototype_cross_entropy``)."""
     S, D = student_z.shape
     K = w_s.shape[0]
     dev = student_z.device
@@ -176,14 +175,14 @@ def prototype_ce_fused(student_z: torch.Tensor, w_s: torch.Tensor, teacher_z: to
     if S:
         _launch("_forward_kernel", S, True, student_z, teacher_z, pairs, w_s, w_t, bias, part,
                 S, K, D, k_split, student_z.stride(0), teacher_z.stride(0), w_s.stride(0), w_t.stride(0),
-                LOG2E / student_temp, LOG2E / teacher_temp, splits=splits, **opts)
+                LOG2E / student_temp, LOG2E, splits=splits, **opts)
     row_loss, lse_s, lse_t = _merge_slices(part)
     return (weights.float() * row_loss).sum(), lse_s, lse_t
 
 
 @prototype_ce_fused.register_fake
-def _(student_z, w_s, teacher_z, w_t, bias, pairs, weights, student_temp, teacher_temp, backward, slab_bytes,
-      k_splits, interpret_k_tiles):
+def _(student_z, w_s, teacher_z, w_t, bias, pairs, weights, student_temp, backward, slab_bytes, k_splits,
+      interpret_k_tiles):
     S = student_z.shape[0]
     stat = dict(dtype=torch.float32)
     return student_z.new_empty((), **stat), student_z.new_empty((S,), **stat), student_z.new_empty((S,), **stat)
@@ -193,17 +192,15 @@ def _(student_z, w_s, teacher_z, w_t, bias, pairs, weights, student_temp, teache
 def prototype_ce_fused_backward(grad_loss: torch.Tensor, student_z: torch.Tensor, w_s: torch.Tensor,
                                 teacher_z: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor, pairs: torch.Tensor,
                                 weights: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
-                                student_temp: torch.Tensor, teacher_temp: torch.Tensor, backward: str,
-                                slab_bytes: int, k_splits: Optional[int], interpret_k_tiles: int
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
+                                student_temp: float, backward: str, slab_bytes: int, k_splits: Optional[int],
+                                interpret_k_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(d student_z, d w_s) in their dtypes, by the fused kernels or the slab backward (``backward``)."""
-    student_temp, teacher_temp = float(student_temp), float(teacher_temp)
     options = Options(backward, slab_bytes, k_splits, interpret_k_tiles)
     S, D = student_z.shape
     K = w_s.shape[0]
     coef = (grad_loss.float() * weights.float() / student_temp).contiguous()
     common = (student_z, teacher_z, pairs, w_s, w_t, bias, lse_s, lse_t, coef)
-    scales = (LOG2E / student_temp, LOG2E / teacher_temp)
+    scales = (LOG2E / student_temp, LOG2E)          # w_t is already divided by the teacher temperature
     if not S:
         dz = torch.zeros(S, D, dtype=torch.float32, device=student_z.device)
         dw = torch.zeros(K, D, dtype=torch.float32, device=w_s.device)
@@ -223,14 +220,14 @@ def _fused_setup_context(ctx, inputs, output):
     student_z, w_s, teacher_z, w_t, bias, pairs, weights = inputs[:7]
     _, lse_s, lse_t = output
     ctx.save_for_backward(student_z, w_s, teacher_z, w_t, bias, pairs, weights, lse_s, lse_t)
-    ctx.arguments = inputs[7:]          # temperatures and options
+    ctx.arguments = inputs[7:]          # the student temperature and the options
     ctx.mark_non_differentiable(lse_s, lse_t)
 
 
 def _fused_autograd(ctx, grad_loss, _grad_lse_s, _grad_lse_t):
     dz, dw = prototype_ce_fused_backward(grad_loss, *ctx.saved_tensors, *ctx.arguments)
     want_z, want_w = ctx.needs_input_grad[:2]
-    return (dz if want_z else None, dw if want_w else None) + (None,) * 11
+    return (dz if want_z else None, dw if want_w else None) + (None,) * 10
 
 
 prototype_ce_fused.register_autograd(_fused_autograd, setup_context=_fused_setup_context)
@@ -292,11 +289,9 @@ def slab_rows(K: int, itemsize: int, slab_bytes: int = SLAB_BYTES) -> int:
 # Sinkhorn-Knopp reductions and the op
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fasttips::prototype_lse", mutates_args=())
-def prototype_lse(z: torch.Tensor, w: torch.Tensor, row_bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Per prototype k: LSE_j(z_j·w_k·scale + row_bias_j) over the rows of z (−inf without rows); scale a
-    0-dim CPU tensor."""
+def prototype_lse(z: torch.Tensor, w: torch.Tensor, row_bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per prototype k: LSE_j(z_j·w_k·scale + row_bias_j) over the rows of z (−inf without rows)."""
     (N, D), K = z.shape, w.shape[0]
-    scale = float(scale)
     out = torch.full((K,), float("-inf"), dtype=torch.float32, device=w.device)
     if N:
         _launch("_prototype_lse_kernel", K, False, z, w, row_bias, out, N, K, D, z.stride(0), w.stride(0),
@@ -310,10 +305,9 @@ def _(z, w, row_bias, scale):
 
 
 @torch.library.custom_op("fasttips::token_lse", mutates_args=())
-def token_lse(z: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Per row j of z: LSE_k(z_j·w_k·scale + bias_k) over the prototypes; scale a 0-dim CPU tensor."""
+def token_lse(z: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per row j of z: LSE_k(z_j·w_k·scale + bias_k) over the prototypes."""
     (N, D), K = z.shape, w.shape[0]
-    scale = float(scale)
     out = torch.empty(N, dtype=torch.float32, device=w.device)
     if N:
         _launch("_token_lse_kernel", N, True, z, w, bias, out, N, K, D, z.stride(0), w.stride(0),
@@ -326,8 +320,8 @@ def _(z, w, bias, scale):
     return z.new_empty((z.shape[0],), dtype=torch.float32)
 
 
-def _sinkhorn_bias(teacher_z, w_t, teacher_temp, n_iterations, group):
-    scale = scalar_tensor(1.0) / teacher_temp
+def _sinkhorn_bias(teacher_z, w_t, n_iterations, group):
+    scale = 1.0                    # w_t comes divided by the teacher temperature
 
     def row_lse(log_c):            # per prototype: LSE over this rank's rows
         return prototype_lse(teacher_z, w_t, log_c.contiguous(), scale)
@@ -367,13 +361,16 @@ def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_
     with torch.no_grad():
         w_t32 = weight_normed(teacher_v.detach(), teacher_g.detach())
         center_stat = center_statistic(teacher_z.detach(), w_t32)   # mean_rows(z_t W_tᵀ); zeros for no rows
-        w_t = w_t32.to(dtype).contiguous()
+        # The teacher temperature folded into the teacher's prototypes (in fp32, before their one cast to
+        # the features' dtype): the kernels and custom ops never take it. It changes every step of its
+        # warm-up, and as an op argument torch.compile would bake each value into a new graph.
+        w_t = (w_t32 / teacher_temp).to(dtype).contiguous()
         z_t = teacher_z.detach().to(dtype).contiguous()
         bias = teacher_bias(center, teacher_temp, centering, K, student_z.device,
-                            sinkhorn=lambda: _sinkhorn_bias(z_t, w_t, teacher_temp, int(sk_iterations), group))
+                            sinkhorn=lambda: _sinkhorn_bias(z_t, w_t, int(sk_iterations), group))
         bias = bias.contiguous()
     inputs = (student_z.contiguous(), w_s, z_t, w_t, bias, pairs.contiguous(), weights.detach().contiguous(),
-              scalar_tensor(student_temp), scalar_tensor(teacher_temp))
+              float(student_temp))
     if backward == "chunked":
         # the gradients are formed in the forward: ask for them only where autograd will want them
         grads = torch.is_grad_enabled()

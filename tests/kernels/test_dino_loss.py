@@ -381,13 +381,13 @@ def test_sinkhorn_row_sums_across_two_gloo_ranks(seed, tmp_path, rank1_rows):
 # ------------------------------------------------------------------------------------------------
 def op_inputs(seed_problem, grad=True):
     """The custom ops' inputs for a small problem: features and head as the Triton path passes them."""
-    from fasttips.kernels.dino_loss.common import scalar_tensor, weight_normed
+    from fasttips.kernels.dino_loss.common import weight_normed
     p = seed_problem
     z_s = p["student_z"].clone().requires_grad_(grad)
     w_s = weight_normed(p["student_v"], p["student_g"]).detach().contiguous().requires_grad_(grad)
-    w_t = weight_normed(p["teacher_v"], p["teacher_g"]).contiguous()
+    w_t = (weight_normed(p["teacher_v"], p["teacher_g"]) / 0.04).contiguous()    # τ_t = 0.04 folded in
     bias = (-p["center"] / 0.04).contiguous()
-    return (z_s, w_s, p["teacher_z"], w_t, bias, p["pairs"], p["weights"], scalar_tensor(0.1), scalar_tensor(0.04))
+    return (z_s, w_s, p["teacher_z"], w_t, bias, p["pairs"], p["weights"], 0.1)
 
 
 def _op_cases():
@@ -399,8 +399,8 @@ def _op_cases():
         "fused_backward": lambda p: (T.prototype_ce_fused_backward, _fused_backward_inputs(p)),
         "chunked": lambda p: (C.prototype_ce_chunked, op_inputs(p) + (budget, True, True)),
         "chunked_no_grad": lambda p: (C.prototype_ce_chunked, op_inputs(p, grad=False) + (budget, False, False)),
-        "prototype_lse": lambda p: (T.prototype_lse, (p["teacher_z"], op_inputs(p)[3], torch.randn(4), op_inputs(p)[8])),
-        "token_lse": lambda p: (T.token_lse, (p["teacher_z"], op_inputs(p)[3], torch.randn(70), op_inputs(p)[8])),
+        "prototype_lse": lambda p: (T.prototype_lse, (p["teacher_z"], op_inputs(p)[3], torch.randn(4), 1.0)),
+        "token_lse": lambda p: (T.token_lse, (p["teacher_z"], op_inputs(p)[3], torch.randn(70), 1.0)),
     }
 
 
@@ -442,7 +442,7 @@ def test_a_changing_teacher_temperature_does_not_recompile(seed, backend):
     """The teacher temperature changes every step of its warm-up. Compiled, the loss takes it as a graph
     input (one recompile, from the first value to a symbolic one), not as a constant baked into a new
     graph per value (which, past torch._dynamo's recompile limit, would silently run eager). The
-    Triton path's custom ops take temperatures as 0-dim tensors for this (common.scalar_tensor)."""
+    Triton path's custom ops never take it: it is folded into the teacher's prototypes."""
     from torch._dynamo.utils import counters
     problem = make_problem(S=9, T=4, K=70, d=16)
 
