@@ -526,6 +526,24 @@ def test_cuda_dw_accumulates_in_fp32_without_a_product_tensor(seed, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backward", ["fused", "chunked"])
+def test_cuda_compiled_loss_matches_eager(seed, backward):
+    """The custom ops under torch.compile(fullgraph=True) with inductor and the compiled kernels: the
+    same loss and gradients as eager (bf16 features; inductor may fuse the weight norm differently)."""
+    problem = make_problem(S=700, T=100, K=4097, d=256, device="cuda")
+    low = dict(problem, student_z=problem["student_z"].bfloat16(), teacher_z=problem["teacher_z"].bfloat16())
+
+    def loss_fn(**kwargs):
+        return prototype_cross_entropy(**kwargs, backend="triton", backward=backward, centering="sinkhorn_knopp")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    for a, e in zip(run(compiled, low), run(loss_fn, low)):
+        torch.testing.assert_close(a.float(), e.float(), atol=2e-2 * e.abs().max().clamp(min=1e-3).item(),
+                                   rtol=2e-2)
+
+
+@pytest.mark.gpu
 def test_cuda_fp32_takes_the_reference_exactly(seed):
     problem = make_problem(S=300, T=50, K=2000, d=256, device="cuda")
     expected = run(naive.prototype_cross_entropy, problem, centering="sinkhorn_knopp")

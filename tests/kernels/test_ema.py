@@ -338,3 +338,23 @@ def _fsdp_worker():
 
 if __name__ == "__main__":
     _fsdp_worker()
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_update_matches_eager(seed):
+    """The custom op under torch.compile(fullgraph=True) with inductor on a GPU: the mutation of the
+    teacher list reaches the caller's tensors (momentum on the device, as training passes it)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("compiled-kernel test: run with TRITON_INTERPRET=0")
+    teacher = [torch.randn(n, device="cuda") for n in (5000, 1, 70000)]
+    student = [torch.randn(n, device="cuda").bfloat16() for n in (5000, 1, 70000)]
+    momentum = torch.tensor(0.99, device="cuda")
+    expected = _expected(teacher, student, momentum)
+
+    def update(t, s, m):
+        ema_update_(t, s, m)
+
+    torch._dynamo.reset()
+    torch.compile(update, fullgraph=True)(teacher, student, momentum)
+    _check(teacher, expected)
+
