@@ -18,7 +18,12 @@ SLAB_BYTES, 256 MiB: 2048 rows at K = 65536 in bf16). The slab path is checked b
 
 On GPU the kernels take bf16/fp16 features with d ≤ 256; the dispatch (``fasttips.kernels``) sends fp32
 features or a wider bottleneck to the chunked reference with a warning (``common.unsupported_on_gpu``).
-Measurements: NOTES.md.
+
+torch.compile: every path is a torch.library custom op with a fake (``fasttips::prototype_ce_fused`` and
+its ``_backward``, ``fasttips::prototype_ce_chunked``, ``fasttips::prototype_lse`` / ``token_lse``), so
+Dynamo treats each as one opaque call. The teacher temperature is folded into the teacher's prototypes
+(fp32, before their cast) and is no op's argument: as one it would be a constant of a compiled graph,
+recompiled at every step of its warm-up. Measurements: NOTES.md.
 """
 from __future__ import annotations
 
