@@ -43,6 +43,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
 WandbMode = Literal["online", "offline"]
 KernelDispatch = Literal["measured", "fasttips", "pytorch"]
+CompileMode = Literal["off", "blocks", "step"]
 
 FFNS = get_args(Ffn)
 CONTRASTIVE_LOSSES = get_args(ContrastiveLoss)
@@ -52,6 +53,7 @@ PROTOTYPE_CES = get_args(PrototypeCe)
 TEACHER_MODES = get_args(TeacherMode)
 TEACHER_FEATURES = get_args(TeacherFeatures)
 PIXEL_NORMS = get_args(PixelNorm)
+COMPILE_MODES = get_args(CompileMode)
 
 
 def setting(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
@@ -255,7 +257,10 @@ class TrainConfig:
                                      "(pip install 'fasttips[wandb]'); empty = off")
     wandb_mode: WandbMode = setting("online", "W&B: online = upload as it runs; offline = write under "
                                               "RUN_DIR/wandb for a later `wandb sync`")
-    compile: bool = setting(False, "torch.compile the model")
+    compile: CompileMode = setting("off", "torch.compile: off; blocks = each transformer block on its own "
+                                          "(one graph reused by every block); step = the whole student "
+                                          "forward (towers, heads, losses) as one graph. A boolean from an "
+                                          "older config reads as true = blocks, false = off")
     activation_checkpointing: bool = setting(False, "recompute block activations in the backward "
                                                     "(less memory, more compute)")
     init_from: str = setting("", "warm start: a Hugging Face tipsv2 folder, a TIPS npz pair or a fasttips "
@@ -360,6 +365,19 @@ RETIRED: dict[str, tuple[Any, str]] = {
 }
 
 
+# Fields whose type changed: the values an older config may hold, and what they mean now.
+# (YAML also reads a bare on/off as true/false, so `train.compile=off` arrives as False.)
+LEGACY_VALUES: dict[str, dict[bool, Any]] = {
+    "train.compile": {False: "off", True: "blocks"},   # was a bool: true compiled each block
+}
+
+
+def _legacy(dotted: str, value: Any) -> Any:
+    if isinstance(value, bool) and dotted in LEGACY_VALUES:
+        return LEGACY_VALUES[dotted][value]
+    return value
+
+
 def _retired(dotted: str, value: Any) -> bool:
     """True (after a warning) for a retired key holding its only possible value; raise for another."""
     if dotted not in RETIRED:
@@ -447,7 +465,7 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
         return
     obj, name = _section_and_field(cfg, dotted)
     typ = _hints(type(obj))[name]
-    setattr(obj, name, _coerce(dotted, typ, value))
+    setattr(obj, name, _coerce(dotted, typ, _legacy(dotted, value)))
 
 
 def preset(name: str) -> Config:
@@ -686,7 +704,7 @@ def describe() -> str:
 
 __all__ = ["Config", "ConfigError", "PRESETS", "RETIRED", "load", "preset", "save", "set_value", "to_dict",
            "from_dict", "validate", "check_runnable", "describe", "keys", "setting",
-           "CENTERINGS", "CONTRASTIVE_LOSSES", "FFNS", "IBOT_TOKENS", "PIXEL_NORMS", "PROTOTYPE_CES",
+           "CENTERINGS", "COMPILE_MODES", "CONTRASTIVE_LOSSES", "FFNS", "IBOT_TOKENS", "PIXEL_NORMS", "PROTOTYPE_CES",
            "TEACHER_FEATURES", "TEACHER_MODES"] + [c.__name__ for c in (
                VisionConfig, TextConfig, HeadConfig, LossConfig, TeacherConfig, DataConfig,
                OptimConfig, TrainConfig, EvalConfig, DistConfig, KernelsConfig)]

@@ -85,6 +85,26 @@ def test_quick_dino_loss_on_cpu(tmp_path, capsys):
     assert {r["case"]["mode"] for r in rows} == {"fwd", "fwd_bwd"}
 
 
+def test_dino_loss_targets_compare_each_path_with_compile_and_eager():
+    """The issue-27 summary at the target case: speed over torch-compile's, memory as % of eager's."""
+    sys.path.insert(0, str(BENCH_DIR))
+    bench = benchcli.load_bench("bench_dino_loss.py")
+    T, K = bench.TARGET
+
+    def row(impl, ms, peak, mode="fwd_bwd", case=(T, K), **extra):
+        return {"impl": impl, "ms": ms, "peak_mem": peak, "case": {"T": case[0], "K": case[1], "mode": mode},
+                **extra}
+
+    rows = [row("torch-compile", 13.0, 8e9), row("torch-eager", 50.0, 16e9), row("fasttips", 18.0, 0.4e9),
+            row("fasttips-chunked", 6.5, 0.5e9), row("fasttips-chunked", 1.0, 0.1e9, mode="fwd"),
+            row("fasttips-slab", 1.0, 1e6, case=(4096, K)), row("fasttips-slab", 9.0, 1e9, oom=True)]
+    got = {r["impl"]: r for r in bench.targets(rows)}
+    assert got["fasttips-chunked"]["speedup_vs_compile"] == pytest.approx(2.0)
+    assert got["fasttips-chunked"]["memory_pct_of_eager"] == pytest.approx(100 * 0.5 / 16)
+    assert got["fasttips-chunked"]["met"] and not got["fasttips"]["met"]          # 0.72× compile
+    assert got["fasttips-slab"]["speedup_vs_compile"] is None and not got["fasttips-slab"]["met"]
+
+
 @pytest.mark.slow
 def test_quick_all_writes_every_bench(tmp_path, capsys):
     _run(["all"], tmp_path, capsys)

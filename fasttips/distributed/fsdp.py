@@ -188,11 +188,25 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
             blocks[i] = checkpoint_wrapper(block)
 
 
+# Keyword arguments of every torch.compile call here (tests set backend="aot_eager": inductor's CPU
+# code generation takes minutes on a small machine).
+COMPILE_OPTIONS: dict = {}
+
+
 def apply_compile(model: nn.Module) -> None:
-    """Compile each block in place (keeps parameter names; one graph reused by every block)."""
+    """``train.compile=blocks``: compile each block in place (keeps parameter names; one graph reused by
+    every block)."""
     for blocks in block_lists(model):
         for block in blocks:
-            block.compile()
+            block.compile(**COMPILE_OPTIONS)
+
+
+def compile_step(root: nn.Module) -> None:
+    """``train.compile=step``: compile the loss forward in place, the whole student forward of a
+    micro-batch (towers, heads, teacher targets, losses) and, through AOTAutograd, its backward. The
+    kernels are custom ops and the packed ViT traces into one graph, so the step is one graph apart
+    from what Dynamo cannot trace (it then splits the graph rather than fail)."""
+    root.compile(**COMPILE_OPTIONS)
 
 
 def mixed_precision_policy(ctx: DistContext):
@@ -270,19 +284,23 @@ def gathered(modules: list[nn.Module]):
 
 def parallelize(model: nn.Module, teacher_modules: list[nn.Module], ctx: DistContext, cfg,
                 compute_losses) -> LossForward:
-    """The fixed order: activation checkpointing → per-block compile → FSDP2. Returns the module to
-    call for the losses: ``loss_forward(teacher, state, batch, step_values, cfg)``."""
+    """The fixed order: activation checkpointing → per-block compile → FSDP2 → whole-step compile (one
+    of the two compiles, ``train.compile``). Returns the module to call for the losses:
+    ``loss_forward(teacher, state, batch, teacher_temp, cfg)``."""
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
-    if cfg.train.compile:
+    if cfg.train.compile == "blocks":
         apply_compile(model)
     root = LossForward(model, compute_losses)
     if ctx.sharded:
         shard(model, teacher_modules, ctx, root)
+    if cfg.train.compile == "step":
+        compile_step(root)
     return root
 
 
 __all__ = ["DistContext", "init_distributed", "mesh_shape", "mesh_text", "build_mesh", "shutdown",
            "parallelize", "shard", "LossForward", "gathered", "needs_gathering", "block_lists",
-           "head_modules", "apply_activation_checkpointing", "apply_compile", "mixed_precision_policy",
+           "head_modules", "apply_activation_checkpointing", "apply_compile", "compile_step", "COMPILE_OPTIONS",
+           "mixed_precision_policy",
            "resolve_device", "resolve_param_dtype"]
