@@ -10,6 +10,8 @@
 #
 # Stages (estimates on one H100/H200, seconds):
 #   env        environment, nvidia-smi, the matmul and copy ceilings                            20
+#   dispatch   measured dispatch on the bench shapes: every op's candidates timed, the decisions 150
+#   step_dispatch  vit-l step, compiled: auto (measured dispatch) vs plain vs fasttips-only     240
 #   attention  per kernel and config, N = 256/257/272, 1025 and 50, with the SDPA peers          100
 #   dino_loss  prototype cross-entropy paths at T = 16384, K = 65536                             60
 #   step       vit-l step: fasttips vs plain (full-EMA and head-only teachers), eager + compiled 170
@@ -91,12 +93,16 @@ supports bench/bench_attention.py --seqlens && ATTN_FLAGS+=(--seqlens 256,257,27
 supports bench/bench_attention.py --graph && ATTN_FLAGS+=(--graph)
 
 if [ "$DRY" = 1 ]; then
+  DISPATCH=(--budget-s 5)
+  STEP_DISPATCH=(--quick --kernels auto,plain,fasttips-only --compile on --no-max-batch)
   STEP=(--quick --compile off,on --no-max-batch)
   PROFILE=(--quick --kernels auto,plain)
   MAXB=(--quick --kernels auto --max-batch-refine 1)   # the search itself is CUDA-only: a smoke run
   LOSS=(--quick --no-compile)
   GPU_TESTS=(tests/test_step_sync.py)
 else
+  DISPATCH=(--quick --budget-s 30)
+  STEP_DISPATCH=(--preset vit-l --batch 64,32 --kernels auto,plain,fasttips-only --compile on --no-max-batch)
   STEP=(--preset vit-l --batch 64,32 --kernels auto,plain,plain-head --compile off,on --no-max-batch)
   PROFILE=(--preset vit-l --batch 64 --kernels auto,plain)
   MAXB=(--preset vit-l --batch 64,32 --kernels plain,auto --max-batch-refine 1)
@@ -121,6 +127,8 @@ if device.type == "cuda":
 harness.stream_row(row)
 print(json.dumps(row, indent=1))
 EOF
+stage dispatch 150 "$PY" bench/bench_dispatch.py "${DISPATCH[@]}"
+stage step_dispatch 240 "$PY" bench/bench_train_step.py "${STEP_DISPATCH[@]}"
 stage attention 100 "$PY" bench/bench_attention.py $Q "${ATTN_FLAGS[@]}"
 stage dino_loss 60 "$PY" bench/bench_dino_loss.py "${LOSS[@]}"
 stage step 170 "$PY" bench/bench_train_step.py "${STEP[@]}"

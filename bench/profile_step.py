@@ -21,7 +21,7 @@ The scopes come from the chrome trace: each kernel's ``External id`` names the C
 it, and CPU ops nest by time on their thread. To make scopes reliable, this script wraps the four
 fasttips ops (``fasttips.kernels.attention``/``attention_varlen``/``prototype_cross_entropy``/
 ``ema_update_``) in ``record_function("fasttips.<op>")`` for the profiled step; backward kernels are
-recognised by the autograd node that runs them (``..._FusedPrototypeCEBackward``, ``attn_bwd_...``,
+recognised by the autograd node that runs them (``GeneratedBackwardFor_fasttips_prototype_ce_...``, ``attn_bwd_...``,
 ``...AttentionBackward``). Known limit: on the CPU the reference attention's backward is plain
 ``bmm``/softmax-backward ops under generic autograd nodes, so it counts as GEMMs/elementwise.
 
@@ -56,8 +56,8 @@ RULES: list[tuple[str, re.Pattern]] = [(c, re.compile(p, re.IGNORECASE)) for c, 
     ("optimiser", r"Optimizer\.(step|zero_grad)|adamw?|multi_tensor_apply.*Adam|clip_grad|_foreach_norm|"
                   r"fasttips\.optimiser"),
     ("EMA", r"fasttips\.ema|ema_update|_ema_chunks_kernel"),
-    ("prototype CE", r"fasttips\.prototype_ce|PrototypeCE|prototype_cross_entropy|_grad_[zws]_kernel|"
-                     r"_(token|prototype)_lse_kernel|dino_loss"),
+    ("prototype CE", r"fasttips(\.|::|_)prototype_ce|PrototypeCE|prototype_cross_entropy|_grad_[zws]_kernel|"
+                     r"_row_ce_kernel|(token|prototype)_lse|dino_loss"),
     ("attention", r"fasttips\.attention|attn|attention|flash|fmha|sdpa|scaled_dot_product"),
     ("GEMMs", r"gemm|cublas|cutlass|nvjet|xmma|wgmma|aten::(mm|addmm|bmm|baddbmm|matmul|linear|_convolution|"
               r"convolution|conv2d|cudnn_convolution)|\b(Mm|Addmm|Bmm|Convolution)Backward|triton_tem_fused_mm"),

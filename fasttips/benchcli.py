@@ -1,7 +1,8 @@
 """``fasttips bench``: run the benchmarks in bench/ and print their ratio tables, or redraw the plots.
 
-    fasttips bench [attention|dino-loss|ema|data|step|all ...] [--quick] [--plot] [--no-write]
+    fasttips bench [attention|dino-loss|ema|data|step|checkpoint|dispatch|all ...] [--quick] [--plot] [--no-write]
                    [--results DIR]
+    fasttips bench dispatch [--timings FILE ...] [--json] ...   (``fasttips bench dispatch --help``)
 
 Benchmarks are the scripts of the repository's bench/ folder, installed with the package as
 ``fasttips.bench`` (so this works from a wheel as well as from a checkout), each exposing
@@ -10,7 +11,8 @@ bench/results/ in a source checkout, else to ./bench-results/ (or ``--results DI
 redraws the PNG plots from the JSON in that folder into its plots/ subfolder (it runs nothing when
 given alone). Without CUDA, ``--quick`` runs tiny
 shapes on the PyTorch reference backends (a smoke test of the benches; peers that need CUDA are
-skipped with a printed reason).
+skipped with a printed reason). ``dispatch`` runs the measured dispatch on the bench shapes and prints
+its decisions, or with ``--timings`` replays them from bench rows (bench/bench_dispatch.py).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ BENCHES = {
     "ema": "bench_ema.py",
     "data": "bench_data.py",
     "step": "bench_train_step.py",
+    "checkpoint": "bench_checkpoint.py",
+    "dispatch": "bench_dispatch.py",
 }
 
 
@@ -77,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["dispatch"]:           # its own options (--timings, --json, ...): its own parser
+        return load_bench(BENCHES["dispatch"]).main(argv[1:])
     args = parser().parse_args(argv)
     names = list(args.names) or ([] if args.plot else ["all"])
     if "all" in names:

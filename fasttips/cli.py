@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fasttips: unknown command {name!r}; choose one of {list(COMMANDS)}\n\n{usage()}",
               file=sys.stderr)
         return 2
+    if name == "train":     # its imports take seconds: a stop signal there gets the start-up line, exit 0
+        from fasttips.distributed.signals import StopRequest
+        StopRequest(startup=True).install()
     module = importlib.import_module(COMMANDS[name][0])
     result = module.main(rest)
     return int(result or 0)

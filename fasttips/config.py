@@ -31,7 +31,7 @@ Ffn = Literal["gelu", "swiglu"]
 ContrastiveLoss = Literal["clip", "siglip"]
 Centering = Literal["softmax", "sinkhorn_knopp"]
 IbotTokens = Literal["all", "masked"]
-PrototypeCe = Literal["fused", "slab", "chunked"]
+PrototypeCe = Literal["auto", "fused", "slab", "chunked"]
 TeacherMode = Literal["head_ema", "full_ema"]
 TeacherFeatures = Literal["detached", "separate_no_grad"]
 MomentumSchedule = Literal["cosine", "constant"]
@@ -42,6 +42,8 @@ PixelNorm = Literal["tips", "imagenet"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
 WandbMode = Literal["online", "offline"]
+KernelDispatch = Literal["measured", "fasttips", "pytorch"]
+CompileMode = Literal["off", "blocks", "step"]
 
 FFNS = get_args(Ffn)
 CONTRASTIVE_LOSSES = get_args(ContrastiveLoss)
@@ -51,6 +53,7 @@ PROTOTYPE_CES = get_args(PrototypeCe)
 TEACHER_MODES = get_args(TeacherMode)
 TEACHER_FEATURES = get_args(TeacherFeatures)
 PIXEL_NORMS = get_args(PixelNorm)
+COMPILE_MODES = get_args(CompileMode)
 
 
 def setting(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
@@ -131,9 +134,9 @@ class LossConfig:
                                               "(softmax) or Sinkhorn-Knopp")
     center_momentum: float = setting(0.9, "EMA momentum of the softmax centers", ge=0, le=1)
     sk_iterations: int = setting(3, "Sinkhorn-Knopp iterations (loss.centering=sinkhorn_knopp)", ge=1)
-    prototype_ce: PrototypeCe = setting("fused", "DINO/iBOT prototype cross-entropy implementation on GPU: "
-                                                 "fused (measured), slab or chunked (both unmeasured on a "
-                                                 "GPU so far; kernels/dino_loss/NOTES.md)")
+    prototype_ce: PrototypeCe = setting("auto", "DINO/iBOT prototype cross-entropy implementation: auto = the "
+                                                "one kernels.dispatch picks; fused, slab or chunked force that "
+                                                "Triton path on GPU (kernels/dino_loss/NOTES.md)")
     ibot_tokens: IbotTokens = setting("all", "patch tokens in the iBOT loss: all = iBOT++ (TIPSv2), "
                                              "masked = DINOv2's iBOT")
     ibot_masked_weight: float = setting(1.0, "iBOT++ weight of the masked patch tokens", ge=0)
@@ -203,6 +206,11 @@ class DataConfig:
                                              "corrupt image stops DALI), else header")
     retries: int = setting(3, "retries of a failed remote shard read (s3://, gs://, https://...), with "
                               "exponential backoff", ge=0)
+    outage_deadline_s: float = setting(600.0, "seconds a training run keeps trying a remote shard that "
+                                              "stops answering once data.retries are spent (pauses of up to "
+                                              "30 s); then it checkpoints and stops with exit 5, and --resume "
+                                              "continues with the samples not yet seen. An outage never "
+                                              "skips samples; 0 = stop at once", ge=0)
 
 
 @dataclass
@@ -232,19 +240,27 @@ class OptimConfig:
 class TrainConfig:
     """The run: length, device, logging and checkpoints."""
     steps: int = setting(100, "optimiser steps in the run", ge=1)
-    seed: int = setting(0, "random seed (any integer; each rank adds 1000 × its rank)")
+    seed: int = setting(0, "random seed (any integer; each rank adds 1000 × its rank; a resume on another "
+                           "number of ranks seeds each rank from (seed, step, rank))")
     device: Device = setting("auto", "auto = CUDA when available, else CPU")
     precision: Precision = setting("auto", "parameter precision: auto = bf16 on CUDA, fp32 on CPU")
     run_dir: str = setting("runs/default", "output folder: config, metrics, checkpoints, plots")
     log_every: int = setting(1, "metrics line every N steps (also the last and every skipped step)", ge=1)
     ckpt_every: int = setting(50, "checkpoint every N steps (and at the end and when stopped)", ge=1)
     keep_ckpts: int = setting(2, "complete checkpoints kept; older ones are deleted", ge=1)
+    async_checkpoint: bool = setting(True, "write checkpoints in the background while the steps go on "
+                                           "(DCP async_save from a host copy, pinned on a GPU; one write in "
+                                           "flight); supported: one process, gloo or NCCL; false = the "
+                                           "step loop waits for each write")
     max_nonfinite: int = setting(5, "consecutive non-finite steps (skipped) before the run stops", ge=1)
     wandb_project: str = setting("", "Weights & Biases project for the metrics, config and loss curve "
                                      "(pip install 'fasttips[wandb]'); empty = off")
     wandb_mode: WandbMode = setting("online", "W&B: online = upload as it runs; offline = write under "
                                               "RUN_DIR/wandb for a later `wandb sync`")
-    compile: bool = setting(False, "torch.compile the model")
+    compile: CompileMode = setting("off", "torch.compile: off; blocks = each transformer block on its own "
+                                          "(one graph reused by every block); step = the whole student "
+                                          "forward (towers, heads, losses) as one graph. A boolean from an "
+                                          "older config reads as true = blocks, false = off")
     activation_checkpointing: bool = setting(False, "recompute block activations in the backward "
                                                     "(less memory, more compute)")
     init_from: str = setting("", "warm start: a Hugging Face tipsv2 folder, a TIPS npz pair or a fasttips "
@@ -256,6 +272,44 @@ class EvalConfig:
     """Evaluation during training."""
     every: int = setting(0, "evaluate every N steps; 0 = only when asked (fasttips eval)", ge=0)
     n_images: int = setting(64, "demo images used by each evaluation", ge=1)
+    suites: str = setting("", "benchmark suites that eval.every runs instead of the demo evaluation, "
+                              "comma-separated, as `fasttips eval --suite` takes them (e.g. 'knn,voc-linear'); "
+                              "metrics.jsonl gets eval/<suite>/<metric>; empty = the demo evaluation")
+    data_root: str = setting("", "folder holding the eval.suites datasets, each in its usual folder under it "
+                                 "(as `fasttips eval --data-root`)")
+    limit: int = setting(0, "eval.suites: only the first N samples of each split, to keep a periodic "
+                            "evaluation cheap; 0 = all", ge=0)
+
+
+@dataclass
+class DistConfig:
+    """How the ranks of a torchrun job share the model (FSDP2 over a device mesh)."""
+    shard_size: int = setting(0, "ranks per FSDP2 shard group: parameters, gradients and optimiser state "
+                                 "are sharded inside a group and replicated across groups (HSDP, a 2-D "
+                                 "replicate × shard mesh), typically the GPUs of one node; must divide "
+                                 "the number of ranks; 0 = all ranks (plain FSDP)", ge=0)
+
+
+@dataclass
+class KernelsConfig:
+    """Which implementation each fasttips.kernels op runs (README "Kernels: which implementation runs")."""
+    dispatch: KernelDispatch = setting("measured", "measured = time each op's implementations (fasttips "
+                                                   "kernels, SDPA backends, flash-attn, ...) at its first call "
+                                                   "of each shape on this device and run the fastest (CPU "
+                                                   "tensors: the PyTorch references, untimed); fasttips = the "
+                                                   "Triton kernels on CUDA; pytorch = PyTorch's own ops")
+    deterministic: bool = setting(False, "measured dispatch admits only implementations whose backward is "
+                                         "deterministic")
+    budget_s: float = setting(30.0, "seconds of first-use timing per op and shape (the later candidates "
+                                    "are skipped once it is spent)", gt=0)
+    memory_fraction: float = setting(0.5, "share of the free device memory an implementation's working set "
+                                          "may take to be timed or chosen (prototype cross-entropy)",
+                                     gt=0, le=1)
+    cache: str = setting("", "file of measured decisions, reused by later runs on the same device and "
+                             "versions; empty = $FASTTIPS_DISPATCH_CACHE or ~/.cache/fasttips/dispatch.json; "
+                             "off = none")
+
+
 @dataclass
 class Config:
     preset: str = "tiny"
@@ -268,6 +322,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,6 +363,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 RETIRED: dict[str, tuple[Any, str]] = {
     "vision.n_cls": (2, "TIPS always has two CLS tokens, CLS#1 (alt-text) and CLS#2 (synthetic caption)"),
 }
+
+
+# Fields whose type changed: the values an older config may hold, and what they mean now.
+# (YAML also reads a bare on/off as true/false, so `train.compile=off` arrives as False.)
+LEGACY_VALUES: dict[str, dict[bool, Any]] = {
+    "train.compile": {False: "off", True: "blocks"},   # was a bool: true compiled each block
+}
+
+
+def _legacy(dotted: str, value: Any) -> Any:
+    if isinstance(value, bool) and dotted in LEGACY_VALUES:
+        return LEGACY_VALUES[dotted][value]
+    return value
 
 
 def _retired(dotted: str, value: Any) -> bool:
@@ -396,7 +465,7 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
         return
     obj, name = _section_and_field(cfg, dotted)
     typ = _hints(type(obj))[name]
-    setattr(obj, name, _coerce(dotted, typ, value))
+    setattr(obj, name, _coerce(dotted, typ, _legacy(dotted, value)))
 
 
 def preset(name: str) -> Config:
@@ -450,10 +519,12 @@ def _parse_override(item: str) -> tuple[str, Any]:
         return key, value            # not a YAML scalar: the field's type decides (and names the key)
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+         check_machine: bool = True) -> Config:
     """Preset (from the file's or an override's ``preset``), then the YAML file, then overrides.
 
-    Checks every value (``validate``) and that this machine can run it (``check_runnable``)."""
+    Checks every value (``validate``) and, unless ``check_machine`` is False (planning a run for
+    another machine: ``fasttips train --dry-run``), that this machine can run it (``check_runnable``)."""
     values: dict[str, Any] = {}
     if path is not None:
         values.update(_flatten(_read_yaml(Path(path))))
@@ -464,8 +535,15 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         if key != "preset":
             set_value(cfg, key, value)
     validate(cfg)
-    check_runnable(cfg)
+    if check_machine:
+        check_runnable(cfg)
     return cfg
+
+
+def explicit_keys(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
+    """The dotted keys a user set in the YAML file or as overrides (not those the preset filled in)."""
+    keys = set(_flatten(_read_yaml(Path(path)))) if path is not None else set()
+    return keys | {_parse_override(item)[0] for item in overrides}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,6 +612,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.caption_fields: {exc}") from None
     if not cfg.train.run_dir.strip():
         raise ConfigError("train.run_dir: must not be empty (a folder for the run's outputs)")
+    if cfg.eval.suites.strip() and not cfg.eval.data_root.strip():
+        raise ConfigError("eval.data_root: required when eval.suites is set (the folder holding their datasets)")
 
 
 def check_runnable(cfg: Config) -> None:
@@ -551,6 +631,10 @@ def check_runnable(cfg: Config) -> None:
     run_dir = Path(cfg.train.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.run_dir: {str(run_dir)!r} is a file, not a folder; choose another path")
+    existing = next((p for p in run_dir.absolute().parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():     # the folder could never be created
+        raise ConfigError(f"train.run_dir: {str(run_dir)!r} is under {str(existing)!r}, which is a file, "
+                          "not a folder; choose another path")
 
 
 def _installed(module: str) -> bool:
@@ -620,10 +704,10 @@ def describe() -> str:
 
 __all__ = ["Config", "ConfigError", "PRESETS", "RETIRED", "load", "preset", "save", "set_value", "to_dict",
            "from_dict", "validate", "check_runnable", "describe", "keys", "setting",
-           "CENTERINGS", "CONTRASTIVE_LOSSES", "FFNS", "IBOT_TOKENS", "PIXEL_NORMS", "PROTOTYPE_CES",
+           "CENTERINGS", "COMPILE_MODES", "CONTRASTIVE_LOSSES", "FFNS", "IBOT_TOKENS", "PIXEL_NORMS", "PROTOTYPE_CES",
            "TEACHER_FEATURES", "TEACHER_MODES"] + [c.__name__ for c in (
                VisionConfig, TextConfig, HeadConfig, LossConfig, TeacherConfig, DataConfig,
-               OptimConfig, TrainConfig, EvalConfig)]
+               OptimConfig, TrainConfig, EvalConfig, DistConfig, KernelsConfig)]
 
 
 if __name__ == "__main__":  # `python -m fasttips.config` prints the field reference used in the README

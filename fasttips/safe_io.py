@@ -24,6 +24,17 @@ API (all paths are ``str`` or ``Path``; every error names the file):
 ``load_weights(path)``
     Picks the reader from the file's suffix (``.npz``, ``.npy``, ``.safetensors``, ``.pt``, ``.pth``,
     ``.bin``, ``.json``); ``.pkl``/``.pickle`` and unknown suffixes are refused.
+``load_restricted_pickle(path, allowed, what) -> object``
+    A plain pickle whose format is fixed by someone else (PyTorch DCP's ``.metadata``) through an
+    unpickler that resolves only the globals named in ``allowed`` (``"module.name"`` → the object);
+    any other global (``posix.system``, ``builtins.eval``, ...) is refused before it is called.
+``unsafe_globals(path) -> list[str]``
+    The globals a PyTorch zip file asks for beyond what ``weights_only`` admits (for messages).
+
+``write_atomic(path, data: bytes)``
+    The one writer here: the file is written whole or not at all (a temporary file beside it, unique
+    per writer, flushed to disk, then renamed over it), so a crash or a second process writing at the
+    same time never leaves a part of a file for the readers above.
 
 ``UnsafeFileError`` (a ``ValueError``) is raised for files that need pickling; a damaged or
 unreadable file raises ``ValueError`` (``UnreadableFileError``) with the file's name and the cause.
@@ -31,14 +42,17 @@ unreadable file raises ``ValueError`` (``UnreadableFileError``) with the file's 
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 __all__ = ["UnsafeFileError", "UnreadableFileError", "load_npz", "load_npy", "load_safetensors",
-           "load_torch_weights", "load_json", "load_weights"]
+           "load_torch_weights", "load_json", "load_weights", "load_restricted_pickle", "unsafe_globals",
+           "write_atomic"]
 
 _CONVERT = ("convert it to safetensors or .npz (plain arrays) on a machine where you trust the file, "
             "e.g. with safetensors.torch.save_file")
@@ -117,7 +131,7 @@ def load_torch_weights(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's weights-only unpickler stops at the first global it does not allow; name it
-        wanted = _unsafe_globals(path)
+        wanted = unsafe_globals(path)
         what = f" (it asks for {', '.join(wanted[:5])})" if wanted else ""
         raise UnsafeFileError(
             f"{path}: needs pickled Python objects beyond tensors and plain containers{what}; unpickling "
@@ -126,12 +140,51 @@ def load_torch_weights(path):
         raise UnreadableFileError(f"{path}: not a readable PyTorch file ({exc})") from None
 
 
-def _unsafe_globals(path: Path) -> list[str]:
+def unsafe_globals(path) -> list[str]:
+    """``path`` (a file name, or a seekable binary stream at the start of a file)."""
     try:
         from torch.serialization import get_unsafe_globals_in_checkpoint
-        return list(get_unsafe_globals_in_checkpoint(str(path)))
+        return list(get_unsafe_globals_in_checkpoint(path if hasattr(path, "read") else str(path)))
     except Exception:                 # old-format (non-zip) files: the generic message is enough
         return []
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the globals in ``allowed``: the one place where a pickle could name a callable
+    (REDUCE, NEWOBJ, BUILD and the extension registry all go through ``find_class``)."""
+
+    def __init__(self, file, allowed: dict, path: Path, what: str):
+        super().__init__(file)
+        self.allowed, self.path, self.what = allowed, path, what
+
+    def find_class(self, module: str, name: str):
+        found = self.allowed.get(f"{module}.{name}")
+        if found is None:
+            raise UnsafeFileError(f"{self.path}: asks to unpickle {module}.{name}, which {self.what} never "
+                                  f"holds; refused (unpickling can run code)")
+        return found
+
+    def persistent_load(self, pid):
+        raise UnsafeFileError(f"{self.path}: holds a persistent reference, which {self.what} never holds; "
+                              "refused")
+
+
+def load_restricted_pickle(path, allowed: dict, what: str):
+    """Unpickle ``path`` admitting only the globals in ``allowed`` ("module.name" → object).
+
+    ``what`` names the file's kind in the messages ("a DCP checkpoint's .metadata"). A refused global
+    raises :class:`UnsafeFileError`; a truncated or garbled file :class:`UnreadableFileError`;
+    a missing one ``FileNotFoundError``."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return _RestrictedUnpickler(f, allowed, path, what).load()
+    except (UnsafeFileError, FileNotFoundError):
+        raise
+    except Exception as exc:    # a damaged pickle raises whatever its garbled opcodes lead to
+        text = str(exc).strip().splitlines()
+        raise UnreadableFileError(f"{path}: not a readable pickle ({type(exc).__name__}"
+                                  f"{': ' + text[0] if text else ''})") from None
 
 
 def load_json(path):
@@ -143,6 +196,27 @@ def load_json(path):
                                   f"{exc.msg})") from None
     except UnicodeDecodeError as exc:
         raise UnreadableFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` in one step (see the module docstring); creates the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        # mkstemp makes the file private (0600): keep the mode of the file it replaces, else rw-r--r--
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 _BY_SUFFIX = {".npz": load_npz, ".npy": load_npy, ".safetensors": load_safetensors,

@@ -104,7 +104,9 @@ def compute_losses(model: nn.Module, teacher, state: LossState, batch: dict, tea
     t_patch_z = teacher.ibot_bottleneck(t_patch)
 
     # 4. DINO: local CLS#1 (+ masked globals' CLS#1 for the cross-global pairs) vs teacher CLS#1
-    shared = dict(student_temp=lc.student_temp, teacher_temp=float(teacher_temp),
+    # teacher_temp as given (no float()): under train.compile=step a float() would bake each step's value into
+    # the graph and recompile it every step of the temperature warm-up
+    shared = dict(student_temp=lc.student_temp, teacher_temp=teacher_temp,
                   centering=lc.centering, sk_iterations=lc.sk_iterations, group=state.group,
                   prototype_ce=lc.prototype_ce)
     s_local_z = (model.dino_head.bottleneck(outs[2]["cls1"]) if L
@@ -137,5 +139,5 @@ def compute_losses(model: nn.Module, teacher, state: LossState, batch: dict, tea
         # exactly the scale the losses used (the parameter is capped after each optimiser step)
         inv_temp = scale.detach().float().exp()
         out["logit_scale_alt"], out["logit_scale_syn"] = inv_temp[0], inv_temp[1]
-        out["teacher_temp"] = torch.tensor(float(teacher_temp))
+        out["teacher_temp"] = torch.ones(()) * teacher_temp    # (torch.tensor would bake it in, as float())
     return out

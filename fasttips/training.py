@@ -11,9 +11,9 @@ and the one training step that the CLI's loop, the benchmarks and the tests all 
     → teacher EMA tensors ← the student's → loss state → optimiser.
 
 One step: ``accum_steps`` × (forward → backward), gradient sync only on the last micro-batch →
-hold frozen parameters still → per-module clip → one all-reduce of {non-finite, stop requested} →
-AdamW → logit-scale cap → head EMA. A non-finite loss or gradient on any rank skips the step on
-every rank: no optimiser, EMA or center update.
+hold frozen parameters still → per-module clip → one all-reduce of {non-finite, stop requested, no
+data} → AdamW → logit-scale cap → head EMA. A non-finite loss or gradient on any rank skips the step
+on every rank: no optimiser, EMA or center update; so does a rank without data (a storage outage).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fasttips.distributed import fsdp
+from fasttips.kernels import dispatch as kernel_dispatch
 from fasttips.flops import head_params
 from fasttips.interop.warmstart import backbone_parameters
 from fasttips.models import build_model
@@ -52,6 +53,7 @@ class StepOutcome:
     stop: bool                       # some rank was asked to stop
     seconds: float
     images: int                      # images this process trained on
+    data_failed: bool = False        # some rank had no data (a storage outage): no update happened
 
 
 @dataclass
@@ -68,17 +70,35 @@ class Training:
     prototype_params: list[nn.Parameter]
     backbone_params: list[nn.Parameter]   # the towers and logit scales (optim.freeze_backbone_steps)
     gather_modules: list[nn.Module]  # teacher modules held gathered for a whole step
+    kernels_decided: bool = False    # every op's implementation chosen (the first completed step)
 
     def stateful_modules(self) -> dict[str, nn.Module]:
         """Checkpointed modules besides the model and optimiser (schedules are a function of the step)."""
         return {"loss_state": self.loss_state, "teacher": self.teacher}
 
     def train_step(self, batches: list[dict], values: StepValues, stop_requested: bool = False,
-                   inject_nan: bool = False) -> StepOutcome:
+                   inject_nan: bool = False, data_failed: bool = False) -> StepOutcome:
+        """One optimiser step over ``batches`` (the micro-batches, already on the device); see ``_step``.
+
+        Until one step completes, the step runs inside ``kernels.dispatch.deciding()``: every op call
+        decides its implementation (timing the new ones, agreed over ranks), compiled blocks run eagerly,
+        and torch.compile traces them at a later step with those choices fixed."""
+        if self.kernels_decided:
+            return self._step(batches, values, stop_requested, inject_nan, data_failed)
+        with kernel_dispatch.deciding():
+            out = self._step(batches, values, stop_requested, inject_nan, data_failed)
+        self.kernels_decided = not out.skipped          # a skipped step never reached the EMA
+        return out
+
+    def _step(self, batches: list[dict], values: StepValues, stop_requested: bool = False,
+              inject_nan: bool = False, data_failed: bool = False) -> StepOutcome:
         """One optimiser step over ``batches`` (the micro-batches, already on the device).
 
         ``stop_requested``: this rank wants to stop (a signal); the answer, agreed over ranks, comes
         back in ``StepOutcome.stop``. ``inject_nan``: make this step's loss NaN (fault injection).
+        ``data_failed``: this rank could not read its data (``batches`` are stand-ins, so that every
+        rank still meets the step's collectives); if any rank says so no rank updates anything, and
+        ``StepOutcome.data_failed`` says so on every rank.
         """
         cfg, ctx = self.cfg, self.ctx
         t0 = time.perf_counter()
@@ -108,12 +128,13 @@ class Training:
         self._hold_still(values)
         norms = clip_gradients(self.clip_units, cfg.optim.clip_grad)
 
-        # One sync: did any rank see a non-finite loss/gradient, or a stop signal?
+        # One sync: did any rank see a non-finite loss/gradient, a stop signal, or no data?
         finite = torch.isfinite(loss_sum.float()) & torch.stack(
             [torch.isfinite(n) for n in norms.values()] or [torch.tensor(True, device=loss_sum.device)]).all()
-        flags = torch.stack([(~finite).float(), torch.tensor(float(stop_requested), device=finite.device)])
-        skipped, stop = (bool(x) for x in ctx.all_max(flags).tolist())
-        if skipped:
+        asked = torch.tensor([float(stop_requested), float(data_failed)], device=finite.device)   # one copy
+        flags = torch.cat([(~finite).float().reshape(1), asked])
+        skipped, stop, data_failed = (bool(x) for x in ctx.all_max(flags).tolist())
+        if skipped or data_failed:
             self.optimizer.zero_grad(set_to_none=True)
             self.loss_state.load_state_dict(centers)             # the step never happened
         else:
@@ -128,7 +149,7 @@ class Training:
         host = torch.cat([scalars] + [n.reshape(1).to(scalars) for n in norms.values()]).tolist()
         n_scalars = scalars.numel()
         return StepOutcome(host[0], dict(zip(term_sums, host[1:n_scalars])),
-                           dict(zip(norms, host[n_scalars:])), skipped, stop, seconds, images)
+                           dict(zip(norms, host[n_scalars:])), skipped, stop, seconds, images, data_failed)
 
     def _hold_still(self, values: StepValues) -> None:
         """Drop the gradients of the parameters frozen this step (no Adam moments either), as DINOv2
@@ -150,6 +171,13 @@ class Training:
         return values
 
 
+def configure_dispatch(cfg) -> None:
+    """``kernels.*`` → how every fasttips.kernels op picks its implementation in this process."""
+    k = cfg.kernels
+    kernel_dispatch.configure(policy=k.dispatch, deterministic=k.deterministic, budget_s=k.budget_s,
+                              memory_fraction=k.memory_fraction, cache=k.cache)
+
+
 def build_training(cfg, ctx: fsdp.DistContext, load_weights: Callable[[nn.Module], None] | None = None,
                    meta_init: bool | None = None) -> Training:
     """The model, teacher, objective and optimiser of ``cfg`` on ``ctx``, ready for ``train_step``.
@@ -160,6 +188,7 @@ def build_training(cfg, ctx: fsdp.DistContext, load_weights: Callable[[nn.Module
     from other weights. ``meta_init``: build on the meta device and initialise only the local shards
     (default: when sharded and larger than ``META_INIT_PARAMS``).
     """
+    configure_dispatch(cfg)
     seed_everything(cfg.train.seed)          # same weights on every rank before sharding
     meta = ctx.sharded and (estimate_params(cfg) > META_INIT_PARAMS if meta_init is None else meta_init)
     model = build_model(cfg, device="meta" if meta else "cpu")

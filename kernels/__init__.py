@@ -8,8 +8,10 @@ Public ops (one name each, in four places: ``kernels/<op>/reference.py``, ``kern
   DINO / iBOT / iBOT++, without materialising [rows × K].
 - ``ema_update_``: head EMA over a list of tensors in one launch.
 
-The ops live in ``ops.py``; backend choice lives in ``_backend.py``: each op's ``backend=`` argument,
-else the deployment override ``FASTTIPS_KERNELS=auto|triton|reference``.
+The ops live in ``ops.py``. Which implementation runs a call: an op's ``backend=`` argument, else the
+deployment override ``FASTTIPS_KERNELS=auto|triton|reference`` (``_backend.py``), else the measured
+dispatch (``dispatch/``): the fastest implementation timed on this device for this shape, forward-only
+and training calls decided apart (config ``kernels.dispatch``).
 
 This folder is installed as ``fasttips.kernels``. Python started in the repository root also sees it
 as a top-level ``kernels``, the name of Hugging Face's kernel hub package (which transformers imports).
@@ -50,7 +52,8 @@ if __name__ == "kernels":   # found as a top-level package because the repositor
 else:
     from ._backend import requested as requested_backend, use_triton
     from .attention.common import cu_seqlens_from_lengths
+    from .dispatch.attention import runs_of as segment_runs
     from .ops import attention, attention_varlen, ema_update_, prototype_cross_entropy
 
     __all__ = ["attention", "attention_varlen", "cu_seqlens_from_lengths", "prototype_cross_entropy",
-               "ema_update_", "requested_backend", "use_triton"]
+               "ema_update_", "requested_backend", "segment_runs", "use_triton"]

@@ -1,10 +1,10 @@
-"""Backend choice for every fasttips.kernels op, made in one place (``use_triton``).
-
-``auto`` (default): Triton for CUDA tensors when Triton imports, the PyTorch reference otherwise.
-An op's ``backend=`` argument forces one; without it, the deployment override
-``FASTTIPS_KERNELS=auto|triton|reference`` (read here and nowhere else) does. Inputs an op's compiled
-kernels cannot take (its ``unsupported`` reason) run the reference with a warning, whatever was asked. Under ``TRITON_INTERPRET=1`` the Triton path
-also accepts CPU tensors (the interpreter), which is how the CPU test suite checks kernel math.
+"""The forced backends of every fasttips.kernels op: an op's ``backend=`` argument, else the deployment
+override ``FASTTIPS_KERNELS=auto|triton|reference`` (read here and nowhere else). ``auto`` (default)
+leaves the choice to the measured dispatch (``dispatch/``, config ``kernels.dispatch``); ``triton``
+and ``reference`` force one path (``triton_chosen`` is the rule, shared with the ``fasttips`` policy).
+Inputs an op's compiled kernels cannot take (its ``unsupported`` reason) run the reference with a
+warning, whatever was asked. Under ``TRITON_INTERPRET=1`` the Triton path also accepts CPU tensors
+(the interpreter), which is how the CPU test suite checks kernel math.
 """
 from __future__ import annotations
 
@@ -46,17 +46,23 @@ def triton_available() -> bool:
 
 def use_triton(*tensors: torch.Tensor | None, backend: str | None = None, op: str = "",
                unsupported=None) -> bool:
-    """True when the op should run its Triton kernel on these tensors.
+    """True when the op should run its Triton kernel on these tensors (``triton_chosen`` for them)."""
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    return triton_chosen(backend or requested(), on_cuda, op=op, unsupported=unsupported)
+
+
+def triton_chosen(choice: str, on_cuda: bool, op: str = "", unsupported=None) -> bool:
+    """The rule of ``backend=triton`` and of the fasttips policy (``auto`` here), for tensors that are
+    (``on_cuda``) or are not all on CUDA: ``triton`` needs Triton and CUDA tensors (or the interpreter);
+    ``auto`` takes Triton for CUDA tensors only (the interpreter is for tests).
 
     ``unsupported(interpreting) -> str | None`` says why the compiled kernels cannot take these inputs;
     asked only when the Triton path would run, and a reason sends the call to the reference with a
     one-time warning (``op`` names the op in it)."""
-    choice = backend or requested()
     if choice not in BACKENDS:
         raise ValueError(f"backend={choice!r} is not allowed; choose one of {list(BACKENDS)}")
     if choice == "reference":
         return False
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
     runnable = triton_available() and (on_cuda or interpreting())
     if choice == "triton":
         if not runnable:

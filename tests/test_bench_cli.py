@@ -14,7 +14,8 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 ENV_FIELDS = ("bench", "case", "impl", "ms", "p20", "p80", "reps", "device", "torch", "triton", "cuda",
               "python", "git_commit", "date", "quick", "ceilings")
 FILE_STEM = {"attention": "attention", "dino-loss": "dino_loss", "ema": "ema", "data": "data",
-             "step": "train_step"}
+             "step": "train_step", "checkpoint": "checkpoint",
+             "dispatch": "dispatch"}
 
 
 def _rows(folder: Path, name: str) -> list[dict]:
@@ -42,7 +43,7 @@ def _run(names, tmp_path, capsys):
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["attention", "ema", "step"])
+@pytest.mark.parametrize("name", ["attention", "ema", "step", "dispatch"])
 def test_quick_bench_writes_valid_json(name, tmp_path, capsys):
     out = _run([name], tmp_path, capsys)
     assert "wrote" in out and str(tmp_path) in out
@@ -66,6 +67,13 @@ def test_quick_bench_writes_valid_json(name, tmp_path, capsys):
         assert by_impl["fasttips"]["teacher_mode"] == "head_ema"
         assert by_impl["plain-pytorch"]["case"] == by_impl["fasttips"]["case"]   # same model, same batch
         assert all(r["images_per_s"] > 0 and "max_batch" not in r for r in rows)  # no search on CPU
+    if name == "dispatch":    # one row per (site, timed candidate), with its site and the decision
+        assert {r["case"]["op"] for r in rows} == {"attention", "attention_varlen", "prototype_cross_entropy",
+                                                   "ema_update_"}
+        assert {"sdpa-math", "per-size", "reference", "foreach_lerp"} <= impls
+        assert all(r["site"] and r["winner"] and r["why"] == "measured" for r in rows)
+        assert "== dispatch measured live" in out and "→ per-size(" in out
+        assert "fasttips kernels are left out" in out and "fasttips" not in impls   # no interpreter timing
 
 
 def test_quick_dino_loss_on_cpu(tmp_path, capsys):
@@ -77,11 +85,40 @@ def test_quick_dino_loss_on_cpu(tmp_path, capsys):
     assert {r["case"]["mode"] for r in rows} == {"fwd", "fwd_bwd"}
 
 
+def test_dino_loss_targets_compare_each_path_with_compile_and_eager():
+    """The issue-27 summary at the target case: speed over torch-compile's, memory as % of eager's."""
+    sys.path.insert(0, str(BENCH_DIR))
+    bench = benchcli.load_bench("bench_dino_loss.py")
+    T, K = bench.TARGET
+
+    def row(impl, ms, peak, mode="fwd_bwd", case=(T, K), **extra):
+        return {"impl": impl, "ms": ms, "peak_mem": peak, "case": {"T": case[0], "K": case[1], "mode": mode},
+                **extra}
+
+    rows = [row("torch-compile", 13.0, 8e9), row("torch-eager", 50.0, 16e9), row("fasttips", 18.0, 0.4e9),
+            row("fasttips-chunked", 6.5, 0.5e9), row("fasttips-chunked", 1.0, 0.1e9, mode="fwd"),
+            row("fasttips-slab", 1.0, 1e6, case=(4096, K)), row("fasttips-slab", 9.0, 1e9, oom=True)]
+    got = {r["impl"]: r for r in bench.targets(rows)}
+    assert got["fasttips-chunked"]["speedup_vs_compile"] == pytest.approx(2.0)
+    assert got["fasttips-chunked"]["memory_pct_of_eager"] == pytest.approx(100 * 0.5 / 16)
+    assert got["fasttips-chunked"]["met"] and not got["fasttips"]["met"]          # 0.72× compile
+    assert got["fasttips-slab"]["speedup_vs_compile"] is None and not got["fasttips-slab"]["met"]
+
+
 @pytest.mark.slow
 def test_quick_all_writes_every_bench(tmp_path, capsys):
     _run(["all"], tmp_path, capsys)
     for name in FILE_STEM:
         _check_rows(_rows(tmp_path, name), name)
+
+
+def test_quick_checkpoint_bench_times_both_modes(tmp_path, capsys):
+    _run(["checkpoint"], tmp_path, capsys)
+    rows = _rows(tmp_path, "checkpoint")
+    _check_rows(rows, "checkpoint")
+    assert [r["impl"] for r in rows] == ["sync", "async"] and rows[0]["case"] == rows[1]["case"]
+    for row in rows:                        # the caller waits at most until the checkpoint is complete
+        assert row["checkpoint_bytes"] > 10e6 and row["write_ms"] >= row["ms"] > 0
 
 
 def test_bench_scripts_are_the_installed_fasttips_bench_package(tmp_path, monkeypatch):

@@ -34,7 +34,13 @@ RECORDED = [
     ("aten::bmm", ["aten::matmul", "fasttips.attention"], "attention"),
     # prototype cross-entropy: the fused kernels, the reference's ops inside the scope, its backward
     ("_forward_kernel", ["fasttips.prototype_ce"], "prototype CE"),
-    ("_grad_w_kernel", ["autograd::engine::evaluate_function: _FusedPrototypeCEBackward"], "prototype CE"),
+    ("_grad_w_kernel", ["fasttips::prototype_ce_fused_backward", "autograd::engine::evaluate_function: "
+                        "GeneratedBackwardFor_fasttips_prototype_ce_fused_defaultBackward"], "prototype CE"),
+    ("aten::mul", ["autograd::engine::evaluate_function: "
+                   "GeneratedBackwardFor_fasttips_prototype_ce_chunked_defaultBackward"], "prototype CE"),
+    ("_row_ce_kernel", ["fasttips::prototype_ce_chunked"], "prototype CE"),
+    ("aten::mm", ["fasttips::prototype_ce_chunked"], "prototype CE"),
+    ("_prototype_lse_kernel", ["fasttips::prototype_lse"], "prototype CE"),
     ("_token_lse_kernel", [], "prototype CE"),
     ("aten::mm", ["_ChunkedPrototypeCE", "fasttips.prototype_ce"], "prototype CE"),
     ("aten::index", ["fasttips.prototype_ce"], "prototype CE"),

@@ -123,6 +123,25 @@ def test_n_cls_is_not_a_setting_but_old_configs_still_load(tmp_path):
         config.load(overrides=["vision.n_cls=3"])
 
 
+def test_train_compile_is_a_choice_and_old_booleans_still_load(tmp_path):
+    """train.compile was a bool (true = compile each block): off|blocks|step now; a saved true/false (and
+    YAML's bare on/off, which it reads as booleans) keep their meaning; anything else is named."""
+    assert config.COMPILE_MODES == ("off", "blocks", "step") and config.Config().train.compile == "off"
+    for value, mode in (("true", "blocks"), ("false", "off"), ("on", "blocks"), ("off", "off"),
+                        ("blocks", "blocks"), ("step", "step")):
+        assert config.load(overrides=[f"train.compile={value}"]).train.compile == mode, value
+    old = tmp_path / "old.yaml"
+    old.write_text("preset: tiny\ntrain:\n  compile: true\n")
+    cfg = config.load(old)
+    assert cfg.train.compile == "blocks"
+    assert config.from_dict(config.to_dict(cfg)).train.compile == "blocks"      # saved as the word now
+    with pytest.raises(ConfigError, match=r"train.compile: 'model' is not allowed; choose one of "
+                                          r"\['off', 'blocks', 'step'\]"):
+        config.load(overrides=["train.compile=model"])
+    with pytest.raises(ConfigError, match="train.compile: 2 is not allowed"):
+        config.load(overrides=["train.compile=2"])
+
+
 def test_literal_tuples_are_the_one_source_of_allowed_values():
     from fasttips.data import augment
     from fasttips.kernels.dino_loss import common

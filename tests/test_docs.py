@@ -17,7 +17,7 @@ NOT_CONFIG = {"fasttips", "torch", "tl", "triton", "np", "nn", "dist", "dcp", "o
               "attn", "ls1", "ls2", "mlp", "token_embedding", "timm"}
 FILE_SUFFIXES = {"py", "md", "json", "jsonl", "yaml", "yml", "png", "jpg", "jpeg", "tar", "idx", "txt", "pt",
                  "model", "toml", "sh", "distcp", "metadata", "cubin", "whl", "cfg", "log", "cpp", "html", "npz",
-                 "safetensors"}
+                 "safetensors", "jsonlines", "mat", "zip", "npy"}
 
 # a known section followed by .name, not inside a longer dotted or path name, not a call
 _SECTION_KEY = re.compile(r"(?<![\w./-])(%s)\.([a-z_][a-z0-9_]*)\b(?![.(/\w-])" % "|".join(sorted(SECTIONS)))

@@ -94,3 +94,91 @@ def test_older_checkpoints_without_manifest_load_with_a_note(tmp_path, seed):
     shard.write_bytes(shard.read_bytes()[:-1])
     with pytest.raises(DamagedCheckpointError, match="truncated"):
         resolve_checkpoint(ckpt, warn=notes.append)
+
+
+# ------------------------------------------------------------------------------------------------
+# A run from someone else is data: a .metadata pickle that would run code is refused on every path
+# that reads a run (eval, import, train.init_from; --resume in test_resume_checks.py)
+# ------------------------------------------------------------------------------------------------
+class _Touch:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("manifest", [True, False], ids=["with-manifest", "older-fasttips"])
+def test_a_metadata_payload_runs_no_code_on_eval_import_and_init_from(tmp_path, seed, capsys, manifest):
+    import pickle
+
+    from fasttips.eval import cli as eval_cli
+    from fasttips.interop import warmstart
+    run = tmp_path / "run"
+    _, ckpt = write_fake_checkpoint(run, 5)
+    if manifest:
+        _with_manifest(ckpt)
+    marker = tmp_path / "pwned"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_Touch(marker)))
+    if manifest:                                    # whoever planted it also rewrote the checksums
+        (ckpt / "MANIFEST.json").unlink()
+        _with_manifest(ckpt)
+    parser = eval_cli._configure(argparse.ArgumentParser())
+    assert eval_cli.run(parser.parse_args([str(run)])) == 2
+    assert not marker.exists(), "fasttips eval ran the payload"
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ".metadata: asks to unpickle posix.system" in err, err
+    warmstart._CACHE.clear()
+    from fasttips.interop import cli as interop_cli
+    assert interop_cli.main(["import", str(run), str(tmp_path / "imported")]) == 2
+    assert not marker.exists(), "fasttips import ran the payload"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fasttips import:") and "posix.system" in err and len(err.splitlines()) == 1, err
+    from fasttips.train import main as train_main
+    warmstart._CACHE.clear()
+    assert train_main([f"train.init_from={run}", f"train.run_dir={tmp_path / 'warm'}"]) == 2
+    assert not marker.exists(), "train.init_from ran the payload"
+    err = capsys.readouterr().err.strip()
+    assert "config error: train.init_from:" in err and "posix.system" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "imported" / "checkpoints").exists()
+
+
+def test_a_normal_checkpoint_still_loads_on_eval_import_and_init_from(tmp_path, seed):
+    from fasttips.interop import cli as interop_cli
+    from fasttips.interop import init_from, resolve_init_config, warmstart
+    saved, ckpt = write_fake_checkpoint(tmp_path / "run", 5)
+    _with_manifest(ckpt)
+    model, *_ = load_for_eval(tmp_path / "run")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved.state_dict().values()))
+    warmstart._CACHE.clear()
+    assert interop_cli.main(["import", str(tmp_path / "run"), str(tmp_path / "imported")]) == 0
+    imported, *_ = load_for_eval(tmp_path / "imported")
+    assert torch.equal(imported.vision.patch_embed.proj.weight, saved.vision.patch_embed.proj.weight)
+    warmstart._CACHE.clear()
+    cfg, _ = resolve_init_config(config_mod.load(None, TINY), tmp_path / "run")
+    fresh = build_model(cfg, device="cpu")
+    init_from(fresh, tmp_path / "run", cfg)
+    assert torch.equal(fresh.text.token_embed.weight, saved.text.token_embed.weight)
+
+
+def test_eval_of_a_checkpoint_that_lost_its_manifest_says_so(tmp_path, seed):
+    _, ckpt = write_fake_checkpoint(tmp_path, 5)
+    _with_manifest(ckpt)
+    (ckpt / "meta.json").write_text('{"step": 5, "manifest": "MANIFEST.json"}')   # as fasttips writes it
+    (ckpt / "MANIFEST.json").unlink()
+    shard = next(ckpt.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DamagedCheckpointError, match="MANIFEST.json: missing"):
+        resolve_checkpoint(ckpt)
+
+
+def test_eval_of_a_run_warns_about_a_step_folder_without_its_marker(tmp_path, seed):
+    _with_manifest(write_fake_checkpoint(tmp_path, 3)[1])
+    _, newest = write_fake_checkpoint(tmp_path, 7)
+    (newest / "COMPLETE").unlink()
+    warnings = []
+    assert resolve_checkpoint(tmp_path, warn=warnings.append).name == "step_00000003"
+    assert len(warnings) == 1 and "step_00000007" in warnings[0] and "no COMPLETE marker" in warnings[0]

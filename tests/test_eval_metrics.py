@@ -32,10 +32,42 @@ def test_recall_hand_computed():
     assert r["t2i_r2"] == pytest.approx(1.0)
 
 
-def test_recall_ties_count_against_the_query():
-    r = recall_at_k(torch.zeros(4, 4), ks=(1, 4))
-    assert r["i2t_r1"] == 0.0 and r["t2i_r1"] == 0.0
+def test_recall_ties_go_to_the_lower_index():
+    # a constant model: every candidate ties, so the one with the lowest index ranks first (open_clip's
+    # stable sort): image 0 finds text 0 at rank 1, image 3 finds text 3 at rank 4
+    r = recall_at_k(torch.zeros(4, 4), ks=(1, 2, 4))
+    assert r["i2t_r1"] == r["t2i_r1"] == 0.25
+    assert r["i2t_r2"] == r["t2i_r2"] == 0.5
     assert r["i2t_r4"] == 1.0 and r["t2i_r4"] == 1.0     # k = N always finds it
+
+
+def test_recall_rank_is_the_stable_sort_position(seed):
+    """Against a brute force: the rank of a query's first correct candidate in a stable descending sort."""
+    for _ in range(20):
+        n_img, n_txt = 6, 9
+        sim = torch.randint(0, 3, (n_img, n_txt)).float()          # few values: many ties
+        pos = torch.zeros(n_img, n_txt, dtype=torch.bool)
+        pos[torch.randint(0, n_img, (n_txt,)), torch.arange(n_txt)] = True    # each text has one image
+        pos[torch.arange(n_img), torch.randint(0, n_txt, (n_img,))] = True    # each image at least one text
+        from fasttips.eval.metrics import recall_from_positives
+
+        def brute(s, p):
+            ranks = []
+            for row, prow in zip(s, p):
+                order = torch.sort(row, descending=True, stable=True).indices.tolist()
+                wrong_before = 0
+                for j in order:
+                    if prow[j]:
+                        break
+                    wrong_before += 1
+                ranks.append(wrong_before)
+            return torch.tensor(ranks)
+
+        ks = (1, 2, 3)
+        got = recall_from_positives(sim, pos, ks)
+        for k in ks:
+            assert got[f"i2t_r{k}"] == pytest.approx((brute(sim, pos) < k).float().mean().item())
+            assert got[f"t2i_r{k}"] == pytest.approx((brute(sim.T, pos.T) < k).float().mean().item())
 
 
 def test_recall_duplicate_captions_are_interchangeable():
@@ -44,7 +76,7 @@ def test_recall_duplicate_captions_are_interchangeable():
                         [0.8, 0.8, 0.2],
                         [0.1, 0.1, 0.7]])
     plain = recall_at_k(sim, ks=(1,))
-    assert plain["i2t_r1"] == pytest.approx(1 / 3)        # the tie with the copy counts against
+    assert plain["i2t_r1"] == pytest.approx(2 / 3)        # image 1 loses the tie to text 0 (lower index)
     pos = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
     r = recall_at_k(sim, ks=(1,), positives=pos)
     assert r["i2t_r1"] == 1.0 and r["t2i_r1"] == 1.0
@@ -53,10 +85,13 @@ def test_recall_duplicate_captions_are_interchangeable():
         recall_at_k(sim, positives=pos)
 
 
-def test_recall_nan_scores_are_misses():
+def test_recall_nan_scores_rank_last():
     r = recall_at_k(torch.full((4, 4), math.nan), ks=(1, 4))
-    assert r["i2t_r1"] == 0.0 and r["t2i_r1"] == 0.0
+    assert r["i2t_r1"] == 0.25 and r["t2i_r1"] == 0.25     # all -inf: ties, broken by index
     assert r["i2t_r4"] == 1.0 and r["t2i_r4"] == 1.0
+    sim = torch.eye(3)
+    sim[1, 1] = math.nan                                   # image 1's own caption is NaN: behind the zeros
+    assert recall_at_k(sim, ks=(1,))["i2t_r1"] == pytest.approx(2 / 3)
 
 
 def test_recall_random_is_near_chance(seed):

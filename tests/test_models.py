@@ -125,6 +125,54 @@ def test_packing_layout_is_built_once_and_inference_mode_kept_apart(model):
     assert model.vision.blocks[0].attn.qkv.weight.grad is not None
 
 
+def _values_and_grads(fn, module, crops, masks):
+    """Outputs of ``fn(crops, masks)`` (a list of dicts) and the gradients of a fixed weighting of them."""
+    module.zero_grad(set_to_none=True)
+    outs = fn(crops, masks)
+    loss = sum((o[k] * torch.linspace(-1, 1, o[k].numel()).view_as(o[k])).sum() for o in outs for k in o)
+    loss.backward()
+    return ([o[k].detach() for o in outs for k in o],
+            {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+
+
+def _assert_same(compiled, eager):
+    for a, b in zip(compiled[0], eager[0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert compiled[1].keys() == eager[1].keys()
+    for name in eager[1]:
+        torch.testing.assert_close(compiled[1][name], eager[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_packed_multicrop_vit_compiles_to_one_graph(seed, monkeypatch, backend):
+    """The packed multi-crop forward (two crop sizes, masks) traces into ONE graph (before: a graph
+    break per packing tensor built and per layer, on inference-mode queries and the host record of
+    cu_seqlens), and the compiled forward gives eager's values and gradients (aot_eager; "triton":
+    the attention kernels in the interpreter)."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs TRITON_INTERPRET=1 (CPU tensors through the Triton kernels)")
+    monkeypatch.setenv("FASTTIPS_KERNELS", backend)
+    vision = build_model(tiny_cfg(vision__depth=1)).vision
+    crops, masks = [crop(2, 28), crop(2, 28), crop(3, 14)], [None, random_mask(2, 4), None]
+    torch._dynamo.reset()
+    compiled = torch.compile(vision, backend="aot_eager", fullgraph=True)     # raises on any graph break
+    _assert_same(_values_and_grads(compiled, vision, crops, masks), _values_and_grads(vision, vision, crops, masks))
+
+
+def test_a_block_on_a_packed_stream_compiles_fullgraph(seed):
+    """One block of the packed multi-crop stream under torch.compile(fullgraph=True): eager's values
+    and gradients (the per-block compile of ``train.compile=blocks``)."""
+    from fasttips.models import Packing
+    vision = build_model(tiny_cfg(vision__depth=1)).vision
+    block = vision.blocks[0]
+    packing = Packing.from_lengths([6, 6, 3, 3, 3], "cpu")
+    x = torch.randn(21, vision.width)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    fn = lambda mod: lambda xs, _: [{"x": mod(xs[0], packing)}]   # noqa: E731
+    _assert_same(_values_and_grads(fn(compiled), block, [x], None), _values_and_grads(fn(block), block, [x], None))
+
+
 def test_bf16_autocast_keeps_fp32_residual_and_stays_close(model):
     crops, mask = [crop(2, 28), crop(2, 42)], [random_mask(2, 4), None]
     ref = model.vision(crops, mask)

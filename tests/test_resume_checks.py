@@ -78,3 +78,61 @@ def test_a_second_run_in_a_busy_run_dir_is_refused_and_kill9_frees_it(tmp_path):
         first.wait(timeout=60)
     third = subprocess.run(_resume(run_dir), env=_env(), capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr                   # no stale lock
+
+
+class _Touch:
+    """Unpickling this runs ``os.system("touch MARKER")`` (pickled as posix.system)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _reseal(ckpt: Path) -> None:
+    """The manifest rewritten to match the files as they are now (what whoever swapped a file in would
+    do: checksums guard against damage, not tampering)."""
+    from fasttips.distributed.checkpoint import build_manifest
+    (ckpt / "MANIFEST.json").unlink()
+    (ckpt / "MANIFEST.json").write_text(json.dumps(build_manifest(ckpt)))
+
+
+def test_resume_passes_over_every_kind_of_damage_naming_it_and_runs_no_code(tmp_path):
+    """Newest first: a deleted marker, a .metadata pickle payload, a rank-file pickle payload, a lost
+    manifest with a flipped shard byte; resume takes the intact step-1 checkpoint, bit for bit."""
+    import pickle
+
+    import torch
+    run_dir = tmp_path / "run"
+    done = subprocess.run(_train(run_dir) + ["train.steps=5", "train.ckpt_every=1", "train.keep_ckpts=5"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    expected = _losses(run_dir)
+    ckpts = {step: path for step, path in complete_checkpoints(run_dir / "checkpoints")}
+    assert sorted(ckpts) == [1, 2, 3, 4, 5]
+    marker = tmp_path / "pwned"
+    (ckpts[5] / MARKER).unlink()
+    (ckpts[4] / ".metadata").write_bytes(pickle.dumps(_Touch(marker)))
+    _reseal(ckpts[4])
+    torch.save({"rng": _Touch(marker)}, ckpts[3] / "rank_00000.pt")
+    _reseal(ckpts[3])
+    (ckpts[2] / "MANIFEST.json").unlink()
+    shard = next(ckpts[2].glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    shard.write_bytes(bytes(data))
+
+    resumed = subprocess.run(_resume(run_dir), env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not marker.exists(), "resume ran a pickle payload"
+    err = resumed.stderr
+    for needle in ("step_00000005 is damaged: no COMPLETE marker",
+                   "step_00000004 is damaged: .metadata: asks to unpickle posix.system",
+                   "step_00000003 is damaged: rank_00000.pt: asks to unpickle posix.system",
+                   "step_00000002 is damaged: MANIFEST.json: missing"):
+        assert needle in err, err
+    assert "(step 1)" in resumed.stdout
+    assert _losses(run_dir) == expected                          # steps 2..5 again, bit for bit
+    for step in (2, 3, 4, 5):
+        assert (run_dir / "checkpoints" / f"damaged-step_{step:08d}").is_dir()

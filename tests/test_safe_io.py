@@ -96,3 +96,21 @@ def test_damaged_files_name_the_file(tmp_path):
         safe_io.load_weights(tmp_path / "w.ckpt")
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         safe_io.load_torch_weights(tmp_path / "nope.pt")
+
+
+def test_a_restricted_pickle_admits_only_the_named_globals(tmp_path):
+    from collections import OrderedDict
+    allowed = {"collections.OrderedDict": OrderedDict}
+    (tmp_path / "ok.pkl").write_bytes(pickle.dumps({"a": OrderedDict(x=[1, 2.5, "s", None])}))
+    assert safe_io.load_restricted_pickle(tmp_path / "ok.pkl", allowed, "a test file") == {"a": OrderedDict(x=[1, 2.5, "s", None])}
+    marker = tmp_path / "pwned"
+    (tmp_path / "bad.pkl").write_bytes(pickle.dumps({"a": OrderedDict(x=_WritesMarker(marker))}))
+    with pytest.raises(UnsafeFileError, match=r"bad.pkl: asks to unpickle io.open, which a test file never "
+                                              r"holds; refused"):
+        safe_io.load_restricted_pickle(tmp_path / "bad.pkl", allowed, "a test file")
+    assert not marker.exists()
+    (tmp_path / "cut.pkl").write_bytes((tmp_path / "ok.pkl").read_bytes()[:-5])
+    with pytest.raises(UnreadableFileError, match="cut.pkl: not a readable pickle"):
+        safe_io.load_restricted_pickle(tmp_path / "cut.pkl", allowed, "a test file")
+    with pytest.raises(FileNotFoundError):
+        safe_io.load_restricted_pickle(tmp_path / "none.pkl", allowed, "a test file")

@@ -4,12 +4,15 @@ config fails with a message naming the field.
 
 The runs are real ``python -m fasttips.train`` processes on a shrunken tiny preset with the embedded
 demo data (one process each, CPU, fp32), compared through their metrics.jsonl; bitwise equality
-therefore also covers the data position and the RNG streams.
+therefore also covers the data position and the RNG streams. The uninterrupted reference writes its
+checkpoints synchronously; the interrupted runs use the default asynchronous writes (except where a
+test says otherwise), so their bitwise resumes also compare asynchronous with synchronous checkpoints.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,7 +57,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def reference_run(tmp_path_factory) -> tuple[Path, dict[int, float]]:
     """An uninterrupted run: the losses every interrupted run must reproduce bit for bit."""
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    done = _run(_cmd(run_dir, "train.ckpt_every=2"))
+    done = _run(_cmd(run_dir, "train.ckpt_every=2", "train.async_checkpoint=false"))
     assert done.returncode == 0, done.stderr
     (run_dir / "stdout.txt").write_text(done.stdout)
     assert "step 6/6 [" in done.stderr and "\r" not in done.stderr     # --no-progress: plain lines
@@ -101,13 +104,41 @@ def test_sigterm_checkpoints_and_resume_is_bitwise(reference_run, tmp_path):
     assert _losses(run_dir) == expected          # every step, bit for bit
 
 
-def _kill9_in_checkpoint(run_dir: Path, step: int) -> Path:
-    """Train until the write of checkpoint ``step`` has every file but its marker, then kill -9."""
-    proc = subprocess.Popen(_cmd(run_dir, "train.ckpt_every=2", f"--fault-pause-in-checkpoint={step}"),
+def test_sigterm_during_an_async_write_waits_for_it_then_checkpoints(reference_run, tmp_path):
+    _, expected = reference_run
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(run_dir, "train.ckpt_every=2", "--fault-slow-checkpoint=6"), env=_env(),
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while "SLOW_CHECKPOINT step=2" not in proc.stdout.readline():      # the write of step 2 is in flight
+        assert proc.poll() is None and time.time() - t0 < 180, "the run never wrote checkpoint 2"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    # The stop's checkpoint waited for the write in flight (step 2's, or step 4's when the signal
+    # arrived while the periodic save of step 4 was itself waiting for step 2's), then was written.
+    waited = re.search(r"checkpoint: waiting for the write of step_(\d{8}) in flight", out)
+    assert waited, out
+    stopped_at, _ = latest_checkpoint(run_dir / "checkpoints")
+    assert "stopped by SIGTERM" in out and int(waited.group(1)) < stopped_at < STEPS, out
+    assert [s for s, _ in complete_checkpoints(run_dir / "checkpoints")] == [int(waited.group(1)), stopped_at]
+
+    resumed = _run(_resume_cmd(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"(step {stopped_at})" in resumed.stdout
+    assert _losses(run_dir) == expected
+
+
+def _kill9_in_checkpoint(run_dir: Path, step: int, *args: str, logged: int = 0) -> Path:
+    """Train until the write of checkpoint ``step`` has every file but its marker (and, with
+    ``logged``, until metrics.jsonl holds that many steps), then kill -9."""
+    proc = subprocess.Popen(_cmd(run_dir, "train.ckpt_every=2", f"--fault-pause-in-checkpoint={step}", *args),
                             env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     partial = run_dir / "checkpoints" / f".tmp-step_{step:08d}"
     wait_for(lambda: (partial / ".metadata").is_file() and (partial / "rank_00000.pt").is_file(),
-              proc, "the paused checkpoint write")
+             proc, "the paused checkpoint write")
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: len(metrics.read_text().splitlines()) >= logged, proc, f"step {logged}")
     # The pause comes after every file but the marker: kill -9 at the worst moment.
     time.sleep(0.2)
     proc.kill()
@@ -116,11 +147,15 @@ def _kill9_in_checkpoint(run_dir: Path, step: int) -> Path:
     return partial
 
 
-def test_kill9_during_checkpoint_write_resumes_from_last_complete(reference_run, tmp_path):
+def test_kill9_during_an_async_checkpoint_write_resumes_from_last_complete(reference_run, tmp_path):
+    """The write of checkpoint 4 stops before its marker; the step loop goes on (steps 5 and 6 are
+    logged while it is in flight) until the last checkpoint waits for it; then kill -9."""
     _, expected = reference_run
     run_dir = tmp_path / "run"
-    partial = _kill9_in_checkpoint(run_dir, 4)
+    partial = _kill9_in_checkpoint(run_dir, 4, logged=STEPS)
     assert latest_checkpoint(run_dir / "checkpoints")[0] == 2
+    assert sorted(_losses(run_dir)) == list(range(1, STEPS + 1))      # not blocked by the write
+    assert not (run_dir / "checkpoints" / ".tmp-step_00000006").exists()   # one write in flight at most
 
     resumed = _run(_resume_cmd(run_dir))
     assert resumed.returncode == 0, resumed.stderr
@@ -133,9 +168,9 @@ def test_kill9_before_the_first_checkpoint_then_resume_logs_each_step_once(refer
     """No checkpoint to load: the run starts over, and the rows it had logged are not kept twice."""
     _, expected = reference_run
     run_dir = tmp_path / "run"
-    _kill9_in_checkpoint(run_dir, 2)
+    _kill9_in_checkpoint(run_dir, 2, "train.async_checkpoint=false")
     assert latest_checkpoint(run_dir / "checkpoints") is None
-    assert sorted(_losses(run_dir)) == [1, 2]
+    assert sorted(_losses(run_dir)) == [1, 2]              # a synchronous write stops the step loop
     resumed = _run(_resume_cmd(run_dir))
     assert resumed.returncode == 0, resumed.stderr
     assert "starting at step 0" in resumed.stdout

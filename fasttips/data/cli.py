@@ -158,7 +158,9 @@ def _cmd_check(args) -> int:
     shown = 0
     for ix in indexes:                      # the index keeps each skipped key with its reason
         for key, reason in ix.skipped_keys[:max(0, args.max_listed - shown)]:
-            print(f"skipped {ix.shard} {key!r}: {reason}")
+            note = " (another sample with this key is kept: the first complete one in the shard)" \
+                if reason == "duplicate_key" else ""
+            print(f"skipped {ix.shard} {key!r}: {reason}{note}")
             shown += 1
     total = sum(stats.values())
     if total > shown:
@@ -266,7 +268,8 @@ def _fill(p: argparse.ArgumentParser) -> None:
     ck = sub.add_parser("check", help="index shards, list skipped samples, print good/skipped counts",
                         description="Validate shards (tar readable, image decodes, caption present), list "
                                     "each skipped sample with its reason, and print the counts by reason: "
-                                    + ", ".join(SKIP_REASONS) + ". Exit 1 when no sample is usable.")
+                                    + ", ".join(SKIP_REASONS) + " (of a key seen twice in a shard, the first "
+                                    "complete sample is kept). Exit 1 when no sample is usable.")
     ck.add_argument("shards", help="folder, glob or .tar file of shards")
     ck.add_argument("--caption-fields", type=_caption_fields, default=DEFAULT_CAPTION_FIELDS,
                     help="shard members/fields giving each caption granularity, as data.caption_fields "

@@ -88,11 +88,21 @@ def _write_photos(out: Path) -> int:
     return n
 
 
+def demo_dir(root: str | os.PathLike | None = None) -> Path:
+    """Where the demo data lives (or will): ``root/demo-v1``, by default in the cache folder."""
+    return (Path(root) if root is not None else cache_dir()) / VERSION
+
+
+def demo_data_ready(root: str | os.PathLike | None = None) -> bool:
+    """True when the demo data is already built (``classes.json`` is written last, then renamed in)."""
+    return (demo_dir(root) / "classes.json").is_file()
+
+
 def ensure_demo_data(root: str | os.PathLike | None = None) -> Path:
     """Create the demo data once (atomically; safe with several ranks) and return its folder."""
-    base = Path(root) if root is not None else cache_dir()
-    target = base / VERSION
-    if (target / "classes.json").is_file():
+    target = demo_dir(root)
+    base = target.parent
+    if demo_data_ready(root):
         return target
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{VERSION}-", dir=base))

@@ -7,7 +7,9 @@ gets the shards' indexes (built once, shared through ``data.index_dir``: ``shard
 images fully decoded for DALI, header-checked for PyTorch: ``validation_level``; bad samples are
 skipped, counted in ``.stats`` and reported in one log line), then resolves the tokenizer. Iterating
 yields batches that satisfy ``batch.py`` forever; ``state_dict()`` / ``load_state_dict()`` capture the
-data position so a resumed run continues with the same batches.
+data position so a resumed run continues with the same batches. ``global_position`` is that position
+as a global sample index (all ranks together), and ``resume_at(position, batches)`` continues from it
+on another number of ranks or another batch size (``pipeline.py``; the DALI loader cannot).
 """
 from __future__ import annotations
 
@@ -55,6 +57,21 @@ def resolve_shards(cfg) -> list[str]:
     if cfg.data.source != source:
         log.info("data.path=%s is set: training on those shards (data.source=shards)", cfg.data.path)
     return list_shards(cfg.data.path, what="data.path")
+
+
+def startup_line(cfg) -> str | None:
+    """What the data start-up is about to do, said before its silence (None: nothing slow). The long
+    demo line only when the demo data is really built (the first run); a short one when it is cached."""
+    source = effective_source(cfg.data)
+    if source == "demo":
+        if demo.demo_data_ready():
+            return f"data: the demo data, cached in {demo.demo_dir()}"
+        return ("data: preparing the demo data (this first run builds it in "
+                f"{demo.demo_dir()} and trains a tokenizer on its captions, about 30 s; later runs reuse it)...")
+    if source == "shards":
+        return (f"data: indexing the shards of data.path={cfg.data.path} (and training a tokenizer on their "
+                "captions unless data.tokenizer is set or one is cached)...")
+    return None
 
 
 def shard_captions(indexes, limit: int = MAX_TOKENIZER_CAPTIONS) -> list[str]:
@@ -117,14 +134,28 @@ class Loader:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.tokenizer, self.stats = tokenizer, stats
         self.batch_size = cfg.data.batch_size
-        self.stream = SampleStream(samples, StreamSpec(cfg.train.seed, rank, world_size, self.batch_size))
+        self.samples = samples
+        self.stream = self._stream(start=0, first_batch=0)
         self.batches = 0              # batches handed out so far
         self._it = None
 
+    def _stream(self, start: int, first_batch: int) -> SampleStream:
+        spec = StreamSpec(self.cfg.train.seed, self.rank, self.world_size, self.batch_size, start, first_batch)
+        return SampleStream(self.samples, spec)
+
     @property
     def num_samples(self) -> int:
-        """Good samples owned by this rank (one epoch)."""
+        """This rank's share of one epoch (the epoch is every good sample, shared by the ranks)."""
+        return len(self.stream) // self.world_size
+
+    @property
+    def epoch_samples(self) -> int:
         return len(self.stream)
+
+    @property
+    def global_position(self) -> int:
+        """Samples of the global stream consumed by all ranks together (every rank took ``batches``)."""
+        return self.stream.position_after(self.batches)
 
     def _start(self):
         from .pytorch_loader import BatchDataset, make_dataloader
@@ -139,27 +170,63 @@ class Loader:
         if self._it is None:
             self._it = self._start()
         batch = next(self._it)
-        for reason, n in batch.pop("_skipped", {}).items():
-            if n:
-                self.stats[reason] = self.stats.get(reason, 0) + n
-                log.warning("data: skipped %d sample(s) at load time (%s); totals %s", n, reason, self.stats)
         index = batch.pop("_batch_index", self.batches)
         assert index == self.batches, f"loader out of order: got batch {index}, expected {self.batches}"
+        if "_outage" in batch:        # the storage stayed unavailable: nothing skipped, the run stops here
+            self.close()
+            raise storage.RemoteOutage(batch["_outage"])
+        # counted and reported here, as the batch is handed out (one line per sample, so the counts
+        # match the lines; a batch built ahead and never used counts nothing)
+        for reason, key, shard, why in batch.pop("_skipped", ()):
+            self.stats[reason] = self.stats.get(reason, 0) + 1
+            log.warning("data: skipped sample %r of %s at load time: %s (%s)", key, shard, reason, why)
         self.batches += 1
         return batch
 
     def state_dict(self) -> dict:
+        spec = self.stream.spec
         return {"kind": self.kind, "batches": self.batches, "seed": self.cfg.train.seed, "rank": self.rank,
                 "world_size": self.world_size, "num_samples": self.num_samples,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "position": self.global_position,
+                "epoch_samples": self.epoch_samples, "start": spec.start, "first_batch": spec.first_batch}
 
     def load_state_dict(self, state: dict) -> None:
-        for field in ("seed", "world_size", "num_samples", "batch_size"):
+        """This rank's saved position: the same batches again when the layout (ranks, batch size) is
+        the one saved; on another layout, the same global position (``resume_at``)."""
+        same_layout = all(state.get(k, v) == v for k, v in (("world_size", self.world_size),
+                                                            ("batch_size", self.batch_size)))
+        if not same_layout and "position" in state:
+            self.resume_at(state)
+            return
+        if "position" not in state and self.world_size > 1:
+            log.warning("data: this checkpoint comes from a fasttips whose ranks each read their own slice "
+                        "of the samples; the ranks now share one stream, so this epoch may repeat or skip "
+                        "samples")
+        for field in ("seed", "world_size", "batch_size", "epoch_samples"):
             if field in state and state[field] != self.state_dict()[field]:
                 log.warning("data: resuming with %s=%r (saved: %r); the batch sequence will differ",
                             field, self.state_dict()[field], state[field])
         self.close()
+        self.stream = self._stream(int(state.get("start", 0)), int(state.get("first_batch", 0)))
         self.batches = int(state["batches"])
+
+    def position_state(self) -> dict:
+        """The position in a form any layout of ranks can resume from (saved once, in meta.json)."""
+        return {"position": self.global_position, "batches": self.batches, "epoch_samples": self.epoch_samples}
+
+    def resume_at(self, state: dict) -> None:
+        """Continue the global stream at ``state["position"]`` (a :meth:`position_state`, or a rank's
+        state_dict) with this loader's layout: its rank, number of ranks and batch size; batch
+        indexes count on from ``state["batches"]``. An epoch of another size means the data changed,
+        which the position cannot bridge (a warning says so)."""
+        position, batches = int(state["position"]), int(state["batches"])
+        if state.get("epoch_samples", self.epoch_samples) != self.epoch_samples:
+            log.warning("data: the checkpoint counted %d samples per epoch, the data now holds %d; its "
+                        "position %d is kept, but this epoch may repeat or skip samples",
+                        state["epoch_samples"], self.epoch_samples, position)
+        self.close()
+        self.stream = self._stream(position, batches)
+        self.batches = batches
 
     def close(self) -> None:
         it, self._it = self._it, None
@@ -200,6 +267,13 @@ class SyntheticLoader:
         return {"kind": self.kind, "batches": self.batches}
 
     def load_state_dict(self, state: dict) -> None:
+        self.batches = int(state["batches"])
+
+    def position_state(self) -> dict:
+        return {"batches": self.batches}
+
+    def resume_at(self, state: dict) -> None:
+        """On another number of ranks: random batches come from (seed, rank, batch counter) alone."""
         self.batches = int(state["batches"])
 
 

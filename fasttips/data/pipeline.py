@@ -1,11 +1,16 @@
 """What both loaders share: the sample stream of a rank, per-sample seeds, and turning decoded
 crops + captions into a batch that satisfies ``batch.py``.
 
-The stream of a rank is fully determined by (seed, rank, world_size, shard list): the rank owns a
-contiguous slice of all good samples (DALI's ``shard_id``/``num_shards`` split), epoch ``e`` visits
-that slice in the order ``permutation(seed, e, rank)``, and epochs follow each other forever. Batch
-``b`` is positions ``[b·B, (b+1)·B)`` of that stream, so any worker can build any batch and a resumed
-run only needs the number of batches already consumed.
+There is one global stream of samples, the same for every layout of ranks: epoch ``e`` visits all
+good samples in the order ``permutation(seed, e)``, and epochs follow each other forever; position
+``p`` of the stream (a global sample index) is sample ``p mod N`` of epoch ``p div N``. The ranks take
+turns on it, one batch each: batch ``b`` of rank ``r`` of ``W`` covers the positions
+``[start + ((b − first_batch)·W + r)·B, … + B)``, where a fresh run has ``start = first_batch = 0``.
+So after any number of steps the ranks together have consumed exactly ``[0, position)`` of the
+stream, and a run resumed on another number of ranks (or another batch size) starts a new layout at
+that ``position``: within an epoch no sample is repeated or skipped. Any worker can build any batch,
+and a resume on the same layout only needs the number of batches already consumed. (With one rank
+this is the stream of earlier versions, position for position.)
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import torch
 from . import masks as masks_mod
 from .augment import normalize
 from .captions import sample_captions
-from .shards import Sample, rank_slice
+from .shards import Sample
 
 
 def seed_words(*parts: int) -> list[int]:
@@ -38,34 +43,47 @@ class StreamSpec:
     rank: int
     world_size: int
     batch_size: int
+    start: int = 0           # global position where this layout of ranks began (0: a fresh run)
+    first_batch: int = 0     # the batch counter at that moment (batch indexes keep counting across it)
 
 
 class SampleStream:
-    """Position -> (epoch, sample) for one rank."""
+    """Global position -> (epoch, sample), and this rank's share of the positions (module docstring)."""
 
     def __init__(self, samples: list[Sample], spec: StreamSpec):
-        start, stop = rank_slice(len(samples), spec.rank, spec.world_size)
-        self.samples = samples[start:stop]
-        if not self.samples:
-            raise ValueError(f"rank {spec.rank} of {spec.world_size} gets no samples: the shards hold only "
-                             f"{len(samples)} good samples")
+        if not samples:
+            raise ValueError("the shards hold no good sample")
+        if not 0 <= spec.rank < spec.world_size:
+            raise ValueError(f"rank={spec.rank} must be in [0, world_size={spec.world_size})")
+        self.samples = samples
         self.spec = spec
 
     def __len__(self) -> int:
+        """Samples in one epoch (all ranks together)."""
         return len(self.samples)
 
     @functools.lru_cache(maxsize=4)
     def order(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng(seed_words(self.spec.seed, epoch, self.spec.rank))
-        return rng.permutation(len(self.samples))
+        # (the rank word stays 0: with one rank this is the order earlier versions used)
+        rng = np.random.default_rng(seed_words(self.spec.seed, epoch, 0))
+        order = rng.permutation(len(self.samples))
+        return order.astype(np.int32) if len(order) < 2**31 else order   # (half the memory per worker)
 
     def at(self, position: int) -> tuple[int, Sample]:
         epoch, i = divmod(position, len(self.samples))
         return epoch, self.samples[int(self.order(epoch)[i])]
 
     def batch_positions(self, batch_index: int) -> range:
-        B = self.spec.batch_size
-        return range(batch_index * B, (batch_index + 1) * B)
+        """The global positions of this rank's batch ``batch_index``."""
+        spec, B = self.spec, self.spec.batch_size
+        turn = (batch_index - spec.first_batch) * spec.world_size + spec.rank
+        first = spec.start + turn * B
+        return range(first, first + B)
+
+    def position_after(self, batches: int) -> int:
+        """The global position once every rank has taken ``batches`` batches (counted from 0)."""
+        spec = self.spec
+        return spec.start + (batches - spec.first_batch) * spec.world_size * spec.batch_size
 
 
 def mask_seed(seed: int, rank: int, batch_index: int) -> int:

@@ -5,7 +5,13 @@ Worker ``w`` of ``W`` builds batches ``start + w, start + w + W, ...``; the Data
 round-robin, i.e. in batch order, so the batch sequence is the same for any worker count and a resume
 just restarts at the batch counter. A sample that fails to decode here (an index checked with
 ``data.validate=header`` does not decode images) is replaced by a later sample of the stream and
-counted, so batches keep their size.
+counted, so batches keep their size; the batch carries the skipped samples, and the loader counts and
+reports each one when it hands the batch out (``loader.Loader``), so the counts match the lines.
+
+Remote storage that stops answering is not damage: reads are retried for up to
+``data.outage_deadline_s`` (``storage.through_outage``), then the batch becomes an outage marker and
+its worker stops; the loader raises ``storage.RemoteOutage`` at that batch and the trainer
+checkpoints and stops. No sample is skipped for an outage.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fasttips.distributed.signals import ignore_stop_signals
 
+from . import storage
 from .augment import crop_recipes, decode_rgb, min_decode_side, multicrop
 from .pipeline import SampleStream, assemble, crop_seed
 from .shards import MemberReader
@@ -38,33 +45,34 @@ class BatchDataset(IterableDataset):
                                     cfg_data.local_size, cfg_data.n_local, cfg_data.local_scale)
         self.min_side = min_decode_side(self.recipes)
 
-    def _load(self, reader: MemberReader, position: int, skipped: dict):
-        """(crops, captions, key, epoch) of the sample at ``position``, or of the next good one."""
+    def _load(self, reader: MemberReader, position: int, skipped: list):
+        """(crops, captions, key, epoch) of the sample at ``position``, or of the next good one; each
+        sample passed over is appended to ``skipped`` as (reason, key, shard, why)."""
         spec = self.stream.spec
         for extra in range(MAX_REPLACEMENTS):
             epoch, s = self.stream.at(position + extra * (1 + len(self.stream) // 2))
             try:
                 data, caps = reader.image(s), reader.captions(s)
+            except storage.RemoteOutage:
+                raise                         # not damage: the run checkpoints and stops (module docstring)
             except OSError as exc:            # the shard vanished or shrank since it was indexed
-                log.warning("skipping %s: cannot read %s (%s)", s.key, s.shard, exc)
-                skipped["unreadable_shard"] = skipped.get("unreadable_shard", 0) + 1
+                skipped.append(("unreadable_shard", s.key, s.shard, f"cannot read it: {exc}"))
                 continue
             if not caps:
-                skipped["missing_caption"] = skipped.get("missing_caption", 0) + 1
+                skipped.append(("missing_caption", s.key, s.shard, "no usable caption"))
                 continue
             try:
                 img = decode_rgb(data, self.min_side)
                 img.load()                    # Pillow decodes lazily: a broken body fails here, not in the crops
             except Exception as exc:  # PIL raises many types for a broken file
-                log.warning("skipping %s in %s: %s", s.key, s.shard, exc)
-                skipped["corrupt_image"] = skipped.get("corrupt_image", 0) + 1
+                skipped.append(("corrupt_image", s.key, s.shard, str(exc) or type(exc).__name__))
                 continue
             rng = np.random.default_rng(crop_seed(spec.seed, spec.rank, position))
             return multicrop(img, self.recipes, rng), caps, s.key, epoch
         raise RuntimeError(f"{MAX_REPLACEMENTS} samples in a row failed to load; the shards look broken")
 
     def make_batch(self, batch_index: int, reader: MemberReader, tokenizer: Tokenizer) -> dict:
-        skipped: dict[str, int] = {}
+        skipped: list[tuple[str, str, str, str]] = []
         items = [self._load(reader, p, skipped) for p in self.stream.batch_positions(batch_index)]
         crops, caps, keys, epochs = map(list, zip(*items))
         spec = self.stream.spec
@@ -78,13 +86,18 @@ class BatchDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         w, W = (info.id, info.num_workers) if info is not None else (0, 1)
-        reader = MemberReader()
+        reader = MemberReader(outage_deadline_s=self.cfg.outage_deadline_s)
         tokenizer = Tokenizer.from_bytes(self.tokenizer_bytes, self.max_len)
         if info is not None:
             torch.set_num_threads(1)      # the workers already run in parallel
         try:
             for b in itertools.count(self.start_batch + w, W):
-                yield self.make_batch(b, reader, tokenizer)
+                try:
+                    batch = self.make_batch(b, reader, tokenizer)
+                except storage.RemoteOutage as exc:   # handed out in batch order, as batch b; then stop
+                    yield {"_outage": str(exc), "_batch_index": b}
+                    return
+                yield batch
         finally:
             reader.close()
 

@@ -5,6 +5,9 @@ A sample is a group of tar members sharing a key (the member name up to the firs
 (``{"alt": ..., "short": ..., "long": ...}``, any non-empty subset), or captions in other members
 and fields as ``data.caption_fields`` maps them (``caption_fields.py``). Other members of a sample
 (for example the demo's ``{key}.mask.png``) are kept in the index as extras and otherwise ignored.
+A key that comes back later in the shard with a member it already has (a second ``{key}.jpg``) is
+a second sample with that key: the first complete one (an image and a caption) is kept, the others
+are left out and counted as ``duplicate_key``, in both loaders and in ``data check``.
 
 Every shard gets a checked index before it is read (``index_shard``): the tar is scanned once,
 each sample is checked (an image member, a caption as ``caption_fields`` reads it), and bad samples
@@ -50,9 +53,9 @@ log = logging.getLogger("fasttips.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 CAPTION_EXT = "json"         # the caption member ShardWriter writes (the default caption_fields read it)
-INDEX_VERSION = 4            # 2: captions are the CAPTION_KINDS fields only; 3: damaged tars, DALI names,
+INDEX_VERSION = 5            # 2: captions are the CAPTION_KINDS fields only; 3: damaged tars, DALI names,
                              # caption members per data.caption_fields; 4: in the cache, keyed by fingerprint,
-                             # with the validation level
+                             # with the validation level; 5: duplicate keys counted, the first complete kept
 VALIDATION = ("header", "full")   # image checks, cheapest first (a full index also serves a header request)
 VALIDATE_CHUNK = 256         # images decoded per batch while indexing
 REMOTE_THREADS = 8           # remote shards indexed at once (index_shards)
@@ -60,8 +63,9 @@ MAX_SKIPPED_KEYS = 1000      # skipped keys remembered per shard (with their rea
 # corrupt_image: does not decode; missing_caption: no .json or no usable caption in it; non_image_member:
 # a group of members without an image; damaged_sample: a sample left incomplete by damage in the tar;
 # damaged_tar: places where a tar is damaged (a bad header, or cut off); unreadable_shard: nothing readable.
+# duplicate_key: another sample of the shard has the same key (the first complete one is kept: _pick_duplicates).
 SKIP_REASONS = ("corrupt_image", "missing_caption", "non_image_member", "damaged_sample", "damaged_tar",
-                "unreadable_shard")
+                "unreadable_shard", "duplicate_key")
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -287,8 +291,14 @@ def _zero_bytes(f, start: int, stop: int) -> bool:
     return True
 
 
-def _tar_members(shard: str, file_size: int | None = None) -> tuple[dict[str, dict[str, tuple[int, int]]], list[str], set[str], int]:
-    """(members by key and extension, keys in order, keys next to damage, damaged places) of a tar.
+def _tar_members(shard: str, file_size: int | None = None) -> tuple[list[tuple[str, dict[str, tuple[int, int]]]], set[int], int]:
+    """(samples as (key, members by extension) in tar order, indexes of the samples next to damage,
+    damaged places) of a tar.
+
+    A key normally names one sample, whatever the order of its members. A member whose key already
+    holds that extension (a second ``key.jpg``) starts another sample with the same key: ``_scan``
+    keeps one of them (``_pick_duplicates``) and counts the others as ``duplicate_key``, so nothing is
+    overwritten unseen.
 
     Damage does not lose the rest of the shard: a header that fails its checksum is skipped block by
     block to the next valid one (``ignore_zeros``), and a shard cut off mid-member keeps every member
@@ -297,11 +307,12 @@ def _tar_members(shard: str, file_size: int | None = None) -> tuple[dict[str, di
     Raises ``tarfile.ReadError`` when nothing in the file is a readable member.
     """
     file_size = _size(shard) if file_size is None else file_size
-    groups: dict[str, dict[str, tuple[int, int]]] = {}
-    order: list[str] = []
-    near_damage: set[str] = set()
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    latest: dict[str, dict[str, tuple[int, int]]] = {}   # key -> the members of its latest sample
+    near_damage: set[int] = set()
     damaged = 0
-    last_key, expected = None, 0                    # where the next header should start
+    after_damage = False                            # the next member follows a damaged place
+    expected = 0                                    # where the next header should start
     # ``raw`` is a second handle for looking at gaps, so tarfile's own file position is left alone
     with _open(shard, file_size) as raw, _open(shard, file_size) as f, \
             tarfile.open(fileobj=f, mode="r:", ignore_zeros=True) as tar:
@@ -316,34 +327,49 @@ def _tar_members(shard: str, file_size: int | None = None) -> tuple[dict[str, di
                 cut = False
             if m is not None and m.offset > expected and not _zero_bytes(raw, expected, m.offset):
                 damaged += 1                                 # skipped over a damaged header
-                if last_key is not None:
-                    near_damage.add(last_key)
-                if m.isfile():
-                    near_damage.add(split_name(m.name)[0])
+                if samples:
+                    near_damage.add(len(samples) - 1)
+                after_damage = True
             if m is None:
                 # cut off (mid-member, or exactly between members: a tar ends with zero blocks), or
                 # garbage after the last member
                 if cut or expected >= file_size or not _zero_bytes(raw, expected, file_size):
                     damaged += 1
-                    if last_key is not None:
-                        near_damage.add(last_key)
+                    if samples:
+                        near_damage.add(len(samples) - 1)
                 break
             expected = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             if not m.isfile():
                 continue
             key, ext = split_name(m.name)
-            last_key = key
-            if key not in groups:
-                groups[key] = {}
-                order.append(key)
+            members = latest.get(key)
+            if members is None or ext in members:            # a new key, or this key once more
+                members = latest[key] = {}
+                samples.append((key, members))
+            if after_damage:
+                near_damage.add(len(samples) - 1)
+                after_damage = False
             if m.offset_data + m.size > file_size:          # the member's data runs past the end
                 damaged += 1
-                near_damage.add(key)
+                near_damage.add(len(samples) - 1)
                 break
-            groups[key][ext] = (m.offset_data, m.size)
-    if not any(groups.values()):
+            members[ext] = (m.offset_data, m.size)
+    if not any(members for _, members in samples):
         raise tarfile.ReadError("no readable member" + (f" ({damaged} damaged place(s))" if damaged else ""))
-    return groups, order, near_damage, damaged
+    return samples, near_damage, damaged
+
+
+def _pick_duplicates(samples: list[tuple[str, dict]], fields: CaptionFields) -> list[bool]:
+    """Which of ``samples`` (``_tar_members``) to keep when a key appears more than once in a shard:
+    the first one with an image member and a caption member (the first one, when none has both). The
+    rule is the same for every loader and ``data check``; the others are counted as ``duplicate_key``."""
+    def complete(members) -> bool:
+        return any(e in members for e in IMAGE_EXTS) and bool(_member_ranges(members, fields.exts))
+    chosen: dict[str, int] = {}
+    for i, (key, members) in enumerate(samples):
+        if key not in chosen or (complete(members) and not complete(samples[chosen[key]][1])):
+            chosen[key] = i
+    return [chosen[key] == i for i, (key, _) in enumerate(samples)]
 
 
 def _scan(shard: str, fields: CaptionFields = DEFAULT, skipped_keys: list | None = None,
@@ -363,7 +389,7 @@ def _scan(shard: str, fields: CaptionFields = DEFAULT, skipped_keys: list | None
             keys_out.append((key, reason))
     try:
         size = _size(shard)                          # (one metadata request for a remote shard)
-        groups, order, near_damage, damaged = _tar_members(shard, size)
+        members_of, near_damage, damaged = _tar_members(shard, size)
     except (OSError, tarfile.TarError, EOFError) as exc:
         if isinstance(exc, storage.RemoteError):
             raise                                        # a 404, refused access or an outage: not cached
@@ -373,6 +399,10 @@ def _scan(shard: str, fields: CaptionFields = DEFAULT, skipped_keys: list | None
     if damaged:
         log.warning("shard %s is damaged in %d place(s); its intact samples are kept", shard, damaged)
     skipped["damaged_tar"] = damaged
+    keep = _pick_duplicates(members_of, fields)
+    if not all(keep):
+        log.warning("shard %s holds %d sample(s) whose key another sample already has; the first complete "
+                    "sample of each key is kept, the others are skipped (duplicate_key)", shard, keep.count(False))
     samples = []
     pool = None
     try:
@@ -386,11 +416,10 @@ def _scan(shard: str, fields: CaptionFields = DEFAULT, skipped_keys: list | None
                 if validate == "full" and len(images) > 8 and pool is None:
                     pool = ThreadPoolExecutor(max_workers=2)     # PIL releases the GIL while decoding
                 # (the header check is too cheap to pay for threads: starting them cost more than it saved)
-                for (key, image_ext), ok in zip(chunk, (pool.map if pool is not None else map)(check, images)):
+                for (key, image_ext, members), ok in zip(chunk, (pool.map if pool is not None else map)(check, images)):
                     if not ok:
                         skip(key, "corrupt_image")
                         continue
-                    members = groups[key]
                     texts = _member_ranges(members, fields.exts)
                     extras = {e: members[e] for e in members if e != image_ext and e not in texts}
                     samples.append(Sample(shard, key, (image_ext, *members[image_ext]), texts, extras, fields))
@@ -398,12 +427,14 @@ def _scan(shard: str, fields: CaptionFields = DEFAULT, skipped_keys: list | None
             # one pass in tar order (a remote shard is read front to back), checking VALIDATE_CHUNK images at a
             # time, so only that many encoded images are held at once (shards can be GBs)
             chunk, images = [], []
-            for key in order:
-                members = groups[key]
+            for i, (key, members) in enumerate(members_of):
+                if not keep[i]:
+                    skip(key, "duplicate_key")
+                    continue
                 image_ext = next((e for e in IMAGE_EXTS if e in members), None)
                 texts = _member_ranges(members, fields.exts)
                 if image_ext is None or not texts:
-                    skip(key, "damaged_sample" if key in near_damage else
+                    skip(key, "damaged_sample" if i in near_damage else
                          "non_image_member" if image_ext is None else "missing_caption")
                     continue
                 # members in file order: the image and the caption members are usually neighbours
@@ -413,7 +444,7 @@ def _scan(shard: str, fields: CaptionFields = DEFAULT, skipped_keys: list | None
                 if not fields.extract({e: data[e] for e in texts}):
                     skip(key, "missing_caption")
                     continue
-                chunk.append((key, image_ext))
+                chunk.append((key, image_ext, members))
                 images.append(data[image_ext])
                 if len(chunk) >= VALIDATE_CHUNK:
                     check_chunk(chunk, images)
@@ -576,14 +607,22 @@ def total_skipped(indexes: list[ShardIndex]) -> dict[str, int]:
 # Reading
 # ----------------------------------------------------------------------------------------------
 class MemberReader:
-    """Reads byte ranges from shards, keeping the files open (one reader per worker process)."""
+    """Reads byte ranges from shards, keeping the files open (one reader per worker process).
 
-    def __init__(self):
+    ``outage_deadline_s`` (training): a remote read whose retries are spent is tried again for up to
+    that long, then raises ``storage.RemoteOutage`` (``storage.through_outage``); None: it raises at
+    once (start-up and tools, which stop with the message)."""
+
+    def __init__(self, outage_deadline_s: float | None = None):
         self._files: dict[str, io.BufferedReader] = {}
+        self.outage_deadline_s = outage_deadline_s
 
     def read(self, shard: str, offset: int, size: int) -> bytes:
         if storage.is_url(shard):                    # one ranged request, retried (storage.py)
-            return storage.read_range(shard, offset, size)
+            if self.outage_deadline_s is None:
+                return storage.read_range(shard, offset, size)
+            return storage.through_outage(shard, lambda: storage.read_range(shard, offset, size),
+                                          self.outage_deadline_s)
         f = self._files.get(shard)
         if f is None:
             f = self._files[shard] = open(shard, "rb")
@@ -608,7 +647,7 @@ class MemberReader:
         self._files.clear()
 
     def __getstate__(self):          # open files do not pickle into worker processes
-        return {"_files": {}}
+        return {"_files": {}, "outage_deadline_s": self.outage_deadline_s}
 
 
 def rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:

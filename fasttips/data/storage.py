@@ -4,7 +4,9 @@ Nothing is copied locally: the index is built by reading the tar once front to b
 chunks (``open_shard``), and the PyTorch loader then fetches each sample's members as byte ranges
 (``read_range``; one ranged request per member). Every request is retried a bounded number of times
 with exponential backoff (``configure``, ``data.retries``); a missing object (404) or refused access
-(401/403) is not retried and stops with one line naming the URL. The backends for s3:// (s3fs),
+(401/403) is not retried and stops with one line naming the URL. While training, a read whose retries
+are spent is an outage, not damage: the loader keeps trying for up to ``data.outage_deadline_s``
+(``through_outage``), then the trainer checkpoints and stops; no sample is skipped for it. The backends for s3:// (s3fs),
 gs:// (gcsfs) and http(s):// (aiohttp) are optional packages, imported on first use with a message
 naming the extra that installs them. The DALI loader reads local files only, so remote shards are
 read by the PyTorch loader (``loader.py`` says so when it picks it).
@@ -22,6 +24,7 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
 CHUNK = 4 << 20                 # bytes per request when reading a shard front to back (indexing)
 _settings = {"retries": 3, "backoff_s": 0.5}
+MAX_OUTAGE_PAUSE_S = 30.0       # the longest pause between two tries while waiting out an outage
 # errors of the network stacks behind fsspec that are worth another try (besides OSError/TimeoutError)
 _TRANSIENT_MODULES = ("aiohttp", "botocore", "aiobotocore", "google", "gcsfs", "s3fs", "requests", "urllib3")
 
@@ -30,6 +33,16 @@ class RemoteError(OSError):
     """A remote read that failed for good (retries spent, or 404 / refused access). Indexing lets it
     through rather than counting the shard as damaged, so a network outage is never cached as a
     property of the shard."""
+
+
+class RemoteUnavailable(RemoteError):
+    """The store kept failing with transient errors (a 503, a refused connection, a timeout) until the
+    retries were spent: an outage, not damage."""
+
+
+class RemoteOutage(RemoteUnavailable):
+    """An outage that outlasted ``data.outage_deadline_s`` while training read a sample
+    (``through_outage``): the trainer checkpoints and stops; no sample is skipped."""
 
 
 class RemoteNotFound(RemoteError, FileNotFoundError):
@@ -124,12 +137,35 @@ def retrying(url: str, what: str, fn):
             if kind == "other":
                 raise
             if attempt == retries:
-                raise RemoteError(f"{url}: {what} failed after {retries + 1} tries: {_short(exc)}") from None
+                raise RemoteUnavailable(f"{url}: {what} failed after {retries + 1} tries: {_short(exc)}") from None
             delay = backoff * (2 ** attempt)
             log.warning("%s: %s failed (%s); retry %d of %d in %.1f s", url, what, _short(exc),
                         attempt + 1, retries, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def through_outage(url: str, fn, deadline_s: float):
+    """``fn()`` (a read with its own retries, ``retrying``), tried again with growing pauses (up to
+    ``MAX_OUTAGE_PAUSE_S``) while the store is unavailable, for up to ``deadline_s`` seconds from the
+    start of the first failed read (its own retries included); then ``RemoteOutage``. A training run waits an outage out rather than skipping the
+    samples it cannot read (``data.outage_deadline_s``); a 404 or refused access is not waited for."""
+    first_failure, pause = None, _settings["backoff_s"]
+    while True:
+        tried = time.monotonic()
+        try:
+            return fn()
+        except RemoteUnavailable as exc:
+            now = time.monotonic()
+            first_failure = tried if first_failure is None else first_failure   # (its retries count too)
+            left = deadline_s - (now - first_failure)
+            if left <= 0:
+                raise RemoteOutage(f"the storage did not answer for {now - first_failure:.1f} s "
+                                   f"(data.outage_deadline_s={deadline_s:g}); last error: {exc}") from None
+            pause = min(2 * pause, MAX_OUTAGE_PAUSE_S, left)
+            log.warning("%s: unavailable (%s); trying again in %.1f s, for up to %.1f s more "
+                        "(data.outage_deadline_s)", url, exc, pause, left)
+            time.sleep(pause)
 
 
 def info(url: str) -> dict:

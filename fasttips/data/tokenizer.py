@@ -43,7 +43,14 @@ class Tokenizer:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"data.tokenizer={str(p)!r}: no such SentencePiece .model file")
-        return cls.from_bytes(p.read_bytes(), max_len)
+        try:
+            return cls.from_bytes(p.read_bytes(), max_len)
+        except OSError as exc:
+            raise OSError(f"data.tokenizer={str(p)!r}: cannot read it ({exc.strerror or exc})") from None
+        except RuntimeError:              # sentencepiece's only error type: the bytes are not a model proto
+            raise ValueError(f"data.tokenizer={str(p)!r}: not a SentencePiece model (give a .model file "
+                             "written by SentencePiece, or leave data.tokenizer empty to train one on the "
+                             "captions)") from None
 
     @classmethod
     def train(cls, texts, vocab_size: int, path: str | os.PathLike | None = None, max_len: int = 64,
@@ -90,6 +97,10 @@ class Tokenizer:
             _warn_empty_caption(texts[i])
         pad = torch.arange(self.max_len)[None, :] >= lengths[:, None]
         return ids, pad
+
+    def n_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per text before ``encode`` cuts to ``max_len`` (so a count > max_len was cut)."""
+        return [len(r) for r in self.sp.encode([t.lower() for t in texts])] if texts else []
 
     def decode(self, ids) -> str:
         ids = [int(i) - self.offset for i in ids if int(i) != PAD_ID]

@@ -2,9 +2,16 @@
 
 One process (``python -m fasttips.train``) on CPU trains a plain module: nothing to shard and no
 process group. Under ``torchrun`` (or on a GPU, where the bf16 ``MixedPrecisionPolicy`` lives in
-FSDP2) every transformer block, every head and the root are ``fully_shard``-ed over a 1-D mesh, and
-the EMA teacher heads are sharded with the same mesh and policy so that their local shards line up
+FSDP2) every transformer block, every head and the root are ``fully_shard``-ed over the device mesh,
+and the EMA teacher heads are sharded with the same mesh and policy so that their local shards line up
 element for element with the student's (the head EMA then runs on local tensors in one op call).
+
+The mesh is 1-D (``"fsdp"``: every rank holds 1/world of each parameter) or, with ``dist.shard_size``
+below the number of ranks, 2-D (``"replicate"`` × ``"shard"``): HSDP, where FSDP2 shards inside each
+group of ``shard_size`` consecutive ranks (torchrun numbers the ranks of a node consecutively, so a
+group is a node when ``shard_size`` = GPUs per node) and all-reduces gradients across the groups.
+Only parameters are laid out on the mesh; the data and the loss statistics (contrastive all-gather,
+DINO/iBOT centers, Sinkhorn-Knopp sums) stay global over every rank, whatever its shape.
 """
 from __future__ import annotations
 
@@ -17,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fasttips.config import ConfigError
+
 
 @dataclass
 class DistContext:
@@ -27,10 +36,19 @@ class DistContext:
     mesh: object | None                 # DeviceMesh when sharding, else None
     param_dtype: torch.dtype            # dtype of the compute copy of the parameters
     owns_group: bool = False            # this context created the process group (and ends it)
+    replicas: int = 1                   # HSDP: groups holding a full copy of the parameters (1 = FSDP)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def shard_size(self) -> int:
+        """Ranks that share one copy of the parameters (all of them under plain FSDP)."""
+        return self.world_size // self.replicas
+
+    def describe_mesh(self) -> str:
+        return mesh_text(self.world_size, self.replicas) if self.sharded else "one process, unsharded"
 
     @property
     def sharded(self) -> bool:
@@ -61,6 +79,40 @@ def resolve_param_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
+def mesh_shape(world_size: int, shard_size: int) -> tuple[int, int]:
+    """(replicas, ranks per shard group) of ``dist.shard_size`` on ``world_size`` ranks (0 = all ranks).
+
+    A layout that cannot be built is a ConfigError of one line. Every rank computes the same answer
+    from the same environment before any process group exists, so every rank stops alike, at once."""
+    if shard_size < 0:
+        raise ConfigError(f"dist.shard_size: must be >= 0, got {shard_size}")
+    shard = shard_size or world_size
+    if shard > world_size or world_size % shard:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        why = (f"is larger than the {world_size} rank(s) of this run" if shard > world_size
+               else f"does not divide the {world_size} ranks of this run")
+        raise ConfigError(f"dist.shard_size: {shard_size} {why}; choose one of {divisors} "
+                          f"(ranks per shard group) or 0 (all ranks)")
+    return world_size // shard, shard
+
+
+def mesh_text(world_size: int, replicas: int) -> str:
+    """The layout in words, e.g. ``HSDP 2 replicas × 4-rank shard groups`` (start-up line, dry run)."""
+    if replicas == 1:
+        return f"FSDP2 over {world_size} rank(s) (1-D mesh)"
+    return (f"HSDP {replicas} replicas × {world_size // replicas}-rank shard groups "
+            f"(2-D mesh replicate × shard)")
+
+
+def build_mesh(device_type: str, replicas: int, shard: int):
+    """The device mesh: 1-D ``("fsdp",)`` for plain FSDP, 2-D ``("replicate", "shard")`` for HSDP
+    (``fully_shard`` on a 2-D mesh replicates over dim 0 and shards over dim 1)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if replicas == 1:
+        return init_device_mesh(device_type, (shard,), mesh_dim_names=("fsdp",))
+    return init_device_mesh(device_type, (replicas, shard), mesh_dim_names=("replicate", "shard"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,6 +127,7 @@ def init_distributed(cfg) -> DistContext:
     runs the plain module.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    replicas, shard = mesh_shape(world_size, cfg.dist.shard_size)   # a bad layout stops here, on every rank
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(cfg.train.device)
@@ -93,9 +146,8 @@ def init_distributed(cfg) -> DistContext:
         else:   # a lone process that still wants FSDP2 (bf16 on one GPU)
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
                                     rank=0, world_size=1)
-    from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("fsdp",))
-    return DistContext(rank, world_size, local_rank, device, mesh, param_dtype, owns_group)
+    mesh = build_mesh(device.type, replicas, shard)
+    return DistContext(rank, world_size, local_rank, device, mesh, param_dtype, owns_group, replicas)
 
 
 def shutdown(ctx: DistContext | None = None) -> None:
@@ -136,11 +188,25 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
             blocks[i] = checkpoint_wrapper(block)
 
 
+# Keyword arguments of every torch.compile call here (tests set backend="aot_eager": inductor's CPU
+# code generation takes minutes on a small machine).
+COMPILE_OPTIONS: dict = {}
+
+
 def apply_compile(model: nn.Module) -> None:
-    """Compile each block in place (keeps parameter names; one graph reused by every block)."""
+    """``train.compile=blocks``: compile each block in place (keeps parameter names; one graph reused by
+    every block)."""
     for blocks in block_lists(model):
         for block in blocks:
-            block.compile()
+            block.compile(**COMPILE_OPTIONS)
+
+
+def compile_step(root: nn.Module) -> None:
+    """``train.compile=step``: compile the loss forward in place, the whole student forward of a
+    micro-batch (towers, heads, teacher targets, losses) and, through AOTAutograd, its backward. The
+    kernels are custom ops and the packed ViT traces into one graph, so the step is one graph apart
+    from what Dynamo cannot trace (it then splits the graph rather than fail)."""
+    root.compile(**COMPILE_OPTIONS)
 
 
 def mixed_precision_policy(ctx: DistContext):
@@ -218,18 +284,23 @@ def gathered(modules: list[nn.Module]):
 
 def parallelize(model: nn.Module, teacher_modules: list[nn.Module], ctx: DistContext, cfg,
                 compute_losses) -> LossForward:
-    """The fixed order: activation checkpointing → per-block compile → FSDP2. Returns the module to
-    call for the losses: ``loss_forward(teacher, state, batch, step_values, cfg)``."""
+    """The fixed order: activation checkpointing → per-block compile → FSDP2 → whole-step compile (one
+    of the two compiles, ``train.compile``). Returns the module to call for the losses:
+    ``loss_forward(teacher, state, batch, teacher_temp, cfg)``."""
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
-    if cfg.train.compile:
+    if cfg.train.compile == "blocks":
         apply_compile(model)
     root = LossForward(model, compute_losses)
     if ctx.sharded:
         shard(model, teacher_modules, ctx, root)
+    if cfg.train.compile == "step":
+        compile_step(root)
     return root
 
 
-__all__ = ["DistContext", "init_distributed", "shutdown", "parallelize", "shard", "LossForward", "gathered", "needs_gathering", "block_lists",
-           "head_modules", "apply_activation_checkpointing", "apply_compile", "mixed_precision_policy",
+__all__ = ["DistContext", "init_distributed", "mesh_shape", "mesh_text", "build_mesh", "shutdown",
+           "parallelize", "shard", "LossForward", "gathered", "needs_gathering", "block_lists",
+           "head_modules", "apply_activation_checkpointing", "apply_compile", "compile_step", "COMPILE_OPTIONS",
+           "mixed_precision_policy",
            "resolve_device", "resolve_param_dtype"]

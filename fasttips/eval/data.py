@@ -23,6 +23,7 @@ from PIL import Image
 
 from .evalset import EvalSet
 from .metrics import IGNORE_INDEX
+from .transforms import center_crop_box
 
 MASK_MEMBER = "mask.png"
 _CACHE: dict = {}
@@ -30,9 +31,8 @@ log = logging.getLogger("fasttips.eval")
 
 
 def _square(img: Image.Image) -> Image.Image:
-    side = min(img.size)
-    left, top = (img.width - side) // 2, (img.height - side) // 2
-    return img.crop((left, top, left + side, top + side))
+    """The central square (offsets rounded as torchvision's CenterCrop rounds them)."""
+    return img.crop(center_crop_box(img.width, img.height, min(img.size)))
 
 
 def _find_classes(shards: list[str]) -> list[str]:

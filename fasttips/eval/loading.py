@@ -6,22 +6,23 @@ checkpoint folder (``step_XXXXXXXX`` holding ``COMPLETE``). The DCP shards are r
 into plain ones whatever the world size of the training run was.
 
 Before anything is read, the checkpoint's files are checked against the sizes and checksums recorded
-when it was written (``MANIFEST.json``). Given a run dir, a damaged newest checkpoint is passed over
-for the newest intact one, with a warning naming the file; given one damaged checkpoint folder,
-:class:`DamagedCheckpointError` says what is wrong in one line. Checkpoints of older fasttips versions
-(no manifest) load after a structural check, with a note.
+when it was written (``MANIFEST.json``), and what would be unpickled (DCP's ``.metadata`` and
+non-tensor items) is checked to hold only DCP's own records: a checkpoint from elsewhere is data, never
+code. Given a run dir, a damaged newest checkpoint is passed over for the newest intact one, with a
+warning naming the file; given one damaged checkpoint folder, :class:`DamagedCheckpointError` says what
+is wrong in one line. Checkpoints of older fasttips versions (no manifest) load after a structural
+check, with a note.
 """
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
 from fasttips import config as config_mod
-from fasttips.distributed.checkpoint import (MANIFEST, MARKER, DamagedCheckpoint, check_checkpoint,
-                                             newest_intact)
+from fasttips.distributed.checkpoint import (MANIFEST, MARKER, DamagedCheckpoint, check_checkpoint, load_dcp,
+                                             newest_intact, saved_keys)
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -55,11 +56,14 @@ def resolve_checkpoint(path: str | Path, warn=_warn) -> Path:
     if p.name.startswith("step_") and not (p / MARKER).is_file():
         raise CheckpointNotFound(f"RUN_DIR_OR_CHECKPOINT: {p} is an incomplete checkpoint (no {MARKER} "
                                  "marker: its write never finished)")
+    passed_over: list[str] = []        # said once an intact one is found (else the error names them)
     try:
-        latest = newest_intact(p / "checkpoints", on_damaged=lambda ckpt, verdict: warn(
+        latest = newest_intact(p / "checkpoints", on_damaged=lambda ckpt, verdict: passed_over.append(
             f"checkpoint {ckpt.name} is damaged ({verdict.describe()}); using the previous one"))
     except DamagedCheckpoint as exc:
         raise DamagedCheckpointError(str(exc)) from None
+    for message in passed_over:
+        warn(message)
     if latest is None:
         raise CheckpointNotFound(f"RUN_DIR_OR_CHECKPOINT: {p} holds no complete checkpoint under "
                                  f"{p / 'checkpoints'}; pass a run dir of 'fasttips train' or a step_* folder")
@@ -82,22 +86,19 @@ def _model_prefix(saved_keys: set[str], model_keys: list[str]) -> str:
 def load_model_weights(model: torch.nn.Module, ckpt: Path) -> list[str]:
     """Fill ``model`` from the DCP shards in ``ckpt``; return the model keys that were not found
     (heads of a different layout, say). The vision and text towers must be complete."""
-    import torch.distributed.checkpoint as dcp
-
+    # checked by resolve_checkpoint; these are the last line of defence (and the only safe readers)
     try:
-        saved = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
-    except Exception as exc:               # checked by resolve_checkpoint; this is a last line of defence
+        saved = saved_keys(ckpt)
+    except (OSError, DamagedCheckpoint) as exc:
         raise DamagedCheckpointError(f"checkpoint {ckpt}: cannot read .metadata ({_first_line(exc)})") from None
     own = model.state_dict()
     prefix = _model_prefix(saved, list(own))
     wanted = {prefix + k: v for k, v in own.items() if prefix + k in saved}
-    with warnings.catch_warnings():       # "no process group: loading in a single process" is the point
-        warnings.simplefilter("ignore")
-        try:
-            dcp.load(wanted, checkpoint_id=str(ckpt))
-        except Exception as exc:
-            raise DamagedCheckpointError(f"checkpoint {ckpt}: cannot read its shards "
-                                         f"({type(exc).__name__}: {_first_line(exc)})") from None
+    try:
+        load_dcp(wanted, ckpt)
+    except Exception as exc:
+        raise DamagedCheckpointError(f"checkpoint {ckpt}: cannot read its shards "
+                                     f"({type(exc).__name__}: {_first_line(exc)})") from None
     model.load_state_dict({k[len(prefix):]: v for k, v in wanted.items()}, strict=False)
     return [k for k in own if prefix + k not in saved]
 

@@ -27,8 +27,8 @@ def recall_at_k(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5),
     for that text and either copy of the text a right answer for image i.
 
     R@k is the fraction of queries with a correct candidate among the k best-scored candidates. Ties
-    are counted against the query (a wrong candidate scoring *equal* to the best correct one ranks
-    ahead of it), so a constant similarity gives R@k = 0 rather than a lucky 1.
+    are broken by index, as a stable descending sort does (open_clip's rule): a wrong candidate scoring
+    *equal* to the best correct one ranks ahead of it only when its index is lower.
     Returns {"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"} (one pair per k), in [0, 1].
     """
     _check_matrix("similarity", similarity)
@@ -55,20 +55,31 @@ def recall_at_k(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5),
 
 def recall_from_positives(similarity: torch.Tensor, positives: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
     """Recall@k both ways for a [N_img, N_txt] similarity whose bool ``positives`` marks the right pairs
-    (every row and column has one). Ties count against the query; a NaN score is never a hit."""
+    (every row and column has one). A query's rank is the position of its best correct candidate in a
+    stable descending sort: a wrong candidate ranks ahead when it scores higher, or the same with a
+    lower index. A NaN score ranks last (as -inf)."""
     sim = similarity.float()
     sim = sim.masked_fill(sim.isnan(), -math.inf)
-    pos = positives
-    # rank of the best correct candidate = how many wrong candidates score at least as high (0 = first)
-    best_i2t = sim.masked_fill(~pos, -math.inf).amax(dim=1)
-    best_t2i = sim.masked_fill(~pos, -math.inf).amax(dim=0)
-    i2t_rank = ((sim >= best_i2t[:, None]) & ~pos).sum(dim=1)
-    t2i_rank = ((sim >= best_t2i[None, :]) & ~pos).sum(dim=0)
+    pos = positives.to(sim.device)
+    i2t_rank = _rank_of_best_positive(sim, pos)
+    t2i_rank = _rank_of_best_positive(sim.T, pos.T)
     out = {}
     for k in ks:
         out[f"i2t_r{k}"] = (i2t_rank < k).float().mean().item()
         out[f"t2i_r{k}"] = (t2i_rank < k).float().mean().item()
     return out
+
+
+def _rank_of_best_positive(sim: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Per row: how many wrong candidates a stable descending sort puts before the row's first
+    best-scoring correct candidate (0 = first)."""
+    best = sim.masked_fill(~pos, -math.inf).amax(dim=1, keepdim=True)            # [Q, 1]
+    at_best = pos & (sim == best)
+    # index of the first correct candidate reaching the best score (argmax returns the first maximum)
+    first = at_best.to(torch.uint8).argmax(dim=1, keepdim=True)
+    index = torch.arange(sim.shape[1], device=sim.device)[None, :]
+    ahead = (sim > best) | ((sim == best) & (index < first))
+    return (ahead & ~pos).sum(dim=1)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -143,3 +154,64 @@ def patch_grid(n_patches: int, image_hw: tuple[int, int] | None = None) -> tuple
     if side * side != n_patches:
         raise ValueError(f"n_patches: {n_patches} tokens do not form a square grid; pass image_hw")
     return side, side
+
+
+# -- depth and surface normals ----------------------------------------------------------------------
+EIGEN_CROP = (45, 471, 41, 601)     # rows y1:y2, columns x1:x2 scored on a 480×640 NYUv2 depth map
+
+
+def depth_eval_mask(gt: torch.Tensor, min_depth: float = 1e-3, max_depth: float = 10.0,
+                    eigen_crop: bool = True) -> torch.Tensor:
+    """Pixels scored on a ground-truth depth map ``[H, W]`` (metres): min_depth < gt < max_depth, and on a
+    480×640 map only inside Eigen et al.'s crop (the rule of the BTS / DINOv2 NYUv2 evaluation)."""
+    valid = (gt > min_depth) & (gt < max_depth)
+    if eigen_crop and tuple(gt.shape[-2:]) == (480, 640):
+        y1, y2, x1, x2 = EIGEN_CROP
+        crop = torch.zeros_like(valid)
+        crop[..., y1:y2, x1:x2] = True
+        valid &= crop
+    return valid
+
+
+def depth_errors(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> dict[str, float] | None:
+    """One image's RMSE (metres), AbsRel and δ1 (fraction of pixels with max(p/g, g/p) < 1.25) over
+    ``mask``; None when the mask is empty."""
+    p, g = pred[mask].double(), gt[mask].double()
+    if g.numel() == 0:
+        return None
+    ratio = torch.maximum(p / g, g / p.clamp_min(1e-9))
+    return {"rmse": float(((p - g) ** 2).mean().sqrt()), "abs_rel": float(((p - g).abs() / g).mean()),
+            "delta1": float((ratio < 1.25).double().mean())}
+
+
+class AngleStats:
+    """Angular errors (degrees) pooled over every scored pixel of a split: mean, median, RMSE and the
+    fractions within 11.25°, 22.5° and 30° (the surface-normal metrics of Fouhey et al. and Probe3D).
+    The median comes from a histogram of 0.01° bins (exact to ±0.005°), so memory stays fixed."""
+    THRESHOLDS = (11.25, 22.5, 30.0)
+    BIN = 0.01
+
+    def __init__(self):
+        self.hist = torch.zeros(int(180 / self.BIN) + 1, dtype=torch.float64)
+        self.n = 0
+        self.sum = self.sumsq = 0.0
+        self.within = [0] * len(self.THRESHOLDS)
+
+    def add(self, deg: torch.Tensor) -> None:
+        deg = deg.detach().flatten().double().cpu()
+        self.n += deg.numel()
+        self.sum += float(deg.sum())
+        self.sumsq += float((deg * deg).sum())
+        for i, t in enumerate(self.THRESHOLDS):
+            self.within[i] += int((deg < t).sum())
+        idx = (deg / self.BIN).floor().long().clamp(0, self.hist.numel() - 1)
+        self.hist += torch.bincount(idx, minlength=self.hist.numel()).double()
+
+    def result(self) -> dict[str, float]:
+        if self.n == 0:
+            return {}
+        half = int(torch.searchsorted(self.hist.cumsum(0), torch.tensor(self.n / 2, dtype=torch.float64)))
+        out = {"mean": self.sum / self.n, "median": (half + 0.5) * self.BIN, "rmse": math.sqrt(self.sumsq / self.n)}
+        for t, k in zip(self.THRESHOLDS, self.within):
+            out[f"within {t:g}"] = k / self.n
+        return out

@@ -1,6 +1,6 @@
 """``fasttips export`` and ``fasttips import``.
 
-    fasttips export SRC --to hf|timm|tips OUT [--weights student|teacher]
+    fasttips export SRC --to hf|timm|tips OUT [--weights student|teacher] [key=value ...]
     fasttips import SRC OUT [key=value ...]
 
 SRC is a fasttips run dir or step_* checkpoint, a Hugging Face tipsv2 folder, a TIPS npz pair or a
@@ -8,6 +8,9 @@ timm file (timm: vision only). ``export`` writes the safe, shareable formats: ``
 ``transformers.AutoModel.from_pretrained(OUT)`` loads, ``timm`` a safetensors state dict for the
 matching ``vit_*_patch14_reg1_tipsv2`` model, ``tips`` the release's two npz files. ``import`` turns
 a release into a fasttips run dir (OUT/checkpoints/step_00000000) for ``fasttips eval``.
+
+What the files do not record is given as key=value: a TIPS npz pair or a bare timm file of a width
+that is not a released size needs ``vision.heads=N`` (fused qkv weights do not determine it).
 """
 from __future__ import annotations
 
@@ -22,45 +25,71 @@ from .formats import Imported, SourceError, read_source
 from .layout import LayoutError
 
 _PRESET_BY_WIDTH = {384: "vit-s", 768: "vit-b", 1024: "vit-l", 1152: "so400m", 1536: "vit-g"}
+# recorded settings an import may still change: the text length is a data choice (the positions are
+# sinusoidal), not part of the weights
+_FREE_ON_IMPORT = {"text.max_len"}
 
 
 def config_for(imported: Imported, overrides: list[str] = ()):
     """The fasttips config of an imported model: its run's own config, or the preset of its width
-    with the source's architecture, the release's pixel normalisation and a logit-scale cap that
-    keeps the imported scales (then ``overrides``)."""
+    with the source's architecture (settings the files do not record from the released models'
+    conventions unless ``overrides`` give them; refused when neither does), the release's pixel
+    normalisation and a logit-scale cap that keeps the imported scales (then ``overrides``)."""
     from fasttips import config as config_lib
+    given = [_split_override(item) for item in overrides]
     if imported.cfg is not None:
         cfg = config_lib.from_dict(config_lib.to_dict(imported.cfg))
     else:
+        missing = formats.undetermined_error(imported, dict(given))
+        if missing is not None:
+            raise missing
         width = imported.overrides.get("vision.width")
         cfg = config_lib.load(None, [f"preset={_PRESET_BY_WIDTH.get(width, 'tiny')}"])
-        for key, value in imported.overrides.items():
+        for key, value in {**imported.conventions, **imported.overrides}.items():
             config_lib.set_value(cfg, key, value)
-        config_lib.set_value(cfg, "data.pixel_norm", "tips")
+        config_lib.set_value(cfg, "data.pixel_norm", imported.overrides.get("data.pixel_norm", "tips"))
         scale = imported.state.get("logit_scale")
         if scale is not None and float(scale.max()) > math.log(cfg.loss.max_logit_scale):
             config_lib.set_value(cfg, "loss.max_logit_scale", float(math.ceil(math.exp(float(scale.max())))))
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if not _:
-            raise config_lib.ConfigError(f"override {item!r}: expected key=value")
-        import yaml
-        config_lib.set_value(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    for key, value in given:
+        config_lib.set_value(cfg, key, value)
+        section, name = key.split(".", 1)
+        if key in imported.overrides and key not in _FREE_ON_IMPORT and \
+                getattr(getattr(cfg, section), name) != imported.overrides[key]:
+            raise SourceError(f"{key}={value}: {imported.path} records {key}={imported.overrides[key]}; a model "
+                              "built otherwise would not give the source's features")
     config_lib.validate(cfg)
     return cfg
+
+
+def _split_override(item: str):
+    from fasttips import config as config_lib
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise config_lib.ConfigError(f"override {item!r}: expected key=value")
+    import yaml
+    return key.strip(), yaml.safe_load(value) if value.strip() else ""
 
 
 # ------------------------------------------------------------------------------------------------
 # export
 # ------------------------------------------------------------------------------------------------
-def export(src, to: str, out, weights: str = "student", img_size: int | None = None) -> list[Path]:
-    """Write ``src``'s towers in the ``to`` format under ``out``; returns the files written."""
+def export(src, to: str, out, weights: str = "student", img_size: int | None = None,
+           overrides: list[str] = ()) -> list[Path]:
+    """Write ``src``'s towers in the ``to`` format under ``out``; returns the files written.
+    ``overrides``: settings the source does not record (e.g. ``vision.heads=4``), nothing else."""
     if to not in ("hf", "timm", "tips"):
         raise ValueError(f"--to: {to!r} is not allowed; choose one of ['hf', 'timm', 'tips']")
     imported = read_source(src, weights)
+    unrecorded = {**imported.conventions, **imported.undetermined}
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key not in unrecorded:
+            raise ValueError(f"export: {item!r}: only settings the source does not record can be given"
+                             f"{' (here: ' + ', '.join(unrecorded) + ')' if unrecorded else ' (it records them all)'}")
     for note in imported.notes:
         print(f"note: {note}", file=sys.stderr)
-    cfg = config_for(imported)
+    cfg = config_for(imported, overrides)
     out = Path(out)
     if to == "timm":
         return formats.write_timm(out, imported.state, cfg, img_size)
@@ -141,11 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "have a teacher vision tower; head_ema teachers share the student's towers)")
     ex.add_argument("--img-size", type=int, default=None, metavar="PX",
                     help="timm only: the input size timm will run at; the position grid is stored resized "
-                         "to it the release's way (timm itself resizes bicubically). Default: the native grid")
+                         "to it the release's way (timm itself resizes bicubically), and timm's preprocessing "
+                         "config says this size. Default: the native grid")
+    ex.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="settings the source does not record, e.g. vision.heads=4 for a TIPS npz pair whose "
+                         "width is not a released size")
     im = sub.add_parser("import", help="turn a release into a fasttips run dir for 'fasttips eval'")
     im.add_argument("src", metavar="SRC", help="Hugging Face tipsv2 folder, TIPS npz pair or fasttips run")
     im.add_argument("out", metavar="OUT", help="new run dir to create")
-    im.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. heads.prototypes=4096)")
+    im.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides (e.g. heads.prototypes=4096); vision.heads=N where the source does not "
+                         "record the head count")
     return parser
 
 
@@ -157,12 +192,11 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "export":
-            written = export(args.src, args.to, args.out, args.weights, args.img_size)
+            written = export(args.src, args.to, args.out, args.weights, args.img_size, args.overrides)
             for path in written:
                 print(path)
             if args.to == "timm":
-                imported = read_source(args.src, args.weights)
-                print("load with: " + formats.timm_create_call(Path(args.out), config_for(imported), args.img_size))
+                print("load with: " + formats.timm_create_call(Path(args.out)))
             elif args.to == "hf":
                 print(f"load with: transformers.AutoModel.from_pretrained({str(args.out)!r})")
         else:

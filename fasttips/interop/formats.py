@@ -3,7 +3,8 @@ and fasttips runs.
 
 Everything read from outside fasttips goes through formats that cannot run code: JSON,
 safetensors and ``np.load(allow_pickle=False)``. A fasttips run is read with the project's own
-checkpoint loader (a fasttips checkpoint is trusted input, like any PyTorch checkpoint).
+checkpoint loader, which unpickles nothing but DCP's own metadata records, tensors and plain
+containers (``fasttips.distributed.checkpoint``), so a run from someone else is data too.
 
 ``read_source(path)`` gives an :class:`Imported`: the weights under fasttips names, the config
 fields that describe the architecture, and the tokenizer. The writers take a fasttips state dict and
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import layout
+from . import hf_tokenizer, layout
 from .layout import LayoutError, Tensors
 
 HF_PREFIXES = {"vision": "vision_encoder.", "text": "text_encoder."}
@@ -40,6 +41,28 @@ RELEASE_VISION_LN_EPS = 1e-6
 RELEASE_MAX_LEN = 64
 # The releases take pixels in [0, 1] with no mean/std normalisation.
 RELEASE_PIXELS = {"data.pixel_norm": "tips"}
+# fasttips' evaluation preprocessing (fasttips.eval: zero-shot classification and retrieval): the
+# shorter side resized to the input size with PIL bicubic, then the central square, i.e. timm's
+# crop_pct 1.0 (DINOv2's kNN protocol would be crop_pct 0.875: 256 → 224).
+EVAL_INTERPOLATION = "bicubic"
+EVAL_CROP_PCT = 1.0
+
+
+def pixel_stats(pixel_norm: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of a ``data.pixel_norm`` on pixels in [0, 1]."""
+    from fasttips.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    return {"tips": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+            "imagenet": (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))}[pixel_norm]
+
+
+def pixel_norm_of(mean, std, where) -> str:
+    """The ``data.pixel_norm`` whose mean/std these are; refused when fasttips has none."""
+    for name in ("tips", "imagenet"):
+        m, s = pixel_stats(name)
+        if len(mean) == 3 and len(std) == 3 and all(abs(a - b) < 1e-6 for a, b in zip([*mean, *std], [*m, *s])):
+            return name
+    raise SourceError(f"{where}: mean {list(mean)} / std {list(std)} is neither data.pixel_norm=tips (0 / 1) "
+                      "nor imagenet; fasttips normalises pixels one of those two ways")
 
 
 @dataclass
@@ -52,6 +75,10 @@ class Imported:
     tokenizer_path: Path | None = None
     notes: list[str] = field(default_factory=list)
     cfg: object = None                         # the run's own config (fasttips sources only)
+    # settings the files do not record, filled from the released models' conventions (an explicit
+    # value wins), and settings they do not determine at all (key → why; must be given explicitly)
+    conventions: dict = field(default_factory=dict)
+    undetermined: dict = field(default_factory=dict)
 
     @property
     def has_text(self) -> bool:
@@ -114,12 +141,36 @@ def _shape_overrides(state: Tensors) -> dict:
            "vision.pos_grid": v["pos_embed"].shape[-1],
            "vision.layerscale": 1.0 if "blocks.0.ls1.gamma" in v else 0.0,
            "vision.qkv_bias": "blocks.0.attn.qkv.bias" in v}
-    if D in layout.RELEASE_HEADS:
-        out["vision.heads"] = layout.RELEASE_HEADS[D]
     if any(k.startswith("text.") for k in state):
         out["text.vocab_size"] = state["text.token_embed.weight"].shape[0]
         out["text.depth"] = sum(1 for k in state if k.startswith("text.") and k.endswith(".norm1.weight"))
     return out
+
+
+def _unrecorded_heads(imported: "Imported", heads: int | None = None) -> None:
+    """The head count is not recoverable from fused qkv weights: take ``heads`` when a config beside
+    the weights gives it, else the released models' count for this width, else require it."""
+    width = imported.overrides["vision.width"]
+    if heads is not None:
+        imported.overrides["vision.heads"] = int(heads)
+    elif width in layout.RELEASE_HEADS:
+        imported.conventions["vision.heads"] = layout.RELEASE_HEADS[width]
+        imported.notes.append(f"{imported.path}: vision.heads={layout.RELEASE_HEADS[width]}, the released models' "
+                              f"head count for width {width} (the files do not record it; give vision.heads=N "
+                              "if this model has another)")
+    else:
+        imported.undetermined["vision.heads"] = (f"the files do not record the head count and width {width} is "
+                                                 "not a released size")
+
+
+def undetermined_error(imported: "Imported", given) -> "SourceError | None":
+    """The error naming the first setting the source does not determine and ``given`` lacks."""
+    for key, why in imported.undetermined.items():
+        if key not in given:
+            width = imported.overrides.get("vision.width")
+            return SourceError(f"{imported.path}: {key} is not determined by the weights ({why}); give it "
+                               f"explicitly: {key}=N (N divides vision.width={width}; the model's own head count)")
+    return None
 
 
 def _hf_overrides(config: dict, where: Path) -> dict:
@@ -267,10 +318,14 @@ def read_tips(path: Path) -> Imported:
     overrides.update({"vision.ln_eps": RELEASE_VISION_LN_EPS, "text.ln_eps": RELEASE_TEXT_LN_EPS,
                       "text.max_len": RELEASE_MAX_LEN, **RELEASE_PIXELS})
     tok, tok_path = _tokenizer_beside(vision.parent)
-    return Imported("tips", vision, state, overrides, tok, tok_path, notes)
+    imported = Imported("tips", vision, state, overrides, tok, tok_path, notes)
+    _unrecorded_heads(imported)
+    return imported
 
 
 def read_timm(path: Path) -> Imported:
+    """A timm state dict; a timm ``config.json`` beside it (``save_pretrained`` / fasttips' export)
+    gives the head count and the pixel normalisation."""
     raw = load_safetensors(path)
     fc1, fc2 = raw.get("blocks.0.mlp.fc1.weight"), raw.get("blocks.0.mlp.fc2.weight")
     if fc1 is None or fc2 is None:
@@ -279,8 +334,28 @@ def read_timm(path: Path) -> Imported:
     state = layout.vision_from_timm(raw, swiglu)
     overrides = _shape_overrides(state)
     overrides.update({"vision.ln_eps": RELEASE_VISION_LN_EPS, **RELEASE_PIXELS})
-    return Imported("timm", path, state, overrides, None, None,
-                    ["timm files hold the vision tower only (no text tower, temperatures or mask token)"])
+    imported = Imported("timm", path, state, overrides, None, None,
+                        ["timm files hold the vision tower only (no text tower, temperatures or mask token)"])
+    config = _timm_config(path.parent)
+    heads = None
+    if config is not None:
+        where = path.parent / "config.json"
+        arch = config.get("architecture")
+        heads = (config.get("model_args") or {}).get("num_heads", _TIMM_STANDARD.get(arch, (None,) * 3)[2])
+        pre = config.get("pretrained_cfg") or {}
+        if "mean" in pre and "std" in pre:
+            overrides["data.pixel_norm"] = pixel_norm_of(pre["mean"], pre["std"], where)
+    _unrecorded_heads(imported, heads)
+    return imported
+
+
+def _timm_config(folder: Path) -> dict | None:
+    """timm's hub ``config.json`` (it names an ``architecture``), or None."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    config = read_json(path)
+    return config if isinstance(config, dict) and "architecture" in config else None
 
 
 def read_fasttips(path: Path, weights: str = "student") -> Imported:
@@ -306,10 +381,8 @@ def read_fasttips(path: Path, weights: str = "student") -> Imported:
 
 def _teacher_backbone(ckpt: Path, model) -> Tensors | None:
     """The full-EMA teacher's vision tower (``teacher.backbone.*`` in the DCP shards), or None."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-    saved = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    from fasttips.distributed.checkpoint import load_dcp, saved_keys
+    saved = saved_keys(ckpt)
     prefixes = sorted((k[: -len("cls_tokens")] for k in saved if k.endswith("backbone.cls_tokens")), key=len)
     if not prefixes:
         return None
@@ -318,9 +391,7 @@ def _teacher_backbone(ckpt: Path, model) -> Tensors | None:
     missing = [k for k in wanted if k not in saved]
     if missing:
         raise SourceError(f"{ckpt}: teacher backbone lacks {missing[0]!r}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(wanted, checkpoint_id=str(ckpt))
+    load_dcp(wanted, ckpt)
     return {"vision." + k[len(prefix):]: v for k, v in wanted.items()}
 
 
@@ -332,6 +403,8 @@ def detect(path: str | Path) -> tuple[str, Path]:
             return "tips", p
         raise SourceError(f"{p}: no such file or folder; expected {ACCEPTED}")
     if p.is_dir():
+        if _timm_config(p) is not None and (p / "model.safetensors").is_file():
+            return "timm", p / "model.safetensors"
         if (p / "config.json").is_file():
             return "hf", p
         snapshot = _hub_snapshot(p)
@@ -345,7 +418,7 @@ def detect(path: str | Path) -> tuple[str, Path]:
     if p.suffix == ".npz":
         return "tips", p
     if p.suffix == ".safetensors":
-        if (p.parent / "config.json").is_file() and p.name.startswith("model"):
+        if (p.parent / "config.json").is_file() and p.name.startswith("model") and _timm_config(p.parent) is None:
             return "hf", p.parent
         return "timm", p
     if p.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl"):
@@ -423,25 +496,36 @@ def hf_config(cfg, logit_scale: torch.Tensor) -> dict:
     }
 
 
-def _hf_tokenizer_config(max_len: int) -> dict:
-    return {"tokenizer_class": "Tipsv2Tokenizer", "model_max_length": max_len, "do_lower_case": True,
-            "pad_token": "<pad>", "unk_token": "<unk>", "padding_side": "right"}
+def _hf_tokenizer_config(proto: bytes, max_len: int) -> dict:
+    """transformers' generic fast tokenizer over tokenizer.json (``Tipsv2Tokenizer`` would rebuild its
+    own pipeline, which drops characters outside the vocabulary); "<pad>" typed in a caption is
+    text, as in SentencePiece."""
+    pieces = hf_tokenizer.read_spec(proto).pieces
+    unk = next(p for p, _, kind in pieces if kind == 2)
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
+            "pad_token": pieces[0][0], "unk_token": unk, "padding_side": "right", "truncation_side": "right",
+            "split_special_tokens": True, "add_bos_token": False, "add_eos_token": False,
+            "clean_up_tokenization_spaces": False}
 
 
 def _hf_preprocessor_config(cfg) -> dict:
-    """Resize to the native grid's size, scale to [0, 1]; mean/std only for imagenet-normalised runs."""
-    from fasttips.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    """fasttips' evaluation preprocessing at the native grid's size: shorter side to S (bicubic),
+    central S×S crop, [0, 1]; mean/std only for imagenet-normalised runs."""
     size = cfg.vision.pos_grid * cfg.vision.patch_size
-    out = {"image_processor_type": "Tipsv2ImageProcessor", "size": {"height": size, "width": size},
-           "do_resize": True, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
-           "do_convert_rgb": True, "do_normalize": cfg.data.pixel_norm == "imagenet"}
+    out = {"image_processor_type": "Tipsv2ImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+           "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+           "do_rescale": True, "rescale_factor": 1 / 255, "do_convert_rgb": True,
+           "do_normalize": cfg.data.pixel_norm == "imagenet"}
     if out["do_normalize"]:
-        out.update(image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+        mean, std = pixel_stats(cfg.data.pixel_norm)
+        out.update(image_mean=list(mean), image_std=list(std))
     return out
 
 
 def write_hf(out: Path, state: Tensors, cfg, tokenizer: bytes) -> list[Path]:
     from safetensors.torch import save_file
+    fast_tokenizer = hf_tokenizer.tokenizer_json(tokenizer)     # refused before anything is written
+    hf_tokenizer.check_ids(fast_tokenizer, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     scale = state["logit_scale"].detach().float().cpu()
     tensors = {HF_PREFIXES["vision"] + k: v
@@ -453,10 +537,12 @@ def write_hf(out: Path, state: Tensors, cfg, tokenizer: bytes) -> list[Path]:
     save_file(_fp32(tensors), str(out / "model.safetensors"), metadata=meta)
     (out / "config.json").write_text(json.dumps(hf_config(cfg, scale), indent=2) + "\n")
     (out / TOKENIZER_FILE).write_bytes(tokenizer)
-    (out / "tokenizer_config.json").write_text(json.dumps(_hf_tokenizer_config(cfg.text.max_len), indent=2) + "\n")
+    (out / "tokenizer.json").write_text(json.dumps(fast_tokenizer, ensure_ascii=False) + "\n")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(_hf_tokenizer_config(tokenizer, cfg.text.max_len), indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(_hf_preprocessor_config(cfg), indent=2) + "\n")
-    return [out / n for n in ("config.json", "model.safetensors", TOKENIZER_FILE, "tokenizer_config.json",
-                              "preprocessor_config.json")]
+    return [out / n for n in ("config.json", "model.safetensors", TOKENIZER_FILE, "tokenizer.json",
+                              "tokenizer_config.json", "preprocessor_config.json")]
 
 
 def write_tips(out: Path, state: Tensors, tokenizer: bytes | None) -> list[Path]:
@@ -515,24 +601,39 @@ def resized_grid(pos: torch.Tensor, grid: int) -> torch.Tensor:
                          antialias=True).to(pos.dtype)
 
 
+def timm_pretrained_cfg(cfg, img_size: int | None = None) -> dict:
+    """What timm's ``resolve_data_config`` needs to preprocess as fasttips evaluates: the input size,
+    bicubic resize of the shorter side, centre crop (crop_pct 1.0), the run's mean/std."""
+    size = img_size or cfg.vision.pos_grid * cfg.vision.patch_size
+    mean, std = pixel_stats(cfg.data.pixel_norm)
+    return {"input_size": [3, size, size], "interpolation": EVAL_INTERPOLATION, "crop_pct": EVAL_CROP_PCT,
+            "crop_mode": "center", "mean": list(mean), "std": list(std), "num_classes": 0,
+            "fixed_input_size": True, "first_conv": "patch_embed.proj", "classifier": "head", "tag": "fasttips"}
+
+
 def write_timm(out: Path, state: Tensors, cfg, img_size: int | None = None) -> list[Path]:
-    """timm resizes its grid bicubically, unlike the release: ``img_size`` stores the grid already
-    resized (bilinear, antialiased) for that input size, so timm matches fasttips there."""
+    """``model.safetensors`` + ``config.json`` in timm's hub format (``timm.create_model('local-dir:OUT',
+    pretrained=True)`` reads both, preprocessing included) + ``timm_model.json`` (the same for
+    ``create_model(name, pretrained_cfg_overlay=...)``). timm resizes its grid bicubically, unlike the
+    release: ``img_size`` stores the grid already resized (bilinear, antialiased) for that input size,
+    so timm matches fasttips there."""
     from safetensors.torch import save_file
+    if img_size is not None and img_size % cfg.vision.patch_size:
+        raise LayoutError(f"--img-size {img_size}: not a multiple of the patch size {cfg.vision.patch_size}")
+    name, kwargs = timm_model_args(cfg, img_size)
     out.mkdir(parents=True, exist_ok=True)
     if img_size is not None:
-        if img_size % cfg.vision.patch_size:
-            raise LayoutError(f"--img-size {img_size}: not a multiple of the patch size {cfg.vision.patch_size}")
         state = {**state, "vision.pos_embed": resized_grid(state["vision.pos_embed"],
                                                            img_size // cfg.vision.patch_size)}
-    name, kwargs = timm_model_args(cfg, img_size)
+    pretrained = timm_pretrained_cfg(cfg, img_size)
     save_file(_fp32(layout.vision_to_timm(state)), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "timm_model.json").write_text(json.dumps({"model_name": name, "kwargs": kwargs}, indent=2) + "\n")
-    return [out / "model.safetensors", out / "timm_model.json"]
+    hub = {"architecture": name, "num_classes": 0, "num_features": cfg.vision.width, "global_pool": "token",
+           "model_args": {k: v for k, v in kwargs.items() if k != "num_classes"}, "pretrained_cfg": pretrained}
+    (out / "config.json").write_text(json.dumps(hub, indent=2) + "\n")
+    (out / "timm_model.json").write_text(json.dumps({"model_name": name, "kwargs": kwargs,
+                                                     "pretrained_cfg": pretrained}, indent=2) + "\n")
+    return [out / "model.safetensors", out / "config.json", out / "timm_model.json"]
 
 
-def timm_create_call(out: Path, cfg, img_size: int | None = None) -> str:
-    name, kwargs = timm_model_args(cfg, img_size)
-    args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-    return (f"timm.create_model({name!r}, pretrained=True, "
-            f"pretrained_cfg_overlay=dict(file={str(out / 'model.safetensors')!r}){args})")
+def timm_create_call(out: Path) -> str:
+    return f"timm.create_model({'local-dir:' + str(out)!r}, pretrained=True)"

@@ -3,7 +3,9 @@
 ``resolve_init_config(cfg, path)`` runs before the model is built: it takes the architecture from
 the source (widths, depth, position grid, LayerScale, LayerNorm eps, vocabulary, text length) and
 the source's tokenizer, and refuses settings that would change the imported model (a logit-scale
-cap below the imported scales, a different tokenizer, a tokenizer fasttips would shift).
+cap below the imported scales, a different tokenizer, a tokenizer fasttips would shift). What the
+files do not record (the head count of a TIPS npz pair or a bare timm file) comes from the released
+models' conventions unless set explicitly, and must be set explicitly where there is none.
 
 ``init_from(model, path, cfg)`` then copies the vision and text towers and the logit scales into
 the built model. Every tensor is checked before the first one is copied, so a failure leaves the
@@ -26,7 +28,7 @@ from torch import nn
 
 from fasttips.optim import clean_name
 
-from .formats import Imported, SourceError, read_source
+from .formats import Imported, SourceError, read_source, undetermined_error
 from .layout import LayoutError
 
 _CACHE: dict = {}
@@ -72,26 +74,32 @@ def _require_text(imported: Imported, path, vision_only: bool) -> bool:
         return True
     if not vision_only:
         raise SourceError(f"train.init_from={path}: {imported.kind} source holds no text tower; init_from "
-                          "loads both towers (use the Hugging Face folder or the TIPS npz pair, or ask for "
-                          "the vision tower alone)")
+                          "loads both towers: use a Hugging Face tipsv2 folder, a TIPS npz pair or a fasttips "
+                          "run (a timm file is only the vision tower)")
     return False
 
 
-def resolve_init_config(cfg, path, vision_only: bool = False):
+def resolve_init_config(cfg, path, vision_only: bool = False, explicit=frozenset()):
     """(new cfg, list of "field: old → new") for a warm start from ``path``.
 
     The architecture fields (and the pixel normalisation) come from the source; ``data.tokenizer``
     is set to the source's tokenizer.model when empty. Raises ``ValueError`` naming the field when
     the settings cannot give back the imported model. ``vision_only``: accept a source without a
-    text tower (a timm file); only the vision fields are taken then.
+    text tower (a timm file); only the vision fields are taken then. ``explicit``: the keys the user
+    set (config file and overrides, not the preset): they keep their value where the source does not
+    record the setting, and a setting it does not determine must be among them.
     """
     from fasttips import config as config_lib
 
     imported = _read(path)
     with_text = _require_text(imported, path, vision_only)
+    missing = undetermined_error(imported, explicit)
+    if missing is not None:
+        raise missing
     new = copy.deepcopy(cfg)
     changes = []
-    for key, value in imported.overrides.items():
+    conventions = {k: v for k, v in imported.conventions.items() if k not in explicit}
+    for key, value in {**conventions, **imported.overrides}.items():
         old = _get(new, key)
         if old != value:
             config_lib.set_value(new, key, value)
@@ -182,16 +190,16 @@ def init_from(model: nn.Module, path, cfg, vision_only: bool = False) -> InitRep
             if name == "logit_scale":
                 continue                            # a source without temperatures keeps the init
             raise LayoutError(f"train.init_from={path}: the source has no {name!r} (model shape "
-                              f"{list(params[name].shape)}); it is not a {_arch(cfg)} model")
+                              f"{list(params[name].shape)}); it is not a {architecture(cfg)} model")
     for name, value in imported.state.items():
         if name == "logit_bias":
             continue                                # SigLIP's bias is not part of the release
         if name not in params:
             raise LayoutError(f"train.init_from={path}: {name!r} {list(value.shape)} has no place in the "
-                              f"model ({_arch(cfg)}); build it with the source's architecture")
+                              f"model ({architecture(cfg)}); build it with the source's architecture")
         if tuple(value.shape) != tuple(params[name].shape):
             raise LayoutError(f"train.init_from={path}: {name!r} is {list(value.shape)} in the source but "
-                              f"{list(params[name].shape)} in the model ({_arch(cfg)})")
+                              f"{list(params[name].shape)} in the model ({architecture(cfg)})")
     loaded = [n for n in wanted if n in imported.state]
     for name in loaded:
         _assign(params[name], imported.state[name])
@@ -203,10 +211,11 @@ def init_from(model: nn.Module, path, cfg, vision_only: bool = False) -> InitRep
                       None if scale is None else [float(s) for s in scale], list(imported.notes))
 
 
-def _arch(cfg) -> str:
+def architecture(cfg) -> str:
+    """The towers' shape in one phrase (start-up line and shape errors)."""
     v, t = cfg.vision, cfg.text
-    return (f"vision width {v.width} depth {v.depth} mlp {v.mlp_hidden} {v.ffn} grid {v.pos_grid}, "
-            f"text depth {t.depth} vocab {t.vocab_size}")
+    return (f"vision width {v.width} depth {v.depth} heads {v.heads} mlp {v.mlp_hidden} {v.ffn} grid "
+            f"{v.pos_grid}, text depth {t.depth} vocab {t.vocab_size}")
 
 
 # ------------------------------------------------------------------------------------------------

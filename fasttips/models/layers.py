@@ -7,6 +7,7 @@ pass: their tokens are concatenated and attention is one packed (varlen) call.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class Packing:
     uniform: int | None
     key_padding_mask: torch.Tensor | None = None
     token_seq: torch.Tensor | None = field(default=None, repr=False)   # [T] (non-uniform only)
+    runs: tuple | None = None    # ((count, length), ...): runs of equal lengths, on the host (dispatch)
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device, key_padding_mask=None) -> "Packing":
@@ -70,7 +72,8 @@ class Packing:
         if key_padding_mask is not None and uniform is None:
             raise ValueError("Packing: key_padding_mask needs sequences of equal length")
         lens, cu, token_seq = _packing_tensors(tuple(lengths), torch.device(device), uniform is None)
-        return cls(lens, cu, max(lengths, default=0), uniform, key_padding_mask, token_seq)
+        return cls(lens, cu, max(lengths, default=0), uniform, key_padding_mask, token_seq,
+                   kernels.segment_runs(lengths))
 
     @property
     def num_sequences(self) -> int:
@@ -93,27 +96,39 @@ def _packing_tensors(lengths: tuple[int, ...], device: torch.device, with_token_
     A training step packs the same few layouts again and again (each crop set, each caption batch),
     and building these from Python lists is a host → device copy that waits for the device. So they
     are built once per (layout, device) and reused; nothing ever writes into them.
+
+    Under torch.compile they are built in the graph (constants there): no cache, and no host-side
+    record of the offsets' longest sequence (both graph-break: the inference-mode query, and the
+    record kept by tensor identity). The traced attention does not need that record (``Attention``).
     """
-    # inference-mode tensors cannot be saved for backward later, so they are kept apart; traced
-    # (fake / meta) tensors are never cached
-    cacheable = device.type != "meta" and not torch.compiler.is_compiling()
+    if torch.compiler.is_compiling():
+        return _build_packing_tensors(lengths, device, with_token_seq,
+                                      torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32,
+                                                   device=device))
+    # inference-mode tensors cannot be saved for backward later, so they are kept apart; meta tensors
+    # are never cached
+    cacheable = device.type != "meta"
     key = (lengths, device, with_token_seq, torch.is_inference_mode_enabled())
     hit = _PACKING_CACHE.get(key) if cacheable else None
     if hit is not None:
         _PACKING_CACHE.move_to_end(key)
         return hit
-    lens = torch.tensor(lengths, dtype=torch.int64, device=device)
-    cu = kernels.cu_seqlens_from_lengths(lengths, device)   # its longest sequence known on the host
-    token_seq = None
-    if with_token_seq:    # token → sequence index, built here so forward passes never mutate it
-        token_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens,
-                                            output_size=sum(lengths))
-    hit = (lens, cu, token_seq)
+    # cu_seqlens_from_lengths records its longest sequence on the host (no device read at attention)
+    hit = _build_packing_tensors(lengths, device, with_token_seq, kernels.cu_seqlens_from_lengths(lengths, device))
     if cacheable:
         _PACKING_CACHE[key] = hit
         if len(_PACKING_CACHE) > _PACKING_CACHE_SIZE:
             _PACKING_CACHE.popitem(last=False)
     return hit
+
+
+def _build_packing_tensors(lengths: tuple[int, ...], device: torch.device, with_token_seq: bool, cu):
+    lens = torch.tensor(lengths, dtype=torch.int64, device=device)
+    token_seq = None
+    if with_token_seq:    # token → sequence index, built here so forward passes never mutate it
+        token_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens,
+                                            output_size=sum(lengths))
+    return lens, cu, token_seq
 
 
 class Attention(nn.Module):
@@ -136,11 +151,31 @@ class Attention(nn.Module):
             q, k, v = qkv.view(S, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             out = kernels.attention(q, k, v, key_padding_mask=packing.key_padding_mask)  # [S, H, n, d]
             out = out.transpose(1, 2).reshape(T, D)
+        elif torch.compiler.is_compiling():
+            out = _attention_by_runs(qkv, packing).reshape(T, D)
         else:
             q, k, v = qkv.unbind(1)                                                       # [T, H, d]
-            out = kernels.attention_varlen(q, k, v, packing.cu_seqlens, max_seqlen=packing.max_seqlen)
+            out = kernels.attention_varlen(q, k, v, packing.cu_seqlens, max_seqlen=packing.max_seqlen,
+                                           runs=packing.runs)
             out = out.reshape(T, D)
         return self.proj(out)
+
+
+def _attention_by_runs(qkv: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """Packed attention as one dense call per run of equal-length sequences (one per crop size).
+
+    The path torch.compile traces: the varlen op checks ``max_seqlen`` against a host record of
+    ``cu_seqlens`` kept by tensor identity, which Dynamo cannot trace (graph breaks); the runs are host
+    ints, so this traces into one graph. Same math as the varlen call (the CPU reference computes
+    varlen exactly so), but on a GPU one dense launch per crop size instead of one packed launch.
+    """
+    outs, start = [], 0
+    for count, n in packing.runs:
+        run = qkv[start:start + count * n].view(count, n, *qkv.shape[1:])               # [S, n, 3, H, d]
+        start += count * n
+        q, k, v = run.permute(2, 0, 3, 1, 4).unbind(0)                                    # [S, H, n, d]
+        outs.append(kernels.attention(q, k, v).transpose(1, 2).reshape(count * n, *qkv.shape[2:]))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 class GeluMlp(nn.Module):

@@ -80,6 +80,13 @@ def host_offsets(cu_seqlens: torch.Tensor) -> list[int]:
     return offsets
 
 
+def recorded_offsets(cu_seqlens: torch.Tensor) -> list[int] | None:
+    """The host list of ``cu_seqlens`` when it is recorded (``cu_seqlens_from_lengths``, or read once
+    by ``host_offsets``), else None: never reads the device."""
+    entry = _recorded(cu_seqlens)
+    return entry[3] if entry is not None else None
+
+
 def check_max_seqlen(max_seqlen, longest: int | None) -> int:
     """``max_seqlen`` as an int, or ``longest`` when it is None; a value below ``longest`` raises."""
     if max_seqlen is None:

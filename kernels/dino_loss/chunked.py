@@ -8,12 +8,15 @@ Per chunk of C student rows (C from a byte budget, ``chunk_rows``):
      u/τ_t + b (b from ``common.teacher_bias``: −c/τ_t, or Sinkhorn-Knopp's log r from the existing
      distributed reductions), Σ p·s and ℓ_i = LSE − Σ p·s; when a gradient is needed it then
      overwrites s with dS = (w_i/τ_s)·(softmax(s/τ_s) − p);
-  3. when a gradient is needed, dz[chunk] = dS W_s and dW += dSᵀ z_s by torch.matmul.
+  3. when a gradient is needed, dz[chunk] = dS W_s by torch.matmul and dW += dSᵀ z_s into an fp32
+     accumulator (``accumulate_dw_``: one cuBLAS addmm with an fp32 output on CUDA).
 The gradient is complete after the forward; backward only multiplies dz and dW by grad_output.
-Without a gradient (teacher-only or eval calls) steps 3 and the dS pass are skipped.
+Without a gradient (teacher-only or eval calls) steps 3 and the dS pass are skipped. The whole is one
+torch.library custom op (``fasttips::prototype_ce_chunked``) with a fake and an autograd formula, so
+torch.compile treats it as one opaque call.
 
 Extra memory: the two [C × K] slabs (``CHUNK_BYTES`` together), dz [S × d] and dW [K × d] in fp32
-kept from forward to backward, and one chunk's dW product. **Unmeasured on a GPU** (NOTES.md).
+kept from forward to backward (plus, off CUDA, one chunk's dW product). **Unmeasured on a GPU** (NOTES.md).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import triton
 from .._backend import interpreting
 from ..triton_utils import LOG2E, autotune_configs, launch_config
 from . import kernels as K
+from .common import accumulate_dw_
 
 # Both [C × K] slabs together: 256 MiB is 1024 rows at K = 65536 in bf16, 1.6 % of the 16.2 GiB that
 # eager materialises at T = 16384 (the ≤ 5 % memory rule leaves room for dz, dW and one dW product).
@@ -32,9 +36,11 @@ CHUNK_BYTES = 256 * 2**20
 CHUNK_ROW_ALIGN = 64      # whole 64-row groups: cuBLAS tiles and 16-byte aligned row starts
 
 ROW_KERNEL = "_row_ce_kernel"
-CONFIGS = [launch_config(4, 1, BLOCK_K=1024), launch_config(8, 1, BLOCK_K=2048),
-           launch_config(8, 2, BLOCK_K=4096)]
-INTERPRET_CONFIG = launch_config(4, 1, BLOCK_K=256)
+# ROWS rows per program share each bias block (one read per ROWS rows instead of one per row); all
+# compile clean for sm_90a without spills (the compile gate).
+CONFIGS = [launch_config(4, 1, ROWS=4, BLOCK_K=512), launch_config(8, 1, ROWS=4, BLOCK_K=1024),
+           launch_config(8, 1, ROWS=8, BLOCK_K=512), launch_config(8, 2, ROWS=2, BLOCK_K=2048)]
+INTERPRET_CONFIG = launch_config(4, 1, ROWS=4, BLOCK_K=256)
 
 
 def chunk_rows(K: int, itemsize: int, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -57,56 +63,79 @@ def _tuned_row_kernel():
 
 def _row_kernel(s, u, bias, coef, row_loss, s_scale, t_scale, write_grad: bool):
     rows, n_k = s.shape
-    args = (s, u, bias, coef, row_loss, n_k, s.stride(0), u.stride(0), s_scale, t_scale)
+    args = (s, u, bias, coef, row_loss, rows, n_k, s.stride(0), u.stride(0), s_scale, t_scale)
+
+    def grid(meta):
+        return (triton.cdiv(rows, meta["ROWS"]),)
+
     if interpreting():
-        block = INTERPRET_CONFIG["BLOCK_K"]
-        K.row_ce_kernel[(rows,)](*args, BLOCK_K=block, WRITE_GRAD=write_grad, EVEN_K=n_k % block == 0)
+        c = INTERPRET_CONFIG
+        K.row_ce_kernel[grid(c)](*args, ROWS=c["ROWS"], BLOCK_K=c["BLOCK_K"], WRITE_GRAD=write_grad,
+                                 EVEN_K=n_k % c["BLOCK_K"] == 0)
     else:
-        _tuned_row_kernel()[(rows,)](*args, WRITE_GRAD=write_grad)
+        _tuned_row_kernel()[grid](*args, WRITE_GRAD=write_grad)
 
 
-class ChunkedPrototypeCE(torch.autograd.Function):
-    """loss = Σ_i w_i [LSE(s_i) − p_{pairs[i]}·s_i]; gradients for z_s and W_s, formed in the forward."""
 
-    @staticmethod
-    def forward(ctx, student_z, w_s, teacher_z, w_t, bias, pairs, weights, student_temp, teacher_temp,
-                chunk_bytes):
-        S, D = student_z.shape
-        n_k = w_s.shape[0]
-        dev, dtype = student_z.device, student_z.dtype
-        want_z, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        write_grad = want_z or want_w
-        s_scale, t_scale = LOG2E / student_temp, LOG2E / teacher_temp
-        coef = (weights.float() / student_temp).contiguous()
-        row_loss = torch.empty(S, dtype=torch.float32, device=dev)
-        dz = torch.empty(S, D, dtype=dtype, device=dev) if want_z else None
-        dw = torch.zeros(n_k, D, dtype=torch.float32, device=dev) if want_w else None
-        rows = min(S, chunk_rows(n_k, student_z.element_size(), chunk_bytes)) if S else 0
-        if rows:
-            s_slab = torch.empty(rows, n_k, dtype=dtype, device=dev)
-            u_slab = torch.empty(rows, n_k, dtype=dtype, device=dev)
-            w_s_t, w_t_t = w_s.t(), w_t.t()
-        for a in range(0, S, rows or 1):
-            b = min(S, a + rows)
-            zs = student_z[a:b]
-            s, u = s_slab[: b - a], u_slab[: b - a]
-            torch.matmul(zs, w_s_t, out=s)
-            torch.matmul(teacher_z.index_select(0, pairs[a:b]), w_t_t, out=u)
-            _row_kernel(s, u, bias, coef[a:b], row_loss[a:b], s_scale, t_scale, write_grad)
-            if want_z:
-                torch.matmul(s, w_s, out=dz[a:b])                  # s now holds dS
-            if want_w:
-                dw.add_((s.t() @ zs).float())
-        loss = (weights.float() * row_loss).sum()
-        ctx.save_for_backward(dz, dw)
-        ctx.dtypes = (student_z.dtype, w_s.dtype)
-        return loss
+@torch.library.custom_op("fasttips::prototype_ce_chunked", mutates_args=())
+def prototype_ce_chunked(student_z: torch.Tensor, w_s: torch.Tensor, teacher_z: torch.Tensor, w_t: torch.Tensor,
+                         bias: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, student_temp: float,
+                         chunk_bytes: int, grad_z: bool, grad_w: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dz, dW): loss = Σ_i w_i [LSE(s_i) − p_{pairs[i]}·s_i] and, when asked for (``grad_z`` /
+    ``grad_w``), its gradients for z_s ([S × d], z_s's dtype) and W_s ([K × d], fp32), formed here;
+    an empty tensor stands for a gradient not asked for. The autograd formula scales them. ``w_t`` comes
+    divided by the teacher temperature (``triton.prototype_cross_entropy``)."""
+    S, D = student_z.shape
+    n_k = w_s.shape[0]
+    dev, dtype = student_z.device, student_z.dtype
+    s_scale, t_scale = LOG2E / student_temp, LOG2E
+    coef = (weights.float() / student_temp).contiguous()
+    row_loss = torch.empty(S, dtype=torch.float32, device=dev)
+    dz = torch.empty(S if grad_z else 0, D, dtype=dtype, device=dev)
+    dw = torch.zeros(n_k if grad_w else 0, D, dtype=torch.float32, device=dev)
+    rows = min(S, chunk_rows(n_k, student_z.element_size(), chunk_bytes)) if S else 0
+    if rows:
+        s_slab = torch.empty(rows, n_k, dtype=dtype, device=dev)
+        u_slab = torch.empty(rows, n_k, dtype=dtype, device=dev)
+        w_s_t, w_t_t = w_s.t(), w_t.t()
+    for a in range(0, S, rows or 1):
+        b = min(S, a + rows)
+        zs = student_z[a:b]
+        s, u = s_slab[: b - a], u_slab[: b - a]
+        torch.matmul(zs, w_s_t, out=s)
+        torch.matmul(teacher_z.index_select(0, pairs[a:b]), w_t_t, out=u)
+        _row_kernel(s, u, bias, coef[a:b], row_loss[a:b], s_scale, t_scale, grad_z or grad_w)
+        if grad_z:
+            torch.matmul(s, w_s, out=dz[a:b])                  # s now holds dS
+        if grad_w:
+            accumulate_dw_(dw, s, zs)
+    return (weights.float() * row_loss).sum(), dz, dw
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        dz, dw = ctx.saved_tensors
-        z_dtype, w_dtype = ctx.dtypes
-        grad = grad_loss.float()
-        gz = None if dz is None else (dz.float() * grad).to(z_dtype)
-        gw = None if dw is None else (dw * grad).to(w_dtype)
-        return (gz, gw) + (None,) * 8
+
+@prototype_ce_chunked.register_fake
+def _(student_z, w_s, teacher_z, w_t, bias, pairs, weights, student_temp, chunk_bytes, grad_z, grad_w):
+    S, D = student_z.shape
+    return (student_z.new_empty((), dtype=torch.float32), student_z.new_empty((S if grad_z else 0, D)),
+            student_z.new_empty((w_s.shape[0] if grad_w else 0, D), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    _, dz, dw = output
+    ctx.save_for_backward(dz, dw)
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+    ctx.mark_non_differentiable(dz, dw)
+
+
+def _backward(ctx, grad_loss, _grad_dz, _grad_dw):
+    """The gradient was formed in the forward; here it is only scaled by grad_output."""
+    dz, dw = ctx.saved_tensors
+    z_dtype, w_dtype = ctx.dtypes
+    grad = grad_loss.float()
+    want_z, want_w = ctx.needs_input_grad[:2]
+    gz = (dz.float() * grad).to(z_dtype) if want_z else None
+    gw = (dw * grad).to(w_dtype) if want_w else None
+    return (gz, gw) + (None,) * 9
+
+
+prototype_ce_chunked.register_autograd(_backward, setup_context=_setup_context)

@@ -9,6 +9,7 @@
     Sinkhorn-Knopp:     b = log r, the row scaling after the last row update (factorised form,
                         docs/loss_math.md). The final column normalisation of SK *is* this
                         softmax, so SK differs from centering only in how b is found.
+- ``accumulate_dw_``: dW += dSᵀ·z into an fp32 accumulator (the slab and chunked paths' weight gradient).
 - ``sinkhorn_log_scaling``: the SK iterations in log domain, given two streaming reductions over the
   teacher logits (one per prototype, one per token), with the per-prototype sums all-reduced over
   ranks. Neither reduction ever holds [rows × K].
@@ -48,8 +49,8 @@ def unsupported_on_gpu(student_z, interpreting: bool) -> str | None:
 def check_arguments(student_z, student_v, student_g, teacher_z, teacher_v, teacher_g, pairs, weights,
                     center, student_temp, teacher_temp, centering, sk_iterations) -> None:
     def need(cond, msg):
-        if not cond:
-            raise ValueError(f"prototype_cross_entropy: {msg}")
+        if not cond:   # a callable message is formatted only on failure (a temperature under torch.compile)
+            raise ValueError(f"prototype_cross_entropy: {msg() if callable(msg) else msg}")
 
     need(student_z.dim() == 2, f"student_z must be [S, d], got shape {tuple(student_z.shape)}")
     need(teacher_z.dim() == 2, f"teacher_z must be [T, d], got shape {tuple(teacher_z.shape)}")
@@ -75,8 +76,8 @@ def check_arguments(student_z, student_v, student_g, teacher_z, teacher_v, teach
     need(centering in CENTERINGS, f"centering={centering!r} is not allowed; choose one of {list(CENTERINGS)}")
     if center is not None:
         need(center.numel() == K, f"center must have K={K} elements, got shape {tuple(center.shape)}")
-    need(student_temp > 0, f"student_temp must be > 0, got {student_temp}")
-    need(teacher_temp > 0, f"teacher_temp must be > 0, got {teacher_temp}")
+    need(student_temp > 0, lambda: f"student_temp must be > 0, got {student_temp}")
+    need(teacher_temp > 0, lambda: f"teacher_temp must be > 0, got {teacher_temp}")
     if centering == "sinkhorn_knopp":
         need(int(sk_iterations) >= 1, f"sk_iterations must be ≥ 1, got {sk_iterations}")
 
@@ -104,6 +105,18 @@ def weight_normed(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """W_k = g_k · v_k/‖v_k‖ (fp32, differentiable)."""
     v = v.float()
     return g.float().reshape(-1, 1) * v / v.norm(dim=1, keepdim=True)
+
+
+def accumulate_dw_(dw: torch.Tensor, ds: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """dw += dsᵀ·z into the fp32 accumulator ``dw`` [K × d], for ds [C × K] and z [C × d].
+
+    On CUDA with 16-bit operands, cuBLAS adds the fp32-accumulated product straight into dw
+    (``addmm`` with ``out_dtype``, aten::addmm.dtype_out, which has no CPU kernel): no [K × d] product
+    in the operands' dtype, no fp32 copy of it, no separate add, and no rounding of the chunk's
+    product to 16 bits. Elsewhere (CPU, the interpreter): the product, cast to fp32, then added."""
+    if dw.is_cuda and ds.dtype in (torch.bfloat16, torch.float16):
+        return torch.addmm(dw, ds.t(), z, out_dtype=torch.float32, out=dw)
+    return dw.add_((ds.t() @ z).float())
 
 
 def center_statistic(teacher_z: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,9 @@ Kernels
 - ``grad_s_kernel``    the opt-in "slab" backward: 2-D grid of (rows block × K_TILES prototype blocks),
   recomputes s, u once and writes ds = coef·(softmax(s) − p) into a [chunk × K] slab in the features'
   dtype; the host then runs dz = dS·W_s and dW += dSᵀ·z_s with torch.matmul, chunk by chunk.
-- ``row_ce_kernel``    the "chunked" path (chunked.py): one program per row of a [C × K] chunk of logits
-  that cuBLAS computed; LSEs, Σ p·s and the row loss, then dS written in place over the student logits.
-  No tl.dot: the products are all torch.matmul.
+- ``row_ce_kernel``    the "chunked" path (chunked.py): one program per ROWS rows of a [C × K] chunk of
+  logits that cuBLAS computed (each bias block read once per ROWS rows); LSEs, Σ p·s and the row loss,
+  then dS written in place over the student logits. No tl.dot: the products are all torch.matmul.
 """
 from __future__ import annotations
 
@@ -136,6 +136,12 @@ def grad_w_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, lse_s_ptr
                    dw_ptr, S, K, D, stride_zs, stride_zt, stride_ws, stride_wt, stride_dw, s_scale, t_scale,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                    PRECISION: tl.constexpr):
+    """Program i: dW of prototype block i, streaming all rows in blocks of BLOCK_M.
+
+    The logit tiles are token-major [BM, BK] (rows are the products' M side, as in ``grad_z_kernel``)
+    and dsᵀ goes through shared memory into the dW product. The prototype-major form (s as W·zᵀ,
+    [BK, BM]) made ptxas serialise every wgmma (C7515) and, with 64 rows, duplicated the logit tiles
+    over both warpgroups and spilled; this one compiles clean at 128×64 (NOTES.md)."""
     ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = ks < K
     dims = tl.arange(0, BLOCK_D)
@@ -156,14 +162,13 @@ def grad_w_kernel(zs_ptr, zt_ptr, pairs_ptr, ws_ptr, wt_ptr, bias_ptr, lse_s_ptr
                      mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0)
         lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)
-        coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-        # Transposed tiles [BK, BM], so dsᵀ feeds the dW product without a register transpose.
-        s2 = tl.dot(ws, tl.trans(zs), input_precision=PRECISION) * s_scale
-        u2 = tl.dot(wt, tl.trans(zt), input_precision=PRECISION) * t_scale + bias[:, None]
-        q = tl.exp2(s2 - lse_s[None, :])
-        p = tl.exp2(u2 - lse_t[None, :])
-        ds = coef[None, :] * (q - p)
-        dw += tl.dot(ds.to(zs.dtype), zs, input_precision=PRECISION)
+        coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)     # 0 on padding rows: their ds is 0
+        s2 = tl.dot(zs, tl.trans(ws), input_precision=PRECISION) * s_scale                       # [BM, BK]
+        u2 = tl.dot(zt, tl.trans(wt), input_precision=PRECISION) * t_scale + bias[None, :]
+        q = tl.exp2(s2 - lse_s[:, None])               # softmax(s)
+        p = tl.exp2(u2 - lse_t[:, None])               # teacher target
+        ds = coef[:, None] * (q - p)
+        dw += tl.dot(tl.trans(ds.to(zs.dtype)), zs, input_precision=PRECISION)
     tl.store(dw_ptr + ks[:, None] * stride_dw + dims[None, :], dw, mask=w_mask)
 
 
@@ -270,64 +275,68 @@ def prototype_lse_kernel(z_ptr, w_ptr, row_bias_ptr, out_ptr, N, K, D, stride_z,
 
 
 @triton.jit
-def row_ce_kernel(s_ptr, u_ptr, bias_ptr, coef_ptr, loss_ptr, K, stride_s, stride_u, s_scale, t_scale,
-                  BLOCK_K: tl.constexpr, WRITE_GRAD: tl.constexpr, EVEN_K: tl.constexpr):
-    """The chunked path's row kernel, program i = row i of one chunk. s and u are that chunk's raw
-    logits z_s W_sᵀ and z_t W_tᵀ ([C × K], from cuBLAS). Pass 1 streams the row once: online LSE of
-    s·s_scale, of the teacher's u·t_scale + bias (base 2), and Σ p·s, giving ℓ_i = LSE(s) − Σ p·s (natural
-    units) into loss[i]. Pass 2 (WRITE_GRAD) rereads the row and overwrites s with
-    dS = coef_i·(softmax(s/τ_s) − p) in s's dtype, the gradient wrt the raw logits (coef_i = w_i/τ_s)."""
-    row = tl.program_id(0)
-    s_row = s_ptr + row.to(tl.int64) * stride_s
-    u_row = u_ptr + row.to(tl.int64) * stride_u
-    m_s = float("-inf")
-    l_s = 0.0
-    m_t = float("-inf")
-    l_t = 0.0
-    ps = 0.0                                   # Σ_k exp2(u₂ − m_t)·s₂, rescaled as m_t moves
+def row_ce_kernel(s_ptr, u_ptr, bias_ptr, coef_ptr, loss_ptr, R, K, stride_s, stride_u, s_scale, t_scale,
+                  ROWS: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_GRAD: tl.constexpr, EVEN_K: tl.constexpr):
+    """The chunked path's row kernel, program i = rows [i·ROWS, (i+1)·ROWS) of one chunk of R rows. s and u
+    are that chunk's raw logits z_s W_sᵀ and z_t W_tᵀ ([R × K], from cuBLAS). The rows of a program walk
+    K together in [ROWS, BLOCK_K] tiles, so each bias block is read once per ROWS rows. Pass 1 streams
+    the rows once: online LSE of s·s_scale, of the teacher's u·t_scale + bias (base 2), and Σ p·s, giving
+    ℓ_i = LSE(s) − Σ p·s (natural units) into loss[i]. Pass 2 (WRITE_GRAD) rereads them and overwrites s
+    with dS = coef_i·(softmax(s/τ_s) − p) in s's dtype, the gradient wrt the raw logits (coef_i = w_i/τ_s)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < R
+    s_rows = s_ptr + rows.to(tl.int64)[:, None] * stride_s          # [ROWS, 1] row starts
+    u_rows = u_ptr + rows.to(tl.int64)[:, None] * stride_u
+    m_s = tl.full([ROWS], float("-inf"), tl.float32)   # student running max / sum of exp2
+    l_s = tl.zeros([ROWS], tl.float32)
+    m_t = tl.full([ROWS], float("-inf"), tl.float32)   # teacher running max / sum of exp2
+    l_t = tl.zeros([ROWS], tl.float32)
+    ps = tl.zeros([ROWS], tl.float32)                  # Σ_k exp2(u₂ − m_t)·s₂, rescaled as m_t moves
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
-            s2 = tl.load(s_row + ks).to(tl.float32) * s_scale
-            u2 = tl.load(u_row + ks).to(tl.float32) * t_scale + tl.load(bias_ptr + ks) * LOG2E_C
+            mask = row_ok[:, None]
+            bias = tl.load(bias_ptr + ks) * LOG2E_C
         else:      # prototypes past K: −inf logits weigh nothing; s₂ = 0 there keeps 0·s₂ finite
             k_ok = ks < K
-            s2 = tl.load(s_row + ks, mask=k_ok, other=0.0).to(tl.float32) * s_scale
-            u2 = tl.load(u_row + ks, mask=k_ok, other=0.0).to(tl.float32) * t_scale \
-                + tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * LOG2E_C
-            u2 = tl.where(k_ok, u2, float("-inf"))
-            s2_max = tl.max(tl.where(k_ok, s2, float("-inf")), axis=0)
+            mask = row_ok[:, None] & k_ok[None, :]
+            bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * LOG2E_C
+        # rows past R read zeros: finite statistics that are never stored
+        s2 = tl.load(s_rows + ks[None, :], mask=mask, other=0.0).to(tl.float32) * s_scale
+        u2 = tl.load(u_rows + ks[None, :], mask=mask, other=0.0).to(tl.float32) * t_scale + bias[None, :]
         if EVEN_K:
-            s2_max = tl.max(s2, axis=0)
+            s2_max = tl.max(s2, axis=1)
+        else:
+            u2 = tl.where(k_ok[None, :], u2, float("-inf"))
+            s2_max = tl.max(tl.where(k_ok[None, :], s2, float("-inf")), axis=1)
         m_s_new = tl.maximum(m_s, s2_max)
-        e_s = tl.exp2(s2 - m_s_new)
+        e_s = tl.exp2(s2 - m_s_new[:, None])
         if not EVEN_K:
-            e_s = tl.where(k_ok, e_s, 0.0)
-        l_s = l_s * tl.exp2(m_s - m_s_new) + tl.sum(e_s, axis=0)
+            e_s = tl.where(k_ok[None, :], e_s, 0.0)
+        l_s = l_s * tl.exp2(m_s - m_s_new) + tl.sum(e_s, axis=1)
         m_s = m_s_new
-        m_t_new = tl.maximum(m_t, tl.max(u2, axis=0))
+        m_t_new = tl.maximum(m_t, tl.max(u2, axis=1))
         alpha = tl.exp2(m_t - m_t_new)
-        e_t = tl.exp2(u2 - m_t_new)
-        l_t = l_t * alpha + tl.sum(e_t, axis=0)
-        ps = ps * alpha + tl.sum(e_t * s2, axis=0)
+        e_t = tl.exp2(u2 - m_t_new[:, None])
+        l_t = l_t * alpha + tl.sum(e_t, axis=1)
+        ps = ps * alpha + tl.sum(e_t * s2, axis=1)
         m_t = m_t_new
     lse_s = m_s + tl.log2(l_s)
     lse_t = m_t + tl.log2(l_t)
-    tl.store(loss_ptr + row, (lse_s - ps / l_t) * LN2_C)
+    tl.store(loss_ptr + rows, (lse_s - ps / l_t) * LN2_C, mask=row_ok)
     if WRITE_GRAD:
-        coef = tl.load(coef_ptr + row)         # w_i/τ_s; 0 on zero-weight rows, so their dS is exactly 0
+        # w_i/τ_s; 0 on zero-weight rows, so their dS is exactly 0
+        coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             if EVEN_K:
-                s2 = tl.load(s_row + ks).to(tl.float32) * s_scale
-                u2 = tl.load(u_row + ks).to(tl.float32) * t_scale + tl.load(bias_ptr + ks) * LOG2E_C
+                mask = row_ok[:, None]
+                bias = tl.load(bias_ptr + ks) * LOG2E_C
             else:
                 k_ok = ks < K
-                s2 = tl.load(s_row + ks, mask=k_ok, other=0.0).to(tl.float32) * s_scale
-                u2 = tl.load(u_row + ks, mask=k_ok, other=0.0).to(tl.float32) * t_scale \
-                    + tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * LOG2E_C
-            ds = coef * (tl.exp2(s2 - lse_s) - tl.exp2(u2 - lse_t))
-            if EVEN_K:
-                tl.store(s_row + ks, ds.to(s_ptr.dtype.element_ty))
-            else:
-                tl.store(s_row + ks, ds.to(s_ptr.dtype.element_ty), mask=k_ok)
+                mask = row_ok[:, None] & k_ok[None, :]
+                bias = tl.load(bias_ptr + ks, mask=k_ok, other=0.0) * LOG2E_C
+            s2 = tl.load(s_rows + ks[None, :], mask=mask, other=0.0).to(tl.float32) * s_scale
+            u2 = tl.load(u_rows + ks[None, :], mask=mask, other=0.0).to(tl.float32) * t_scale + bias[None, :]
+            ds = coef[:, None] * (tl.exp2(s2 - lse_s[:, None]) - tl.exp2(u2 - lse_t[:, None]))
+            tl.store(s_rows + ks[None, :], ds.to(s_ptr.dtype.element_ty), mask=mask)

@@ -113,5 +113,5 @@ def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_
                                                             group, chunk_bytes))
     chunk_rows = rows_per_chunk(K, chunk_bytes)
     loss = _ChunkedPrototypeCE.apply(student_z, w_s, teacher_z, w_t, bias, pairs.long(),
-                                     weights.detach(), float(student_temp), float(teacher_temp), chunk_rows)
+                                     weights.detach(), student_temp, teacher_temp, chunk_rows)
     return loss, center_stat

@@ -18,12 +18,18 @@ SLAB_BYTES, 256 MiB: 2048 rows at K = 65536 in bf16). The slab path is checked b
 
 On GPU the kernels take bf16/fp16 features with d ≤ 256; the dispatch (``fasttips.kernels``) sends fp32
 features or a wider bottleneck to the chunked reference with a warning (``common.unsupported_on_gpu``).
-Measurements: NOTES.md.
+
+torch.compile: every path is a torch.library custom op with a fake (``fasttips::prototype_ce_fused`` and
+its ``_backward``, ``fasttips::prototype_ce_chunked``, ``fasttips::prototype_lse`` / ``token_lse``), so
+Dynamo treats each as one opaque call. The teacher temperature is folded into the teacher's prototypes
+(fp32, before their cast) and is no op's argument: as one it would be a constant of a compiled graph,
+recompiled at every step of its warm-up. Measurements: NOTES.md.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -32,7 +38,8 @@ from .._backend import interpreting
 from ..triton_utils import LN2, LOG2E, autotune_configs, block_d, constexprs_of, launch_config, precision
 from . import chunked as _chunked
 from . import kernels as K
-from .common import (check_arguments, check_backward, center_statistic, sinkhorn_log_scaling, teacher_bias,
+from .common import (accumulate_dw_, check_arguments, check_backward, center_statistic, sinkhorn_log_scaling,
+                     teacher_bias,
                      unsupported_on_gpu, weight_normed)
 
 
@@ -49,7 +56,9 @@ CONFIGS = {   # chosen so that each compiles for sm_90a with HGMMA, no spills an
     # grad_z 64×32 at 3 stages was dropped: ptxas serialises its wgmma (C7515, the gate's lint), and
     # the autotuner chose 64×64 on the H100 anyway (NOTES.md)
     "_grad_z_kernel": [_cfg(64, 64, 8, 2)],
-    "_grad_w_kernel": [_cfg(32, 64, 8, 3), _cfg(32, 128, 8, 2)],
+    # grad_w: 128 rows × 64 prototypes, one stage (two stages of 128-row tiles exceed shared memory;
+    # 64-row tiles spill). The former 32×64 / 32×128 were serialised by ptxas (C7515; NOTES.md).
+    "_grad_w_kernel": [_cfg(128, 64, 8, 1)],
     # one tile per program (K_TILES=1), or 16 tiles with W streamed past resident row tiles
     "_grad_s_kernel": [_cfg(128, 64, 8, 1, K_TILES=1), _cfg(64, 128, 8, 1, K_TILES=1),
                        _cfg(64, 64, 8, 2, K_TILES=16), _cfg(128, 32, 8, 2, K_TILES=16)],
@@ -136,7 +145,7 @@ def _merge_slices(part: torch.Tensor):
 
 
 # ------------------------------------------------------------------------------------------------
-# Autograd
+# The fused and slab paths: custom ops with autograd
 # ------------------------------------------------------------------------------------------------
 SLAB_BYTES = 256 * 2**20    # dS slab budget: 2048 rows at K = 65536 in bf16
 SLAB_ROW_ALIGN = 128        # a multiple of every BLOCK_M: chunks start on row-block (and 16-byte) boundaries
@@ -152,44 +161,81 @@ class Options:
     interpret_k_tiles: int = INTERPRET_K_TILES
 
 
-class _FusedPrototypeCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student_z, w_s, teacher_z, w_t, bias, pairs, weights, student_temp, teacher_temp,
-                options: Options):
-        S, D = student_z.shape
-        K = w_s.shape[0]
-        dev = student_z.device
-        s_scale, t_scale = LOG2E / student_temp, LOG2E / teacher_temp
-        opts = dict(BLOCK_D=block_d(D), PRECISION=precision(student_z.dtype))
-        k_split, splits = _k_split(S, K, dev, options.k_splits)
-        part = torch.empty(5, splits, S, dtype=torch.float32, device=dev)
-        if S:
-            _launch("_forward_kernel", S, True, student_z, teacher_z, pairs, w_s, w_t, bias, part,
-                    S, K, D, k_split, student_z.stride(0), teacher_z.stride(0), w_s.stride(0), w_t.stride(0),
-                    s_scale, t_scale, splits=splits, **opts)
-        row_loss, lse_s, lse_t = _merge_slices(part)
-        loss = (weights.float() * row_loss).sum()
-        ctx.save_for_backward(student_z, w_s, teacher_z, w_t, bias, pairs, weights, lse_s, lse_t)
-        ctx.scales = (s_scale, t_scale, student_temp)
-        ctx.options = options
-        return loss
+# The fused and slab paths as torch.library custom ops: opaque to torch.compile (Dynamo would otherwise
+# trace into the kernel launches, and under the interpreter into the interpreter itself), with fake
+# implementations for shapes and an autograd formula. Options travel as plain arguments.
+@torch.library.custom_op("fasttips::prototype_ce_fused", mutates_args=())
+def prototype_ce_fused(student_z: torch.Tensor, w_s: torch.Tensor, teacher_z: torch.Tensor, w_t: torch.Tensor,
+                       bias: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, student_temp: float,
+                       backward: str, slab_bytes: int, k_splits: Optional[int], interpret_k_tiles: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse_s, lse_t): the forward kernel; the per-row base-2 LSEs are kept for the backward.
+    ``w_t`` comes divided by the teacher temperature (``prototype_cross_entropy``)."""
+    S, D = student_z.shape
+    K = w_s.shape[0]
+    dev = student_z.device
+    opts = dict(BLOCK_D=block_d(D), PRECISION=precision(student_z.dtype))
+    k_split, splits = _k_split(S, K, dev, k_splits)
+    part = torch.empty(5, splits, S, dtype=torch.float32, device=dev)
+    if S:
+        _launch("_forward_kernel", S, True, student_z, teacher_z, pairs, w_s, w_t, bias, part,
+                S, K, D, k_split, student_z.stride(0), teacher_z.stride(0), w_s.stride(0), w_t.stride(0),
+                LOG2E / student_temp, LOG2E, splits=splits, **opts)
+    row_loss, lse_s, lse_t = _merge_slices(part)
+    return (weights.float() * row_loss).sum(), lse_s, lse_t
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        student_z, w_s, teacher_z, w_t, bias, pairs, weights, lse_s, lse_t = ctx.saved_tensors
-        s_scale, t_scale, student_temp = ctx.scales
-        S, D = student_z.shape
-        K = w_s.shape[0]
-        coef = (grad_loss.float() * weights.float() / student_temp).contiguous()
-        common = (student_z, teacher_z, pairs, w_s, w_t, bias, lse_s, lse_t, coef)
-        if not S:
-            dz = torch.zeros(S, D, dtype=torch.float32, device=student_z.device)
-            dw = torch.zeros(K, D, dtype=torch.float32, device=w_s.device)
-        elif ctx.options.backward == "slab":
-            dz, dw = _slab_backward(common, s_scale, t_scale, ctx.options)
-        else:
-            dz, dw = _fused_backward(common, s_scale, t_scale, ctx.options)
-        return (dz.to(student_z.dtype), dw.to(w_s.dtype)) + (None,) * 8
+
+@prototype_ce_fused.register_fake
+def _(student_z, w_s, teacher_z, w_t, bias, pairs, weights, student_temp, backward, slab_bytes, k_splits,
+      interpret_k_tiles):
+    S = student_z.shape[0]
+    stat = dict(dtype=torch.float32)
+    return student_z.new_empty((), **stat), student_z.new_empty((S,), **stat), student_z.new_empty((S,), **stat)
+
+
+@torch.library.custom_op("fasttips::prototype_ce_fused_backward", mutates_args=())
+def prototype_ce_fused_backward(grad_loss: torch.Tensor, student_z: torch.Tensor, w_s: torch.Tensor,
+                                teacher_z: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor, pairs: torch.Tensor,
+                                weights: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
+                                student_temp: float, backward: str, slab_bytes: int, k_splits: Optional[int],
+                                interpret_k_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d student_z, d w_s) in their dtypes, by the fused kernels or the slab backward (``backward``)."""
+    options = Options(backward, slab_bytes, k_splits, interpret_k_tiles)
+    S, D = student_z.shape
+    K = w_s.shape[0]
+    coef = (grad_loss.float() * weights.float() / student_temp).contiguous()
+    common = (student_z, teacher_z, pairs, w_s, w_t, bias, lse_s, lse_t, coef)
+    scales = (LOG2E / student_temp, LOG2E)          # w_t is already divided by the teacher temperature
+    if not S:
+        dz = torch.zeros(S, D, dtype=torch.float32, device=student_z.device)
+        dw = torch.zeros(K, D, dtype=torch.float32, device=w_s.device)
+    elif backward == "slab":
+        dz, dw = _slab_backward(common, *scales, options)
+    else:
+        dz, dw = _fused_backward(common, *scales, options)
+    return dz.to(student_z.dtype), dw.to(w_s.dtype)
+
+
+@prototype_ce_fused_backward.register_fake
+def _(grad_loss, student_z, w_s, *rest):
+    return torch.empty_like(student_z), torch.empty_like(w_s)
+
+
+def _fused_setup_context(ctx, inputs, output):
+    student_z, w_s, teacher_z, w_t, bias, pairs, weights = inputs[:7]
+    _, lse_s, lse_t = output
+    ctx.save_for_backward(student_z, w_s, teacher_z, w_t, bias, pairs, weights, lse_s, lse_t)
+    ctx.arguments = inputs[7:]          # the student temperature and the options
+    ctx.mark_non_differentiable(lse_s, lse_t)
+
+
+def _fused_autograd(ctx, grad_loss, _grad_lse_s, _grad_lse_t):
+    dz, dw = prototype_ce_fused_backward(grad_loss, *ctx.saved_tensors, *ctx.arguments)
+    want_z, want_w = ctx.needs_input_grad[:2]
+    return (dz if want_z else None, dw if want_w else None) + (None,) * 10
+
+
+prototype_ce_fused.register_autograd(_fused_autograd, setup_context=_fused_setup_context)
 
 
 def _fused_backward(common, s_scale, t_scale, options: Options):
@@ -216,7 +262,7 @@ def _slab_backward(common, s_scale, t_scale, options: Options):
 
     The slab has the features' dtype, like the bf16 ds operand of the fused kernels' products. dz gets
     one rounding to that dtype (the fused path rounds its fp32 dz once too); dW is summed over chunks
-    in an fp32 accumulator, so each chunk adds one rounding of its partial product.
+    in an fp32 accumulator (``accumulate_dw_``: on CUDA the chunk's product is not rounded to 16 bits).
     """
     student_z, teacher_z, pairs, w_s, w_t, bias, lse_s, lse_t, coef = common
     S, D = student_z.shape
@@ -225,7 +271,7 @@ def _slab_backward(common, s_scale, t_scale, options: Options):
     rows = min(S, slab_rows(K, student_z.element_size(), options.slab_bytes))
     slab = torch.empty(rows, K, dtype=student_z.dtype, device=student_z.device)
     dz = torch.empty(S, D, dtype=student_z.dtype, device=student_z.device)
-    dw = None
+    dw = torch.zeros(K, D, dtype=torch.float32, device=w_s.device)
     for a in range(0, S, rows):
         b = min(S, a + rows)
         ds, zs = slab[: b - a], student_z[a:b]
@@ -234,8 +280,7 @@ def _slab_backward(common, s_scale, t_scale, options: Options):
                 w_t.stride(0), ds.stride(0), s_scale, t_scale, k_tiles=K,
                 interpret_k_tiles=options.interpret_k_tiles, **opts)
         torch.matmul(ds, w_s, out=dz[a:b])
-        part = (ds.t() @ zs).float()
-        dw = part if dw is None else dw.add_(part)
+        accumulate_dw_(dw, ds, zs)
     return dz, dw
 
 
@@ -248,27 +293,49 @@ def slab_rows(K: int, itemsize: int, slab_bytes: int = SLAB_BYTES) -> int:
 # ------------------------------------------------------------------------------------------------
 # Sinkhorn-Knopp reductions and the op
 # ------------------------------------------------------------------------------------------------
-def _sinkhorn_bias(teacher_z, w_t, teacher_temp, n_iterations, group):
-    N, D = teacher_z.shape
-    K = w_t.shape[0]
-    opts = dict(BLOCK_D=block_d(D), PRECISION=precision(teacher_z.dtype))
-    scale = 1.0 / teacher_temp
+@torch.library.custom_op("fasttips::prototype_lse", mutates_args=())
+def prototype_lse(z: torch.Tensor, w: torch.Tensor, row_bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per prototype k: LSE_j(z_j·w_k·scale + row_bias_j) over the rows of z (−inf without rows)."""
+    (N, D), K = z.shape, w.shape[0]
+    out = torch.full((K,), float("-inf"), dtype=torch.float32, device=w.device)
+    if N:
+        _launch("_prototype_lse_kernel", K, False, z, w, row_bias, out, N, K, D, z.stride(0), w.stride(0),
+                scale, BLOCK_D=block_d(D), PRECISION=precision(z.dtype))
+    return out
+
+
+@prototype_lse.register_fake
+def _(z, w, row_bias, scale):
+    return w.new_empty((w.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("fasttips::token_lse", mutates_args=())
+def token_lse(z: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per row j of z: LSE_k(z_j·w_k·scale + bias_k) over the prototypes."""
+    (N, D), K = z.shape, w.shape[0]
+    out = torch.empty(N, dtype=torch.float32, device=w.device)
+    if N:
+        _launch("_token_lse_kernel", N, True, z, w, bias, out, N, K, D, z.stride(0), w.stride(0),
+                scale, BLOCK_D=block_d(D), PRECISION=precision(z.dtype))
+    return out
+
+
+@token_lse.register_fake
+def _(z, w, bias, scale):
+    return z.new_empty((z.shape[0],), dtype=torch.float32)
+
+
+def _sinkhorn_bias(teacher_z, w_t, n_iterations, group):
+    scale = 1.0                    # w_t comes divided by the teacher temperature
 
     def row_lse(log_c):            # per prototype: LSE over this rank's rows
-        out = torch.full((K,), float("-inf"), dtype=torch.float32, device=w_t.device)
-        if N:
-            _launch("_prototype_lse_kernel", K, False, teacher_z, w_t, log_c.contiguous(), out, N, K, D,
-                    teacher_z.stride(0), w_t.stride(0), scale, **opts)
-        return out
+        return prototype_lse(teacher_z, w_t, log_c.contiguous(), scale)
 
     def col_lse(log_r):            # per row: LSE over prototypes
-        out = torch.empty(N, dtype=torch.float32, device=w_t.device)
-        if N:
-            _launch("_token_lse_kernel", N, True, teacher_z, w_t, log_r.contiguous(), out, N, K, D,
-                    teacher_z.stride(0), w_t.stride(0), scale, **opts)
-        return out
+        return token_lse(teacher_z, w_t, log_r.contiguous(), scale)
 
-    return sinkhorn_log_scaling(row_lse, col_lse, N, K, n_iterations, teacher_z.device, group)
+    return sinkhorn_log_scaling(row_lse, col_lse, teacher_z.shape[0], w_t.shape[0], n_iterations,
+                                teacher_z.device, group)
 
 
 def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_v, teacher_g,
@@ -293,24 +360,28 @@ def prototype_cross_entropy(student_z, student_v, student_g, teacher_z, teacher_
     if reason:
         raise ValueError(f"prototype_cross_entropy: {reason} (fasttips.kernels.prototype_cross_entropy "
                          "runs the reference for such inputs)")
-    options = Options(backward, int(slab_bytes), k_splits, int(interpret_k_tiles))
     dtype = student_z.dtype
     K = student_v.shape[0]
     w_s = weight_normed(student_v, student_g).to(dtype).contiguous()   # autograd: dW_s → v, g
     with torch.no_grad():
         w_t32 = weight_normed(teacher_v.detach(), teacher_g.detach())
         center_stat = center_statistic(teacher_z.detach(), w_t32)   # mean_rows(z_t W_tᵀ); zeros for no rows
-        w_t = w_t32.to(dtype).contiguous()
+        # The teacher temperature folded into the teacher's prototypes (in fp32, before their one cast to
+        # the features' dtype): the kernels and custom ops never take it. It changes every step of its
+        # warm-up, and as an op argument torch.compile would bake each value into a new graph.
+        w_t = (w_t32 / teacher_temp).to(dtype).contiguous()
         z_t = teacher_z.detach().to(dtype).contiguous()
         bias = teacher_bias(center, teacher_temp, centering, K, student_z.device,
-                            sinkhorn=lambda: _sinkhorn_bias(z_t, w_t, teacher_temp, int(sk_iterations), group))
+                            sinkhorn=lambda: _sinkhorn_bias(z_t, w_t, int(sk_iterations), group))
         bias = bias.contiguous()
+    inputs = (student_z.contiguous(), w_s, z_t, w_t, bias, pairs.contiguous(), weights.detach().contiguous(),
+              float(student_temp))
     if backward == "chunked":
-        loss = _chunked.ChunkedPrototypeCE.apply(student_z.contiguous(), w_s, z_t, w_t, bias, pairs.contiguous(),
-                                                 weights.detach().contiguous(), float(student_temp),
-                                                 float(teacher_temp), int(chunked_bytes))
+        # the gradients are formed in the forward: ask for them only where autograd will want them
+        grads = torch.is_grad_enabled()
+        loss, _, _ = _chunked.prototype_ce_chunked(*inputs, int(chunked_bytes), grads and student_z.requires_grad,
+                                                   grads and w_s.requires_grad)
         return loss, center_stat
-    loss = _FusedPrototypeCE.apply(student_z.contiguous(), w_s, z_t, w_t, bias, pairs.contiguous(),
-                                   weights.detach().contiguous(), float(student_temp), float(teacher_temp),
-                                   options)
+    loss, _, _ = prototype_ce_fused(*inputs, backward, int(slab_bytes), None if k_splits is None else int(k_splits),
+                                    int(interpret_k_tiles))
     return loss, center_stat

@@ -20,6 +20,7 @@ be replayed in a CUDA graph. The kernel itself is in kernels.py.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 
@@ -118,14 +119,15 @@ def _momentum_args(momentum, device):
     return placeholder, value, False
 
 
-@torch.no_grad()
 def ema_update_(teacher, student, momentum, block: int = BLOCK, num_warps: int = NUM_WARPS):
     """In place, one launch per student dtype (in practice one): teacher ← m·teacher + (1−m)·student.
 
     Arguments as ``common.py`` states them (the contract the reference shares): fp32 teachers (or FSDP2
     DTensors, updated through their local shards), fp32 or bf16 students of the same shapes, all
     contiguous; ``momentum`` a float or a 1-element tensor in [0, 1] (kept on the device for
-    schedules). Empty tensors are allowed and skipped.
+    schedules). Empty tensors are allowed and skipped. The update itself is the custom op
+    ``fasttips::ema_update_`` (it declares that it writes ``teacher``), so torch.compile calls it as
+    one opaque, mutating op.
     """
     teacher = [local(t) for t in teacher]
     student = [local(s) for s in student]
@@ -136,11 +138,27 @@ def ema_update_(teacher, student, momentum, block: int = BLOCK, num_warps: int =
     if not teacher:
         check_momentum(momentum, None)
         return
-    plan = _plan_for(teacher, student, block)   # checks the tensors when it builds a plan
-    check_momentum(momentum, plan.device)        # every call: the value may change between calls
-    m_ptr, m_value, m_on_device = _momentum_args(momentum, plan.device)
-    for base, table in plan.launches:
-        ema_chunks_kernel[(min(table.num_chunks, plan.programs_cap),)](
-            teacher[base], student[base], table.table, table.num_chunks, m_ptr, m_value,
-            BLOCK=block, MOMENTUM_ON_DEVICE=m_on_device,
-            TEACHER_VEC=table.teacher_vec, STUDENT_VEC=table.student_vec, num_warps=num_warps)
+    on_device = torch.is_tensor(momentum)   # a tensor travels as one; a float as a float argument
+    ema_update_op(teacher, student, momentum if on_device else None, 0.0 if on_device else float(momentum),
+                  block, num_warps)
+
+
+@torch.library.custom_op("fasttips::ema_update_", mutates_args=("teacher",))
+def ema_update_op(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: Optional[torch.Tensor],
+                  momentum_value: float, block: int, num_warps: int) -> None:
+    """The launches of ``ema_update_`` (``momentum`` a 1-element tensor, or None for ``momentum_value``)."""
+    momentum = momentum_value if momentum is None else momentum
+    with torch.no_grad():
+        plan = _plan_for(teacher, student, block)   # checks the tensors when it builds a plan
+        check_momentum(momentum, plan.device)        # every call: the value may change between calls
+        m_ptr, m_value, m_on_device = _momentum_args(momentum, plan.device)
+        for base, table in plan.launches:
+            ema_chunks_kernel[(min(table.num_chunks, plan.programs_cap),)](
+                teacher[base], student[base], table.table, table.num_chunks, m_ptr, m_value,
+                BLOCK=block, MOMENTUM_ON_DEVICE=m_on_device,
+                TEACHER_VEC=table.teacher_vec, STUDENT_VEC=table.student_vec, num_warps=num_warps)
+
+
+@ema_update_op.register_fake
+def _(teacher, student, momentum, momentum_value, block, num_warps):
+    return None

@@ -124,3 +124,17 @@ def test_cli_pack_tokenizer_check(tmp_path, capsys, seed):
     assert cli.main(["check", str(out)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["good_samples"] == 6
     assert cli.main(["check", str(tmp_path / "nowhere")]) == 2
+
+
+def test_the_long_demo_line_is_printed_only_when_the_demo_data_will_be_built(tmp_path, monkeypatch):
+    from fasttips.config import load
+    from fasttips.data.loader import startup_line
+    monkeypatch.setenv("FASTTIPS_DATA_DIR", str(tmp_path / "cache"))
+    cfg = load(overrides=[])                               # the default run: the demo data
+    assert "builds it" in startup_line(cfg) and "30 s" in startup_line(cfg)
+    (tmp_path / "cache" / demo.VERSION).mkdir(parents=True)
+    (tmp_path / "cache" / demo.VERSION / "classes.json").write_text("{}")    # as a finished build leaves it
+    line = startup_line(cfg)
+    assert "builds" not in line and "30 s" not in line and str(tmp_path / "cache" / demo.VERSION) in line
+    assert "data.path=/x" in startup_line(load(overrides=["data.path=/x"]))
+    assert startup_line(load(overrides=["data.source=synthetic"])) is None

@@ -102,3 +102,59 @@ def test_loaders_read_the_intact_part_of_a_cut_off_tar(kind, tmp_path, caplog):
     keys = {k for _, batch in zip(range(5), L) for k in batch["keys"]}
     assert keys == {f"s{i:04d}" for i in range(5)}
     assert index_shard(str(tmp_path / "data" / "cut.tar")).skipped == L.stats
+
+
+# --- a key seen twice in one shard (issue 25.5): the first complete sample is kept, the rest counted --
+def _duplicate_shard(path, rng):
+    """s0, s1 (a complete sample, written again later with another caption), s2 (an image alone, then
+    later its complete sample), s3; and s1's image a third time on its own at the end."""
+    images = {k: jpeg(rng) for k in ("s0", "s1", "s1-again", "s2-alone", "s2", "s3", "s1-third")}
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in [("s0.jpg", images["s0"]), ("s0.json", b'{"alt": "zero"}'),
+                           ("s1.jpg", images["s1"]), ("s1.json", b'{"alt": "one, first"}'),
+                           ("s2.jpg", images["s2-alone"]),
+                           ("s1.jpg", images["s1-again"]), ("s1.json", b'{"alt": "one, second"}'),
+                           ("s2.jpg", images["s2"]), ("s2.json", b'{"alt": "two"}'),
+                           ("s3.jpg", images["s3"]), ("s3.json", b'{"alt": "three"}'),
+                           ("s1.jpg", images["s1-third"])]:
+            _add(tar, name, data)
+    return images
+
+
+def test_a_duplicate_key_is_counted_and_the_first_complete_sample_kept(tmp_path, seed):
+    from fasttips.data.shards import MemberReader
+    images = _duplicate_shard(tmp_path / "dup.tar", np.random.default_rng(seed))
+    ix = index_shard(str(tmp_path / "dup.tar"), index_dir=tmp_path / "idx")
+    assert [s.key for s in ix.samples] == ["s0", "s1", "s2", "s3"]      # each key once, in tar order
+    reader = MemberReader()
+    by_key = {s.key: s for s in ix.samples}
+    assert reader.captions(by_key["s1"]) == {"alt": "one, first"}
+    assert reader.image(by_key["s1"]) == images["s1"]
+    assert reader.image(by_key["s2"]) == images["s2"]     # s2's first occurrence had no caption
+    # s1 twice more, s2's lone image once; nothing is counted as anything else
+    assert ix.skipped["duplicate_key"] == 3 and sum(ix.skipped.values()) == 3
+    assert sorted(ix.skipped_keys) == [("s1", "duplicate_key"), ("s1", "duplicate_key"),
+                                       ("s2", "duplicate_key")]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_both_loaders_read_a_duplicated_key_once(kind, tmp_path, seed):
+    _need(kind)
+    (tmp_path / "data").mkdir()
+    _duplicate_shard(tmp_path / "data" / "dup.tar", np.random.default_rng(seed))
+    L = loader_mod.build_loader(tiny_cfg(tmp_path / "data", f"data.loader={kind}",
+                                         f"data.index_dir={tmp_path / 'idx'}"))
+    assert L.num_samples == 4 and L.stats["duplicate_key"] == 3
+    keys = [k for k in next(L)["keys"]]                  # batch 4 = one epoch
+    assert sorted(keys) == ["s0", "s1", "s2", "s3"]
+
+
+def test_data_check_lists_duplicate_keys_and_says_which_one_is_kept(tmp_path, seed, capsys):
+    from fasttips.data import cli
+    (tmp_path / "data").mkdir()
+    _duplicate_shard(tmp_path / "data" / "dup.tar", np.random.default_rng(seed))
+    assert cli.main(["check", str(tmp_path / "data")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1])["duplicate_key"] == 3 and json.loads(out[-1])["good_samples"] == 4
+    listed = [line for line in out if "duplicate_key" in line and not line.startswith("{")]
+    assert len(listed) == 3 and all("first complete" in line for line in listed), out

@@ -95,6 +95,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     fail_next = 0
     fail_ranges = 0                 # ranged GETs (reads of the data, after the size is known) to fail
     ok_ranges = 0                   # ... after letting this many through
+    only = ""                       # ... of the paths holding this (all when empty)
     counts: dict = {}
 
     def log_message(self, *args):
@@ -118,7 +119,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self):
         if self._refuse():
             return
-        rng = self.headers.get("Range")
+        rng = self.headers.get("Range") if type(self).only in self.path else None
         if rng and type(self).fail_ranges > 0 and type(self).ok_ranges > 0:
             type(self).ok_ranges -= 1
         elif rng and type(self).fail_ranges > 0:
@@ -126,6 +127,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
             self.send_error(503, "try again")
             return
         path = self.translate_path(self.path)
+        rng = self.headers.get("Range")
         if not rng or not os.path.isfile(path):
             return super().do_GET()
         start, _, end = rng.removeprefix("bytes=").partition("-")
@@ -224,3 +226,132 @@ def test_an_outage_in_the_middle_of_a_shard_is_not_cached_as_damage(http_shards,
     H.ok_ranges = H.fail_ranges = 0
     ix = index_shard(f"{base}/{paths[0].name}", index_dir=tmp_path / "i")
     assert len(ix.samples) == 4 and sum(ix.skipped.values()) == 0
+
+
+# --- an outage is not damage (issue 25.2) ------------------------------------------------------------
+def _keys(ld, n):
+    return [k for _ in range(n) for k in next(ld)["keys"]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_outage_longer_than_the_deadline_skips_nothing_and_stops_the_loader(http_shards, tmp_path,
+                                                                                 workers, capfd):
+    base, _, H = http_shards
+    cfg = tiny_cfg(f"{base}/", "data.loader=pytorch", f"data.num_workers={workers}",
+                   "data.outage_deadline_s=0.3", f"data.index_dir={tmp_path / 'i'}")
+    reference = loader_mod.build_loader(cfg)
+    expected = _keys(reference, 8)
+    reference.close()
+    ld = loader_mod.build_loader(cfg)
+    seen = _keys(ld, 1)
+    H.fail_ranges = 10**9                                       # the store stops answering, for good
+    with pytest.raises(storage.RemoteOutage, match=r"did not answer for .* \(data\.outage_deadline_s=0\.3\)"):
+        for _ in range(6):                                      # (batches the workers built ahead come first)
+            seen += next(ld)["keys"]
+    assert seen == expected[:len(seen)] and ld.batches == len(seen) // 4
+    assert sum(ld.stats.values()) == 0                          # nothing skipped
+    assert "skipped" not in capfd.readouterr().err
+    H.fail_ranges = 0                                           # it answers again: a resumed loader goes on
+    again = loader_mod.build_loader(cfg)
+    again.load_state_dict(ld.state_dict())
+    assert _keys(again, 2) == expected[len(seen):len(seen) + 8]
+    again.close()
+
+
+def test_an_outage_shorter_than_the_deadline_is_waited_out(http_shards, tmp_path, caplog):
+    base, _, H = http_shards
+    cfg = tiny_cfg(f"{base}/", "data.loader=pytorch", "data.outage_deadline_s=30",
+                   f"data.index_dir={tmp_path / 'i'}")
+    expected = _keys(loader_mod.build_loader(cfg), 2)
+    ld = loader_mod.build_loader(cfg)
+    H.fail_ranges = 10                                          # more failures in a row than data.retries
+    with caplog.at_level(logging.WARNING, logger="fasttips.data"):
+        assert _keys(ld, 2) == expected
+    assert sum(ld.stats.values()) == 0 and "trying again" in caplog.text and "skipped" not in caplog.text
+
+
+def test_load_time_skips_are_counted_once_each_with_one_line_each(tmp_path, capfd, caplog):
+    """With worker processes building batches ahead: each sample skipped in a batch handed out is one
+    line and one count; batches built ahead but never handed out count nothing."""
+    from data_helpers import write_shards as write
+    paths = write(tmp_path / "d", 16, 4)
+    ld = loader_mod.build_loader(tiny_cfg(tmp_path / "d", "data.loader=pytorch", "data.num_workers=2",
+                                          f"data.index_dir={tmp_path / 'i'}"))
+    with open(paths[1], "r+b") as f:
+        f.truncate(1024)                                        # a quarter of the samples can no longer be read
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING, logger="fasttips.data"):
+        _keys(ld, 3)
+    ld.close()
+    lines = [r.getMessage() for r in caplog.records if "skip" in r.getMessage()]
+    assert not [line for line in capfd.readouterr().err.splitlines() if "skip" in line]   # none from workers
+    assert ld.stats["unreadable_shard"] > 0
+    assert len(lines) == sum(ld.stats.values()), lines
+    assert all("at load time: unreadable_shard" in line for line in lines), lines
+
+
+def _train(*args):
+    from fasttips.train import main
+    return main(["--no-progress", "vision.depth=1", "text.depth=1", "text.max_len=8", "text.vocab_size=200",
+                 "heads.hidden=64", "heads.bottleneck=32", "heads.prototypes=64", "data.batch_size=4",
+                 "data.global_size=28", "data.local_size=14", "data.n_local=2", "optim.warmup_steps=2",
+                 "data.loader=pytorch", "data.num_workers=0", "train.steps=4", "train.ckpt_every=100", *args])
+
+
+def test_training_through_an_outage_checkpoints_stops_and_resumes_with_the_samples_not_seen(
+        http_shards, tmp_path, capsys):
+    import json as json_
+
+    base, _, H = http_shards
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in map(json_.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    data = [f"data.path={base}/", f"data.index_dir={tmp_path / 'i'}", "data.outage_deadline_s=0.3"]
+    assert _train(*data, f"train.run_dir={tmp_path / 'ref'}") == 0           # uninterrupted (and caches
+    capsys.readouterr()                                                       # the index and tokenizer)
+    H.ok_ranges, H.fail_ranges = 2 * 4 * 2, 10**9     # 2 steps of 4 samples (image + caption), then down
+    assert _train(*data, f"train.run_dir={tmp_path / 'run'}") == 5
+    out, err = capsys.readouterr()
+    stop = [line for line in err.splitlines() if line.startswith("fasttips train: stopped")]
+    assert len(stop) == 1 and "data.outage_deadline_s=0.3" in stop[0] and "no sample was skipped" in stop[0]
+    assert "--resume" in stop[0] and "skipped" not in out and "unreadable_shard" not in out + err
+    done = [p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()]
+    assert done == ["step_00000002"]
+    H.ok_ranges = H.fail_ranges = 0
+    assert _train("--resume", str(tmp_path / "run")) == 0
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")             # bit for bit: same samples, same draws
+
+
+def test_an_outage_on_one_rank_stops_every_rank_after_a_checkpoint_of_the_step_before(http_shards, tmp_path):
+    """2 ranks under torchrun, each with its own shard; only rank 1's shard stops answering during step 2.
+    Rank 1 runs the step on stand-ins, the step's flags tell rank 0, no rank updates anything, and both
+    write the checkpoint of step 1 with their data position before step 2."""
+    pytest.importorskip("torch.distributed.run")
+    import subprocess
+    import sys
+
+    import torch
+    base, _, H = http_shards
+    data = [f"data.path={base}/", f"data.index_dir={tmp_path / 'i'}", "data.outage_deadline_s=0.2",
+            "data.retries=0", "data.loader=pytorch", "data.num_workers=0", "data.batch_size=4",
+            "text.vocab_size=200"]
+    loader_mod.build_loader(tiny_cfg(f"{base}/", *data)).close()       # the index and the tokenizer, cached
+    H.only, H.ok_ranges, H.fail_ranges = "shard-000001", 4 * 2, 10**9   # rank 1: one step, then down
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+         "fasttips.train", "--no-progress", "vision.depth=1", "text.depth=1", "text.max_len=8",
+         "heads.hidden=64", "heads.bottleneck=32", "heads.prototypes=64", "data.global_size=28",
+         "data.local_size=14", "data.n_local=2", "train.steps=4", "train.ckpt_every=100", *data,
+         f"train.run_dir={run_dir}"],
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"), capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "rank 1: data: the storage did not answer" in done.stderr, done.stderr[-3000:]
+    assert "stopped before step 2" in done.stderr and "no sample was skipped" in done.stderr
+    (ckpt,) = [p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()]
+    assert ckpt.name == "step_00000001"
+    for rank in (0, 1):
+        state = torch.load(ckpt / f"rank_{rank:05d}.pt", weights_only=True)
+        assert state["data"]["batches"] == 1, state["data"]
+    assert "skipped" not in done.stdout

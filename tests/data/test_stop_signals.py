@@ -126,3 +126,23 @@ def test_sigterm_to_torchrun_leaves_a_checkpoint_from_every_rank(tmp_path, tiny_
     assert "ChildFailedError" not in err and "killed by signal" not in err
     (ckpt,) = [p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()]
     assert {p.name for p in ckpt.glob("rank_*.pt")} == {"rank_00000.pt", "rank_00001.pt"}
+
+
+@pytest.mark.parametrize("command", [["-m", "fasttips.train"], ["-m", "fasttips.cli", "train"]])
+def test_sigterm_while_importing_exits_0_with_one_line(tmp_path, command):
+    """The first seconds of `fasttips train` are imports (torch): a SIGTERM there gets the start-up line
+    and exit 0 too, not a silent 143. A stand-in torch that blocks on import holds the process there."""
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import time\nprint('importing torch', flush=True)\ntime.sleep(120)\n")
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "fake"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, *command, f"train.run_dir={tmp_path / 'run'}"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+    wait_for(lambda: "importing torch" in (lines.append(proc.stdout.readline()) or lines[-1]), proc,
+             "the import of torch", timeout=60)
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, out, err = _finish(proc, timeout=60)
+    assert code == 0, f"exit {code}\n{out}\n{err}"
+    assert err.strip() == "fasttips train: stopped during start-up by SIGTERM, nothing to save", err

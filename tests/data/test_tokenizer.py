@@ -132,3 +132,19 @@ def test_a_caption_that_tokenizes_to_nothing_is_reported(tok, caplog, monkeypatc
     with caplog.at_level("WARNING", logger="fasttips.data.tokenizer"):
         tok.encode([""] * 20)                      # a few reports per process, then one line, then quiet
     assert len(caplog.records) == tokenizer_mod.MAX_EMPTY_CAPTION_WARNINGS
+
+
+def test_a_file_that_is_not_sentencepiece_is_one_line_naming_the_field(tmp_path, tiny_shards, capsys):
+    """data.tokenizer pointing at some other file (a JSON vocabulary, a text file) stops the run with
+    exit 2 and one line naming data.tokenizer, not a SentencePiece traceback."""
+    from fasttips.train import main
+    bad = tmp_path / "vocab.json"
+    bad.write_text('{"hello": 1}')
+    with pytest.raises(ValueError, match=r"data\.tokenizer=.*vocab\.json.*not a SentencePiece model"):
+        Tokenizer.load(bad)
+    code = main(["--no-progress", "data.source=shards", f"data.path={tiny_shards}", f"data.tokenizer={bad}",
+                 "data.batch_size=4", "data.global_size=56", "data.local_size=28", "data.num_workers=0",
+                 f"train.run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and "data.tokenizer=" in err and "not a SentencePiece model" in err, err

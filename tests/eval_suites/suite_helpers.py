@@ -55,15 +55,18 @@ class OracleTokenizer:
 
 class OracleVision(nn.Module):
     """CLS#1 = CLS#2 = one-hot of the code at the image centre; patch = one-hot of the code at each
-    patch centre. ``shift`` makes a confused model (code c is read as c + shift)."""
+    patch centre. ``shift`` makes a confused model (code c is read as c + shift); ``blind`` one that
+    sees nothing (every code read as 0: what a trained probe cannot learn from)."""
 
-    def __init__(self, dim, shift=0):
+    def __init__(self, dim, shift=0, blind=False):
         super().__init__()
-        self.dim, self.shift = dim, shift
+        self.dim, self.shift, self.blind = dim, shift, blind
         self.patch_embed = types.SimpleNamespace(patch_size=P)
 
     def forward(self, x, masks=None):
         code = (decode(x) + self.shift) % self.dim                          # [B, H, W]
+        if self.blind:
+            code = torch.zeros_like(code)
         H, W = code.shape[-2:]
         centre = code[:, H // 2, W // 2]
         patch = code[:, P // 2::P, P // 2::P].flatten(1)
@@ -72,10 +75,10 @@ class OracleVision(nn.Module):
 
 
 class OracleModel(nn.Module):
-    def __init__(self, dim, shift=0):
+    def __init__(self, dim, shift=0, blind=False):
         super().__init__()
         self.dummy = nn.Parameter(torch.zeros(1))      # evaluate.py reads the device from a parameter
-        self.vision = OracleVision(dim, shift)
+        self.vision = OracleVision(dim, shift, blind)
         self.dim = dim
 
     def text(self, ids, pad):
@@ -90,3 +93,19 @@ def run_suite(model, tok, cfg, suite, root, tmp_path, **kw):
     opts.update(kw)
     out = run_suites(model, tok, cfg, [suite], None, roots={suite: root}, out_dir=tmp_path / "out", **opts)
     return out["suites"][suite], log.getvalue()
+
+
+class RecordingModel(OracleModel):
+    """An oracle that also keeps what its vision tower was fed: the pixel batches and whether bf16
+    autocast was on (``seen``: [(pixels, autocast_on)])."""
+
+    def __init__(self, dim, shift=0):
+        super().__init__(dim, shift)
+        self.seen = []
+        inner = self.vision.forward
+
+        def forward(x, masks=None):
+            self.seen.append((x.detach().clone(), torch.is_autocast_enabled(x.device.type)))
+            return inner(x, masks)
+
+        self.vision.forward = forward

@@ -26,19 +26,33 @@ def test_metadata_is_complete():
 def test_image_folder_layout_oracle_is_perfect_and_a_confused_model_is_not(tmp_path):
     picked = [999, 3, 500]                            # ImageNet class indices, not in sorted order
     for c in picked:
-        rank = sorted(picked).index(c)                # class index among the folders present
         for j in range(2):
-            save_image(tmp_path / "val" / WNIDS[c] / f"ILSVRC2012_val_{c:05d}{j}.JPEG", colour(rank))
-    names = [META["classes"][c] for c in sorted(picked)]
-    tok = OracleTokenizer(prompt_lookup(names))       # a prompt of the k-th competing class → token k
+            save_image(tmp_path / "val" / WNIDS[c] / f"ILSVRC2012_val_{c:05d}{j}.JPEG", colour(c))
+    tok = OracleTokenizer(prompt_lookup(META["classes"]))    # a prompt of class k → token k
     res, log = run_suite(OracleModel(1024), tok, None, "imagenet", tmp_path, tmp_path)
-    assert res["n_images"] == 6 and res["n_classes"] == 3
+    assert res["n_images"] == 6 and res["n_classes"] == 1000 and res["n_classes_with_images"] == 3
     assert res["metrics"]["zero-shot CLS#1 top-1 acc"] == 1.0
     assert res["metrics"]["zero-shot CLS#2 top-1 acc"] == 1.0
-    assert res["chance"]["zero-shot CLS#1 top-1 acc"] == pytest.approx(1 / 3)
+    assert res["chance"]["zero-shot CLS#1 top-1 acc"] == pytest.approx(1 / 1000)
     assert "[imagenet] batch 3/3" in log
     bad, _ = run_suite(OracleModel(1024, shift=1), tok, None, "imagenet", tmp_path, tmp_path)
     assert bad["metrics"]["zero-shot CLS#1 top-1 acc"] == 0.0
+
+
+def test_an_incomplete_val_folder_is_scored_1000_way(tmp_path):
+    """Only 3 class folders: the 997 missing classes still compete. Images of class 3 that look like
+    class 4 (no folder) are wrong; scored 3-way they would have been right by elimination."""
+    from fasttips.eval.suites.report import table
+    for c, looks_like in ((3, 4), (500, 500), (999, 999)):
+        for j in range(2):
+            save_image(tmp_path / "val" / WNIDS[c] / f"ILSVRC2012_val_{c:05d}{j}.JPEG", colour(looks_like))
+    tok = OracleTokenizer(prompt_lookup(META["classes"]))
+    res, log = run_suite(OracleModel(1024), tok, None, "imagenet", tmp_path, tmp_path)
+    assert res["n_classes"] == 1000 and res["n_classes_with_images"] == 3
+    assert res["metrics"]["zero-shot CLS#1 top-1 acc"] == pytest.approx(4 / 6)
+    assert res["chance"]["zero-shot CLS#1 top-5 acc"] == pytest.approx(5 / 1000)
+    assert "6 images of 3 classes, scored 1000-way" in log
+    assert "imagenet: images of only 3 of the 1000 classes; scored 1000-way" in table({"imagenet": res})
 
 
 def test_flat_layout_with_the_devkit_ground_truth(tmp_path):
@@ -84,10 +98,11 @@ def test_layout_errors_name_the_missing_path(tmp_path, tiny):
         run_suite(model, tok, cfg, "imagenet", tmp_path, tmp_path)
 
 
-def test_unreadable_images_are_skipped_and_counted(tmp_path, tiny):
-    model, tok, cfg = tiny
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
     save_image(tmp_path / "val" / WNIDS[0] / "good.JPEG", colour(0))
     (tmp_path / "val" / WNIDS[1]).mkdir()
     (tmp_path / "val" / WNIDS[1] / "broken.JPEG").write_bytes(b"not a jpeg")
-    res, _ = run_suite(model, tok, cfg, "imagenet", tmp_path, tmp_path)
+    tok = OracleTokenizer(prompt_lookup(META["classes"]))
+    res, _ = run_suite(OracleModel(1024), tok, None, "imagenet", tmp_path, tmp_path)
     assert res["n_images"] == 1 and res["n_skipped"] == 1
+    assert res["metrics"]["zero-shot CLS#1 top-1 acc"] == 1.0

@@ -44,7 +44,8 @@ def test_oracle_retrieves_perfectly(tmp_path, suite):
 
 def test_a_confused_model_scores_zero_at_one(tmp_path):
     write_karpathy(tmp_path, "coco")
-    res, _ = run_suite(OracleModel(64, shift=1), OracleTokenizer(caption_image), None, "coco", tmp_path, tmp_path)
+    # 4 test images: image i reads as code (i + 1) % 4, so every caption matches exactly one wrong image
+    res, _ = run_suite(OracleModel(4, shift=1), OracleTokenizer(caption_image), None, "coco", tmp_path, tmp_path)
     assert res["metrics"]["CLS#2 image->text R@1"] == 0.0 and res["metrics"]["CLS#2 text->image R@1"] == 0.0
 
 
@@ -66,9 +67,26 @@ def test_multi_caption_recall_hand_computed():
     assert r["i2t_r1"] == 1.0            # each image's best own caption beats its wrong ones
     assert r["t2i_r1"] == 0.5            # texts 1 and 2 prefer the other image
     assert r["t2i_r2"] == 1.0
-    # a wrong caption scoring equal to the best right one counts against the query
-    tie = torch.tensor([[0.5, 0.1, 0.5, 0.2], [0.0, 0.0, 1.0, 1.0]])
-    assert multi_caption_recall(tie, owner, ks=(1,))["i2t_r1"] == 0.5
+
+
+
+def test_ties_rank_a_lower_index_first():
+    """A wrong candidate scoring the same as the best right one ranks ahead only with a lower index (a
+    stable descending sort, open_clip's rule), not always."""
+    owner = torch.tensor([0, 0, 1, 1])                 # texts 0, 1 describe image 0; texts 2, 3 image 1
+    sim = torch.tensor([[0.5, 0.1, 0.5, 0.2],          # image 0: own text 0 ties text 2 (after it): hit
+                        [0.7, 0.0, 0.7, 0.1]])         # image 1: own text 2 ties text 0 (before it): miss
+    r = multi_caption_recall(sim, owner, ks=(1, 2))
+    assert r["i2t_r1"] == 0.5 and r["i2t_r2"] == 1.0
+    # text→image: text 0 ties images 0 and 1 → image 0 first (its own: hit); text 2 ties → image 0
+    # first (not its own: miss); texts 1 and 3 prefer their own image
+    sim = torch.tensor([[0.3, 0.4, 0.6, 0.1],
+                        [0.3, 0.2, 0.6, 0.5]])
+    r = multi_caption_recall(sim, owner, ks=(1, 2))
+    assert r["t2i_r1"] == 0.75 and r["t2i_r2"] == 1.0
+    # a tie with the image's other caption is no loss: both are right
+    assert multi_caption_recall(torch.tensor([[0.9, 0.9, 0.1, 0.1], [0.2, 0.2, 0.8, 0.8]]), owner,
+                                ks=(1,))["i2t_r1"] == 1.0
 
 
 def test_chance_recall_formula():

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from fasttips.eval.suites import DEFAULT_DIRS, add_arguments, parse_suites, run_from_args
-from fasttips.eval.suites.common import load_metadata
 from suite_helpers import colour, save_image
 from test_retrieval import write_karpathy
 from test_segmentation import write_ade
@@ -31,9 +30,9 @@ def test_parse_suites():
 def test_three_suites_under_one_data_root(tmp_path, tiny, capsys):
     model, tok, cfg = tiny
     root = tmp_path / "data"
-    wnids = load_metadata("imagenet")["wnids"]
-    for c in range(2):
-        save_image(root / "imagenet" / "val" / wnids[c] / "a.JPEG", colour(c))
+    for c, name in enumerate(("cat", "dog")):           # not ImageNet wnids: 2-way, 160 prompts, not 80,000
+        save_image(root / "imagenet" / "val" / name / "a.JPEG", colour(c))
+    (root / "imagenet" / "classnames.txt").write_text("cat\ndog\n")
     write_karpathy(root / "coco", "coco", n_test=2)
     write_ade(root / "ADEChallengeData2016", np.random.default_rng(0), n=1)
     out = tmp_path / "out"
@@ -108,3 +107,37 @@ def test_fasttips_eval_cli_runs_the_suites_on_a_checkpoint(tmp_path, capsys):
     assert rc == 0
     assert "CLS#1 image->text R@1" in capsys.readouterr().out
     assert "coco" in json.loads((tmp_path / "out" / "suites.json").read_text())["suites"]
+
+
+def test_a_new_suite_plugs_in_through_the_registry(tmp_path, tiny, monkeypatch, capsys):
+    """One SuiteSpec and a module with check_layout() and run(): --suite, --data-root, the layout check
+    before any suite runs, the table (with notes) and suites.json all pick it up."""
+    import sys
+    import types
+
+    from fasttips.eval.suites import DatasetLayoutError
+    from fasttips.eval.suites.registry import REGISTRY, SuiteSpec
+
+    module = types.ModuleType("fasttips.eval.suites.toy")
+
+    def check_layout(root, suite):
+        if not (root / "toy.txt").is_file():
+            raise DatasetLayoutError(f"{suite}: missing file {root / 'toy.txt'}")
+
+    def run(ctx, root, suite):
+        return {"metrics": {"answer": 0.42}, "chance": {"answer": 0.1}, "n_images": 1, "notes": ["a note"]}
+
+    module.check_layout, module.run = check_layout, run
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(REGISTRY, "toy", SuiteSpec("toy", "toy", "toys", "a toy suite"))
+    model, tok, cfg = tiny
+    root = tmp_path / "data"
+    args = eval_parser().parse_args(["RUN", "--suite", "toy", "--data-root", str(root), "--out", str(tmp_path / "o")])
+    assert run_from_args(args, model, tok, cfg, default_out=tmp_path) == 2
+    assert capsys.readouterr().err.strip() == f"fasttips eval: toy: missing file {root / 'toys' / 'toy.txt'}"
+    (root / "toys").mkdir(parents=True)
+    (root / "toys" / "toy.txt").write_text("")
+    assert run_from_args(args, model, tok, cfg, default_out=tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "toy    answer" in out and "42.00" in out and "toy: a note" in out
+    assert json.loads((tmp_path / "o" / "suites.json").read_text())["suites"]["toy"]["metrics"] == {"answer": 0.42}

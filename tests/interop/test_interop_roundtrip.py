@@ -108,7 +108,9 @@ def test_import_writes_a_run_that_eval_loads(run, tmp_path):
     root, cfg, model = run
     cli.export(root, "tips", tmp_path / "rel")
     from fasttips.interop import import_command
-    assert import_command.main([str(tmp_path / "rel"), str(tmp_path / "imported"), "heads.prototypes=32"]) == 0
+    # width 64 is no released size: the npz files do not determine the head count, so it is given
+    assert import_command.main([str(tmp_path / "rel"), str(tmp_path / "imported"), "heads.prototypes=32",
+                                "vision.heads=2"]) == 0
     loaded, tok, cfg2, ckpt = load_for_eval(tmp_path / "imported")
     assert ckpt.name == "step_00000000" and cfg2.heads.prototypes == 32
     assert cfg2.vision.pos_grid == cfg.vision.pos_grid and cfg2.text.ln_eps == 1e-5
@@ -117,7 +119,7 @@ def test_import_writes_a_run_that_eval_loads(run, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded.vision(x)["cls2"], model.vision(x)["cls2"])
     # importing twice into the same run dir is refused
-    assert cli.main(["import", str(tmp_path / "rel"), str(tmp_path / "imported")]) == 2
+    assert cli.main(["import", str(tmp_path / "rel"), str(tmp_path / "imported"), "vision.heads=2"]) == 2
 
 
 def test_teacher_export_reads_the_full_ema_backbone(tmp_path, tok):
@@ -153,7 +155,7 @@ def test_resolve_and_init_from_a_release_pair(run, tmp_path):
     root, cfg, model = run
     cli.export(root, "tips", tmp_path / "rel")
     base = tiny_cfg(vision__pos_grid=8, text__ln_eps=1e-6, vision__layerscale=0.0, data__pixel_norm="imagenet")
-    new, changes = resolve_init_config(base, tmp_path / "rel")
+    new, changes = resolve_init_config(base, tmp_path / "rel", explicit={"vision.heads"})
     assert new.vision.pos_grid == 4 and new.vision.layerscale == 1.0 and new.text.ln_eps == 1e-5
     assert new.data.pixel_norm == "tips" and base.vision.pos_grid == 8          # base left alone
     assert new.data.tokenizer == str(tmp_path / "rel" / "tokenizer.model")
@@ -197,7 +199,7 @@ def test_missing_text_tower_tokenizer_and_low_cap_say_so(run, tmp_path):
     (tmp_path / "rel" / "tokenizer.model").unlink()
     warmstart._CACHE.clear()
     with pytest.raises(SourceError, match="no tokenizer.model beside the weights"):
-        resolve_init_config(cfg, tmp_path / "rel")
+        resolve_init_config(cfg, tmp_path / "rel", explicit={"vision.heads"})
     warmstart._CACHE.clear()
     with pytest.raises(ValueError, match=r"loss.max_logit_scale=100.0: below the imported logit scale .*"
                                          r"set loss.max_logit_scale=201"):
@@ -222,7 +224,7 @@ def test_export_of_a_vision_only_source_to_hf_fails_with_a_message(run, tmp_path
     from fasttips.interop import export_command
     root, cfg, model = run
     assert export_command.main([str(root), "--to", "timm", str(tmp_path / "t")]) == 0
-    assert "load with: timm.create_model('vit_base_patch14_reg1_tipsv2'" in capsys.readouterr().out
+    assert f"load with: timm.create_model('local-dir:{tmp_path / 't'}', pretrained=True)" in capsys.readouterr().out
     assert export_command.main([str(tmp_path / "t" / "model.safetensors"), "--to", "hf", str(tmp_path / "h")]) == 2
     assert "holds no text tower (timm); only --to timm can be written" in capsys.readouterr().err
     assert not (tmp_path / "h").exists()

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(
     reason="train.init_from / optim.freeze_backbone_steps are not wired into the config yet")
 
 
-def test_warm_started_run_keeps_the_frozen_towers_and_trains_the_heads(tmp_path):
+def test_warm_started_run_keeps_the_frozen_towers_and_trains_the_heads(tmp_path, capsys):
     from fasttips.eval.loading import load_model_weights, resolve_checkpoint
     from fasttips.interop import cli
     from fasttips.train import main
@@ -26,6 +26,10 @@ def test_warm_started_run_keeps_the_frozen_towers_and_trains_the_heads(tmp_path)
     assert main(["train.init_from=" + str(tmp_path / "hf"), "optim.freeze_backbone_steps=2", "train.steps=2",
                  "data.source=synthetic", "data.batch_size=4", "data.global_size=56", "data.local_size=28",
                  "loss.max_logit_scale=300", f"train.run_dir={run_dir}", "--no-progress"]) == 0
+    # the start-up line names what was loaded, not the preset whose architecture it replaced
+    start = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("fasttips train: run dir"))
+    assert f"model from train.init_from={tmp_path / 'hf'} (vision width 64 depth 2 heads 2" in start
+    assert "preset tiny" not in start
     saved_cfg = config_lib.load(run_dir / "config.yaml")        # synthetic data: no tokenizer to load
     assert saved_cfg.vision.pos_grid == cfg.vision.pos_grid and saved_cfg.vision.width == cfg.vision.width
     ckpt = resolve_checkpoint(run_dir)

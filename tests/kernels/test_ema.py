@@ -168,6 +168,31 @@ def test_a_cached_plan_does_not_skip_the_checks(backend, seed):
     _check([T], [torch.lerp(before, S, 0.5)])
 
 
+@pytest.mark.parametrize("momentum", [0.9, torch.tensor(0.95)], ids=["float", "tensor"])
+def test_custom_op_passes_opcheck(seed, momentum):
+    """fasttips::ema_update_ declares that it writes the teacher list (and nothing else) and has a fake:
+    torch.library.opcheck, the kernel in the interpreter."""
+    teacher, student = _pairs([300, 35], torch.bfloat16)
+    on_device = torch.is_tensor(momentum)
+    torch.library.opcheck(ema_triton.ema_update_op, (teacher, student, momentum if on_device else None,
+                                                     0.0 if on_device else momentum, SMALL_BLOCK, 4))
+
+
+@pytest.mark.parametrize("momentum", [0.9, torch.tensor(0.95)], ids=["float", "tensor"])
+def test_torch_compile_fullgraph_matches_eager(seed, momentum):
+    """The public op under torch.compile(fullgraph=True) with the Triton path (interpreter): one graph
+    around the mutating custom op (before, Dynamo traced into the launch and failed), the same update."""
+    teacher, student = _pairs([300, 1000, 7], torch.bfloat16)
+    expected = _expected(teacher, student, momentum)
+
+    def update(t, s, m):
+        ema_update_(t, s, m, backend="triton")
+
+    torch._dynamo.reset()
+    torch.compile(update, backend="aot_eager", fullgraph=True)(teacher, student, momentum)
+    _check(teacher, expected)
+
+
 @pytest.fixture(scope="module")
 def hopper_reports():
     return hopper_gate.compile_all()  # in spawned workers with TRITON_INTERPRET=0, like the other ops
@@ -313,3 +338,23 @@ def _fsdp_worker():
 
 if __name__ == "__main__":
     _fsdp_worker()
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_update_matches_eager(seed):
+    """The custom op under torch.compile(fullgraph=True) with inductor on a GPU: the mutation of the
+    teacher list reaches the caller's tensors (momentum on the device, as training passes it)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("compiled-kernel test: run with TRITON_INTERPRET=0")
+    teacher = [torch.randn(n, device="cuda") for n in (5000, 1, 70000)]
+    student = [torch.randn(n, device="cuda").bfloat16() for n in (5000, 1, 70000)]
+    momentum = torch.tensor(0.99, device="cuda")
+    expected = _expected(teacher, student, momentum)
+
+    def update(t, s, m):
+        ema_update_(t, s, m)
+
+    torch._dynamo.reset()
+    torch.compile(update, fullgraph=True)(teacher, student, momentum)
+    _check(teacher, expected)
+

@@ -13,9 +13,9 @@ from fasttips.losses import dino as dino_module
 from fasttips.losses import ibot as ibot_module
 
 
-def test_the_config_field_lists_the_ops_variants_and_defaults_to_the_measured_one():
-    assert config.PROTOTYPE_CES == common.BACKWARDS
-    assert config.Config().loss.prototype_ce == "fused"
+def test_the_config_field_lists_the_ops_variants_and_defaults_to_measured_dispatch():
+    assert config.PROTOTYPE_CES == ("auto",) + common.BACKWARDS
+    assert config.Config().loss.prototype_ce == "auto"
     with pytest.raises(config.ConfigError, match="prototype_ce"):
         config.from_dict({"loss": {"prototype_ce": "fast"}})
 

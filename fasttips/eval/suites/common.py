@@ -1,5 +1,6 @@
 """What every benchmark suite shares: the run context, dataset-layout checks, image decoding and
-preprocessing, batched encoding under bf16 autocast on GPU, class-name embeddings, progress lines.
+preprocessing (``fasttips.eval.transforms``: torchvision's Resize + CenterCrop), batched encoding at the
+chosen precision, class-name embeddings, progress lines.
 
 The model-side work is delegated to ``fasttips.eval.evaluate`` (``encode_images``, ``encode_texts``)
 and ``fasttips.eval.zeroshot`` (prompts, prompt averaging); this module only feeds them batches.
@@ -18,7 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fasttips.eval.transforms import resize_center_crop
+
 METADATA = Path(__file__).resolve().parent / "metadata"
+PRECISIONS = ("fp32", "bf16")
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -40,7 +44,12 @@ class SuiteContext:
     seg_size: int = 448              # TIPS protocol: short side and sliding-window side
     seg_stride: int = 336
     seg_tokens: str = "values"       # "values" (TIPS: value-attention last block) or "final"
+    precision: str = "fp32"          # "fp32" or "bf16" (autocast): see ``precision_context``
     log: object = None               # a text stream; None = sys.stderr at the time of printing
+    probe_epochs: int | None = None  # linear probes (probe.py): None = each probe's default recipe
+    probe_lrs: tuple | None = None
+    probe_batch_size: int | None = None
+    probe_cache: str | None = None   # folder for memory-mapped probe features; None = in RAM
 
     def say(self, msg: str) -> None:
         print(msg, file=self.log or sys.stderr, flush=True)
@@ -68,14 +77,10 @@ def require_file(path: Path, suite: str, what: str) -> Path:
 
 
 # -- images ---------------------------------------------------------------------------------------
-def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
-    """Shorter side to ``size`` (bicubic), then the central ``size``×``size`` square, as uint8 HWC."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+def transform_record(resize: int, crop: int) -> dict:
+    """What a suite's result says about its preprocessing (``fasttips.eval.transforms``)."""
+    return {"resize_short_side": resize, "center_crop": crop, "interpolation": "PIL bicubic (antialiased)",
+            "rounding": "torchvision"}
 
 
 def to_pixels(arrays: list[np.ndarray], pixel_norm: str) -> torch.Tensor:
@@ -85,11 +90,11 @@ def to_pixels(arrays: list[np.ndarray], pixel_norm: str) -> torch.Tensor:
 
 
 class ImageListDataset(torch.utils.data.Dataset):
-    """(path, label) pairs → (center-cropped uint8 image, label, index); an unreadable image gives None
-    (dropped by ``collate_skipping`` and counted as skipped)."""
+    """(path, label) pairs → (uint8 image: short side to ``resize``, centre ``crop``, label, index); an
+    unreadable image gives None (dropped by ``collate_skipping`` and counted as skipped)."""
 
-    def __init__(self, items: list[tuple[Path, int]], size: int):
-        self.items, self.size = items, size
+    def __init__(self, items: list[tuple[Path, int]], crop: int, resize: int | None = None):
+        self.items, self.crop, self.resize = items, crop, resize or crop
 
     def __len__(self) -> int:
         return len(self.items)
@@ -98,7 +103,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         path, label = self.items[i]
         try:
             with Image.open(path) as img:
-                return resize_center_crop(img.convert("RGB"), self.size), label, i
+                return resize_center_crop(img.convert("RGB"), self.resize, self.crop), label, i
         except (OSError, ValueError, SyntaxError):
             return None
 
@@ -115,26 +120,51 @@ def loader(dataset, ctx: SuiteContext, batch_size: int | None = None):
 
 
 # -- model ---------------------------------------------------------------------------------------
-def autocast(device: torch.device):
-    """bf16 autocast on GPU (as training runs); plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def precision_context(device: torch.device, precision: str = "fp32"):
+    """The arithmetic the encoders run in. "bf16": bf16 autocast on ``device``. "fp32": plain fp32,
+    and on CUDA with TF32 switched off for matmuls and convolutions (cuDNN allows TF32 by default,
+    which would round the patch embedding's inputs to 10 mantissa bits); the flags are restored after."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+        return
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @torch.no_grad()
 def encode_image_batch(ctx: SuiteContext, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     """{"cls1", "cls2", "patch"} float32 on CPU for one batch (fasttips.eval.evaluate.encode_images)."""
     from fasttips.eval.evaluate import encode_images
-    with autocast(ctx.device):
+    with precision_context(ctx.device, ctx.precision):
         return encode_images(ctx.model, pixels, batch_size=pixels.shape[0])
 
 
 @torch.no_grad()
-def encode_text_list(ctx: SuiteContext, texts: list[str]) -> torch.Tensor:
+def encode_text_list(ctx: SuiteContext, texts: list[str], progress: str | None = None) -> torch.Tensor:
+    """Text embeddings ``[len(texts), D]`` (float32, CPU); with ``progress``, a progress line under that
+    name every ``ctx.progress_every`` batches."""
     from fasttips.eval.evaluate import encode_texts
-    with autocast(ctx.device):
-        return encode_texts(ctx.model, ctx.tokenizer, texts, batch_size=max(ctx.batch_size, 128))
+    size = max(ctx.batch_size, 128)
+    chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
+    meter = Progress(ctx, progress, len(chunks), unit="texts") if progress else None
+    out = []
+    with precision_context(ctx.device, ctx.precision):
+        for chunk in chunks:
+            out.append(encode_texts(ctx.model, ctx.tokenizer, chunk, batch_size=size))
+            if meter:
+                meter.step(len(chunk))
+    return torch.cat(out) if out else torch.empty(0)
 
 
 @torch.no_grad()
@@ -146,20 +176,23 @@ def class_embeddings(ctx: SuiteContext, class_names: list[str], templates: tuple
 
 
 @torch.no_grad()
-def embed_images(ctx: SuiteContext, items: list, suite: str) -> tuple[dict[str, torch.Tensor], list, int]:
-    """Normalised CLS#1 / CLS#2 features of the readable images of ``items`` [(path, tag)], the tags of
-    those images in the same order, and how many images could not be read."""
+def embed_images(ctx: SuiteContext, items: list, suite: str, resize: int | None = None,
+                 normalized: bool = True) -> tuple[dict[str, torch.Tensor], list, int]:
+    """CLS#1 / CLS#2 features (L2-normalised unless ``normalized=False``) of the readable images of
+    ``items`` [(path, tag)], the tags of those images in the same order, and how many images could not
+    be read. Images are resized so the short side is ``resize`` (default: the crop size) and
+    centre-cropped to ``ctx.image_size``."""
     from fasttips.eval.zeroshot import normalize
     feats: dict[str, list[torch.Tensor]] = {"cls1": [], "cls2": []}
     tags, skipped = [], 0
-    batches = loader(ImageListDataset(items, ctx.image_size), ctx)
+    batches = loader(ImageListDataset(items, ctx.image_size, resize), ctx)
     progress = Progress(ctx, suite, len(batches))
     for good, dropped in batches:
         skipped += dropped
         if good:
             out = encode_image_batch(ctx, to_pixels([g[0] for g in good], ctx.pixel_norm))
             for k in feats:
-                feats[k].append(normalize(out[k]))
+                feats[k].append(normalize(out[k]) if normalized else out[k].float())
             tags.extend(g[1] for g in good)
         progress.step(len(good))
     return {k: torch.cat(v) if v else torch.empty(0) for k, v in feats.items()}, tags, skipped

@@ -1,5 +1,7 @@
 """ImageNet-1k zero-shot classification: CLS#1 and CLS#2 image embeddings against the class-name
-embeddings (80 CLIP prompt templates averaged per class), top-1 / top-5 accuracy.
+embeddings (80 CLIP prompt templates averaged per class), top-1 / top-5 accuracy, always 1000-way: a
+val folder holding only some classes is scored against all 1000 (the missing classes still compete),
+and the result says how many classes had images.
 
 Accepted layouts of ``ROOT`` (the suite's folder, default ``DATA_ROOT/imagenet``):
   1. ``ROOT/val/<wnid>/*.JPEG``  (ImageFolder, e.g. after the usual valprep script);
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .common import (DatasetLayoutError, ImageListDataset, Progress, SuiteContext, class_embeddings,
-                     encode_image_batch, limited, load_metadata, loader, require_dir, to_pixels)
+                     encode_image_batch, limited, load_metadata, loader, require_dir, to_pixels, transform_record)
 
 SUITE = "imagenet"
 IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
@@ -37,15 +39,12 @@ def image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, str]]]:
     return classes, items
 
 
-def class_names_for(folders: list[str], root: Path, suite: str = SUITE) -> list[str]:
-    """Readable names for class folders: ImageNet wnids → the CLIP names; else ROOT/classnames.txt."""
-    meta = load_metadata("imagenet")
-    names = dict(zip(meta["wnids"], meta["classes"]))
-    if all(f in names for f in folders):
-        return [names[f] for f in folders]
+def custom_class_names(folders: list[str], root: Path, suite: str = SUITE) -> list[str]:
+    """Readable names for class folders that are not ImageNet-1k wnids: ROOT/classnames.txt."""
+    known = set(load_metadata("imagenet")["wnids"])
     custom = root / "classnames.txt"
     if not custom.is_file():
-        unknown = next(f for f in folders if f not in names)
+        unknown = next(f for f in folders if f not in known)
         raise DatasetLayoutError(f"{suite}: class folder {unknown!r} is not an ImageNet-1k WordNet id; missing "
                                  f"file {custom} (one class name per line, in sorted folder order)")
     lines = [ln.strip() for ln in custom.read_text().splitlines() if ln.strip()]
@@ -93,12 +92,17 @@ def _flat_labels(root: Path, files: list[Path]) -> list[tuple[Path, int]]:
 
 
 def list_val(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """(class names, [(image, class index)]) for either accepted layout."""
+    """(class names, [(image, class index)]) for either accepted layout. For ImageNet-1k the names are
+    all 1000 classes and the index is the sorted-wnid index, whichever classes have images."""
     val = require_dir(root / "val", SUITE, "expected val/<wnid>/*.JPEG, or val/*.JPEG and a labels file")
     if any(d.is_dir() for d in val.iterdir()):
         folders, pairs = image_folder(val)
-        names = class_names_for(folders, root)
-        idx = {f: i for i, f in enumerate(folders)}
+        meta = load_metadata("imagenet")
+        if all(f in meta["wnids"] for f in folders):
+            # ImageNet-1k: every class competes, whichever folders are present
+            names, idx = meta["classes"], {w: i for i, w in enumerate(meta["wnids"])}
+        else:
+            names, idx = custom_class_names(folders, root), {f: i for i, f in enumerate(folders)}
         items = [(p, idx[c]) for p, c in pairs]
     else:
         files = sorted(p for p in val.iterdir() if is_image(p))
@@ -109,17 +113,23 @@ def list_val(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return names, items
 
 
+def check_layout(root: Path, suite: str = SUITE) -> None:
+    list_val(root)
+
+
 @torch.no_grad()
-def run(ctx: SuiteContext, root: Path) -> dict:
+def run(ctx: SuiteContext, root: Path, suite: str = SUITE) -> dict:
     names, items = list_val(root)
     items = limited(items, ctx)
     templates = tuple(load_metadata("imagenet")["templates"])
-    ctx.say(f"[{SUITE}] {len(items)} images, {len(names)} classes, {len(templates)} prompt templates")
+    with_images = len({label for _, label in items})
+    ctx.say(f"[{SUITE}] {len(items)} images of {with_images} classes, scored {len(names)}-way, "
+            f"{len(templates)} prompt templates")
     class_emb = class_embeddings(ctx, names, templates)
     k = min(5, len(names))
     hits = {f"{cls}_top{t}": 0 for cls in ("cls1", "cls2") for t in (1, k)}
     seen = skipped = 0
-    batches = loader(ImageListDataset(items, ctx.image_size), ctx)
+    batches = loader(ImageListDataset(items, ctx.image_size), ctx)   # Resize(size) + CenterCrop(size), as open_clip
     progress = Progress(ctx, SUITE, len(batches))
     from fasttips.eval.zeroshot import classify
     for good, dropped in batches:
@@ -139,5 +149,9 @@ def run(ctx: SuiteContext, root: Path) -> dict:
     metrics = {f"zero-shot {cls.upper()[:3]}#{cls[-1]} top-{t} acc": hits[f"{cls}_top{t}"] / seen
                for cls in ("cls1", "cls2") for t in (1, k)}
     chance = {name: (1 if "top-1" in name else k) / len(names) for name in metrics}
-    return {"metrics": metrics, "chance": chance, "n_images": seen, "n_skipped": skipped,
-            "n_classes": len(names), "n_templates": len(templates)}
+    result = {"metrics": metrics, "chance": chance, "n_images": seen, "n_skipped": skipped,
+              "n_classes": len(names), "n_classes_with_images": with_images, "n_templates": len(templates),
+              "transform": transform_record(ctx.image_size, ctx.image_size)}
+    if with_images < len(names):
+        result["notes"] = [f"images of only {with_images} of the {len(names)} classes; scored {len(names)}-way"]
+    return result

@@ -12,15 +12,31 @@ def _pct(v) -> str:
     return f"{100 * v:.2f}"
 
 
+def _cell(value, unit: str | None) -> str:
+    """A fraction in %, or (``unit`` given) the value itself with its unit."""
+    if unit is None:
+        return _pct(value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.4f} {unit}".rstrip()
+
+
 def table(results: dict[str, dict]) -> str:
-    """``results``: {suite: {"metrics": {name: value}, "chance": {name: value}, ...}}."""
-    rows = [(suite, name, _pct(value), _pct(res.get("chance", {}).get(name)))
+    """``results``: {suite: {"metrics": {name: value}, "chance": {name: value}, "notes": [str]?,
+    "units": {name: unit}?, "lower_is_better": [name]?, ...}}. Fractions print in %; a metric with a
+    unit ("m", "deg", "" for a plain ratio) prints as is, with its unit; "(lower is better)" follows
+    the names in ``lower_is_better``. Each suite's notes are printed under the table as ``suite: note``."""
+    def label(res, name):
+        return f"{name} (lower is better)" if name in res.get("lower_is_better", ()) else name
+    rows = [(suite, label(res, name), _cell(value, res.get("units", {}).get(name)),
+             _cell(res.get("chance", {}).get(name), res.get("units", {}).get(name)))
             for suite, res in results.items() for name, value in res["metrics"].items()]
     head = ("suite", "metric", "value %", "chance %")
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
     fmt = lambda r: f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}"  # noqa: E731
     lines = [fmt(head), "-" * (sum(widths) + 6)]
     lines += [fmt(r) for r in rows]
+    lines += [f"{suite}: {note}" for suite, res in results.items() for note in res.get("notes", [])]
     return "\n".join(lines)
 
 

@@ -17,7 +17,8 @@ import torch
 from fasttips.eval.metrics import recall_from_positives
 from fasttips.eval.zeroshot import normalize
 
-from .common import DatasetLayoutError, SuiteContext, embed_images, encode_text_list, limited, require_file
+from .common import (DatasetLayoutError, SuiteContext, embed_images, encode_text_list, limited, require_file,
+                     transform_record)
 
 SPLIT_FILES = {"coco": "dataset_coco.json", "flickr30k": "dataset_flickr30k.json"}
 CAPTIONS_PER_IMAGE = 5
@@ -57,8 +58,8 @@ def multi_caption_recall(sim: torch.Tensor, text_image: torch.Tensor, ks=KS) -> 
     """Recall@k for ``sim [N_images, N_texts]`` where text j describes image ``text_image[j]``.
 
     image→text: a hit when any of the image's captions is among its k best texts; text→image: a hit
-    when the text's image is among its k best images. Ties count against the query (a wrong candidate
-    scoring equal to the best right one ranks ahead of it), as in ``fasttips.eval.metrics.recall_at_k``.
+    when the text's image is among its k best images. Ties are broken by index (a stable descending
+    sort, open_clip's rule), as in ``fasttips.eval.metrics.recall_from_positives``.
     """
     n_img, n_txt = sim.shape
     if text_image.shape != (n_txt,):
@@ -75,17 +76,29 @@ def chance_recall(n_img: int, n_txt: int, per_image: int, k: int) -> tuple[float
     return 1.0 - miss, min(k, n_img) / n_img
 
 
+def check_layout(root: Path, suite: str) -> None:
+    read_karpathy(root, suite)
+
+
 @torch.no_grad()
 def run(ctx: SuiteContext, root: Path, suite: str) -> dict:
     pairs = limited(read_karpathy(root, suite), ctx)
     ctx.say(f"[{suite}] {len(pairs)} test images, {CAPTIONS_PER_IMAGE * len(pairs)} captions")
+    return score_retrieval(ctx, suite, root, pairs, CAPTIONS_PER_IMAGE)
+
+
+@torch.no_grad()
+def score_retrieval(ctx: SuiteContext, suite: str, root: Path, pairs: list[tuple[Path, list[str]]],
+                    per_image: int) -> dict:
+    """R@1/5/10 both ways, CLS#1 and CLS#2, for ``pairs`` [(image, its ``per_image`` captions)]: the
+    result dict of a retrieval suite (metrics, chance levels, counts, the transform)."""
     feats, kept, skipped = embed_images(ctx, [(p, i) for i, (p, _) in enumerate(pairs)], suite)
     if len(kept) < 2:
         raise DatasetLayoutError(f"{suite}: fewer than 2 readable test images under {root}")
     # an unreadable image takes its captions out with it, so every text still has its image
     texts = [c for i in kept for c in pairs[i][1]]
-    text_image = torch.arange(len(kept)).repeat_interleave(CAPTIONS_PER_IMAGE)
-    text_emb = normalize(encode_text_list(ctx, texts))
+    text_image = torch.arange(len(kept)).repeat_interleave(per_image)
+    text_emb = normalize(encode_text_list(ctx, texts, progress=f"{suite} text"))
     metrics, chance = {}, {}
     for cls in ("cls1", "cls2"):
         sim = feats[cls] @ text_emb.T
@@ -93,7 +106,7 @@ def run(ctx: SuiteContext, root: Path, suite: str) -> dict:
             direction, k = name.split("_r")
             label = f"CLS#{cls[-1]} {'image->text' if direction == 'i2t' else 'text->image'} R@{k}"
             metrics[label] = value
-            c_i2t, c_t2i = chance_recall(len(kept), len(texts), CAPTIONS_PER_IMAGE, int(k))
+            c_i2t, c_t2i = chance_recall(len(kept), len(texts), per_image, int(k))
             chance[label] = c_i2t if direction == "i2t" else c_t2i
     return {"metrics": metrics, "chance": chance, "n_images": len(kept), "n_captions": len(texts),
-            "n_skipped": skipped}
+            "n_skipped": skipped, "transform": transform_record(ctx.image_size, ctx.image_size)}

@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .common import (DatasetLayoutError, Progress, SuiteContext, autocast, class_embeddings, limited,
-                     load_metadata, require_dir, require_file, to_pixels)
+from fasttips.eval.transforms import resize_short_side
+
+from .common import (DatasetLayoutError, Progress, SuiteContext, class_embeddings, limited, load_metadata,
+                     precision_context, require_dir, require_file, to_pixels)
 
 
 @dataclass(frozen=True)
@@ -49,28 +51,38 @@ LAYOUTS = {
 }
 
 
-def list_pairs(suite: str, root: Path) -> list[tuple[Path, Path]]:
-    """[(image, label map)] of the validation split, in a fixed order."""
-    if suite == "ade20k":
-        img_dir = require_dir(root / "images" / "validation", suite, "validation images *.jpg")
-        ann_dir = require_dir(root / "annotations" / "validation", suite, "validation label maps *.png")
+SPLITS = {"val": ("validation", "val.txt"), "train": ("training", "train.txt")}
+
+
+def list_pairs(layout: str, root: Path, split: str = "val", name: str | None = None) -> list[tuple[Path, Path]]:
+    """[(image, label map)] of a split ("val" or "train") of the ade20k / voc / context layout, in a fixed
+    order; errors name the suite ``name`` (default: the layout's)."""
+    name = name or layout
+    folder, ids_name = SPLITS[split]
+    if layout == "ade20k":
+        img_dir = require_dir(root / "images" / folder, name, f"{folder} images *.jpg")
+        ann_dir = require_dir(root / "annotations" / folder, name, f"{folder} label maps *.png")
         images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() == ".jpg")
         pairs = [(p, ann_dir / f"{p.stem}.png") for p in images]
     else:
-        split, ann = (("Segmentation", "SegmentationClass") if suite == "voc"
-                      else ("SegmentationContext", "SegmentationClassContext"))
-        ids_file = require_file(root / "ImageSets" / split / "val.txt", suite, "validation image ids")
-        img_dir = require_dir(root / "JPEGImages", suite, "images <id>.jpg")
-        ann_dir = require_dir(root / ann, suite, "label maps <id>.png")
+        sets, ann = (("Segmentation", "SegmentationClass") if layout == "voc"
+                     else ("SegmentationContext", "SegmentationClassContext"))
+        ids_file = require_file(root / "ImageSets" / sets / ids_name, name, f"{folder} image ids")
+        img_dir = require_dir(root / "JPEGImages", name, "images <id>.jpg")
+        ann_dir = require_dir(root / ann, name, "label maps <id>.png")
         ids = [ln.strip() for ln in ids_file.read_text().splitlines() if ln.strip()]
         pairs = [(img_dir / f"{i}.jpg", ann_dir / f"{i}.png") for i in ids]
     if not pairs:
-        raise DatasetLayoutError(f"{suite}: no validation images under {root}")
+        raise DatasetLayoutError(f"{name}: no {folder} images under {root}")
     for image, label in pairs:
         for p in (image, label):
             if not p.is_file():
-                raise DatasetLayoutError(f"{suite}: missing file {p}")
+                raise DatasetLayoutError(f"{name}: missing file {p}")
     return pairs
+
+
+def check_layout(root: Path, suite: str) -> None:
+    list_pairs(suite, root)
 
 
 def to_targets(label: np.ndarray) -> np.ndarray:
@@ -80,18 +92,11 @@ def to_targets(label: np.ndarray) -> np.ndarray:
     return np.where((label == 0) | (label == 255), 255, label - 1)
 
 
-def resize_short_side(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    if min(w, h) == size:
-        return img
-    if w < h:
-        return img.resize((size, int(size * h / w)), Image.BICUBIC)
-    return img.resize((int(size * w / h), size), Image.BICUBIC)
-
-
 class SegDataset(torch.utils.data.Dataset):
-    def __init__(self, pairs, size: int):
-        self.pairs, self.size = pairs, size
+    """(image: short side resized to ``size``, uint8; targets by ``target_fn``; index) per pair."""
+
+    def __init__(self, pairs, size: int, target_fn=to_targets):
+        self.pairs, self.size, self.target_fn = pairs, size, target_fn
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -102,7 +107,7 @@ class SegDataset(torch.utils.data.Dataset):
             with Image.open(image) as im:
                 pixels = np.asarray(resize_short_side(im.convert("RGB"), self.size), dtype=np.uint8)
             with Image.open(label) as lb:
-                target = to_targets(np.asarray(lb))
+                target = self.target_fn(np.asarray(lb))
         except (OSError, ValueError, SyntaxError):
             return None
         if target.ndim != 2:
@@ -148,12 +153,13 @@ def value_attention(vision: torch.nn.Module):
 
 
 @torch.no_grad()
-def window_patch_features(ctx: SuiteContext, crops: torch.Tensor) -> torch.Tensor:
-    """Patch embeddings ``[B, N, D]`` (float32, on the model's device) of a batch of equal windows."""
+def window_patch_features(ctx: SuiteContext, crops: torch.Tensor, tokens: str | None = None) -> torch.Tensor:
+    """Patch embeddings ``[B, N, D]`` (float32, on the model's device) of a batch of equal windows;
+    ``tokens`` "values" (value-attention last block) or "final" (default: ``ctx.seg_tokens``)."""
     vision = ctx.model.vision
     dtype = next((p.dtype for p in ctx.model.parameters() if p.is_floating_point()), torch.float32)
-    hook = value_attention(vision) if ctx.seg_tokens == "values" else contextlib.nullcontext()
-    with hook, autocast(ctx.device):
+    hook = value_attention(vision) if (tokens or ctx.seg_tokens) == "values" else contextlib.nullcontext()
+    with hook, precision_context(ctx.device, ctx.precision):
         return vision(crops.to(ctx.device, dtype))["patch"].float()
 
 
@@ -166,23 +172,18 @@ def chance_miou(cm: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def run(ctx: SuiteContext, root: Path, suite: str) -> dict:
-    from fasttips.eval.metrics import IGNORE_INDEX, confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
-    from fasttips.eval.zeroshot import segment_logits
+def sliding_confusion(ctx: SuiteContext, suite: str, pairs, n_classes: int, window_scores,
+                      target_fn=to_targets, tokens: str | None = None) -> tuple[torch.Tensor, int]:
+    """Confusion matrix over ``pairs`` with the sliding-window protocol, and how many pairs could not be
+    read. ``window_scores(patch [B, N, D]) -> [B, C, side, side]``: the per-pixel scores of a batch of
+    windows, averaged where windows overlap, upsampled bilinearly to the label map, then argmax."""
+    from fasttips.eval.metrics import IGNORE_INDEX, confusion_matrix
 
-    meta = load_metadata("segmentation")
-    names = meta[LAYOUTS[suite].classes_key]
-    C = len(names)
-    p = ctx.model.vision.patch_embed.patch_size           # sizes were checked by run_suites
-    pairs = limited(list_pairs(suite, root), ctx)
-    ctx.say(f"[{suite}] {len(pairs)} images, {C} classes, {len(meta['templates'])} prompt templates, "
-            f"windows {ctx.seg_size}px every {ctx.seg_stride}px, {ctx.seg_tokens} patch tokens")
-    class_emb = class_embeddings(ctx, names, tuple(meta["templates"])).to(ctx.device)
-    grid = (ctx.seg_size // p, ctx.seg_size // p)
     side = ctx.seg_size
+    C = n_classes
     cm = torch.zeros(C, C, dtype=torch.long)
     skipped = 0
-    data = torch.utils.data.DataLoader(SegDataset(pairs, side), batch_size=None, shuffle=False,
+    data = torch.utils.data.DataLoader(SegDataset(pairs, side, target_fn), batch_size=None, shuffle=False,
                                        num_workers=ctx.workers, collate_fn=_as_is)
     progress = Progress(ctx, suite, len(pairs), unit="images")
     # windows of several images share a batch; an image is scored once its last window has run
@@ -194,11 +195,9 @@ def run(ctx: SuiteContext, root: Path, suite: str) -> dict:
         if not pending:
             return
         crops = torch.stack([c for _, _, c in pending])
-        patch = window_patch_features(ctx, crops)
-        logits = segment_logits(patch, class_emb, (side, side), grid)          # [B, C, side, side]
-        probs = logits.softmax(dim=1)
-        for (state, (y1, y2, x1, x2), _), prob in zip(pending, probs):
-            state["probs"][:, y1:y2, x1:x2] += prob
+        scores = window_scores(window_patch_features(ctx, crops, tokens))        # [B, C, side, side]
+        for (state, (y1, y2, x1, x2), _), score in zip(pending, scores):
+            state["probs"][:, y1:y2, x1:x2] += score
             state["counts"][y1:y2, x1:x2] += 1
             state["left"] -= 1
         pending.clear()
@@ -230,6 +229,30 @@ def run(ctx: SuiteContext, root: Path, suite: str) -> dict:
             if len(pending) >= ctx.batch_size:
                 flush()
     flush()
+    return cm, skipped
+
+
+@torch.no_grad()
+def run(ctx: SuiteContext, root: Path, suite: str) -> dict:
+    from fasttips.eval.metrics import iou_per_class, mean_iou, pixel_accuracy
+    from fasttips.eval.zeroshot import segment_logits
+
+    meta = load_metadata("segmentation")
+    names = meta[LAYOUTS[suite].classes_key]
+    C = len(names)
+    p = ctx.model.vision.patch_embed.patch_size           # sizes were checked by run_suites
+    pairs = limited(list_pairs(suite, root), ctx)
+    ctx.say(f"[{suite}] {len(pairs)} images, {C} classes, {len(meta['templates'])} prompt templates, "
+            f"windows {ctx.seg_size}px every {ctx.seg_stride}px, {ctx.seg_tokens} patch tokens")
+    class_emb = class_embeddings(ctx, names, tuple(meta["templates"])).to(ctx.device)
+    grid = (ctx.seg_size // p, ctx.seg_size // p)
+    side = ctx.seg_size
+
+    def window_scores(patch):
+        # TIPS: cosine scores upsampled to the window, softmax over classes, probabilities averaged
+        return segment_logits(patch, class_emb, (side, side), grid).softmax(dim=1)
+
+    cm, skipped = sliding_confusion(ctx, suite, pairs, C, window_scores)
     if cm.sum() == 0:
         raise DatasetLayoutError(f"{suite}: no labelled pixel could be read under {root}")
     iou = iou_per_class(cm)

@@ -1,0 +1,119 @@
+"""Linear semantic segmentation on frozen patch tokens (DINOv2's "linear" setting; docs/eval_suites.md):
+ADE20K-150 (``ade20k-linear``) and Pascal VOC 2012 with background, 21 classes (``voc-linear``).
+
+Training: each training image's shorter side is resized to ``--seg-size`` (bicubic; the label map
+nearest) and the centre square of that side is cropped, once, with no augmentation; its final patch
+tokens are cached. A linear layer on the standardised tokens predicts class logits per patch, upsampled
+×4 bilinearly; cross-entropy against the labels at those positions. Evaluation: the zero-shot suite's
+sliding windows (``--seg-size`` every ``--seg-stride``) with the probe's logits upsampled to each window,
+averaged where windows overlap, upsampled to the label map, argmax; mIoU over the classes present.
+
+Accepted layouts: the zero-shot suites' folders, plus the training split:
+  ade20k-linear  ``ADEChallengeData2016/images/{training,validation}/*.jpg`` and
+                 ``annotations/{training,validation}/*.png`` (0 = unlabelled, ignored; 1..150 = classes)
+  voc-linear     ``VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt``, ``JPEGImages/<id>.jpg``,
+                 ``SegmentationClass/<id>.png`` (0 = background, a class here; 1..20; 255 = void, ignored)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fasttips.eval.transforms import center_crop_box, resize_center_crop, resized_size
+
+from .common import DatasetLayoutError, SuiteContext, limited, load_metadata
+from .dense import UPSAMPLE, DenseCache, DenseTask, SegHead, sample_grid
+from .probe import DENSE, fit, recipe_for
+from .segmentation import chance_miou, list_pairs, sliding_confusion, to_targets
+
+LAYOUT = {"ade20k-linear": "ade20k", "voc-linear": "voc"}
+
+
+def voc_targets(label: np.ndarray) -> np.ndarray:
+    """VOC label values → class indices with background as class 0: 0..20 kept, 255 (void) ignored."""
+    label = label.astype(np.int64)
+    return np.where(label <= 20, label, 255)
+
+
+def classes_and_targets(suite: str):
+    meta = load_metadata("segmentation")
+    if suite == "voc-linear":
+        return ["background"] + list(meta["voc"]), voc_targets
+    return list(meta["ade20k"]), to_targets
+
+
+class SegTrainDataset(torch.utils.data.Dataset):
+    """(centre crop of side ``size`` as uint8, labels sampled on the ``fine`` grid, index); None when a
+    file cannot be read."""
+
+    def __init__(self, pairs, size: int, target_fn, fine: tuple[int, int]):
+        self.pairs, self.size, self.target_fn, self.fine = pairs, size, target_fn, fine
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        image, label = self.pairs[i]
+        try:
+            with Image.open(image) as im:
+                pixels = resize_center_crop(im.convert("RGB"), self.size, self.size)
+            with Image.open(label) as lb:
+                lb.load()
+                size = resized_size(lb.width, lb.height, self.size)
+                crop = lb.resize(size, Image.NEAREST).crop(center_crop_box(*size, self.size))
+                target = self.target_fn(np.asarray(crop))
+        except (OSError, ValueError, SyntaxError):
+            return None
+        if target.ndim != 2:
+            return None
+        return pixels, sample_grid(target, *self.fine).astype(np.uint8), i
+
+
+def check_layout(root: Path, suite: str) -> None:
+    for split in ("train", "val"):
+        list_pairs(LAYOUT[suite], root, split, suite)
+
+
+def run(ctx: SuiteContext, root: Path, suite: str) -> dict:
+    from fasttips.eval.metrics import iou_per_class, mean_iou, pixel_accuracy
+
+    names, target_fn = classes_and_targets(suite)
+    C = len(names)
+    train = limited(list_pairs(LAYOUT[suite], root, "train", suite), ctx)
+    val = limited(list_pairs(LAYOUT[suite], root, "val", suite), ctx)
+    side = ctx.seg_size
+    p = ctx.model.vision.patch_embed.patch_size
+    G = side // p
+    recipe = recipe_for(ctx, DENSE)
+    ctx.say(f"[{suite}] {len(train)} train / {len(val)} val images, {C} classes, train crops {side}px, "
+            f"windows {side}px every {ctx.seg_stride}px, final patch tokens")
+    cache = DenseCache(ctx, SegTrainDataset(train, side, target_fn, (UPSAMPLE * G, UPSAMPLE * G)), suite,
+                       (G, G), (UPSAMPLE * G, UPSAMPLE * G), np.uint8)
+    try:
+        task = DenseTask(cache, SegHead(C), use_cls=False, device=ctx.device)
+        probe = fit(task, cache.items, recipe, ctx, suite)
+    finally:
+        cache.close()
+    linear = probe.linear()
+
+    def window_scores(patch):
+        # the probe's logits upsampled to the window; logits (not probabilities) are averaged, as
+        # mmsegmentation's sliding inference does
+        x = task.inputs(patch.reshape(patch.shape[0], G, G, -1), None)
+        return task.layer_output(linear, x, (side, side))
+
+    cm, skipped = sliding_confusion(ctx, suite, val, C, window_scores, target_fn, tokens="final")
+    if cm.sum() == 0:
+        raise DatasetLayoutError(f"{suite}: no labelled pixel could be read under {root}")
+    iou = iou_per_class(cm)
+    return {"metrics": {"mIoU": mean_iou(cm), "pixel accuracy": pixel_accuracy(cm)},
+            "chance": {"mIoU": chance_miou(cm), "pixel accuracy": 1.0 / C},
+            "n_train": len(cache.items), "n_images": len(val) - skipped, "n_skipped": skipped + cache.skipped,
+            "n_classes": C,
+            "iou_per_class": {n: (None if v != v else round(v, 4)) for n, v in zip(names, iou.tolist())},
+            "probe": probe.record,
+            "protocol": {"size": side, "stride": ctx.seg_stride, "tokens": "final", "train_crop": side,
+                         "target_grid": UPSAMPLE * G}}
