@@ -1,6 +1,6 @@
 """``fasttips bench``: run the benchmarks in bench/ and print their ratio tables, or redraw the plots.
 
-    fasttips bench [attention|dino-loss|ema|data|step|all ...] [--quick] [--plot] [--no-write]
+    fasttips bench [attention|dino-loss|ema|data|step|recompute|all ...] [--quick] [--plot] [--no-write]
                    [--results DIR]
 
 Benchmarks are the scripts of the repository's bench/ folder, installed with the package as
@@ -27,6 +27,7 @@ BENCHES = {
     "ema": "bench_ema.py",
     "data": "bench_data.py",
     "step": "bench_train_step.py",
+    "recompute": "bench_recompute.py",
 }
 
 

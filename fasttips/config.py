@@ -42,6 +42,7 @@ PixelNorm = Literal["tips", "imagenet"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
 WandbMode = Literal["online", "offline"]
+ActivationCheckpointing = Literal["off", "full", "every_k", "selective"]
 
 FFNS = get_args(Ffn)
 CONTRASTIVE_LOSSES = get_args(ContrastiveLoss)
@@ -51,6 +52,7 @@ PROTOTYPE_CES = get_args(PrototypeCe)
 TEACHER_MODES = get_args(TeacherMode)
 TEACHER_FEATURES = get_args(TeacherFeatures)
 PIXEL_NORMS = get_args(PixelNorm)
+AC_POLICIES = get_args(ActivationCheckpointing)
 
 
 def setting(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
@@ -250,8 +252,15 @@ class TrainConfig:
     wandb_mode: WandbMode = setting("online", "W&B: online = upload as it runs; offline = write under "
                                               "RUN_DIR/wandb for a later `wandb sync`")
     compile: bool = setting(False, "torch.compile the model")
-    activation_checkpointing: bool = setting(False, "recompute block activations in the backward "
-                                                    "(less memory, more compute)")
+    activation_checkpointing: ActivationCheckpointing = setting(
+        "off", "recompute transformer-block activations in the backward (less memory, more compute): "
+               "full = every block keeps only its input; every_k = blocks k, 2k, ... of each tower "
+               "(train.ac_every = k) as full, the others keep everything; selective = every block keeps "
+               "its matmul and attention outputs and recomputes the cheap ops (norms, activations, "
+               "softmax, elementwise); true/false (older configs) mean full/off")
+    ac_every: int = setting(2, "k of train.activation_checkpointing=every_k: recompute every k-th block of "
+                               "each tower, counted from its first (1 = every block, as full); at most the "
+                               "deeper tower's depth", ge=1)
     init_from: str = setting("", "warm start: a Hugging Face tipsv2 folder, a TIPS npz pair or a fasttips "
                                  "run; its towers and logit scales, fresh heads and optimiser (README)")
 
@@ -311,6 +320,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------------------------
 RETIRED: dict[str, tuple[Any, str]] = {
     "vision.n_cls": (2, "TIPS always has two CLS tokens, CLS#1 (alt-text) and CLS#2 (synthetic caption)"),
+}
+
+
+# Values older configs wrote for a field that has since grown words: read as the word. (YAML also
+# reads a bare ``off`` as false, so ``train.activation_checkpointing=off`` arrives here as False.)
+BOOL_WORDS: dict[str, dict[bool, str]] = {
+    "train.activation_checkpointing": {False: "off", True: "full"},
 }
 
 
@@ -400,6 +416,8 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
     if _retired(dotted, value):
         return
     obj, name = _section_and_field(cfg, dotted)
+    if isinstance(value, bool) and dotted in BOOL_WORDS:
+        value = BOOL_WORDS[dotted][value]
     typ = _hints(type(obj))[name]
     setattr(obj, name, _coerce(dotted, typ, value))
 
@@ -537,6 +555,12 @@ def validate(cfg: Config) -> None:
         parse_caption_fields(cfg.data.caption_fields)
     except ValueError as exc:
         raise ConfigError(f"data.caption_fields: {exc}") from None
+    t = cfg.train
+    deepest = max(v.depth, cfg.text.depth)
+    if t.activation_checkpointing == "every_k" and t.ac_every > deepest:
+        raise ConfigError(f"train.ac_every: {t.ac_every} is more than the deeper tower's depth {deepest} "
+                          f"(vision.depth={v.depth}, text.depth={cfg.text.depth}), so "
+                          f"train.activation_checkpointing=every_k would recompute no block")
     if not cfg.train.run_dir.strip():
         raise ConfigError("train.run_dir: must not be empty (a folder for the run's outputs)")
 
@@ -629,7 +653,7 @@ def describe() -> str:
 
 __all__ = ["Config", "ConfigError", "PRESETS", "RETIRED", "load", "preset", "save", "set_value", "to_dict",
            "from_dict", "validate", "check_runnable", "describe", "keys", "setting",
-           "CENTERINGS", "CONTRASTIVE_LOSSES", "FFNS", "IBOT_TOKENS", "PIXEL_NORMS", "PROTOTYPE_CES",
+           "AC_POLICIES", "BOOL_WORDS", "CENTERINGS", "CONTRASTIVE_LOSSES", "FFNS", "IBOT_TOKENS", "PIXEL_NORMS", "PROTOTYPE_CES",
            "TEACHER_FEATURES", "TEACHER_MODES"] + [c.__name__ for c in (
                VisionConfig, TextConfig, HeadConfig, LossConfig, TeacherConfig, DataConfig,
                OptimConfig, TrainConfig, EvalConfig)]
