@@ -653,8 +653,8 @@ def describe() -> str:
 
 __all__ = ["Config", "ConfigError", "PRESETS", "RETIRED", "load", "preset", "save", "set_value", "to_dict",
            "from_dict", "validate", "check_runnable", "describe", "keys", "setting",
-           "AC_POLICIES", "BOOL_WORDS", "CENTERINGS", "CONTRASTIVE_LOSSES", "FFNS", "IBOT_TOKENS", "PIXEL_NORMS", "PROTOTYPE_CES",
-           "TEACHER_FEATURES", "TEACHER_MODES"] + [c.__name__ for c in (
+           "CENTERINGS", "CONTRASTIVE_LOSSES", "FFNS", "IBOT_TOKENS", "PIXEL_NORMS", "PROTOTYPE_CES",
+           "TEACHER_FEATURES", "TEACHER_MODES", "AC_POLICIES", "BOOL_WORDS"] + [c.__name__ for c in (
                VisionConfig, TextConfig, HeadConfig, LossConfig, TeacherConfig, DataConfig,
                OptimConfig, TrainConfig, EvalConfig)]
 

@@ -2,8 +2,9 @@
 checkpointed, and with the selective policy which of their ops are kept rather than run again.
 
 - ``off``: every activation autograd needs is kept.
-- ``full``: every block of both towers keeps only its input; its whole forward runs again in the
-  backward (the most memory saved, one more forward of the blocks).
+- ``full``: every block of both towers keeps only its input; its forward runs again in the
+  backward, up to the last tensor the backward needs (torch stops there), so about one more forward
+  of the blocks for the most memory saved.
 - ``every_k``: blocks k, 2k, 3k, ... of each tower (counted from 1, ``train.ac_every`` = k) are
   checkpointed as in ``full``; the others keep everything. A knob between off and full.
 - ``selective``: every block, through PyTorch's selective activation checkpointing: the outputs of
