@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from fasttips.config import AC_POLICIES
 
@@ -62,14 +63,12 @@ def _is_saved(op) -> bool:
 
 def selective_policy(ctx, op, *args, **kwargs):
     """The ``create_selective_checkpoint_contexts`` policy: keep matmul and attention outputs."""
-    from torch.utils.checkpoint import CheckpointPolicy
     # MUST_SAVE so torch.compile's partitioner keeps them too; PREFER_RECOMPUTE leaves it free to
     # keep a cheap op's output after all when that is better for its fused kernels.
     return CheckpointPolicy.MUST_SAVE if _is_saved(op) else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective_contexts():
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
     return create_selective_checkpoint_contexts(selective_policy)
 
 
