@@ -18,6 +18,7 @@
 #   profile    the vit-l step by category, fasttips and plain, eager                              50
 #   max_batch  the largest batch of fasttips and the plain baseline (eager), timed there         180
 #   ema        head EMA, per-call and CUDA-graph replay                                          25
+#   recompute  vit-l step per activation-checkpointing policy: memory per image, step time        60
 #   gpu_tests  pytest -m gpu (kernels in bf16, the no-sync step tests)                  what is left
 #
 # BUDGET_S and the estimates apply to the dry run too (it takes ~2 min on 2 busy CPU cores);
@@ -99,6 +100,7 @@ if [ "$DRY" = 1 ]; then
   PROFILE=(--quick --kernels auto,plain)
   MAXB=(--quick --kernels auto --max-batch-refine 1)   # the search itself is CUDA-only: a smoke run
   LOSS=(--quick --no-compile)
+  RECOMPUTE=(--quick)
   GPU_TESTS=(tests/test_step_sync.py)
 else
   DISPATCH=(--quick --budget-s 30)
@@ -107,6 +109,7 @@ else
   PROFILE=(--preset vit-l --batch 64 --kernels auto,plain)
   MAXB=(--preset vit-l --batch 64,32 --kernels plain,auto --max-batch-refine 1)
   LOSS=(--quick --tokens 16384 --prototypes 65536)
+  RECOMPUTE=(--preset vit-l --batch 32)
   GPU_TESTS=(tests)
 fi
 
@@ -135,6 +138,7 @@ stage step 170 "$PY" bench/bench_train_step.py "${STEP[@]}"
 stage profile 50 "$PY" bench/profile_step.py "${PROFILE[@]}" --out "$OUT/results"
 stage max_batch 180 "$PY" bench/bench_train_step.py "${MAXB[@]}"
 stage ema 25 "$PY" bench/bench_ema.py --quick
+stage recompute 60 "$PY" bench/bench_recompute.py "${RECOMPUTE[@]}"
 stage gpu_tests 30 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${GPU_TESTS[@]}"
 
 echo "== done in $(elapsed) s (budget ${BUDGET_S} s); rows: $OUT/rows.jsonl ($(wc -l < "$OUT/rows.jsonl" 2>/dev/null || echo 0) lines)"

@@ -1,6 +1,6 @@
 """``fasttips bench``: run the benchmarks in bench/ and print their ratio tables, or redraw the plots.
 
-    fasttips bench [attention|dino-loss|ema|data|step|checkpoint|dispatch|all ...] [--quick] [--plot] [--no-write]
+    fasttips bench [attention|dino-loss|ema|data|step|checkpoint|dispatch|recompute|all ...] [--quick] [--plot] [--no-write]
                    [--results DIR]
     fasttips bench dispatch [--timings FILE ...] [--json] ...   (``fasttips bench dispatch --help``)
 
@@ -31,6 +31,7 @@ BENCHES = {
     "step": "bench_train_step.py",
     "checkpoint": "bench_checkpoint.py",
     "dispatch": "bench_dispatch.py",
+    "recompute": "bench_recompute.py",
 }
 
 

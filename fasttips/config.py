@@ -44,6 +44,7 @@ Precision = Literal["auto", "fp32", "bf16"]
 WandbMode = Literal["online", "offline"]
 KernelDispatch = Literal["measured", "fasttips", "pytorch"]
 CompileMode = Literal["off", "blocks", "step"]
+ActivationCheckpointing = Literal["off", "full", "every_k", "selective"]
 
 FFNS = get_args(Ffn)
 CONTRASTIVE_LOSSES = get_args(ContrastiveLoss)
@@ -54,6 +55,7 @@ TEACHER_MODES = get_args(TeacherMode)
 TEACHER_FEATURES = get_args(TeacherFeatures)
 PIXEL_NORMS = get_args(PixelNorm)
 COMPILE_MODES = get_args(CompileMode)
+AC_POLICIES = get_args(ActivationCheckpointing)
 
 
 def setting(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
@@ -261,8 +263,15 @@ class TrainConfig:
                                           "(one graph reused by every block); step = the whole student "
                                           "forward (towers, heads, losses) as one graph. A boolean from an "
                                           "older config reads as true = blocks, false = off")
-    activation_checkpointing: bool = setting(False, "recompute block activations in the backward "
-                                                    "(less memory, more compute)")
+    activation_checkpointing: ActivationCheckpointing = setting(
+        "off", "recompute transformer-block activations in the backward (less memory, more compute): "
+               "full = every block keeps only its input; every_k = blocks k, 2k, ... of each tower "
+               "(train.ac_every = k) as full, the others keep everything; selective = every block keeps "
+               "its matmul and attention outputs and recomputes the cheap ops (norms, activations, "
+               "softmax, elementwise); true/false (older configs) mean full/off")
+    ac_every: int = setting(2, "k of train.activation_checkpointing=every_k: recompute every k-th block of "
+                               "each tower, counted from its first (1 = every block, as full); at most the "
+                               "deeper tower's depth", ge=1)
     init_from: str = setting("", "warm start: a Hugging Face tipsv2 folder, a TIPS npz pair or a fasttips "
                                  "run; its towers and logit scales, fresh heads and optimiser (README)")
 
@@ -365,10 +374,11 @@ RETIRED: dict[str, tuple[Any, str]] = {
 }
 
 
-# Fields whose type changed: the values an older config may hold, and what they mean now.
-# (YAML also reads a bare on/off as true/false, so `train.compile=off` arrives as False.)
+# Fields whose type changed from a bool: the values an older config may hold, and what they mean now.
+# (YAML also reads a bare on/off as true/false, so `train.compile=off` arrives here as False.)
 LEGACY_VALUES: dict[str, dict[bool, Any]] = {
-    "train.compile": {False: "off", True: "blocks"},   # was a bool: true compiled each block
+    "train.compile": {False: "off", True: "blocks"},                    # was a bool: true compiled each block
+    "train.activation_checkpointing": {False: "off", True: "full"},     # was a bool: true recomputed every block
 }
 
 
@@ -610,6 +620,12 @@ def validate(cfg: Config) -> None:
         parse_caption_fields(cfg.data.caption_fields)
     except ValueError as exc:
         raise ConfigError(f"data.caption_fields: {exc}") from None
+    t = cfg.train
+    deepest = max(v.depth, cfg.text.depth)
+    if t.activation_checkpointing == "every_k" and t.ac_every > deepest:
+        raise ConfigError(f"train.ac_every: {t.ac_every} is more than the deeper tower's depth {deepest} "
+                          f"(vision.depth={v.depth}, text.depth={cfg.text.depth}), so "
+                          f"train.activation_checkpointing=every_k would recompute no block")
     if not cfg.train.run_dir.strip():
         raise ConfigError("train.run_dir: must not be empty (a folder for the run's outputs)")
     if cfg.eval.suites.strip() and not cfg.eval.data_root.strip():
@@ -705,7 +721,7 @@ def describe() -> str:
 __all__ = ["Config", "ConfigError", "PRESETS", "RETIRED", "load", "preset", "save", "set_value", "to_dict",
            "from_dict", "validate", "check_runnable", "describe", "keys", "setting",
            "CENTERINGS", "COMPILE_MODES", "CONTRASTIVE_LOSSES", "FFNS", "IBOT_TOKENS", "PIXEL_NORMS", "PROTOTYPE_CES",
-           "TEACHER_FEATURES", "TEACHER_MODES"] + [c.__name__ for c in (
+           "TEACHER_FEATURES", "TEACHER_MODES", "AC_POLICIES"] + [c.__name__ for c in (
                VisionConfig, TextConfig, HeadConfig, LossConfig, TeacherConfig, DataConfig,
                OptimConfig, TrainConfig, EvalConfig, DistConfig, KernelsConfig)]
 

@@ -18,6 +18,16 @@ each part against ``torch.utils.flop_counter.FlopCounterMode`` on the tiny prese
   (teacher): every patch for iBOT++ (``loss.ibot_tokens=all``), the expected number of masked ones
   for masked-only iBOT (``mask_probability`` × the mean of ``mask_ratio``);
 - contrastive logits: two [B_global × B_global × D] products (negligible, but counted).
+
+Recomputation (``train.activation_checkpointing``, fasttips/recompute.py) is not useful work: the
+model FLOPs above, and MFU, leave it out. The hardware FLOPs add the forward the backward runs
+again (as torchtitan and the PaLM paper count MFU and HFU; ``FlopModel.recompute``): under ``full``
+and ``every_k``, each checkpointed block's forward in every pass with gradients, up to the last
+tensor its backward needs (torch stops the recomputation there). In a vision block without
+LayerScale and drop-path that leaves out the MLP's output projection, whose output only enters the
+residual sum; a text block masks the padding after it, so it runs whole. ``selective`` keeps every
+matmul and attention output: no matmul FLOPs are repeated. (Under ``torch.compile`` the partitioner
+may repeat less than eager, e.g. skip that projection with drop-path too.)
 """
 from __future__ import annotations
 
@@ -26,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from fasttips.models.text import text_mlp_hidden
+from fasttips.recompute import checkpointed_blocks, recomputes_matmuls
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; MFU is not reported elsewhere.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
@@ -41,13 +52,18 @@ def _block_flops(tokens: int, width: int, hidden: int, ffn: str) -> float:
     return tokens * (8 * width * width + mlp) + 4 * tokens * tokens * width
 
 
+def _vision_block(cfg, size: int) -> float:
+    """Forward matmul FLOPs of one vision block over one image at ``size`` pixels."""
+    v = cfg.vision
+    return _block_flops((size // v.patch_size) ** 2 + v.n_cls, v.width, v.mlp_hidden, v.ffn)
+
+
 def _vision_parts(cfg, size: int) -> tuple[float, float]:
     """Forward matmul FLOPs of one image at ``size`` pixels: (patch embedding, blocks)."""
     v = cfg.vision
     patches = (size // v.patch_size) ** 2
-    tokens = patches + v.n_cls
     embed = 2 * patches * 3 * v.patch_size ** 2 * v.width
-    return embed, v.depth * _block_flops(tokens, v.width, v.mlp_hidden, v.ffn)
+    return embed, v.depth * _vision_block(cfg, size)
 
 
 def _vision_pass(cfg, size: int) -> float:
@@ -62,8 +78,30 @@ def _vision_train(cfg, size: int) -> float:
     return 2 * embed + 3 * blocks
 
 
+def _text_block(cfg) -> float:
+    return _block_flops(cfg.text.max_len, cfg.vision.width, text_mlp_hidden(cfg), "relu")
+
+
 def _text_pass(cfg) -> float:
-    return cfg.text.depth * _block_flops(cfg.text.max_len, cfg.vision.width, text_mlp_hidden(cfg), "relu")
+    return cfg.text.depth * _text_block(cfg)
+
+
+def _recomputed_blocks(cfg, depth: int) -> int:
+    """Blocks of a tower whose forward matmuls the backward runs again."""
+    t = cfg.train
+    if not recomputes_matmuls(t.activation_checkpointing):
+        return 0
+    return len(checkpointed_blocks(depth, t.activation_checkpointing, t.ac_every))
+
+
+def _vision_block_recomputed(cfg, size: int) -> float:
+    """What a checkpointed vision block's recomputation runs: its forward, less the MLP's output
+    projection when nothing after it keeps a tensor for the backward (no LayerScale, no drop-path)."""
+    v = cfg.vision
+    flops = _vision_block(cfg, size)
+    if v.layerscale == 0 and v.drop_path == 0:
+        flops -= 2 * ((size // v.patch_size) ** 2 + v.n_cls) * v.mlp_hidden * v.width
+    return flops
 
 
 def head_params(cfg) -> int:
@@ -80,19 +118,30 @@ def _head_row(cfg) -> float:
 
 @dataclass
 class FlopModel:
-    """Training FLOPs per image, by part (forward + backward where gradients flow)."""
+    """Training FLOPs per image, by part (forward + backward where gradients flow), and the forward
+    FLOPs that activation recomputation runs again on top of them."""
     vision: float
     text: float
     heads: float
     contrastive: float
+    recompute: float = 0.0
 
     @property
     def per_image(self) -> float:
+        """Model FLOPs: the useful work (MFU)."""
         return self.vision + self.text + self.heads + self.contrastive
+
+    @property
+    def hardware_per_image(self) -> float:
+        """Hardware FLOPs: the model FLOPs plus the recomputed forward (HFU)."""
+        return self.per_image + self.recompute
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {getattr(self, k) / 1e9:.2f}" for k in ("vision", "text", "heads", "contrastive"))
-        return f"{self.per_image / 1e9:.2f} GFLOP per training image ({parts})"
+        text = f"{self.per_image / 1e9:.2f} GFLOP per training image ({parts})"
+        if self.recompute:
+            text += f"; {self.hardware_per_image / 1e9:.2f} with the recomputed forward"
+        return text
 
 
 def flop_model(cfg, global_batch: int | None = None) -> FlopModel:
@@ -111,7 +160,11 @@ def flop_model(cfg, global_batch: int | None = None) -> FlopModel:
                               + d.n_global * patches * grad + d.n_global * patches * no_grad)
     batch = global_batch or d.batch_size
     contrastive = 2 * 2 * batch * cfg.vision.width * grad
-    return FlopModel(vision, text, heads, contrastive)
+    blocks_v = _recomputed_blocks(cfg, cfg.vision.depth)
+    recompute = blocks_v * (d.n_global * 2 * _vision_block_recomputed(cfg, d.global_size)
+                            + d.n_local * _vision_block_recomputed(cfg, d.local_size))
+    recompute += 2 * _recomputed_blocks(cfg, cfg.text.depth) * _text_block(cfg)
+    return FlopModel(vision, text, heads, contrastive, recompute)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -126,6 +179,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 
 def mfu(flops_per_image: float, images_per_s_per_device: float, peak: float | None) -> float | None:
+    """The fraction of ``peak`` that ``flops_per_image`` at this rate is: MFU with the model FLOPs
+    (``FlopModel.per_image``), HFU with the hardware FLOPs (``FlopModel.hardware_per_image``)."""
     if not peak or not images_per_s_per_device:
         return None
     return flops_per_image * images_per_s_per_device / peak

@@ -204,7 +204,7 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resuming: bool = False, prog
             d = cfg.data
             print(f"fasttips train: CUDA out of memory at data.batch_size={d.batch_size} per GPU "
                   f"(global batch {trainer.global_batch}). Options: lower data.batch_size and raise "
-                  f"optim.accum_steps to keep the global batch; train.activation_checkpointing=true; "
+                  f"optim.accum_steps to keep the global batch; train.activation_checkpointing=selective (or full); "
                   f"more GPUs (FSDP2 shards parameters, gradients and optimiser state); fewer or smaller "
                   f"crops (data.n_local, data.local_size, data.global_size); train.precision=bf16.",
                   file=sys.stderr)

@@ -449,6 +449,7 @@ class Trainer:
                   "images_per_s": per_device * self.ctx.world_size, "step_time_s": out.seconds,
                   "peak_mem_gb": _peak_memory_gb(self.ctx.device),
                   "mfu": mfu(self.flops.per_image, per_device, self.peak),
+                  "hfu": mfu(self.flops.hardware_per_image, per_device, self.peak),   # + recomputation
                   "skipped": out.skipped, "nonfinite_total": self.nonfinite_total}
         if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps or out.skipped:
             if self.kernels_record is not None:     # the first row written after the decisions

@@ -15,7 +15,7 @@ ENV_FIELDS = ("bench", "case", "impl", "ms", "p20", "p80", "reps", "device", "to
               "python", "git_commit", "date", "quick", "ceilings")
 FILE_STEM = {"attention": "attention", "dino-loss": "dino_loss", "ema": "ema", "data": "data",
              "step": "train_step", "checkpoint": "checkpoint",
-             "dispatch": "dispatch"}
+             "dispatch": "dispatch", "recompute": "recompute"}
 
 
 def _rows(folder: Path, name: str) -> list[dict]:
@@ -43,7 +43,7 @@ def _run(names, tmp_path, capsys):
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["attention", "ema", "step", "dispatch"])
+@pytest.mark.parametrize("name", ["attention", "ema", "step", "dispatch", "recompute"])
 def test_quick_bench_writes_valid_json(name, tmp_path, capsys):
     out = _run([name], tmp_path, capsys)
     assert "wrote" in out and str(tmp_path) in out
@@ -74,6 +74,16 @@ def test_quick_bench_writes_valid_json(name, tmp_path, capsys):
         assert all(r["site"] and r["winner"] and r["why"] == "measured" for r in rows)
         assert "== dispatch measured live" in out and "→ per-size(" in out
         assert "fasttips kernels are left out" in out and "fasttips" not in impls   # no interpreter timing
+    if name == "recompute":
+        by_impl = {r["impl"]: r for r in rows}
+        assert set(by_impl) == {"off", "full", "every_k=2", "selective"}
+        assert len({json.dumps(r["case"], sort_keys=True) for r in rows}) == 1      # same model, same batch
+        # what the forward keeps for the backward is counted exactly on the CPU: full < selective < off
+        kept = {k: r["activation_mem"] for k, r in by_impl.items()}
+        assert 0 < kept["full"] < kept["every_k=2"] < kept["off"] and kept["selective"] < kept["off"]
+        assert all(r["peak_mem"] >= r["activation_mem"] and r["cpu_s_per_step"] > 0 for r in rows)
+        assert by_impl["selective"]["hardware_gflop_per_image"] == by_impl["off"]["gflop_per_image"]
+        assert by_impl["full"]["hardware_gflop_per_image"] > by_impl["full"]["gflop_per_image"]
 
 
 def test_quick_dino_loss_on_cpu(tmp_path, capsys):

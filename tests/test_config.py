@@ -256,6 +256,9 @@ BAD_TRAIN_ARGS = [
     (["train.device=cuda"], "train.device"),
     (["data.loader=dali"], "data.loader"),
     (["train.run_dir=FILE"], "train.run_dir"),
+    (["train.activation_checkpointing=sometimes"], "train.activation_checkpointing"),
+    (["train.ac_every=0"], "train.ac_every"),
+    (["train.activation_checkpointing=every_k", "train.ac_every=3"], "train.ac_every"),
     (["--config", "NOT_YAML"], "--config"),
 ]
 

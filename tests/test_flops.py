@@ -103,3 +103,33 @@ def test_the_whole_objective_per_image(overrides, seed):
     want = (flops.flop_model(cfg, global_batch=B).per_image + recompute) * B
     # 0.25 %: below the smallest row term (the DINO rows of the local crops, ~0.3 % of the total)
     assert got == pytest.approx(want, rel=0.0025)
+
+
+@pytest.mark.parametrize("overrides", [["train.activation_checkpointing=full"],
+                                       ["train.activation_checkpointing=every_k", "vision.depth=3",
+                                        "train.ac_every=2"],
+                                       ["train.activation_checkpointing=selective"],
+                                       ["train.activation_checkpointing=full", "vision.layerscale=0.1"],
+                                       ["train.activation_checkpointing=full", "vision.drop_path=0.1"]],
+                         ids=["full", "every_k", "selective", "full-layerscale", "full-drop-path"])
+def test_recomputation_is_counted_as_hardware_flops(overrides, seed):
+    """The same objective with its blocks checkpointed (``fsdp.apply_activation_checkpointing``):
+    what torch runs is the model FLOPs plus the model's recomputed forward (``recompute``: none for
+    selective, which keeps every matmul), with the loss's own allowance as above."""
+    from fasttips.distributed import fsdp
+    cfg = tiny(*overrides)
+    d, h, t = cfg.data, cfg.heads, cfg.train
+    model = build_model(cfg)
+    teacher, state = Teacher(model, cfg), LossState(cfg)
+    fsdp.apply_activation_checkpointing(model, t.activation_checkpointing, t.ac_every)
+    B = 2
+    batch = synthetic_batch(B, d.global_size, d.local_size, n_global=d.n_global, n_local=d.n_local,
+                            max_len=cfg.text.max_len, vocab_size=cfg.text.vocab_size,
+                            generator=torch.Generator().manual_seed(0))
+    got = counted(lambda: compute_losses(model, teacher, state, batch, 0.05, cfg)["loss"].backward())
+    patches = (d.global_size // cfg.vision.patch_size) ** 2
+    pairs = d.n_local + (d.n_global if d.n_global > 1 else 0) + d.n_global * patches
+    allowance = pairs * 2 * (2 * h.bottleneck * h.prototypes)
+    fm = flops.flop_model(cfg, global_batch=B)
+    assert (fm.recompute == 0) == (t.activation_checkpointing == "selective")
+    assert got == pytest.approx((fm.hardware_per_image + allowance) * B, rel=0.0025)

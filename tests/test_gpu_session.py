@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_session.sh"
 STAGES = ["env", "dispatch", "step_dispatch", "attention", "dino_loss", "step", "profile", "max_batch", "ema",
-          "gpu_tests"]
+          "recompute", "gpu_tests"]
 
 
 def test_dry_run_streams_rows_and_keeps_to_its_budget(tmp_path):
@@ -31,7 +31,7 @@ def test_dry_run_streams_rows_and_keeps_to_its_budget(tmp_path):
     status = {r["stage"]: r["status"] for r in lines}
     assert list(status) == STAGES                                   # every stage, in order, one line each
     assert status["attention"] == status["step"] == "skipped"       # estimates 100 and 170 s > 90 s
-    assert status["dino_loss"] == status["max_batch"] == "skipped"  # not in ONLY
+    assert status["dino_loss"] == status["max_batch"] == status["recompute"] == "skipped"  # not in ONLY
     assert status["dispatch"] == status["step_dispatch"] == "skipped"   # not in ONLY (tests/test_bench_cli.py)
     assert status["env"] == "ok" and status["profile"] == "ok"
     assert all(s in ("ok", "skipped") for s in status.values())

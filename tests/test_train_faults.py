@@ -77,7 +77,7 @@ def test_run_directory_contents(reference_run):
     for name in (MARKER, ".metadata", "meta.json", "rank_00000.pt", "config.yaml"):
         assert (ckpt / name).is_file(), name
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    for key in ("lr", "weight_decay", "momentum", "images_per_s", "step_time_s", "peak_mem_gb", "mfu"):
+    for key in ("lr", "weight_decay", "momentum", "images_per_s", "step_time_s", "peak_mem_gb", "mfu", "hfu"):
         assert key in record, key
     assert any(k.startswith("grad_norm/") for k in record)
     assert any(k.startswith("loss/") for k in record)

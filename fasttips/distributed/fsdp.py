@@ -181,11 +181,13 @@ def head_modules(model: nn.Module) -> list[nn.Module]:
     return heads
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+def apply_activation_checkpointing(model: nn.Module, policy: str = "full", every: int = 1) -> None:
+    """Wrap the blocks that ``policy`` checkpoints (``train.activation_checkpointing``; every_k:
+    blocks ``every``, 2·``every``, ... of each tower); fasttips/recompute.py says what each keeps."""
+    from fasttips.recompute import checkpointed_blocks, wrap_block
     for blocks in block_lists(model):
-        for i, block in enumerate(blocks):
-            blocks[i] = checkpoint_wrapper(block)
+        for i in checkpointed_blocks(len(blocks), policy, every):
+            blocks[i] = wrap_block(blocks[i], policy)
 
 
 # Keyword arguments of every torch.compile call here (tests set backend="aot_eager": inductor's CPU
@@ -287,8 +289,8 @@ def parallelize(model: nn.Module, teacher_modules: list[nn.Module], ctx: DistCon
     """The fixed order: activation checkpointing → per-block compile → FSDP2 → whole-step compile (one
     of the two compiles, ``train.compile``). Returns the module to call for the losses:
     ``loss_forward(teacher, state, batch, teacher_temp, cfg)``."""
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    if cfg.train.activation_checkpointing != "off":
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
     if cfg.train.compile == "blocks":
         apply_compile(model)
     root = LossForward(model, compute_losses)
