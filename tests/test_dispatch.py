@@ -23,6 +23,7 @@ from fasttips.kernels.attention import reference as attn_ref
 from fasttips.kernels.dispatch import cache as dispatch_cache
 from fasttips.kernels.dispatch import core, replay
 from fasttips.kernels.dispatch import prototype_ce as ce_dispatch
+from fasttips.kernels.dispatch.site import Candidate
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_ROWS = sorted((ROOT / "bench" / "results").glob("*-nvidia-h100-80gb-hbm3.jsonl"))
@@ -202,6 +203,55 @@ def test_a_failing_candidate_is_dropped_with_one_warning():
     assert torch.isfinite(out).all()
 
 
+
+class _DoubledGradQ(torch.autograd.Function):
+    """Attention whose forward is right and whose dq is twice the true one (a backward-only bug)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = attn_ref.attention(*leaves)
+        ctx.save_for_backward(out, *leaves)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, dout):
+        out, *leaves = ctx.saved_tensors
+        dq, dk, dv = torch.autograd.grad(out, leaves, dout)
+        return 2 * dq, dk, dv
+
+
+@pytest.mark.parametrize("bug", ["output", "dq"])
+def test_a_candidate_that_computes_something_else_is_dropped_before_it_is_timed(bug):
+    """The check against the reference (on by default when timing for real) keeps a fast but wrong
+    kernel (miscompiled for this device or Triton) from ever being chosen, forward or backward."""
+    found = dispatch.registry("attention")["sdpa-flash"]
+    if bug == "output":
+        wrong = lambda q, k, v, mask=None, scale=None: 1.5 * found.run(q, k, v, mask, scale)   # noqa: E731
+    else:
+        wrong = lambda q, k, v, mask=None, scale=None: _DoubledGradQ.apply(q, k, v)            # noqa: E731
+    dispatch.registry("attention")["sdpa-flash"] = replace(found, run=wrong)
+    timer = FakeTimer({"sdpa-flash": 0.1, "sdpa-math": 1.0})
+    dispatch.configure(timer=timer, verify=True)
+    with pytest.warns(UserWarning, match=f"sdpa-flash gives wrong results on attention fwd_bwd .* {bug} differs"):
+        ops.attention(*qkv())
+    d = only_decision("attention", "fwd_bwd")
+    assert d.winner == "sdpa-math" and d.dropped["sdpa-flash"].startswith(f"wrong: {bug} differs from reference's")
+    assert timer.timed() == ["sdpa-math"]                       # never timed
+    if bug == "dq":                                              # a forward-only call is right: admitted
+        with torch.no_grad():
+            ops.attention(*qkv())
+        assert only_decision("attention", "fwd").winner == "sdpa-flash"
+
+
+def test_an_injected_timer_checks_nothing_unless_asked():
+    found = dispatch.registry("attention")["sdpa-flash"]
+    dispatch.registry("attention")["sdpa-flash"] = replace(found, run=lambda *a: 2 * found.run(*a))
+    dispatch.configure(timer=FakeTimer({"sdpa-flash": 0.1, "sdpa-math": 1.0}))     # verify=None
+    ops.attention(*qkv())
+    assert only_decision("attention", "fwd_bwd").winner == "sdpa-flash"
+
 def _ce_call(S=8, K=40, d=16, grad=True):
     g = torch.Generator().manual_seed(1)
     z = F.normalize(torch.randn(S, d, generator=g), dim=1).requires_grad_(grad)
@@ -230,6 +280,31 @@ def test_the_memory_budget_rule_never_times_or_chooses_what_does_not_fit(monkeyp
     for other in ("fasttips-slab", "fasttips-chunked", "reference"):
         assert "over the memory budget of 0.05 GiB" in d.dropped[other], d.dropped
 
+
+
+def test_a_prototype_ce_candidate_with_a_wrong_gradient_is_dropped():
+    def scaled_gradient(*args, **kwargs):       # the loss right, d student_v twice too large
+        args = list(args)
+        args[1] = _TwiceTheGradient.apply(args[1])
+        return ce_dispatch._reference(*args, **kwargs)
+    registry = dispatch.registry("prototype_cross_entropy")
+    registry["broken"] = Candidate("broken", "pytorch", scaled_gradient)
+    dispatch.configure(timer=FakeTimer({"broken": 0.1, "reference": 1.0}), verify=True)
+    args, options = _ce_call()
+    with pytest.warns(UserWarning, match="broken gives wrong results"):
+        site, name = _ce_choice(args, options)
+    assert name == "reference"
+    assert dispatch.decisions()[-1].dropped["broken"].startswith("wrong: d student_v differs")
+
+
+class _TwiceTheGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad
 
 def test_a_cached_winner_that_no_longer_fits_is_re_picked_from_the_cached_times(monkeypatch, tmp_path):
     monkeypatch.setattr(_backend, "interpreting", lambda: True)

@@ -321,7 +321,23 @@ def _bench(call, tensors, grad: bool):
     return run
 
 
+def _outputs(call, tensors, grad: bool) -> list[torch.Tensor]:
+    """What dispatch checks before it times a candidate: the output of ``call(*leaves)`` and, when
+    ``grad``, the gradients of the leaves for a fixed random output gradient (the same for every
+    candidate of a site)."""
+    leaves = _leaves(tensors, grad)
+    with own_autograd(grad):
+        out = call(*leaves)
+        if not grad:
+            return [out]
+        seed = torch.Generator(device=out.device).manual_seed(0)
+        dout = torch.randn(out.shape, generator=seed, device=out.device, dtype=out.dtype)
+        return [out, *torch.autograd.grad(out, leaves, dout)]
+
+
 class DenseTiming:
+    output_names = ("output", "dq", "dk", "dv")
+
     def __init__(self, q, k, v, key_padding_mask=None, scale=None):
         self.qkv, self.mask, self.scale = (q, k, v), key_padding_mask, scale
 
@@ -329,17 +345,27 @@ class DenseTiming:
         return _bench(lambda q, k, v: candidate.run(q, k, v, self.mask, self.scale), self.qkv,
                       site.mode == "fwd_bwd")
 
+    def outputs(self, candidate: Candidate, site: Site) -> list[torch.Tensor]:
+        return _outputs(lambda q, k, v: candidate.run(q, k, v, self.mask, self.scale), self.qkv,
+                        site.mode == "fwd_bwd")
+
 
 class VarlenTiming:
     """``dense``: the public dense op, which the per-size composition calls per run."""
+    output_names = DenseTiming.output_names
 
     def __init__(self, q, k, v, cu_seqlens, max_seqlen, scale, runs, site: Site, dense):
         self.qkv, self.cu, self.max_seqlen, self.scale, self.runs = (q, k, v), cu_seqlens, max_seqlen, scale, runs
         self.site, self.dense = site, dense
 
+    def _call(self, candidate: Candidate):
+        return lambda q, k, v: candidate.run(q, k, v, self.cu, self.max_seqlen, self.scale, self.runs, self.dense)
+
     def bench(self, candidate: Candidate, site: Site):
-        return _bench(lambda q, k, v: candidate.run(q, k, v, self.cu, self.max_seqlen, self.scale, self.runs,
-                                                    self.dense), self.qkv, site.mode == "fwd_bwd")
+        return _bench(self._call(candidate), self.qkv, site.mode == "fwd_bwd")
+
+    def outputs(self, candidate: Candidate, site: Site) -> list[torch.Tensor]:
+        return _outputs(self._call(candidate), self.qkv, site.mode == "fwd_bwd")
 
     def decide_parts(self) -> None:
         """Decide every run's dense site (timed now if new) before the composition is timed: one call

@@ -68,6 +68,8 @@ class Settings:
     clock: Callable[[], float] = time.monotonic
     free_memory: Callable[[Site], int | None] | None = None    # None: the CUDA allocator's view
     log: Callable[[str], None] | None = None  # where measured decisions are announced (default stderr)
+    verify: bool | None = None                # check each candidate against the reference before timing
+                                              # it; None: when timing for real (no injected timer)
 
 
 _settings = Settings()
@@ -294,6 +296,8 @@ def _measure(site: Site, timing) -> Decision:
     """Time every admissible candidate (in order, within the budget) and pick the fastest."""
     cands = registry(site.op)
     timer = _settings.timer or _timing.cuda_samples
+    verify = _settings.verify if _settings.verify is not None else _settings.timer is None
+    check = _checker(site, timing) if verify and hasattr(timing, "outputs") else None
     budget = _memory_budget(site)
     start = _settings.clock()
     timings: dict[str, float] = {}
@@ -312,6 +316,12 @@ def _measure(site: Site, timing) -> Decision:
         try:
             if c.prepare is not None:
                 c.prepare(site, timing)
+            wrong = check(c) if check is not None else None
+            if wrong:
+                dropped[c.name] = f"wrong: {wrong}"
+                _backend.warn_once(f"fasttips dispatch: {c.name} gives wrong results on {site.text()} and is "
+                                   f"dropped: {wrong}")
+                continue
             best = min(timings.values(), default=None)
             give_up = None if best is None else _timing.GIVE_UP * best
             samples[c.name] = timer(c.name, timing.bench(c, site), give_up, site)
@@ -331,6 +341,45 @@ def _measure(site: Site, timing) -> Decision:
                   f"candidates in {decision.seconds:.1f} s of the {_settings.budget_s:g} s budget"
                   f"{': ' + _times_text(timings) if timings else ''})")
     return decision
+
+
+# A check for gross errors (a kernel miscompiled for this device or Triton, a wrong code path), not a
+# precision test: those are the kernels' parity tests. Relative error of each output against the
+# reference's, by the site's dtype; a broken kernel is off by O(1) or gives NaN.
+CHECK_TOLERANCE = {"bf16": 5e-2, "fp16": 2e-2}
+CHECK_TOLERANCE_DEFAULT = 1e-2
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (‖out − ref‖ where ref is 0; inf for another shape)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    if out.shape != ref.shape:
+        return math.inf
+    diff = torch.linalg.vector_norm(out - ref).item()
+    scale = torch.linalg.vector_norm(ref).item()
+    return diff / scale if scale > 0 else diff
+
+
+def _checker(site: Site, timing) -> Callable[[Candidate], str | None]:
+    """c → None when ``c`` computes what the op's reference computes at this site (``timing.outputs``:
+    the output, and the input gradients of a training site), else what is wrong. The reference runs
+    once per site, when the first candidate is checked."""
+    reference = registry(site.op)[SPECS[site.op].reference]
+    tolerance = CHECK_TOLERANCE.get(site.get("dtype"), CHECK_TOLERANCE_DEFAULT)
+    expected: list = []
+
+    def check(c: Candidate) -> str | None:
+        if c is reference:
+            return None
+        if not expected:
+            expected.append(timing.outputs(reference, site))
+        got = timing.outputs(c, site)
+        for name, out, ref in zip(timing.output_names, got, expected[0]):
+            err = relative_error(out, ref)
+            if not err <= tolerance:             # NaN fails too
+                return f"{name} differs from {reference.name}'s by {err:.3g} (relative; tolerance {tolerance:g})"
+        return None
+    return check
 
 
 def _parts(site: Site) -> list[dict]:
@@ -533,5 +582,5 @@ def describe(device_type: str = "cuda") -> str:
             f"CPU tensors run the PyTorch references, untimed{det}; decisions {where}")
 
 
-__all__ = ["POLICIES", "Settings", "candidate", "choose", "configure", "decide", "deciding", "decisions",
+__all__ = ["CHECK_TOLERANCE", "POLICIES", "Settings", "relative_error", "candidate", "choose", "configure", "decide", "deciding", "decisions",
            "describe", "registry", "report_lines", "report_records", "reset", "settings", "composed_name"]

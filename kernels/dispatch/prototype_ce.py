@@ -160,6 +160,17 @@ class Timing:
         if self.options.get("centering") == "sinkhorn_knopp" and dist.is_available() and dist.is_initialized():
             self.options["centering"] = "softmax"
 
+    output_names = ("loss", "center statistic", "d student_z", "d student_v", "d student_g")
+
+    def outputs(self, candidate: Candidate, s: Site) -> list[torch.Tensor]:
+        """The loss, the center statistic and (training site) the student gradients (z, v, g)."""
+        grad = s.mode == "fwd_bwd"
+        args = [t.detach() for t in self.args]
+        leaves = [args[i].requires_grad_() for i in range(3)] if grad else []
+        with own_autograd(grad):
+            loss, center_stat = candidate.run(*args, chunk_bytes=self.chunk_bytes, **self.options)
+            return [loss, center_stat, *(torch.autograd.grad(loss, leaves) if grad else ())]
+
     def bench(self, candidate: Candidate, s: Site):
         grad = s.mode == "fwd_bwd"
         args = [t.detach() for t in self.args]
