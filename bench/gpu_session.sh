@@ -8,18 +8,26 @@
 #   FASTTIPS_GIT_COMMIT=<sha> bash bench/gpu_session.sh            # on the lent GPU
 #   bash bench/gpu_session.sh --dry-run                            # the same stages on the CPU, tiny shapes
 #
-# Stages (estimates on one H100/H200, seconds):
-#   env        environment, nvidia-smi, the matmul and copy ceilings                            20
-#   dispatch   measured dispatch on the bench shapes: every op's candidates timed, the decisions 150
-#   step_dispatch  vit-l step, compiled: auto (measured dispatch) vs plain vs fasttips-only     240
-#   attention  per kernel and config, N = 256/257/272, 1025 and 50, with the SDPA peers          100
-#   dino_loss  prototype cross-entropy paths at T = 16384, K = 65536                             60
-#   step       vit-l step: fasttips vs plain (full-EMA and head-only teachers), eager + compiled 170
-#   profile    the vit-l step by category, fasttips and plain, eager                              50
-#   max_batch  the largest batch of fasttips and the plain baseline (eager), timed there         180
-#   ema        head EMA, per-call and CUDA-graph replay                                          25
-#   recompute  vit-l step per activation-checkpointing policy: memory per image, step time        60
-#   gpu_tests  pytest -m gpu (kernels in bf16, the no-sync step tests)                  what is left
+# Stages, in order of decision value (estimates on one H100/H200 with Triton 3.6, seconds; a fresh
+# machine compiles every kernel, so the first stages carry the compile time):
+#   env           environment, nvidia-smi, the matmul and copy ceilings                         20
+#   dispatch      measured dispatch on the bench shapes: every candidate of every op (the six
+#                 fasttips attention variants, the SDPA backends, the CE paths, the EMA) checked
+#                 against the reference, timed, and the decisions (45 s per op and shape)        200
+#   step_dispatch vit-l step at batch 64, compiled: auto (measured dispatch) vs plain vs
+#                 fasttips-only (issue 26's criterion: auto >= the best of the other two)        150
+#   kernel_tests  pytest -m gpu on the kernels: every attention variant, the CE, the EMA and the
+#                 dispatch candidates in bf16 (the 2x-error rule); -x, so a failure shows early    90
+#   attention     per variant and config, N = 256/257/272, 1025 and 50, with the SDPA peers,
+#                 CUDA-graph replay beside per-call timing                                      240
+#   dino_loss     prototype cross-entropy paths at T = 16384, K = 65536                          60
+#   step          vit-l step: fasttips vs plain (full-EMA and head-only teachers), eager + compiled 170
+#   profile       the vit-l step by category, fasttips and plain, eager                           50
+#   max_batch     the largest batch of fasttips and the plain baseline (eager), timed there      180
+#   ema           head EMA, per-call and CUDA-graph replay                                       25
+#   recompute     vit-l step per activation-checkpointing policy: memory per image, step time     60
+#   gpu_tests     the rest of pytest -m gpu (checkpoint, eval, step sync, compile)      what is left
+# In a default 480 s window the first four stages fit (460 s); the others run when time is left.
 #
 # BUDGET_S and the estimates apply to the dry run too (it takes ~2 min on 2 busy CPU cores);
 # ONLY="env profile ..." runs a subset of the stages (the others are recorded as skipped).
@@ -101,16 +109,18 @@ if [ "$DRY" = 1 ]; then
   MAXB=(--quick --kernels auto --max-batch-refine 1)   # the search itself is CUDA-only: a smoke run
   LOSS=(--quick --no-compile)
   RECOMPUTE=(--quick)
+  KERNEL_TESTS=(tests/kernels/test_ema.py)
   GPU_TESTS=(tests/test_step_sync.py)
 else
-  DISPATCH=(--quick --budget-s 30)
-  STEP_DISPATCH=(--preset vit-l --batch 64,32 --kernels auto,plain,fasttips-only --compile on --no-max-batch)
+  DISPATCH=(--quick --budget-s 45)
+  STEP_DISPATCH=(--preset vit-l --batch 64 --kernels auto,plain,fasttips-only --compile on --no-max-batch)
   STEP=(--preset vit-l --batch 64,32 --kernels auto,plain,plain-head --compile off,on --no-max-batch)
   PROFILE=(--preset vit-l --batch 64 --kernels auto,plain)
   MAXB=(--preset vit-l --batch 64,32 --kernels plain,auto --max-batch-refine 1)
   LOSS=(--quick --tokens 16384 --prototypes 65536)
   RECOMPUTE=(--preset vit-l --batch 32)
-  GPU_TESTS=(tests)
+  KERNEL_TESTS=(tests/kernels)
+  GPU_TESTS=(tests --ignore=tests/kernels)
 fi
 
 stage env 20 "$PY" - <<'EOF'
@@ -130,9 +140,10 @@ if device.type == "cuda":
 harness.stream_row(row)
 print(json.dumps(row, indent=1))
 EOF
-stage dispatch 150 "$PY" bench/bench_dispatch.py "${DISPATCH[@]}"
-stage step_dispatch 240 "$PY" bench/bench_train_step.py "${STEP_DISPATCH[@]}"
-stage attention 100 "$PY" bench/bench_attention.py $Q "${ATTN_FLAGS[@]}"
+stage dispatch 200 "$PY" bench/bench_dispatch.py "${DISPATCH[@]}"
+stage step_dispatch 150 "$PY" bench/bench_train_step.py "${STEP_DISPATCH[@]}"
+stage kernel_tests 90 "$PY" -m pytest -q -x -m gpu -p no:cacheprovider "${KERNEL_TESTS[@]}"
+stage attention 240 "$PY" bench/bench_attention.py $Q "${ATTN_FLAGS[@]}"
 stage dino_loss 60 "$PY" bench/bench_dino_loss.py "${LOSS[@]}"
 stage step 170 "$PY" bench/bench_train_step.py "${STEP[@]}"
 stage profile 50 "$PY" bench/profile_step.py "${PROFILE[@]}" --out "$OUT/results"

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_session.sh"
-STAGES = ["env", "dispatch", "step_dispatch", "attention", "dino_loss", "step", "profile", "max_batch", "ema",
+STAGES = ["env", "dispatch", "step_dispatch", "kernel_tests", "attention", "dino_loss", "step", "profile", "max_batch", "ema",
           "recompute", "gpu_tests"]
 
 
@@ -33,6 +33,7 @@ def test_dry_run_streams_rows_and_keeps_to_its_budget(tmp_path):
     assert status["attention"] == status["step"] == "skipped"       # estimates 100 and 170 s > 90 s
     assert status["dino_loss"] == status["max_batch"] == status["recompute"] == "skipped"  # not in ONLY
     assert status["dispatch"] == status["step_dispatch"] == "skipped"   # not in ONLY (tests/test_bench_cli.py)
+    assert status["kernel_tests"] == "skipped"                          # not in ONLY
     assert status["env"] == "ok" and status["profile"] == "ok"
     assert all(s in ("ok", "skipped") for s in status.values())
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
