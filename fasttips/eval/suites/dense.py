@@ -45,6 +45,29 @@ def resize_image(img: Image.Image, hw: tuple[int, int]) -> np.ndarray:
 
 
 @torch.no_grad()
+class PairDataset(torch.utils.data.Dataset):
+    """(image resized to ``hw`` as uint8, its dense target: on the ``fine`` grid when given, else full
+    size, index) for (image path, target path) pairs; ``read_image(path) -> PIL image`` and
+    ``read_target(path) -> [H, W, ...] array`` per dataset layout. An unreadable pair gives None (skipped)."""
+
+    def __init__(self, items, hw: tuple[int, int], read_image, read_target, fine: tuple[int, int] | None = None):
+        self.items, self.hw, self.fine = items, hw, fine
+        self.read_image, self.read_target = read_image, read_target
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        image, target = self.items[i]
+        try:
+            with self.read_image(image) as im:
+                pixels = resize_image(im, self.hw)
+            gt = self.read_target(target)
+        except (OSError, ValueError, SyntaxError):
+            return None
+        return pixels, (sample_grid(gt, *self.fine).astype(np.float16) if self.fine else gt), i
+
+
 def encode_dense(ctx: SuiteContext, images_u8: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-LayerNorm patch tokens on their grid ``[B, h, w, D]`` and CLS#1‖CLS#2 ``[B, 2D]`` (float32,
     CPU) of equally sized uint8 images."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .common import DatasetLayoutError, Progress, SuiteContext, limited, require_file
-from .dense import UPSAMPLE, DenseCache, DenseTask, DepthHead, encode_dense, resize_image, sample_grid, snapped_size
+from .dense import UPSAMPLE, DenseCache, DenseTask, DepthHead, PairDataset, encode_dense, snapped_size
 from .probe import DENSE, fit, recipe_for
 from .segmentation import _as_is
 
@@ -73,29 +73,14 @@ def list_split(root: Path, split: str, suite: str = SUITE) -> list[tuple[Path, P
 def read_depth(path: Path) -> np.ndarray:
     """Metres, float32 ``[H, W]``; 0 where the sensor gave no depth."""
     with Image.open(path) as im:
-        return np.asarray(im, dtype=np.float32) / DEPTH_SCALE
+        depth = np.asarray(im, dtype=np.float32) / DEPTH_SCALE
+    if depth.ndim != 2:
+        raise ValueError(f"{path}: expected a one-channel depth image, got shape {list(depth.shape)}")
+    return depth
 
 
-class DepthDataset(torch.utils.data.Dataset):
-    """(image resized to ``hw`` as uint8, depth: on the ``fine`` grid when given, else full size, index)."""
-
-    def __init__(self, items, hw: tuple[int, int], fine: tuple[int, int] | None = None):
-        self.items, self.hw, self.fine = items, hw, fine
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i):
-        rgb, depth = self.items[i]
-        try:
-            with Image.open(rgb) as im:
-                pixels = resize_image(im, self.hw)
-            gt = read_depth(depth)
-        except (OSError, ValueError, SyntaxError):
-            return None
-        if gt.ndim != 2:
-            return None
-        return pixels, (sample_grid(gt, *self.fine).astype(np.float16) if self.fine else gt), i
+def depth_pairs(items, hw: tuple[int, int], fine: tuple[int, int] | None = None) -> PairDataset:
+    return PairDataset(items, hw, Image.open, read_depth, fine)
 
 
 def input_size(items, ctx: SuiteContext) -> tuple[int, int]:
@@ -121,7 +106,7 @@ def score(ctx: SuiteContext, task: DenseTask, linear, test, hw, constant: float,
     from fasttips.eval.metrics import depth_errors, depth_eval_mask
     sums = {"probe": {}, "constant": {}}
     n = skipped = 0
-    loader = torch.utils.data.DataLoader(DepthDataset(test, hw), batch_size=None, shuffle=False,
+    loader = torch.utils.data.DataLoader(depth_pairs(test, hw), batch_size=None, shuffle=False,
                                          num_workers=ctx.workers, collate_fn=_as_is)
     progress = Progress(ctx, f"{suite} test", len(test))
     for sample in loader:
@@ -159,7 +144,7 @@ def run(ctx: SuiteContext, root: Path, suite: str = SUITE) -> dict:
     recipe = recipe_for(ctx, DENSE)
     ctx.say(f"[{suite}] {len(train)} train / {len(test)} test images, input {hw[0]}x{hw[1]}, "
             f"patch tokens + CLS#1 + CLS#2, 256 bins over [{MIN_DEPTH}, {MAX_DEPTH}] m")
-    cache = DenseCache(ctx, DepthDataset(train, hw, fine), suite, grid, fine, np.float16)
+    cache = DenseCache(ctx, depth_pairs(train, hw, fine), suite, grid, fine, np.float16)
     try:
         task = DenseTask(cache, DepthHead(MIN_DEPTH, MAX_DEPTH), use_cls=True, device=ctx.device)
         probe = fit(task, cache.items, recipe, ctx, suite)

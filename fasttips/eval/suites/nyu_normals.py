@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .common import DatasetLayoutError, Progress, SuiteContext, limited, require_dir
-from .dense import (UPSAMPLE, DenseCache, DenseTask, NormalHead, angles, encode_dense, resize_image, sample_grid,
-                    snapped_size)
+from .dense import UPSAMPLE, DenseCache, DenseTask, NormalHead, PairDataset, angles, encode_dense, snapped_size
 from .probe import DENSE, fit, recipe_for
 from .segmentation import _as_is
 
@@ -67,23 +66,8 @@ def read_normal(path: Path) -> np.ndarray:
     return np.where(norm > 0.5, n / np.maximum(norm, 1e-6), 0.0).astype(np.float32)
 
 
-class NormalDataset(torch.utils.data.Dataset):
-    """(image resized to ``hw`` as uint8, normals: on the ``fine`` grid when given, else full size, index)."""
-
-    def __init__(self, items, hw: tuple[int, int], fine: tuple[int, int] | None = None):
-        self.items, self.hw, self.fine = items, hw, fine
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i):
-        image, normal = self.items[i]
-        try:
-            pixels = resize_image(read_image(image), self.hw)
-            gt = read_normal(normal)
-        except (OSError, ValueError):
-            return None
-        return pixels, (sample_grid(gt, *self.fine).astype(np.float16) if self.fine else gt), i
+def normal_pairs(items, hw: tuple[int, int], fine: tuple[int, int] | None = None) -> PairDataset:
+    return PairDataset(items, hw, read_image, read_normal, fine)
 
 
 def check_layout(root: Path, suite: str = SUITE) -> None:
@@ -115,7 +99,7 @@ def score(ctx: SuiteContext, task: DenseTask, linear, test, hw, constant: torch.
     from fasttips.eval.metrics import AngleStats
     stats = {"probe": AngleStats(), "constant": AngleStats()}
     n = skipped = 0
-    loader = torch.utils.data.DataLoader(NormalDataset(test, hw), batch_size=None, shuffle=False,
+    loader = torch.utils.data.DataLoader(normal_pairs(test, hw), batch_size=None, shuffle=False,
                                          num_workers=ctx.workers, collate_fn=_as_is)
     progress = Progress(ctx, f"{suite} test", len(test))
     for sample in loader:
@@ -151,7 +135,7 @@ def run(ctx: SuiteContext, root: Path, suite: str = SUITE) -> dict:
     recipe = recipe_for(ctx, DENSE)
     ctx.say(f"[{suite}] {len(train)} train / {len(test)} test images, input {hw[0]}x{hw[1]}, "
             f"patch tokens + CLS#1 + CLS#2")
-    cache = DenseCache(ctx, NormalDataset(train, hw, fine), suite, grid, (*fine, 3), np.float16)
+    cache = DenseCache(ctx, normal_pairs(train, hw, fine), suite, grid, (*fine, 3), np.float16)
     try:
         task = DenseTask(cache, NormalHead(), use_cls=True, device=ctx.device)
         probe = fit(task, cache.items, recipe, ctx, suite)
