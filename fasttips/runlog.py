@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from fasttips.safe_io import write_atomic
 
 
 class MetricsWriter:
@@ -120,12 +121,7 @@ def drop_metrics_after(path: str | Path, step: int, warn=_stderr) -> int:
             or record["step"] <= step]
     dropped = len(rows) - len(kept)
     if dropped or bad:
-        tmp = path.with_name(path.name + ".part")
-        with open(tmp, "w") as f:
-            f.write("".join(line + "\n" for line in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, "".join(line + "\n" for line in kept).encode())
     return dropped
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import time
 
 import torch
 
 from fasttips.distributed.signals import startup_guard
+from fasttips.safe_io import write_atomic
 
 from . import demo, storage
 from .caption_fields import DEFAULT_CAPTION_FIELDS, caption_fields_of, missing_caption_hint
@@ -114,10 +114,7 @@ def resolve_tokenizer(cfg, indexes) -> Tokenizer:
             tok = Tokenizer.load(path, max_len)
         else:
             tok = Tokenizer.train(shard_captions(indexes), cfg.text.vocab_size, max_len=max_len)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            tmp.write_bytes(tok.serialized())
-            os.replace(tmp, path)
+            write_atomic(path, tok.serialized())
             log.info("trained a %d-piece tokenizer on the shard captions: %s", tok.vocab_size, path)
     if tok.vocab_size > cfg.text.vocab_size:
         raise ValueError(f"data.tokenizer has {tok.vocab_size} ids but text.vocab_size={cfg.text.vocab_size}; "

@@ -38,12 +38,13 @@ import json
 import logging
 import os
 import tarfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+
+from fasttips.safe_io import write_atomic
 
 from . import storage
 from .caption_fields import CAPTION_KINDS, DEFAULT, CaptionFields
@@ -479,7 +480,7 @@ def _write_dali_index(path: Path, samples: list[Sample], fields: CaptionFields =
         parts += [f"{labels[e]} {s.texts[e][0]} {s.texts[e][1]} {dali_member_name(i, e)}"
                   for e in fields.exts if e in s.texts]
         lines.append(" ".join(parts))
-    _write_atomic(path, "\n".join(lines) + "\n")   # another rank's DALI reader may be reading this file
+    write_atomic(path, ("\n".join(lines) + "\n").encode())   # another rank's DALI reader may be reading this file
 
 
 def parse_dali_source(source_info: str) -> tuple[str, int]:
@@ -489,15 +490,6 @@ def parse_dali_source(source_info: str) -> tuple[str, int]:
     return path, int(name.split(".", 1)[0])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a name of this process, then rename: a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _load_index(json_path: Path, dali_path: Path | None, shard: str, stamp, fields: CaptionFields,
@@ -555,7 +547,7 @@ def index_shard(shard: str, rebuild: bool = False, fields: CaptionFields = DEFAU
                    "samples": [{"key": s.key, "image": list(s.image),
                                 "texts": {k: list(v) for k, v in s.texts.items()},
                                 "extras": {k: list(v) for k, v in s.extras.items()}} for s in samples]}
-        _write_atomic(json_path, json.dumps(payload))
+        write_atomic(json_path, json.dumps(payload).encode())
     except OSError as exc:
         raise OSError(f"cannot write the shard index in {json_path.parent} ({exc.strerror or exc}); set "
                       "data.index_dir (or FASTTIPS_DATA_DIR) to a writable folder") from None

@@ -68,7 +68,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
-from fasttips.safe_io import UnreadableFileError, load_restricted_pickle, unsafe_globals
+from fasttips.safe_io import UnreadableFileError, load_restricted_pickle, unsafe_globals, write_atomic
 
 MARKER = "COMPLETE"
 MANIFEST = "MANIFEST.json"
@@ -106,15 +106,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _write_file_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
@@ -217,9 +208,9 @@ class CheckpointManager:
         error = write_error
         if error is None:
             try:
-                _write_file_atomic(tmp / f"rank_{ctx.rank:05d}.pt", rank_bytes)
+                write_atomic(tmp / f"rank_{ctx.rank:05d}.pt", rank_bytes)
                 for name, data in files.items():
-                    _write_file_atomic(tmp / name, data)
+                    write_atomic(tmp / name, data)
                 if ctx.is_main:                        # readable by the reader every load uses
                     read_dcp_metadata(tmp / DCP_METADATA)
             except (OSError, DamagedCheckpoint) as exc:
@@ -233,8 +224,8 @@ class CheckpointManager:
                                        + "; ".join(failures[:3]))
         manifest = build_manifest(tmp, ctx, group)    # collective: each rank checksums a share
         if ctx.is_main:
-            _write_file_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-            _write_file_atomic(tmp / MARKER, f"{step}\n{MANIFEST}\n".encode())   # says a manifest exists
+            write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+            write_atomic(tmp / MARKER, f"{step}\n{MANIFEST}\n".encode())   # says a manifest exists
             _fsync_dir(tmp)
             if final.exists():                         # an unmarked leftover of the same step
                 shutil.rmtree(final)
