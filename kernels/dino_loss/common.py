@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -114,9 +115,19 @@ def accumulate_dw_(dw: torch.Tensor, ds: torch.Tensor, z: torch.Tensor) -> torch
     (``addmm`` with ``out_dtype``, aten::addmm.dtype_out, which has no CPU kernel): no [K × d] product
     in the operands' dtype, no fp32 copy of it, no separate add, and no rounding of the chunk's
     product to 16 bits. Elsewhere (CPU, the interpreter): the product, cast to fp32, then added."""
-    if dw.is_cuda and ds.dtype in (torch.bfloat16, torch.float16):
-        return torch.addmm(dw, ds.t(), z, out_dtype=torch.float32, out=dw)
+    global _ADDMM_OUT_DTYPE
+    if _ADDMM_OUT_DTYPE and dw.is_cuda and ds.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.addmm(dw, ds.t(), z, out_dtype=torch.float32, out=dw)
+        except (RuntimeError, TypeError) as exc:   # an older torch: no such overload, or no fp32 addend
+            _ADDMM_OUT_DTYPE = False                # (it checks its arguments before writing anything)
+            warnings.warn(f"prototype CE: torch.addmm(out_dtype=float32) into an fp32 accumulator is not "
+                          f"available in torch {torch.__version__} ({str(exc).splitlines()[0]}); dW is "
+                          f"accumulated by product, cast and add instead")
     return dw.add_((ds.t() @ z).float())
+
+
+_ADDMM_OUT_DTYPE = True     # until a call shows that this torch cannot do it
 
 
 def center_statistic(teacher_z: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
