@@ -16,8 +16,10 @@ from the config, per rank:
 - activations: the tensors autograd keeps for the backward, counted from the token counts of the
   FLOP model (``flops.py``): per token and block, the block input, the LayerNorm outputs, q, k, v,
   the attention output and the MLP's hidden activations (``8·D + 2·H`` values; ``8·D + 4·H`` for
-  SwiGLU); with ``train.activation_checkpointing`` only each block's input (``D``) plus one block
-  recomputed at a time; the heads' MLP activations per row. The prototype logits are not kept (the
+  SwiGLU); a block that ``train.activation_checkpointing`` recomputes whole (``full``, every k-th
+  under ``every_k``) keeps only its input (``D``), one such block being recomputed at a time; under
+  ``selective`` every block keeps its input and its matmul and attention outputs (``7·D + H``;
+  ``7·D + 2·H`` for SwiGLU); the heads' MLP activations per row. The prototype logits are not kept (the
   fused cross-entropy), nor are temporaries, the CUDA context or allocator slack, so the real peak
   is higher: read ``peak_mem_gb`` in metrics.jsonl after a few steps.
 
@@ -74,20 +76,33 @@ def _block_values_per_token(width: int, hidden: int, ffn: str) -> int:
     return 8 * width + (4 if ffn == "swiglu" else 2) * hidden
 
 
+def _selective_values_per_token(width: int, hidden: int, ffn: str) -> int:
+    """Values one block keeps per token under ``selective``: its input and the outputs of its matmuls
+    and attention (q, k, v, attention, projection, the MLP's first and second layers)."""
+    return 7 * width + (2 if ffn == "swiglu" else 1) * hidden
+
+
+def _tower_values_per_token(depth: int, width: int, hidden: int, ffn: str, cfg) -> int:
+    """Values a tower keeps per token under ``train.activation_checkpointing`` (module docstring): a
+    checkpointed block keeps its input (``selective``: also its matmul outputs), the others everything,
+    plus one checkpointed block recomputed at a time."""
+    from fasttips.recompute import checkpointed_blocks
+    policy = cfg.train.activation_checkpointing
+    whole = _block_values_per_token(width, hidden, ffn)
+    if policy == "selective":
+        return depth * _selective_values_per_token(width, hidden, ffn) + whole - width
+    wrapped = len(checkpointed_blocks(depth, policy, cfg.train.ac_every))
+    return wrapped * width + (depth - wrapped) * whole + (whole if wrapped else 0)
+
+
 def activation_values_per_image(cfg) -> int:
     """Values (not bytes) kept for the backward per training image (module docstring)."""
     v, t, d, h = cfg.vision, cfg.text, cfg.data, cfg.heads
     grid_g, grid_l = d.global_size // v.patch_size, d.local_size // v.patch_size
     vision_tokens = 2 * d.n_global * (grid_g ** 2 + v.n_cls) + d.n_local * (grid_l ** 2 + v.n_cls)
     text_tokens = 2 * t.max_len                                 # alt-text and synthetic caption
-    per_block_v = _block_values_per_token(v.width, v.mlp_hidden, v.ffn)
-    per_block_t = _block_values_per_token(v.width, text_mlp_hidden(cfg), "relu")
-    if cfg.train.activation_checkpointing:       # block inputs only, plus one block recomputed at a time
-        vision = vision_tokens * (v.depth * v.width + per_block_v)
-        text = text_tokens * (t.depth * v.width + per_block_t)
-    else:
-        vision = vision_tokens * v.depth * per_block_v
-        text = text_tokens * t.depth * per_block_t
+    vision = vision_tokens * _tower_values_per_token(v.depth, v.width, v.mlp_hidden, v.ffn, cfg)
+    text = text_tokens * _tower_values_per_token(t.depth, v.width, text_mlp_hidden(cfg), "relu", cfg)
     patches = grid_g ** 2
     if cfg.loss.ibot_tokens == "masked":
         patches = math.ceil(patches * d.mask_probability * sum(d.mask_ratio) / 2)
@@ -191,7 +206,7 @@ def describe_plan(cfg, world_size: int, resume: str | None = None) -> str:
                  f"{_millions(counts.teacher)} ({cfg.teacher.mode}); {flop_model(cfg).describe()}")
     mem = memory_estimate(cfg, counts, shard_ranks, sharded, dtype)
     split = f"fp32, 1/{shard_ranks} per rank" if shard_ranks > 1 else "fp32"
-    ac = "on" if cfg.train.activation_checkpointing else "off"
+    ac = cfg.train.activation_checkpointing + (f" (k = {cfg.train.ac_every})" if cfg.train.activation_checkpointing == "every_k" else "")
     lines += [f"  memory per rank (an estimate, not a measurement; see docs/fsdp_and_checkpoints.md):",
               f"    parameters   {_size(mem.params):>11}   {split}",
               f"    gradients    {_size(mem.grads):>11}   {split}",

@@ -52,8 +52,13 @@ def test_the_estimate_follows_the_shard_group_and_activation_checkpointing():
     eight, two = (memory_estimate(cfg, counts, s, True, torch.bfloat16) for s in (8, 2))
     assert two.params == 4 * eight.params and two.optimizer == 4 * eight.optimizer
     assert two.activations == eight.activations                       # activations are per image, not sharded
-    cfg.train.activation_checkpointing = True
-    assert activation_values_per_image(cfg) < activation_values_per_image(config_lib.load(None, ["preset=vit-b"])) / 3
+    per_image = {}
+    for policy in ("off", "selective", "every_k", "full"):
+        cfg.train.activation_checkpointing = policy
+        per_image[policy] = activation_values_per_image(cfg)
+    assert per_image["full"] < per_image["off"] / 3
+    assert per_image["full"] < per_image["every_k"] < per_image["off"]        # every 2nd block: about half
+    assert per_image["every_k"] < per_image["selective"] < per_image["off"]   # selective keeps the matmul outputs
 
 
 @pytest.mark.parametrize("world, shard, message", [
