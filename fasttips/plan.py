@@ -207,7 +207,7 @@ def describe_plan(cfg, world_size: int, resume: str | None = None) -> str:
     mem = memory_estimate(cfg, counts, shard_ranks, sharded, dtype)
     split = f"fp32, 1/{shard_ranks} per rank" if shard_ranks > 1 else "fp32"
     ac = cfg.train.activation_checkpointing + (f" (k = {cfg.train.ac_every})" if cfg.train.activation_checkpointing == "every_k" else "")
-    lines += [f"  memory per rank (an estimate, not a measurement; see docs/fsdp_and_checkpoints.md):",
+    lines += ["  memory per rank (an estimate, not a measurement; see docs/fsdp_and_checkpoints.md):",
               f"    parameters   {_size(mem.params):>11}   {split}",
               f"    gradients    {_size(mem.grads):>11}   {split}",
               f"    optimiser    {_size(mem.optimizer):>11}   AdamW moments, {split}",

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from ._backend import requested as requested_backend  # noqa: F401  (re-exported by the package)
-from .attention.common import cu_seqlens_from_lengths, recorded_offsets  # noqa: F401
+from .attention.common import recorded_offsets
 from .dino_loss import common as _dino_common
 from .dispatch import attention as _attention
 from .dispatch import ema as _ema

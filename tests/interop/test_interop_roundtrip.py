@@ -11,7 +11,7 @@ from interop_helpers import (CAPTIONS, images, save_run, tiny_cfg, tiny_model,
 
 from fasttips.data.tokenizer import Tokenizer
 from fasttips.interop import (LayoutError, SourceError, backbone_parameters, check_tokenizer,
-                              drop_backbone_grads_, init_from, read_source, resolve_init_config)
+                              init_from, read_source, resolve_init_config)
 from fasttips.interop import cli, formats, warmstart
 from fasttips.models import build_model
 

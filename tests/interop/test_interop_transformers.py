@@ -62,7 +62,7 @@ def test_transformers_loads_an_export_from_the_repository_root(exported):
     from pathlib import Path
     root = Path(__file__).resolve().parents[2]
     code = ("import sys; from transformers import AutoModel; "
-            f"m = AutoModel.from_pretrained(sys.argv[1]); print(type(m).__name__)")
+            "m = AutoModel.from_pretrained(sys.argv[1]); print(type(m).__name__)")
     done = subprocess.run([sys.executable, "-c", code, str(exported["gelu"][0])], cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
