@@ -108,6 +108,11 @@ class ImageListDataset(torch.utils.data.Dataset):
             return None
 
 
+def as_is(sample):
+    """One sample per step, unbatched (a module-level function, so worker processes can pickle it)."""
+    return sample
+
+
 def collate_skipping(batch):
     """Drop unreadable samples; keep how many were dropped."""
     good = [b for b in batch if b is not None]

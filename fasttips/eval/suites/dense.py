@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .common import DatasetLayoutError, Progress, SuiteContext, collate_skipping, encode_image_batch, to_pixels
+from .common import (DatasetLayoutError, Progress, SuiteContext, as_is, collate_skipping, encode_image_batch,
+                     to_pixels)
 from .probe import Store, standardizer
 
 UPSAMPLE = 4          # training targets per patch side
@@ -77,6 +78,32 @@ def encode_dense(ctx: SuiteContext, images_u8: list[np.ndarray]) -> tuple[torch.
     out = encode_image_batch(ctx, pixels)
     patch = out["patch"].reshape(len(images_u8), h, w, -1)
     return patch, torch.cat([out["cls1"], out["cls2"]], dim=1)
+
+
+class TestPass:
+    """The test images of a dense probe, one at a time: ``for gt, out in TestPass(...)`` yields each
+    readable pair's ground truth and the probe layer's output (``size`` as ``DenseTask.layer_output``),
+    with progress lines; ``skipped`` counts the unreadable pairs."""
+
+    def __init__(self, ctx: SuiteContext, task: "DenseTask", linear, pairs: PairDataset, suite: str,
+                 size_of=None):
+        self.ctx, self.task, self.linear, self.pairs, self.suite = ctx, task, linear, pairs, suite
+        self.size_of, self.skipped = size_of, 0
+
+    def __iter__(self):
+        loader = torch.utils.data.DataLoader(self.pairs, batch_size=None, shuffle=False,
+                                             num_workers=self.ctx.workers, collate_fn=as_is)
+        progress = Progress(self.ctx, f"{self.suite} test", len(self.pairs))
+        for sample in loader:
+            if sample is None:
+                self.skipped += 1
+                progress.step(0)
+                continue
+            pixels, gt, _ = sample
+            patch, cls = encode_dense(self.ctx, [pixels])
+            size = self.size_of(gt) if self.size_of else None
+            yield gt, self.task.layer_output(self.linear, self.task.inputs(patch, cls), size=size)
+            progress.step(1)
 
 
 class DenseCache:

@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .common import DatasetLayoutError, Progress, SuiteContext, limited, require_file
-from .dense import UPSAMPLE, DenseCache, DenseTask, DepthHead, PairDataset, encode_dense, snapped_size
+from .common import DatasetLayoutError, SuiteContext, limited, require_file
+from .dense import UPSAMPLE, DenseCache, DenseTask, DepthHead, PairDataset, TestPass, snapped_size
 from .probe import DENSE, fit, recipe_for
-from .segmentation import _as_is
 
 SUITE = "nyu-depth"
 SPLIT_FILES = {"train": "nyudepthv2_train_files_with_gt.txt", "test": "nyudepthv2_test_files_with_gt.txt"}
@@ -105,18 +104,9 @@ def score(ctx: SuiteContext, task: DenseTask, linear, test, hw, constant: float,
     """Per-image mean of RMSE / AbsRel / δ1 for the probe and for ``constant`` depth everywhere."""
     from fasttips.eval.metrics import depth_errors, depth_eval_mask
     sums = {"probe": {}, "constant": {}}
-    n = skipped = 0
-    loader = torch.utils.data.DataLoader(depth_pairs(test, hw), batch_size=None, shuffle=False,
-                                         num_workers=ctx.workers, collate_fn=_as_is)
-    progress = Progress(ctx, f"{suite} test", len(test))
-    for sample in loader:
-        if sample is None:
-            skipped += 1
-            progress.step(0)
-            continue
-        pixels, gt, _ = sample
-        patch, cls = encode_dense(ctx, [pixels])
-        out = task.layer_output(linear, task.inputs(patch, cls))
+    n = 0
+    images = TestPass(ctx, task, linear, depth_pairs(test, hw), suite)
+    for gt, out in images:
         pred = task.head.predict(out)                                             # [1, 4h, 4w]
         pred = F.interpolate(pred[:, None], size=gt.shape, mode="bilinear", align_corners=False)[0, 0].cpu()
         pred = pred.clamp(MIN_DEPTH, MAX_DEPTH)
@@ -129,10 +119,9 @@ def score(ctx: SuiteContext, task: DenseTask, linear, test, hw, constant: float,
             for name, v in errs.items():
                 sums[key][name] = sums[key].get(name, 0.0) + v
         n += mask.any().item()
-        progress.step(1)
     if n == 0:
         raise DatasetLayoutError(f"{suite}: no test image with valid depth could be read")
-    return {k: {name: v / n for name, v in d.items()} for k, d in sums.items()}, n, skipped
+    return {k: {name: v / n for name, v in d.items()} for k, d in sums.items()}, n, images.skipped
 
 
 def run(ctx: SuiteContext, root: Path, suite: str = SUITE) -> dict:

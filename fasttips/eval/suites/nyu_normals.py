@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .common import DatasetLayoutError, Progress, SuiteContext, limited, require_dir
-from .dense import UPSAMPLE, DenseCache, DenseTask, NormalHead, PairDataset, angles, encode_dense, snapped_size
+from .common import DatasetLayoutError, SuiteContext, limited, require_dir
+from .dense import UPSAMPLE, DenseCache, DenseTask, NormalHead, PairDataset, TestPass, angles, snapped_size
 from .probe import DENSE, fit, recipe_for
-from .segmentation import _as_is
 
 SUITE = "nyu-normals"
 SPLITS = {"train": "train", "test": "val"}
@@ -98,28 +97,18 @@ def mean_training_normal(cache: DenseCache, chunk: int = 256) -> torch.Tensor:
 def score(ctx: SuiteContext, task: DenseTask, linear, test, hw, constant: torch.Tensor, suite: str):
     from fasttips.eval.metrics import AngleStats
     stats = {"probe": AngleStats(), "constant": AngleStats()}
-    n = skipped = 0
-    loader = torch.utils.data.DataLoader(normal_pairs(test, hw), batch_size=None, shuffle=False,
-                                         num_workers=ctx.workers, collate_fn=_as_is)
-    progress = Progress(ctx, f"{suite} test", len(test))
-    for sample in loader:
-        if sample is None:
-            skipped += 1
-            progress.step(0)
-            continue
-        pixels, gt, _ = sample
-        patch, cls = encode_dense(ctx, [pixels])
-        out = task.layer_output(linear, task.inputs(patch, cls), size=gt.shape[:2])        # [1, 3, H, W]
+    n = 0
+    images = TestPass(ctx, task, linear, normal_pairs(test, hw), suite, size_of=lambda gt: gt.shape[:2])
+    for gt, out in images:                                                       # out [1, 3, H, W]
         pred = F.normalize(out, dim=1)[0].cpu()
         gt_t = torch.from_numpy(gt).permute(2, 0, 1)
         valid = gt_t.norm(dim=0) > 0.5
         stats["probe"].add(angles(pred[None], gt_t[None])[0][valid])
         stats["constant"].add(angles(constant[:, None, None].expand_as(gt_t)[None], gt_t[None])[0][valid])
         n += 1
-        progress.step(1)
     if stats["probe"].n == 0:
         raise DatasetLayoutError(f"{suite}: no test pixel with a surface normal could be read")
-    return stats["probe"].result(), stats["constant"].result(), n, skipped
+    return stats["probe"].result(), stats["constant"].result(), n, images.skipped
 
 
 NAMES = {"mean": "mean angular error", "median": "median angular error", "rmse": "angular RMSE",

@@ -33,7 +33,7 @@ from PIL import Image
 
 from fasttips.eval.transforms import resize_short_side
 
-from .common import (DatasetLayoutError, Progress, SuiteContext, class_embeddings, limited, load_metadata,
+from .common import (DatasetLayoutError, as_is, Progress, SuiteContext, class_embeddings, limited, load_metadata,
                      precision_context, require_dir, require_file, to_pixels)
 
 
@@ -115,11 +115,6 @@ class SegDataset(torch.utils.data.Dataset):
         return pixels, target, i
 
 
-def _as_is(sample):
-    """One sample per step, unbatched (a module-level function, so worker processes can pickle it)."""
-    return sample
-
-
 def windows(h: int, w: int, side: int, stride: int) -> list[tuple[int, int, int, int]]:
     """(y1, y2, x1, x2) of the sliding windows covering an h×w image (the last ones flush with the
     border), as mmsegmentation's slide inference places them."""
@@ -184,7 +179,7 @@ def sliding_confusion(ctx: SuiteContext, suite: str, pairs, n_classes: int, wind
     cm = torch.zeros(C, C, dtype=torch.long)
     skipped = 0
     data = torch.utils.data.DataLoader(SegDataset(pairs, side, target_fn), batch_size=None, shuffle=False,
-                                       num_workers=ctx.workers, collate_fn=_as_is)
+                                       num_workers=ctx.workers, collate_fn=as_is)
     progress = Progress(ctx, suite, len(pairs), unit="images")
     # windows of several images share a batch; an image is scored once its last window has run
     pending: list[tuple[dict, tuple[int, int, int, int], torch.Tensor]] = []
