@@ -31,7 +31,7 @@ from fasttips import config as config_lib
 from fasttips.config import ConfigError
 from fasttips.data.batch import synthetic_batch, to_device
 from fasttips.data.pipeline import mix_seed
-from fasttips.data.storage import RemoteOutage
+from fasttips.data.storage import DataStop
 from fasttips.distributed import fsdp
 from fasttips.distributed.checkpoint import (CheckpointManager, async_checkpoint_problem, latest_checkpoint,
                                              restore_training_state, training_state)
@@ -145,7 +145,7 @@ class Trainer:
         self.step = 0                      # optimiser steps completed
         self.nonfinite_total = 0           # skipped steps over the whole run
         self.nonfinite_run = 0             # consecutive skipped steps
-        self.data_outage: str | None = None   # why this rank's data stopped (next_batches), if it did
+        self.data_stop: DataStop | None = None   # why this rank's data stopped (next_batches), if it did
         self.batches_this_step = 0         # real batches the current step took from the loader
         self.global_batch = cfg.data.batch_size * cfg.optim.accum_steps * ctx.world_size
         self.flops = flop_model(cfg, cfg.data.batch_size * ctx.world_size)
@@ -295,12 +295,12 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def next_batches(self, iterator: list[Iterator[dict]]) -> list[dict]:
         """``optim.accum_steps`` batches on the device (a finite loader starts its next epoch). When the
-        data storage stays unavailable (``RemoteOutage``), ``data_outage`` says why and the rest are
+        data storage stays unavailable or refuses access (``DataStop``), ``data_stop`` says why and the rest are
         stand-ins, so this rank still meets the step's collectives; the step then updates nothing."""
         batches = []
         self.batches_this_step = 0
         for _ in range(self.cfg.optim.accum_steps):
-            if self.data_outage is None:
+            if self.data_stop is None:
                 try:
                     try:
                         batch = next(iterator[0])
@@ -308,13 +308,26 @@ class Trainer:
                         iterator[0] = iter(self.loader)
                         batch = next(iterator[0])
                     self.batches_this_step += 1
-                except RemoteOutage as exc:
-                    self.data_outage = str(exc)
+                except DataStop as exc:
+                    self.data_stop = exc
                     print(f"fasttips train: rank {self.ctx.rank}: data: {exc}", file=sys.stderr, flush=True)
-            if self.data_outage is not None:
+            if self.data_stop is not None:
                 batch = self._stand_in_batch()
             batches.append(to_device(batch, self.ctx.device))
         return batches
+
+    def _data_stop_reason(self) -> str:
+        stop, deadline = self.data_stop, self.cfg.data.outage_deadline_s
+        if stop is None:
+            return "the data storage failed on another rank (its log says why)"
+        if stop.kind == "denied":
+            return f"the data storage refused access ({stop})"
+        return f"the data storage stayed unavailable past data.outage_deadline_s={deadline:g} s ({stop})"
+
+    def _data_stop_remedy(self) -> str:
+        if self.data_stop is not None and self.data_stop.kind == "denied":
+            return "once access is restored (e.g. renewed credentials)"
+        return "once the storage answers"
 
     def _stand_in_batch(self) -> dict:
         """A batch of the right shapes for a step that will not update anything (next_batches)."""
@@ -370,16 +383,14 @@ class Trainer:
                 deciding = not self.training.kernels_decided
                 out = self.training.train_step(batches, values, stop_requested=stop.requested,
                                                inject_nan=self.step in self.faults.nan_steps,
-                                               data_failed=self.data_outage is not None)
+                                               data_failed=self.data_stop is not None)
                 if out.data_failed:             # no rank updated anything: checkpoint the state before it
                     self._undo_step(torch_rng)
                     path = self.save_checkpoint("data outage")
                     code = EXIT_DATA_OUTAGE
-                    message = (f"stopped before step {self.step + 1}: the data storage stayed unavailable past "
-                               f"data.outage_deadline_s={cfg.data.outage_deadline_s:g} s "
-                               f"({self.data_outage or 'on another rank'}); no sample was skipped; checkpoint "
-                               f"{path}; once the storage answers, continue with: fasttips train --resume "
-                               f"{self.run_dir}")
+                    message = (f"stopped before step {self.step + 1}: {self._data_stop_reason()}; no sample was "
+                               f"skipped; checkpoint {path}; {self._data_stop_remedy()}, continue with: "
+                               f"fasttips train --resume {self.run_dir}")
                     break
                 if deciding and self.training.kernels_decided:
                     self._report_kernels()

@@ -169,9 +169,10 @@ class Loader:
         batch = next(self._it)
         index = batch.pop("_batch_index", self.batches)
         assert index == self.batches, f"loader out of order: got batch {index}, expected {self.batches}"
-        if "_outage" in batch:        # the storage stayed unavailable: nothing skipped, the run stops here
-            self.close()
-            raise storage.RemoteOutage(batch["_outage"])
+        if "_data_stop" in batch:     # the storage stayed unavailable or refused access: nothing skipped,
+            self.close()              # the run stops here
+            kind, message = batch["_data_stop"]
+            raise (storage.AccessLost if kind == storage.AccessLost.kind else storage.RemoteOutage)(message)
         # counted and reported here, as the batch is handed out (one line per sample, so the counts
         # match the lines; a batch built ahead and never used counts nothing)
         for reason, key, shard, why in batch.pop("_skipped", ()):

@@ -9,9 +9,10 @@ counted, so batches keep their size; the batch carries the skipped samples, and 
 reports each one when it hands the batch out (``loader.Loader``), so the counts match the lines.
 
 Remote storage that stops answering is not damage: reads are retried for up to
-``data.outage_deadline_s`` (``storage.through_outage``), then the batch becomes an outage marker and
+``data.outage_deadline_s`` (``storage.through_outage``), then the batch becomes a stop marker and
 its worker stops; the loader raises ``storage.RemoteOutage`` at that batch and the trainer
-checkpoints and stops. No sample is skipped for an outage.
+checkpoints and stops. Refused access (401/403, e.g. expired credentials) stops the same way, at once
+(``storage.AccessLost``). No sample is skipped for either.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class BatchDataset(IterableDataset):
             epoch, s = self.stream.at(position + extra * (1 + len(self.stream) // 2))
             try:
                 data, caps = reader.image(s), reader.captions(s)
-            except storage.RemoteOutage:
+            except storage.DataStop:
                 raise                         # not damage: the run checkpoints and stops (module docstring)
             except OSError as exc:            # the shard vanished or shrank since it was indexed
                 skipped.append(("unreadable_shard", s.key, s.shard, f"cannot read it: {exc}"))
@@ -94,8 +95,8 @@ class BatchDataset(IterableDataset):
             for b in itertools.count(self.start_batch + w, W):
                 try:
                     batch = self.make_batch(b, reader, tokenizer)
-                except storage.RemoteOutage as exc:   # handed out in batch order, as batch b; then stop
-                    yield {"_outage": str(exc), "_batch_index": b}
+                except storage.DataStop as exc:       # handed out in batch order, as batch b; then stop
+                    yield {"_data_stop": (exc.kind, str(exc)), "_batch_index": b}
                     return
                 yield batch
         finally:

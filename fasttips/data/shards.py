@@ -602,7 +602,8 @@ class MemberReader:
     """Reads byte ranges from shards, keeping the files open (one reader per worker process).
 
     ``outage_deadline_s`` (training): a remote read whose retries are spent is tried again for up to
-    that long, then raises ``storage.RemoteOutage`` (``storage.through_outage``); None: it raises at
+    that long, then raises ``storage.RemoteOutage`` (refused access: ``storage.AccessLost``, at once;
+    ``storage.through_outage``); None: it raises at
     once (start-up and tools, which stop with the message)."""
 
     def __init__(self, outage_deadline_s: float | None = None):

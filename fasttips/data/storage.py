@@ -6,7 +6,8 @@ chunks (``open_shard``), and the PyTorch loader then fetches each sample's membe
 with exponential backoff (``configure``, ``data.retries``); a missing object (404) or refused access
 (401/403) is not retried and stops with one line naming the URL. While training, a read whose retries
 are spent is an outage, not damage: the loader keeps trying for up to ``data.outage_deadline_s``
-(``through_outage``), then the trainer checkpoints and stops; no sample is skipped for it. The backends for s3:// (s3fs),
+(``through_outage``), then the trainer checkpoints and stops; no sample is skipped for it. Access refused
+while training (expired credentials) is not damage either: the trainer checkpoints and stops at once. The backends for s3:// (s3fs),
 gs:// (gcsfs) and http(s):// (aiohttp) are optional packages, imported on first use with a message
 naming the extra that installs them. The DALI loader reads local files only, so remote shards are
 read by the PyTorch loader (``loader.py`` says so when it picks it).
@@ -40,9 +41,22 @@ class RemoteUnavailable(RemoteError):
     retries were spent: an outage, not damage."""
 
 
-class RemoteOutage(RemoteUnavailable):
+class DataStop(RemoteError):
+    """Training cannot read a sample for a reason that is the storage's, not the sample's: the trainer
+    checkpoints the state from before the step and stops; no sample is skipped. ``kind`` says which."""
+    kind = "stop"
+
+
+class RemoteOutage(RemoteUnavailable, DataStop):
     """An outage that outlasted ``data.outage_deadline_s`` while training read a sample
-    (``through_outage``): the trainer checkpoints and stops; no sample is skipped."""
+    (``through_outage``)."""
+    kind = "outage"
+
+
+class AccessLost(DataStop, PermissionError):
+    """The store refused access (401/403) while training read a sample of an indexed shard, e.g. because
+    the credentials expired: waiting does not help, so the run checkpoints and stops at once."""
+    kind = "denied"
 
 
 class RemoteNotFound(RemoteError, FileNotFoundError):
@@ -148,13 +162,17 @@ def retrying(url: str, what: str, fn):
 def through_outage(url: str, fn, deadline_s: float):
     """``fn()`` (a read with its own retries, ``retrying``), tried again with growing pauses (up to
     ``MAX_OUTAGE_PAUSE_S``) while the store is unavailable, for up to ``deadline_s`` seconds from the
-    start of the first failed read (its own retries included); then ``RemoteOutage``. A training run waits an outage out rather than skipping the
-    samples it cannot read (``data.outage_deadline_s``); a 404 or refused access is not waited for."""
+    start of the first failed read (its own retries included); then ``RemoteOutage``. A training run waits
+    an outage out rather than skipping the samples it cannot read (``data.outage_deadline_s``). Refused
+    access is not waited for: it becomes ``AccessLost`` (the run stops, nothing skipped); a 404 (the
+    object was deleted since it was indexed) goes through as it is."""
     first_failure, pause = None, _settings["backoff_s"]
     while True:
         tried = time.monotonic()
         try:
             return fn()
+        except RemoteDenied as exc:
+            raise AccessLost(str(exc)) from None
         except RemoteUnavailable as exc:
             now = time.monotonic()
             first_failure = tried if first_failure is None else first_failure   # (its retries count too)

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 
 import fsspec
@@ -94,6 +95,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     /private/ a 403. Requests are counted by method."""
     fail_next = 0
     fail_ranges = 0                 # ranged GETs (reads of the data, after the size is known) to fail
+    fail_status = 503               # ... with this status (403: access refused, e.g. expired credentials)
     ok_ranges = 0                   # ... after letting this many through
     only = ""                       # ... of the paths holding this (all when empty)
     counts: dict = {}
@@ -124,7 +126,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
             type(self).ok_ranges -= 1
         elif rng and type(self).fail_ranges > 0:
             type(self).fail_ranges -= 1
-            self.send_error(503, "try again")
+            self.send_error(type(self).fail_status, "try again" if type(self).fail_status == 503 else "Forbidden")
             return
         path = self.translate_path(self.path)
         rng = self.headers.get("Range")
@@ -270,6 +272,35 @@ def test_an_outage_shorter_than_the_deadline_is_waited_out(http_shards, tmp_path
     assert sum(ld.stats.values()) == 0 and "trying again" in caplog.text and "skipped" not in caplog.text
 
 
+def test_access_refused_while_training_skips_nothing_and_stops_at_once(http_shards, tmp_path, capfd):
+    """Expired credentials are not damage: the loader stops at the batch it cannot read (no waiting for
+    data.outage_deadline_s, no skip counted) and a loader resumed once access is back goes on."""
+    base, _, H = http_shards
+    cfg = tiny_cfg(f"{base}/", "data.loader=pytorch", "data.outage_deadline_s=600",
+                   f"data.index_dir={tmp_path / 'i'}")
+    reference = loader_mod.build_loader(cfg)
+    expected = _keys(reference, 6)
+    reference.close()
+    ld = loader_mod.build_loader(cfg)
+    seen = _keys(ld, 1)
+    H.fail_status, H.fail_ranges = 403, 10**9
+    H.counts.clear()
+    started = time.monotonic()
+    with pytest.raises(storage.AccessLost, match=r"access denied .*credentials") as caught:
+        for _ in range(4):
+            seen += next(ld)["keys"]
+    assert time.monotonic() - started < 30                      # not waited for (the deadline is 600 s)
+    assert isinstance(caught.value, storage.DataStop) and isinstance(caught.value, PermissionError)
+    assert H.counts["GET"] == 1                                 # a refusal is not retried
+    assert seen == expected[:len(seen)] and sum(ld.stats.values()) == 0
+    assert "skipped" not in capfd.readouterr().err
+    H.fail_ranges = 0
+    again = loader_mod.build_loader(cfg)
+    again.load_state_dict(ld.state_dict())
+    assert _keys(again, 2) == expected[len(seen):len(seen) + 8]
+    again.close()
+
+
 def test_load_time_skips_are_counted_once_each_with_one_line_each(tmp_path, capfd, caplog):
     """With worker processes building batches ahead: each sample skipped in a batch handed out is one
     line and one count; batches built ahead but never handed out count nothing."""
@@ -298,8 +329,12 @@ def _train(*args):
                  "data.loader=pytorch", "data.num_workers=0", "train.steps=4", "train.ckpt_every=100", *args])
 
 
+@pytest.mark.parametrize("status", [503, 403], ids=["outage", "access-refused"])
 def test_training_through_an_outage_checkpoints_stops_and_resumes_with_the_samples_not_seen(
-        http_shards, tmp_path, capsys):
+        http_shards, tmp_path, capsys, status):
+    """503s past the deadline, or a 403 (credentials expired mid-run): either way no sample is skipped,
+    the run checkpoints the state before the step it could not feed, exits 5 with one line saying
+    which, and the resumed run is bit for bit the uninterrupted one."""
     import json as json_
 
     base, _, H = http_shards
@@ -309,11 +344,16 @@ def test_training_through_an_outage_checkpoints_stops_and_resumes_with_the_sampl
     data = [f"data.path={base}/", f"data.index_dir={tmp_path / 'i'}", "data.outage_deadline_s=0.3"]
     assert _train(*data, f"train.run_dir={tmp_path / 'ref'}") == 0           # uninterrupted (and caches
     capsys.readouterr()                                                       # the index and tokenizer)
+    H.fail_status = status
     H.ok_ranges, H.fail_ranges = 2 * 4 * 2, 10**9     # 2 steps of 4 samples (image + caption), then down
     assert _train(*data, f"train.run_dir={tmp_path / 'run'}") == 5
     out, err = capsys.readouterr()
     stop = [line for line in err.splitlines() if line.startswith("fasttips train: stopped")]
-    assert len(stop) == 1 and "data.outage_deadline_s=0.3" in stop[0] and "no sample was skipped" in stop[0]
+    assert len(stop) == 1 and "no sample was skipped" in stop[0], err[-2000:]
+    if status == 503:
+        assert "stayed unavailable past data.outage_deadline_s=0.3" in stop[0]
+    else:
+        assert "refused access" in stop[0] and "renewed credentials" in stop[0] and "deadline" not in stop[0]
     assert "--resume" in stop[0] and "skipped" not in out and "unreadable_shard" not in out + err
     done = [p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()]
     assert done == ["step_00000002"]
