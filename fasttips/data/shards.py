@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import tarfile
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ INDEX_VERSION = 5            # 2: captions are the CAPTION_KINDS fields only; 3:
 VALIDATION = ("header", "full")   # image checks, cheapest first (a full index also serves a header request)
 VALIDATE_CHUNK = 256         # images decoded per batch while indexing
 REMOTE_THREADS = 8           # remote shards indexed at once (index_shards)
+MAX_OPEN_SHARDS = 64        # local shard files a MemberReader keeps open (least recently used closed first)
 MAX_SKIPPED_KEYS = 1000      # skipped keys remembered per shard (with their reason), for `data check`
 # corrupt_image: does not decode; missing_caption: no .json or no usable caption in it; non_image_member:
 # a group of members without an image; damaged_sample: a sample left incomplete by damage in the tar;
@@ -599,16 +601,21 @@ def total_skipped(indexes: list[ShardIndex]) -> dict[str, int]:
 # Reading
 # ----------------------------------------------------------------------------------------------
 class MemberReader:
-    """Reads byte ranges from shards, keeping the files open (one reader per worker process).
+    """Reads byte ranges from shards (one reader per worker process), keeping the ``max_open`` local
+    files it used last open: a shuffled epoch over thousands of local shards touches them all, and an
+    open file each would run into the process's limit (``ulimit -n``, often 1024).
 
     ``outage_deadline_s`` (training): a remote read whose retries are spent is tried again for up to
     that long, then raises ``storage.RemoteOutage`` (refused access: ``storage.AccessLost``, at once;
     ``storage.through_outage``); None: it raises at
     once (start-up and tools, which stop with the message)."""
 
-    def __init__(self, outage_deadline_s: float | None = None):
-        self._files: dict[str, io.BufferedReader] = {}
+    def __init__(self, outage_deadline_s: float | None = None, max_open: int = MAX_OPEN_SHARDS):
+        if max_open < 1:
+            raise ValueError(f"max_open={max_open} must be >= 1")
+        self._files: OrderedDict[str, io.BufferedReader] = OrderedDict()   # least recently used first
         self.outage_deadline_s = outage_deadline_s
+        self.max_open = max_open
 
     def read(self, shard: str, offset: int, size: int) -> bytes:
         if storage.is_url(shard):                    # one ranged request, retried (storage.py)
@@ -618,7 +625,11 @@ class MemberReader:
                                           self.outage_deadline_s)
         f = self._files.get(shard)
         if f is None:
+            if len(self._files) >= self.max_open:
+                self._files.popitem(last=False)[1].close()
             f = self._files[shard] = open(shard, "rb")
+        else:
+            self._files.move_to_end(shard)
         f.seek(offset)
         data = f.read(size)
         if len(data) != size:
@@ -640,7 +651,7 @@ class MemberReader:
         self._files.clear()
 
     def __getstate__(self):          # open files do not pickle into worker processes
-        return {"_files": {}, "outage_deadline_s": self.outage_deadline_s}
+        return {"_files": OrderedDict(), "outage_deadline_s": self.outage_deadline_s, "max_open": self.max_open}
 
 
 def rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -48,6 +48,36 @@ def test_round_trip(tmp_path, seed):
         assert offsets[f"{key}.jpg"] == (int(off), int(size)) and offsets[f"{key}.json"] == (int(joff), int(jsize))
 
 
+def _open_shard_files(folder) -> int:
+    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+           if os.path.exists(f"/proc/self/fd/{fd}")]
+    return sum(str(folder) in target and target.endswith(".tar") for target in fds)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+def test_reader_keeps_at_most_max_open_shard_files_open(tmp_path, seed):
+    """A shuffled epoch over many local shards must not hold one open file per shard (ulimit -n)."""
+    import pickle
+    paths = write_shards(tmp_path / "d", 12, 2)                     # 6 shards
+    samples = [s for p in paths for s in index_shard(str(p)).samples]
+    order = np.random.default_rng(seed).permutation(len(samples) * 3) % len(samples)
+    reader, unbounded = MemberReader(max_open=2), MemberReader(max_open=10**6)
+    most = 0
+    for i in order:
+        assert reader.image(samples[i]) == unbounded.image(samples[i])
+        assert reader.captions(samples[i]) == unbounded.captions(samples[i])
+        most = max(most, len(reader._files))
+    assert most == 2 and len(unbounded._files) == len(paths)
+    unbounded.close()
+    assert _open_shard_files(tmp_path / "d") == 2                   # the others were closed, not leaked
+    worker_copy = pickle.loads(pickle.dumps(reader))                 # as a DataLoader worker gets it
+    assert worker_copy.max_open == 2 and not worker_copy._files
+    reader.close()
+    assert _open_shard_files(tmp_path / "d") == 0
+    with pytest.raises(ValueError, match="max_open=0"):
+        MemberReader(max_open=0)
+
+
 def test_index_is_cached_and_rebuilt_when_the_shard_changes(tmp_path):
     (path,) = write_shards(tmp_path, 3, 10)
     first = index_shard(str(path))
