@@ -171,10 +171,11 @@ class Training:
         return values
 
 
-def configure_dispatch(cfg) -> None:
-    """``kernels.*`` → how every fasttips.kernels op picks its implementation in this process."""
+def configure_dispatch(cfg, policy: str | None = None) -> None:
+    """``kernels.*`` → how every fasttips.kernels op picks its implementation in this process
+    (``policy``, when given, in place of ``kernels.dispatch``: ``fasttips eval --kernels``)."""
     k = cfg.kernels
-    kernel_dispatch.configure(policy=k.dispatch, deterministic=k.deterministic, budget_s=k.budget_s,
+    kernel_dispatch.configure(policy=policy or k.dispatch, deterministic=k.deterministic, budget_s=k.budget_s,
                               memory_fraction=k.memory_fraction, cache=k.cache)
 
 

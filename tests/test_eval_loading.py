@@ -182,3 +182,29 @@ def test_eval_of_a_run_warns_about_a_step_folder_without_its_marker(tmp_path, se
     warnings = []
     assert resolve_checkpoint(tmp_path, warn=warnings.append).name == "step_00000003"
     assert len(warnings) == 1 and "step_00000007" in warnings[0] and "no COMPLETE marker" in warnings[0]
+
+
+@pytest.mark.parametrize("flag, expected", [([], "pytorch"), (["--kernels", "fasttips"], "fasttips")])
+def test_eval_runs_the_kernels_the_run_chose_unless_told_otherwise(tmp_path, seed, monkeypatch, flag, expected):
+    """`fasttips eval` applies the run's kernels.* (here kernels.dispatch=pytorch, not the default
+    measured) before the model runs; --kernels overrides the policy."""
+    from fasttips.eval import cli as eval_cli
+    from fasttips.eval import data as eval_data
+    from fasttips.kernels import dispatch
+    _, ckpt = write_fake_checkpoint(tmp_path, 5)
+    cfg = config_mod.load(None, TINY + ["kernels.dispatch=pytorch", "kernels.budget_s=7"])
+    config_mod.save(cfg, ckpt / "config.yaml")
+    _with_manifest(ckpt)
+    seen = {}
+
+    def stop_before_the_data(*args, **kwargs):          # the policy in force when the model would run
+        seen.update(policy=dispatch.settings().policy, budget=dispatch.settings().budget_s)
+        raise ValueError("stop here")
+    monkeypatch.setattr(eval_data, "load_eval_set", stop_before_the_data)
+    dispatch.reset()
+    try:
+        parser = eval_cli._configure(argparse.ArgumentParser())
+        assert eval_cli.run(parser.parse_args([str(tmp_path), *flag])) == 2
+    finally:
+        dispatch.reset()
+    assert seen == {"policy": expected, "budget": 7.0}

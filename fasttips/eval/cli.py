@@ -9,10 +9,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
 from fasttips.argtypes import int_at_least
+from fasttips.config import KernelDispatch
 
 DESCRIPTION = __doc__.splitlines()[0]
+KERNEL_POLICIES = get_args(KernelDispatch)       # the values of kernels.dispatch
 
 
 def check_arguments(args) -> str | None:
@@ -56,6 +59,10 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "which checkpoint pruning deletes)")
     parser.add_argument("--pca-images", type=int_at_least(0), default=4, help="images in the PCA picture (0 = none)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu or cuda (default: cpu)")
+    parser.add_argument("--kernels", default=None, choices=KERNEL_POLICIES,
+                        help="how each op picks its implementation on CUDA (default: the run's kernels.dispatch): "
+                             "measured = the fastest measured on this device; fasttips = the Triton kernels; "
+                             "pytorch = PyTorch's own ops. On the CPU every op runs its PyTorch reference")
     parser.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     from .suites import add_arguments as add_suite_arguments
     add_suite_arguments(parser)
@@ -69,6 +76,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _configure(parser)
     parser.set_defaults(func=lambda args: run(args))
     return parser
+
+
+def configure_kernels(cfg, args) -> None:
+    """The run's ``kernels.*`` (``--kernels`` overriding ``kernels.dispatch``), as training used them:
+    evaluation on CUDA then runs the implementations the run chose (e.g. measured dispatch, which
+    picks fasttips' forward where it wins), or the ones the user names."""
+    from fasttips.kernels import dispatch
+    from fasttips.training import configure_dispatch
+    configure_dispatch(cfg, policy=getattr(args, "kernels", None))
+    if args.device == "cuda":
+        print(f"fasttips eval: {dispatch.describe('cuda')}", file=sys.stderr, flush=True)
 
 
 def run(args) -> int:
@@ -87,6 +105,7 @@ def run(args) -> int:
     except CheckpointNotFound as e:
         print(f"fasttips eval: {e}", file=sys.stderr)
         return 2
+    configure_kernels(cfg, args)
     if args.suite:
         from .suites import run_from_args
         return run_from_args(args, model, tokenizer, cfg, default_out=default_out_dir(ckpt))
