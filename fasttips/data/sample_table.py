@@ -11,6 +11,8 @@ affected (``shards.index_shard`` writes it from the ``Sample`` list before packi
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,11 +58,13 @@ def _ranges(samples: Sequence[Sample], attr: str) -> tuple[tuple[str, ...], np.n
     for s in samples:
         for e in getattr(s, attr):
             exts.setdefault(e, len(exts))
-    out = np.full((len(samples), len(exts), 2), -1, dtype=np.int64)
+    width = 2 * len(exts)
+    flat = [-1] * (width * len(samples))      # (filled as a list: numpy item assignment is slower)
     for i, s in enumerate(samples):
-        for e, r in getattr(s, attr).items():
-            out[i, exts[e]] = r
-    return tuple(exts), out
+        for e, (offset, size) in getattr(s, attr).items():
+            j = i * width + 2 * exts[e]
+            flat[j], flat[j + 1] = offset, size
+    return tuple(exts), np.array(flat, dtype=np.int64).reshape(len(samples), len(exts), 2)
 
 
 class PackedSamples(Sequence):
@@ -110,8 +114,8 @@ class PackedSamples(Sequence):
         return len(self._image)
 
     def key(self, i: int) -> str:
-        i = _index(i, len(self))
-        return self._keys[self._key_offsets[i]:self._key_offsets[i + 1]].decode("utf-8", _KEY_ERRORS)
+        start, stop = self._key_offsets[_index(i, len(self)):][:2].tolist()    # (Python ints slice faster)
+        return self._keys[start:stop].decode("utf-8", _KEY_ERRORS)
 
     @property
     def keys(self) -> _Keys:
@@ -159,21 +163,22 @@ class _Keys(Sequence):
 class ConcatSamples(Sequence):
     """The samples of several tables (or lists) in order, as one read-only sequence: ``[s for t in
     tables for s in t]`` without the list. Position -> table by a binary search of the cumulative
-    counts; empty tables are allowed."""
+    counts (one int per table, a plain list: bisect on it is several times faster than
+    np.searchsorted for one position); empty tables are allowed."""
 
     def __init__(self, tables: Sequence[Sequence[Sample]]):
         self._tables = list(tables)
-        self._ends = np.cumsum([len(t) for t in self._tables], dtype=np.int64)   # end of each table
+        self._ends = list(itertools.accumulate(len(t) for t in self._tables))   # end of each table
 
     def __len__(self) -> int:
-        return int(self._ends[-1]) if len(self._ends) else 0
+        return self._ends[-1] if self._ends else 0
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         i = _index(i, len(self))
-        t = int(np.searchsorted(self._ends, i, side="right"))
-        return self._tables[t][i - (int(self._ends[t - 1]) if t else 0)]
+        t = bisect.bisect_right(self._ends, i)
+        return self._tables[t][i - (self._ends[t - 1] if t else 0)]
 
     def __iter__(self):
         for t in self._tables:
