@@ -28,6 +28,8 @@ ranks both index is just written twice, identically). A DALI index (``.idx``, wd
 v1.2) listing only the good samples is written beside it, so both loaders read exactly the same
 samples and DALI never meets a bad one. Its members are named by sample number, not by key (the
 format is space-separated and DALI's ``source_info`` is ':'-separated; keys may hold both).
+In memory, an index holds its samples packed, one ``sample_table.PackedSamples`` per shard (about 50
+bytes a sample instead of about 700 as a list of ``Sample``); the file keeps the JSON form.
 """
 from __future__ import annotations
 
