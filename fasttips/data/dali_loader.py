@@ -134,7 +134,7 @@ class DaliLoader:
         self.paths = [ix.shard for ix in indexes]
         self.index_paths = [ix.dali_index for ix in indexes]
         # DALI reports a sample as (shard, number in the .idx); the key is looked up here (shards.py)
-        self._keys = {ix.shard: [s.key for s in ix.samples] for ix in indexes}
+        self._keys = {ix.shard: ix.samples.keys for ix in indexes}      # (read from the packed table)
         total = sum(len(ix.samples) for ix in indexes)
         self.num_samples = (total * (rank + 1)) // world_size - (total * rank) // world_size
         if self.num_samples == 0:

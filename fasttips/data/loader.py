@@ -27,6 +27,7 @@ from . import demo, storage
 from .caption_fields import DEFAULT_CAPTION_FIELDS, caption_fields_of, missing_caption_hint
 from .batch import synthetic_batch
 from .pipeline import SampleStream, StreamSpec
+from .sample_table import ConcatSamples
 from .shards import (SKIP_REASONS, MemberReader, cache_dir, fingerprint, index_shards, list_shards,
                      total_skipped)
 from .tokenizer import Tokenizer
@@ -330,7 +331,7 @@ def _build_shard_loader(cfg, rank: int, world_size: int):
     indexes = index_shards(shards, fields, validate=validate, index_dir=getattr(cfg.data, "index_dir", ""),
                            rank=rank, world_size=world_size, progress=progress)
     stats = total_skipped(indexes)
-    samples = [s for ix in indexes for s in ix.samples]
+    samples = ConcatSamples([ix.samples for ix in indexes])   # (the shards' tables, not a list of every sample)
     bad = {k: v for k, v in stats.items() if v}
     hint = f"; {missing_caption_hint(fields)}" if stats.get("missing_caption") else ""
     if bad:

@@ -14,7 +14,7 @@ this is the stream of earlier versions, position for position.)
 """
 from __future__ import annotations
 
-import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,24 +50,37 @@ class StreamSpec:
 class SampleStream:
     """Global position -> (epoch, sample), and this rank's share of the positions (module docstring)."""
 
-    def __init__(self, samples: list[Sample], spec: StreamSpec):
+    ORDERS_KEPT = 2          # epoch orders kept: the current one and the next (a batch may straddle the two)
+
+    def __init__(self, samples: Sequence[Sample], spec: StreamSpec):
         if not samples:
             raise ValueError("the shards hold no good sample")
         if not 0 <= spec.rank < spec.world_size:
             raise ValueError(f"rank={spec.rank} must be in [0, world_size={spec.world_size})")
         self.samples = samples
         self.spec = spec
+        self._orders: dict[int, np.ndarray] = {}          # epoch -> order, least recently used first
 
     def __len__(self) -> int:
         """Samples in one epoch (all ranks together)."""
         return len(self.samples)
 
-    @functools.lru_cache(maxsize=4)
     def order(self, epoch: int) -> np.ndarray:
-        # (the rank word stays 0: with one rank this is the order earlier versions used)
-        rng = np.random.default_rng(seed_words(self.spec.seed, epoch, 0))
-        order = rng.permutation(len(self.samples))
-        return order.astype(np.int32) if len(order) < 2**31 else order   # (half the memory per worker)
+        """The permutation of epoch ``epoch`` (int32 below 2**31 samples: 464 MB at 116 M samples, per
+        worker, so only ``ORDERS_KEPT`` of them are kept, by this stream alone)."""
+        order = self._orders.pop(epoch, None)
+        if order is None:
+            # (the rank word stays 0: with one rank this is the order earlier versions used)
+            rng = np.random.default_rng(seed_words(self.spec.seed, epoch, 0))
+            order = rng.permutation(len(self.samples))
+            order = order.astype(np.int32) if len(order) < 2**31 else order   # (half the memory per worker)
+            while len(self._orders) >= self.ORDERS_KEPT:
+                del self._orders[next(iter(self._orders))]
+        self._orders[epoch] = order
+        return order
+
+    def __getstate__(self):
+        return {**self.__dict__, "_orders": {}}           # (a worker started by pickling computes its own)
 
     def at(self, position: int) -> tuple[int, Sample]:
         epoch, i = divmod(position, len(self.samples))

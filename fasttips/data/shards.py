@@ -28,6 +28,8 @@ ranks both index is just written twice, identically). A DALI index (``.idx``, wd
 v1.2) listing only the good samples is written beside it, so both loaders read exactly the same
 samples and DALI never meets a bad one. Its members are named by sample number, not by key (the
 format is space-separated and DALI's ``source_info`` is ':'-separated; keys may hold both).
+In memory, an index holds its samples packed, one ``sample_table.PackedSamples`` per shard (about 50
+bytes a sample instead of about 700 as a list of ``Sample``); the file keeps the JSON form.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import logging
 import os
 import tarfile
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +53,11 @@ from fasttips.safe_io import write_atomic
 from . import storage
 from .caption_fields import CAPTION_KINDS, DEFAULT, CaptionFields
 from .decode import container_ok
+from .sample_table import CAPTION_EXT, PackedSamples, Sample
 
 log = logging.getLogger("fasttips.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
-CAPTION_EXT = "json"         # the caption member ShardWriter writes (the default caption_fields read it)
 INDEX_VERSION = 5            # 2: captions are the CAPTION_KINDS fields only; 3: damaged tars, DALI names,
                              # caption members per data.caption_fields; 4: in the cache, keyed by fingerprint,
                              # with the validation level; 5: duplicate keys counted, the first complete kept
@@ -177,25 +180,9 @@ def list_shards(path: str | os.PathLike | list, what: str = "data.path") -> list
 # Indexing and validation
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class Sample:
-    """Where one good sample lives: byte ranges (offset, size) of its members in the tar."""
-    shard: str
-    key: str
-    image: tuple[str, int, int]             # (ext, offset, size)
-    texts: dict[str, tuple[int, int]]       # the caption members (extension -> range), see caption_fields
-    extras: dict[str, tuple[int, int]] = field(default_factory=dict)
-    fields: CaptionFields = DEFAULT         # how the captions are read from ``texts``
-
-    @property
-    def caption(self) -> tuple[int, int]:
-        """The .json member (e.g. for its other fields, such as the demo's "objects")."""
-        return self.texts[CAPTION_EXT] if CAPTION_EXT in self.texts else self.extras[CAPTION_EXT]
-
-
-@dataclass
 class ShardIndex:
     shard: str
-    samples: list[Sample]
+    samples: Sequence[Sample]               # a PackedSamples (sample_table.py): read-only, Samples on demand
     skipped: dict[str, int]
     dali_index: str | None = None           # path of the wds2idx-format index of the good samples
     skipped_keys: list[tuple[str, str]] = field(default_factory=list)   # (key, reason), up to MAX_SKIPPED_KEYS
@@ -507,10 +494,13 @@ def _load_index(json_path: Path, dali_path: Path | None, shard: str, stamp, fiel
         samples = [Sample(shard, s["key"], tuple(s["image"]), {k: tuple(v) for k, v in s["texts"].items()},
                           {k: tuple(v) for k, v in s.get("extras", {}).items()}, fields)
                    for s in d["samples"]]
+        skipped, validation = d["skipped"], d["validation"]
+        skipped_keys = [tuple(k) for k in d.get("skipped_keys", [])]
+        del d                                            # (the parsed file: freed before the samples are packed)
         if dali_path is not None and not dali_path.is_file():
             _write_dali_index(dali_path, samples, fields)
-        return ShardIndex(shard, samples, d["skipped"], str(dali_path) if dali_path else None,
-                          [tuple(k) for k in d.get("skipped_keys", [])], d["validation"], stamp)
+        return ShardIndex(shard, PackedSamples.from_samples(samples, shard, fields), skipped,
+                          str(dali_path) if dali_path else None, skipped_keys, validation, stamp)
     except (OSError, ValueError, KeyError, TypeError):
         return None                                      # missing or damaged: (re)built by the caller
 
@@ -538,7 +528,8 @@ def index_shard(shard: str, rebuild: bool = False, fields: CaptionFields = DEFAU
     skipped_keys: list[tuple[str, str]] = []
     samples, skipped = _scan(shard, fields, skipped_keys, validate)
     if stamp is None:                                    # not a file: nothing to cache
-        return ShardIndex(shard, samples, skipped, None, skipped_keys, validate)
+        return ShardIndex(shard, PackedSamples.from_samples(samples, shard, fields), skipped, None, skipped_keys,
+                          validate)
     try:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         if dali_path is not None:
@@ -553,8 +544,8 @@ def index_shard(shard: str, rebuild: bool = False, fields: CaptionFields = DEFAU
     except OSError as exc:
         raise OSError(f"cannot write the shard index in {json_path.parent} ({exc.strerror or exc}); set "
                       "data.index_dir (or FASTTIPS_DATA_DIR) to a writable folder") from None
-    return ShardIndex(shard, samples, skipped, str(dali_path) if dali_path else None, skipped_keys, validate,
-                      stamp)
+    return ShardIndex(shard, PackedSamples.from_samples(samples, shard, fields), skipped,
+                      str(dali_path) if dali_path else None, skipped_keys, validate, stamp)
 
 
 def index_shards(shards: list[str], fields: CaptionFields = DEFAULT, validate: str = "full",
