@@ -99,3 +99,22 @@ def test_train_step_never_syncs_on_cuda():
     _, training, batch, values = cuda_training()
     with sync_is_an_error():
         training.train_step(batch, values)
+
+
+@pytest.mark.gpu
+def test_the_per_step_rng_snapshot_never_syncs_on_cuda():
+    """The trainer snapshots the torch generators before every step (to undo a step a data outage
+    left unfed, trainer._undo_step); on CUDA that must be a host-side copy of the generator's seed and
+    offset, not a wait for the device. The device is kept busy so that a sync would have to wait."""
+    from fasttips.trainer import set_torch_rng_state, torch_rng_state
+    device = torch.device("cuda")
+    x = torch.randn(4096, 4096, device=device)
+    torch.cuda.synchronize()
+    with sync_is_an_error():
+        for _ in range(8):
+            x = x @ x.T / 4096                          # queued work: the snapshot must not wait for it
+        state = torch_rng_state(device)
+        drawn = torch.rand(8, device=device)
+        set_torch_rng_state(state, device)
+        again = torch.rand(8, device=device)
+    assert torch.equal(drawn, again)                    # (the check reads back, outside the sync guard)
