@@ -45,7 +45,6 @@ def resize_image(img: Image.Image, hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-@torch.no_grad()
 class PairDataset(torch.utils.data.Dataset):
     """(image resized to ``hw`` as uint8, its dense target: on the ``fine`` grid when given, else full
     size, index) for (image path, target path) pairs; ``read_image(path) -> PIL image`` and
@@ -69,6 +68,7 @@ class PairDataset(torch.utils.data.Dataset):
         return pixels, (sample_grid(gt, *self.fine).astype(np.float16) if self.fine else gt), i
 
 
+@torch.no_grad()
 def encode_dense(ctx: SuiteContext, images_u8: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-LayerNorm patch tokens on their grid ``[B, h, w, D]`` and CLS#1‖CLS#2 ``[B, 2D]`` (float32,
     CPU) of equally sized uint8 images."""
