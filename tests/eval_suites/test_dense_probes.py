@@ -126,6 +126,53 @@ def test_voc_linear_scores_background_as_a_class_and_ignores_void(tmp_path, seed
     assert res["metrics"]["pixel accuracy"] > 0.9
 
 
+def write_sbd(root, rng, ids, list_name):
+    """SBD-augmented labels as the conversions write them: grayscale PNGs in SegmentationClassAug (a VOC
+    training id's own label copied there too), and the list of ids."""
+    (root / "SegmentationClassAug").mkdir(exist_ok=True)
+    for i in ids:
+        if not (root / "JPEGImages" / f"{i}.jpg").is_file():
+            pixels, label = scene(rng, 3, GRIDS["train"], first=0)
+            save_image(root / "JPEGImages" / f"{i}.jpg", pixels)
+            Image.fromarray(label, mode="L").save(root / "SegmentationClassAug" / f"{i}.png")
+        elif not (root / "SegmentationClassAug" / f"{i}.png").is_file():
+            src = root / "SegmentationClass" / f"{i}.png"
+            Image.fromarray(np.asarray(Image.open(src))).save(root / "SegmentationClassAug" / f"{i}.png")
+    (root / "ImageSets" / "Segmentation" / list_name).write_text("\n".join(ids) + "\n")
+
+
+@pytest.mark.parametrize("layout", ["deeplab", "mmseg"])
+def test_voc_linear_trains_on_the_sbd_augmented_set_when_it_is_there(tmp_path, seed, layout):
+    """DeepLab's trainaug.txt (every label in SegmentationClassAug) or mmsegmentation's train.txt + aug.txt:
+    the probe trains on the augmented set, never on a validation id, each image once."""
+    rng = np.random.default_rng(seed)
+    write_voc_splits(tmp_path, rng)                              # 4 train ids, 2 val ids
+    sbd = [f"2011_sbd{i:02d}" for i in range(3)]
+    val = (tmp_path / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    if layout == "deeplab":
+        train = (tmp_path / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+        write_sbd(tmp_path, rng, train + sbd + val[:1] + sbd[:1], "trainaug.txt")   # a val id and a repeat
+        expected_set = "trainaug.txt (SegmentationClassAug)"
+    else:
+        write_sbd(tmp_path, rng, sbd + val[:1], "aug.txt")
+        expected_set = "train.txt + aug.txt (SegmentationClassAug)"
+    res, log = run_suite(OracleModel(256), None, None, "voc-linear", tmp_path, tmp_path, **SEG)
+    assert res["n_train"] == 4 + 3 and res["protocol"]["train_set"] == expected_set
+    assert f"7 train ({expected_set})" in log
+    assert res["metrics"]["pixel accuracy"] > 0.9
+
+
+def test_voc_linear_refuses_augmented_labels_without_their_list(tmp_path, seed):
+    write_voc_splits(tmp_path, np.random.default_rng(seed))
+    (tmp_path / "SegmentationClassAug").mkdir()
+    with pytest.raises(DatasetLayoutError, match="SegmentationClassAug is there but no list of its ids.*trainaug.txt"):
+        run_suite(OracleModel(256), None, None, "voc-linear", tmp_path, tmp_path, **SEG)
+    write_sbd(tmp_path, np.random.default_rng(seed), ["2011_sbd00"], "trainaug.txt")
+    (tmp_path / "SegmentationClassAug" / "2011_sbd00.png").unlink()
+    with pytest.raises(DatasetLayoutError, match="missing file .*2011_sbd00.png \\(listed in .*trainaug.txt\\)"):
+        run_suite(OracleModel(256), None, None, "voc-linear", tmp_path, tmp_path, **SEG)
+
+
 def test_segmentation_probe_layout_errors(tmp_path):
     rng = np.random.default_rng(0)
     write_ade_split(tmp_path, rng, "val", 1)
@@ -266,3 +313,4 @@ def test_probes_on_cuda_match_the_cpu(tmp_path, suite):
         res[device], _ = run_suite(model, None, None, suite, tmp_path / "d", tmp_path / device, device=device, **opts)
     for name, value in res["cpu"]["metrics"].items():
         assert res["cuda"]["metrics"][name] == pytest.approx(value, rel=1e-2, abs=1e-2), name
+

@@ -12,7 +12,13 @@ Accepted layouts: the zero-shot suites' folders, plus the training split:
   ade20k-linear  ``ADEChallengeData2016/images/{training,validation}/*.jpg`` and
                  ``annotations/{training,validation}/*.png`` (0 = unlabelled, ignored; 1..150 = classes)
   voc-linear     ``VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt``, ``JPEGImages/<id>.jpg``,
-                 ``SegmentationClass/<id>.png`` (0 = background, a class here; 1..20; 255 = void, ignored)
+                 ``SegmentationClass/<id>.png`` (0 = background, a class here; 1..20; 255 = void, ignored).
+                 When the SBD-augmented labels are there (``SegmentationClassAug/``), the probe trains on
+                 the 10,582-image augmented set instead (the usual VOC training set, mmsegmentation's
+                 ``voc12aug``): DeepLab's list ``ImageSets/Segmentation/trainaug.txt`` (or
+                 ``train_aug.txt``) with every label in ``SegmentationClassAug``, else mmsegmentation's
+                 ``train.txt`` (labels in ``SegmentationClass``) plus ``aug.txt`` (``SegmentationClassAug``).
+                 Validation ids are never trained on.
 """
 from __future__ import annotations
 
@@ -72,9 +78,50 @@ class SegTrainDataset(torch.utils.data.Dataset):
         return pixels, sample_grid(target, *self.fine).astype(np.uint8), i
 
 
+AUG_LABELS = "SegmentationClassAug"           # the SBD-augmented VOC label maps (0..20, 255 = void)
+AUG_LISTS = ("trainaug.txt", "train_aug.txt")  # DeepLab's list of the 10,582 augmented training ids
+MMSEG_AUG_LIST = "aug.txt"                     # mmsegmentation's: the augmented ids beyond train.txt
+
+
+def _id_pairs(root: Path, ids_file: Path, labels: str, suite: str) -> list[tuple[Path, Path]]:
+    ids = [ln.strip() for ln in ids_file.read_text().splitlines() if ln.strip()]
+    pairs = [(root / "JPEGImages" / f"{i}.jpg", root / labels / f"{i}.png") for i in ids]
+    for image, label in pairs:
+        for p in (image, label):
+            if not p.is_file():
+                raise DatasetLayoutError(f"{suite}: missing file {p} (listed in {ids_file})")
+    return pairs
+
+
+def train_pairs(root: Path, suite: str) -> tuple[list[tuple[Path, Path]], str]:
+    """(training pairs, which set): ADE20K's training split; for VOC the SBD-augmented set when its
+    labels are there (module docstring), else ``train.txt``. Validation images are left out."""
+    plain = list_pairs(LAYOUT[suite], root, "train", suite)
+    if suite != "voc-linear" or not (root / AUG_LABELS).is_dir():
+        return plain, "train.txt" if suite == "voc-linear" else "training"
+    sets = root / "ImageSets" / "Segmentation"
+    deeplab = next((sets / n for n in AUG_LISTS if (sets / n).is_file()), None)
+    if deeplab is not None:
+        pairs, used = _id_pairs(root, deeplab, AUG_LABELS, suite), f"{deeplab.name} ({AUG_LABELS})"
+    elif (sets / MMSEG_AUG_LIST).is_file():
+        pairs = plain + _id_pairs(root, sets / MMSEG_AUG_LIST, AUG_LABELS, suite)
+        used = f"train.txt + {MMSEG_AUG_LIST} ({AUG_LABELS})"
+    else:
+        raise DatasetLayoutError(f"{suite}: {root / AUG_LABELS} is there but no list of its ids: expected "
+                                 f"{sets / AUG_LISTS[0]} (DeepLab) or {sets / MMSEG_AUG_LIST} (mmsegmentation)")
+    val = {image.stem for image, _ in list_pairs(LAYOUT[suite], root, "val", suite)}
+    seen: set[str] = set()
+    kept = []
+    for image, label in pairs:
+        if image.stem not in val and image.stem not in seen:
+            seen.add(image.stem)
+            kept.append((image, label))
+    return kept, used
+
+
 def check_layout(root: Path, suite: str) -> None:
-    for split in ("train", "val"):
-        list_pairs(LAYOUT[suite], root, split, suite)
+    train_pairs(root, suite)
+    list_pairs(LAYOUT[suite], root, "val", suite)
 
 
 def run(ctx: SuiteContext, root: Path, suite: str) -> dict:
@@ -82,13 +129,14 @@ def run(ctx: SuiteContext, root: Path, suite: str) -> dict:
 
     names, target_fn = classes_and_targets(suite)
     C = len(names)
-    train = limited(list_pairs(LAYOUT[suite], root, "train", suite), ctx)
+    train, train_set = train_pairs(root, suite)
+    train = limited(train, ctx)
     val = limited(list_pairs(LAYOUT[suite], root, "val", suite), ctx)
     side = ctx.seg_size
     p = ctx.model.vision.patch_embed.patch_size
     G = side // p
     recipe = recipe_for(ctx, DENSE)
-    ctx.say(f"[{suite}] {len(train)} train / {len(val)} val images, {C} classes, train crops {side}px, "
+    ctx.say(f"[{suite}] {len(train)} train ({train_set}) / {len(val)} val images, {C} classes, train crops {side}px, "
             f"windows {side}px every {ctx.seg_stride}px, final patch tokens")
     cache = DenseCache(ctx, SegTrainDataset(train, side, target_fn, (UPSAMPLE * G, UPSAMPLE * G)), suite,
                        (G, G), (UPSAMPLE * G, UPSAMPLE * G), np.uint8)
@@ -116,4 +164,5 @@ def run(ctx: SuiteContext, root: Path, suite: str) -> dict:
             "iou_per_class": {n: (None if v != v else round(v, 4)) for n, v in zip(names, iou.tolist())},
             "probe": probe.record,
             "protocol": {"size": side, "stride": ctx.seg_stride, "tokens": "final", "train_crop": side,
+                         "train_set": train_set,
                          "target_grid": UPSAMPLE * G}}
