@@ -652,3 +652,26 @@ def test_an_async_checkpoint_on_cuda_goes_through_pinned_memory_and_restores_bit
             assert torch.equal(v.full_tensor(), saved[k]), k
     finally:
         fsdp.shutdown(ctx)
+
+
+def test_a_stager_that_closed_itself_is_replaced_before_the_next_async_save(tmp_path, seed, monkeypatch):
+    """torch 2.11's DefaultStager clears its deep-copy table after one stage(), so the second async
+    checkpoint of a run failed there (KeyError: <class 'type'>). Here the torch in use may keep its stager
+    reusable, so the first stager is made to close itself as 2.11's does: three saves must still work."""
+    from torch.distributed.checkpoint.staging import DefaultStager
+    staged_by = []
+    real_stage = DefaultStager.stage
+
+    def stage_then_close(self, state_dict, **kw):
+        staged_by.append(self)                           # (kept alive: their ids stay distinct)
+        out = real_stage(self, state_dict, **kw)
+        self._state_dict_stager.close()                  # what torch 2.11's DefaultStager.stage does
+        return out
+    monkeypatch.setattr(DefaultStager, "stage", stage_then_close)
+    model, opt, _ = _objects(seed)
+    manager = CheckpointManager(tmp_path / "ckpt", keep=3, ctx=CTX, asynchronous=True)
+    for step in (1, 2, 3):
+        manager.save(step, training_state(model, opt), {}, {}, {}, wait=True)
+    manager.close()
+    assert [s for s, _ in complete_checkpoints(tmp_path / "ckpt")] == [1, 2, 3]
+    assert len({id(s) for s in staged_by}) == 3              # a new stager for each save after a close

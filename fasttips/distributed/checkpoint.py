@@ -87,6 +87,14 @@ _NO_GROUP_WARNING = "torch.distributed is disabled"
 warnings.filterwarnings("ignore", message=_NO_GROUP_WARNING)
 
 
+def _stager_spent(stager) -> bool:
+    """True for a ``DefaultStager`` that closed itself after staging once: torch 2.11's does (its deep-copy
+    table is cleared, and a second checkpoint fails with ``KeyError: <class 'type'>``), later versions
+    keep it for reuse. A spent stager is replaced by a new one (its pinned buffers are then not reused)."""
+    table = getattr(getattr(stager, "_state_dict_stager", None), "_deepcopy_dispatch", None)
+    return isinstance(table, dict) and not table
+
+
 class DamagedCheckpoint(ValueError):
     """A checkpoint's files do not match what was recorded when it was written."""
 
@@ -235,8 +243,9 @@ class CheckpointManager:
         _barrier(ctx, group)
 
     def _host_stager(self):
-        """DCP's stager into host memory (pinned on a GPU), kept so that its buffers are reused."""
-        if self._stager is None:
+        """DCP's stager into host memory (pinned on a GPU), kept so that its buffers are reused (where
+        the installed torch allows: ``_stager_spent``)."""
+        if self._stager is None or _stager_spent(self._stager):
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
             self._stager = DefaultStager(StagingOptions(
                 use_pinned_memory=self.ctx.device.type == "cuda", use_shared_memory=False,
