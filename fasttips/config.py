@@ -261,8 +261,8 @@ class TrainConfig:
                                               "RUN_DIR/wandb for a later `wandb sync`")
     compile: CompileMode = setting("off", "torch.compile: off; blocks = each transformer block on its own "
                                           "(one graph reused by every block); step = the whole student "
-                                          "forward (towers, heads, losses) as one graph. A boolean from an "
-                                          "older config reads as true = blocks, false = off")
+                                          "forward (towers, heads, losses) as one graph (needs torch >= 2.12). A "
+                                          "boolean from an older config reads as true = blocks, false = off")
     activation_checkpointing: ActivationCheckpointing = setting(
         "off", "recompute transformer-block activations in the backward (less memory, more compute): "
                "full = every block keeps only its input; every_k = blocks k, 2k, ... of each tower "
@@ -634,6 +634,11 @@ def validate(cfg: Config) -> None:
 
 def check_runnable(cfg: Config) -> None:
     """What this machine must offer for ``cfg``: the device, the loader's package, a usable run dir."""
+    if cfg.train.compile == "step":
+        import torch
+        problem = step_compile_problem(torch.__version__)
+        if problem:
+            raise ConfigError(problem)
     if cfg.train.device == "cuda":
         import torch                    # only here: the config itself does not need torch
         if not torch.cuda.is_available():
@@ -651,6 +656,21 @@ def check_runnable(cfg: Config) -> None:
     if existing is not None and not existing.is_dir():     # the folder could never be created
         raise ConfigError(f"train.run_dir: {str(run_dir)!r} is under {str(existing)!r}, which is a file, "
                           "not a folder; choose another path")
+
+
+STEP_COMPILE_MIN_TORCH = (2, 12)   # torch 2.11 compiles the whole step with wrong gradients (below)
+
+
+def step_compile_problem(torch_version: str) -> str | None:
+    """Why ``train.compile=step`` cannot run under ``torch_version`` (None: it can). Under torch 2.11
+    the compiled step's backward gives the vision tower wrong gradients from its second call on (the
+    losses still match eager, the weights drift); torch 2.12.1 and 2.13 match eager exactly."""
+    major, minor = (int(x) for x in torch_version.split("+")[0].split(".")[:2])
+    if (major, minor) >= STEP_COMPILE_MIN_TORCH:
+        return None
+    need = ".".join(map(str, STEP_COMPILE_MIN_TORCH))
+    return (f"train.compile: step needs torch >= {need}; torch {torch_version} computes wrong gradients "
+            f"for the compiled step from its second call on; use train.compile=blocks or off")
 
 
 def _installed(module: str) -> bool:
@@ -719,7 +739,7 @@ def describe() -> str:
 
 
 __all__ = ["Config", "ConfigError", "PRESETS", "RETIRED", "load", "preset", "save", "set_value", "to_dict",
-           "from_dict", "validate", "check_runnable", "describe", "keys", "setting",
+           "from_dict", "validate", "check_runnable", "step_compile_problem", "describe", "keys", "setting",
            "CENTERINGS", "COMPILE_MODES", "CONTRASTIVE_LOSSES", "FFNS", "IBOT_TOKENS", "PIXEL_NORMS", "PROTOTYPE_CES",
            "TEACHER_FEATURES", "TEACHER_MODES", "AC_POLICIES"] + [c.__name__ for c in (
                VisionConfig, TextConfig, HeadConfig, LossConfig, TeacherConfig, DataConfig,

@@ -44,6 +44,8 @@ def test_compiled_training_matches_eager(monkeypatch, mode, kernels):
     """"triton": every op on its Triton path, the kernels in the interpreter (FASTTIPS_KERNELS=triton)."""
     if kernels == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("needs TRITON_INTERPRET=1 (CPU tensors through the Triton kernels)")
+    if mode == "step" and config.step_compile_problem(torch.__version__):
+        pytest.skip(f"refused under torch {torch.__version__} (test_step_compile_is_refused_under_torch_2_11)")
     monkeypatch.setenv("FASTTIPS_KERNELS", kernels)
     expected = eager(kernels)
     monkeypatch.setitem(fsdp.COMPILE_OPTIONS, "backend", "aot_eager")
@@ -61,6 +63,26 @@ def test_compiled_training_matches_eager(monkeypatch, mode, kernels):
         torch.testing.assert_close(params[name], p, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("version, refused", [("2.11.0+cu130", True), ("2.10.1", True), ("2.12.1+cu130", False),
+                                               ("2.13.0+cpu", False), ("3.0.0", False)])
+def test_step_compile_is_refused_under_torch_2_11(monkeypatch, tmp_path, version, refused):
+    """Under torch 2.11 the whole-step compile gives the vision tower wrong gradients from the second
+    step on (the losses still match eager; measured against 2.12.1, which matches): the config is
+    refused on such a torch, naming the field and what to use instead, and so is compile_step itself."""
+    monkeypatch.setattr(torch, "__version__", version)
+    args = [f"{k}={v}" for k, v in OVERRIDES.items()] + ["train.compile=step", f"train.run_dir={tmp_path}"]
+    if not refused:
+        assert config.step_compile_problem(version) is None
+        config.load(None, args)
+        return
+    with pytest.raises(config.ConfigError, match=r"train.compile: step needs torch >= 2.12; torch "
+                                                 + version.replace("+", r"\+") + r" .*use train.compile=blocks or off"):
+        config.load(None, args)
+    with pytest.raises(config.ConfigError, match="train.compile: step needs torch >= 2.12"):
+        fsdp.compile_step(torch.nn.Linear(2, 2))
+    config.load(None, args[:-2] + ["train.compile=blocks", f"train.run_dir={tmp_path}"])   # blocks is fine
+
+
 @pytest.mark.gpu
 def test_cuda_step_compile_trains_like_eager():
     """train.compile=step on a GPU: inductor, the compiled kernels, bf16 parameters under FSDP2 (one
@@ -68,6 +90,8 @@ def test_cuda_step_compile_trains_like_eager():
     that shows whether Dynamo traces through FSDP2's hooks or splits the graph at them."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("compiled-kernel test: run with TRITON_INTERPRET=0")
+    if config.step_compile_problem(torch.__version__):
+        pytest.skip(f"train.compile=step is refused under torch {torch.__version__}")
     runs = {}
     for mode in ("off", "step"):
         cfg = config.load(None, ["preset=tiny", "data.source=synthetic", "data.batch_size=4", "train.device=cuda",

@@ -207,7 +207,12 @@ def compile_step(root: nn.Module) -> None:
     """``train.compile=step``: compile the loss forward in place, the whole student forward of a
     micro-batch (towers, heads, teacher targets, losses) and, through AOTAutograd, its backward. The
     kernels are custom ops and the packed ViT traces into one graph, so the step is one graph apart
-    from what Dynamo cannot trace (it then splits the graph rather than fail)."""
+    from what Dynamo cannot trace (it then splits the graph rather than fail). Refused under a torch
+    that compiles it wrongly (``config.step_compile_problem``)."""
+    from fasttips.config import ConfigError, step_compile_problem
+    problem = step_compile_problem(torch.__version__)
+    if problem:
+        raise ConfigError(problem)
     root.compile(**COMPILE_OPTIONS)
 
 
