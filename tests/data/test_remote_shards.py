@@ -56,8 +56,10 @@ def test_training_loader_streams_memory_shards(memory_shards, tmp_path, caplog, 
     with caplog.at_level(logging.INFO, logger="fasttips.data"):
         assert loader_mod.resolve_loader_kind(cfg, list_shards(url)) == "pytorch"
     assert "DALI loader reads local files only" in caplog.text
+    dali_cfg = tiny_cfg(url)
+    dali_cfg.data.loader = "dali"                 # (set after loading: the config's own check wants DALI installed)
     with pytest.raises(ValueError, match="data.loader=dali: memory://.* is remote"):
-        loader_mod.resolve_loader_kind(tiny_cfg(url, "data.loader=dali"), list_shards(url))
+        loader_mod.resolve_loader_kind(dali_cfg, list_shards(url))
     ld = loader_mod.build_loader(tiny_cfg(url, "data.loader=pytorch", f"data.index_dir={tmp_path / 'idx'}"))
     assert ld.num_samples == 12
     batch = next(ld)
