@@ -129,7 +129,8 @@ def test_train_compile_is_a_choice_and_old_booleans_still_load(tmp_path):
     assert config.COMPILE_MODES == ("off", "blocks", "step") and config.Config().train.compile == "off"
     for value, mode in (("true", "blocks"), ("false", "off"), ("on", "blocks"), ("off", "off"),
                         ("blocks", "blocks"), ("step", "step")):
-        assert config.load(overrides=[f"train.compile={value}"]).train.compile == mode, value
+        # (check_machine=False: under torch 2.11 this machine refuses step, test_compile_modes.py)
+        assert config.load(overrides=[f"train.compile={value}"], check_machine=False).train.compile == mode, value
     old = tmp_path / "old.yaml"
     old.write_text("preset: tiny\ntrain:\n  compile: true\n")
     cfg = config.load(old)
