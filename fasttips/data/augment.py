@@ -106,12 +106,24 @@ def jitter_parts(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.n
     four (torchvision also clamps between steps; we clamp once at the end). Scalar on purpose: a few
     3×3 products per sample are cheaper in a loop than vectorised with masks, even for a batch.
     """
+    return jitter_map(draw_jitter(rng))
+
+
+def draw_jitter(rng: np.random.Generator) -> tuple[float, float, float, float, np.ndarray]:
+    """The random part of ``jitter_parts``: brightness, contrast, saturation and hue factors, and
+    the order of the four steps."""
     b = rng.uniform(1 - JITTER["brightness"], 1 + JITTER["brightness"])
     c = rng.uniform(1 - JITTER["contrast"], 1 + JITTER["contrast"])
     s = rng.uniform(1 - JITTER["saturation"], 1 + JITTER["saturation"])
     hue = rng.uniform(-JITTER["hue"], JITTER["hue"])
+    return b, c, s, hue, rng.permutation(4)
+
+
+def jitter_map(draw: tuple[float, float, float, float, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(A, t0, T)`` of ``jitter_parts`` for a ``draw_jitter``."""
+    b, c, s, hue, order = draw
     A, t0, T = np.eye(3), np.zeros(3), np.zeros((3, 3))
-    for op in rng.permutation(4):
+    for op in order:
         if op == 0:
             A, t0, T = b * A, b * t0, b * T
         elif op == 1:       # mean luma now = LUMA·t0 + (LUMA (A + T))·m
@@ -152,7 +164,7 @@ class CropDraw:
     the flip, and the photometric choices (None / False: not applied)."""
     box: tuple[int, int, int, int]
     flip: bool
-    jitter: tuple[np.ndarray, np.ndarray, np.ndarray] | None     # ``jitter_parts``
+    jitter: tuple[float, float, float, float, np.ndarray] | None     # ``draw_jitter``
     gray: bool
     blur_sigma: float | None
     solarize: bool
@@ -161,10 +173,12 @@ class CropDraw:
 def draw_crop(width: int, height: int, recipe: CropRecipe, rng: np.random.Generator) -> CropDraw:
     """The random choices of one crop of a ``width`` × ``height`` image, in a fixed order: box, flip,
     jitter, grayscale, blur, solarize. Both loaders draw their boxes and flips here from the same
-    per-sample seed (``pipeline.crop_seed``), so given the image size they crop the same regions."""
+    per-sample seed (``pipeline.crop_seed``), so given the image size they crop the same regions.
+    Draws only (the jitter's matrices are made when applied): the DALI loader, which uses the box
+    and flip alone, pays little for the rest."""
     box = random_resized_box(width, height, recipe.scale, rng)
     flip = bool(rng.random() < 0.5)
-    jitter = jitter_parts(rng) if rng.random() < JITTER_P else None
+    jitter = draw_jitter(rng) if rng.random() < JITTER_P else None
     gray = bool(rng.random() < GRAY_P)
     sigma = float(rng.uniform(*BLUR_SIGMA)) if rng.random() < recipe.blur_p else None
     solarize = bool(rng.random() < recipe.solarize_p)
@@ -182,7 +196,7 @@ def apply_crop(img: Image.Image, recipe: CropRecipe, d: CropDraw) -> np.ndarray:
     if d.flip:
         crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
     if d.jitter is not None:
-        crop = _apply_jitter(crop, d.jitter)
+        crop = _apply_jitter(crop, jitter_map(d.jitter))
     if d.gray:
         crop = crop.convert("L").convert("RGB")
     if d.blur_sigma is not None:
