@@ -9,7 +9,8 @@ skipped, counted in ``.stats`` and reported in one log line), then resolves the 
 yields batches that satisfy ``batch.py`` forever; ``state_dict()`` / ``load_state_dict()`` capture the
 data position so a resumed run continues with the same batches. ``global_position`` is that position
 as a global sample index (all ranks together), and ``resume_at(position, batches)`` continues from it
-on another number of ranks or another batch size (``pipeline.py``; the DALI loader cannot).
+on another number of ranks or another batch size (``pipeline.py``). Both loaders read that one stream
+and share this logic (``StreamLoader``); the DALI loader differs only in who decodes and crops.
 """
 from __future__ import annotations
 
@@ -123,19 +124,11 @@ def resolve_tokenizer(cfg, indexes) -> Tokenizer:
     return tok
 
 
-class Loader:
-    """Infinite iterator of batches with a resumable position (see module docstring)."""
-
-    kind = "pytorch"
-
-    def __init__(self, cfg, rank: int, world_size: int, samples, tokenizer: Tokenizer, stats: dict):
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.tokenizer, self.stats = tokenizer, stats
-        self.batch_size = cfg.data.batch_size
-        self.samples = samples
-        self.stream = self._stream(start=0, first_batch=0)
-        self.batches = 0              # batches handed out so far
-        self._it = None
+class StreamLoader:
+    """The position of a loader that reads the global stream (``pipeline.py``): both the PyTorch
+    loader (``Loader``) and the DALI loader (``dali_loader.DaliLoader``). A subclass sets ``cfg``,
+    ``rank``, ``world_size``, ``batch_size``, ``samples``, ``stream``, ``batches`` and provides
+    ``__next__`` and ``close``; the state, and the resume on any layout of ranks, are here."""
 
     def _stream(self, start: int, first_batch: int) -> SampleStream:
         spec = StreamSpec(self.cfg.train.seed, self.rank, self.world_size, self.batch_size, start, first_batch)
@@ -155,32 +148,8 @@ class Loader:
         """Samples of the global stream consumed by all ranks together (every rank took ``batches``)."""
         return self.stream.position_after(self.batches)
 
-    def _start(self):
-        from .pytorch_loader import BatchDataset, make_dataloader
-        ds = BatchDataset(self.stream, self.cfg.data, self.cfg.vision.patch_size, self.tokenizer.serialized(),
-                          self.tokenizer.max_len, start_batch=self.batches)
-        return make_dataloader(ds, self.cfg.data.num_workers)
-
     def __iter__(self):
         return self
-
-    def __next__(self) -> dict:
-        if self._it is None:
-            self._it = self._start()
-        batch = next(self._it)
-        index = batch.pop("_batch_index", self.batches)
-        assert index == self.batches, f"loader out of order: got batch {index}, expected {self.batches}"
-        if "_data_stop" in batch:     # the storage stayed unavailable or refused access: nothing skipped,
-            self.close()              # the run stops here
-            kind, message = batch["_data_stop"]
-            raise (storage.AccessLost if kind == storage.AccessLost.kind else storage.RemoteOutage)(message)
-        # counted and reported here, as the batch is handed out (one line per sample, so the counts
-        # match the lines; a batch built ahead and never used counts nothing)
-        for reason, key, shard, why in batch.pop("_skipped", ()):
-            self.stats[reason] = self.stats.get(reason, 0) + 1
-            log.warning("data: skipped sample %r of %s at load time: %s (%s)", key, shard, reason, why)
-        self.batches += 1
-        return batch
 
     def state_dict(self) -> dict:
         spec = self.stream.spec
@@ -191,13 +160,18 @@ class Loader:
 
     def load_state_dict(self, state: dict) -> None:
         """This rank's saved position: the same batches again when the layout (ranks, batch size) is
-        the one saved; on another layout, the same global position (``resume_at``)."""
+        the one saved; on another layout, the same global position (``resume_at``). Both loaders read
+        the same stream, so a position saved by one is the same samples in the other."""
         same_layout = all(state.get(k, v) == v for k, v in (("world_size", self.world_size),
                                                             ("batch_size", self.batch_size)))
         if not same_layout and "position" in state:
             self.resume_at(state)
             return
-        if "position" not in state and self.world_size > 1:
+        if "dali_checkpoint" in state and "position" not in state:
+            log.warning("data: this checkpoint comes from a fasttips whose DALI loader shuffled each rank's "
+                        "own slice of the samples; both loaders now read one global stream, which continues "
+                        "at batch %d, so this epoch may repeat or skip samples", int(state["batches"]))
+        elif "position" not in state and self.world_size > 1:
             log.warning("data: this checkpoint comes from a fasttips whose ranks each read their own slice "
                         "of the samples; the ranks now share one stream, so this epoch may repeat or skip "
                         "samples")
@@ -228,15 +202,61 @@ class Loader:
         self.batches = batches
 
     def close(self) -> None:
-        it, self._it = self._it, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        raise NotImplementedError
 
     def __del__(self):
         try:
             self.close()
         except Exception:
             pass
+
+
+class Loader(StreamLoader):
+    """Infinite iterator of batches with a resumable position (see module docstring)."""
+
+    kind = "pytorch"
+
+    def __init__(self, cfg, rank: int, world_size: int, samples, tokenizer: Tokenizer, stats: dict):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.tokenizer, self.stats = tokenizer, stats
+        self.batch_size = cfg.data.batch_size
+        self.samples = samples
+        self.stream = self._stream(start=0, first_batch=0)
+        self.batches = 0              # batches handed out so far
+        self._it = None
+
+    def _start(self):
+        from .pytorch_loader import BatchDataset, make_dataloader
+        ds = BatchDataset(self.stream, self.cfg.data, self.cfg.vision.patch_size, self.tokenizer.serialized(),
+                          self.tokenizer.max_len, start_batch=self.batches)
+        return make_dataloader(ds, self.cfg.data.num_workers)
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = self._start()
+        batch = next(self._it)
+        index = batch.pop("_batch_index", self.batches)
+        assert index == self.batches, f"loader out of order: got batch {index}, expected {self.batches}"
+        if "_data_stop" in batch:     # the storage stayed unavailable or refused access: nothing skipped,
+            self.close()              # the run stops here
+            kind, message = batch["_data_stop"]
+            raise (storage.AccessLost if kind == storage.AccessLost.kind else storage.RemoteOutage)(message)
+        count_skipped(self.stats, batch.pop("_skipped", ()))
+        self.batches += 1
+        return batch
+
+    def close(self) -> None:
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+
+def count_skipped(stats: dict, skipped) -> None:
+    """Count and report the samples a batch passed over, as the batch is handed out (one line per
+    sample, so the counts match the lines; a batch built ahead and never used counts nothing)."""
+    for reason, key, shard, why in skipped:
+        stats[reason] = stats.get(reason, 0) + 1
+        log.warning("data: skipped sample %r of %s at load time: %s (%s)", key, shard, reason, why)
 
 
 class SyntheticLoader:
@@ -345,5 +365,5 @@ def _build_shard_loader(cfg, rank: int, world_size: int):
             raise ImportError("data.loader=dali but nvidia.dali is not installed "
                               "(pip install 'fasttips[dali]', or use data.loader=pytorch)")
         from .dali_loader import DaliLoader
-        return DaliLoader(cfg, rank, world_size, indexes, tokenizer, stats)
+        return DaliLoader(cfg, rank, world_size, samples, tokenizer, stats)
     return Loader(cfg, rank, world_size, samples, tokenizer, stats)

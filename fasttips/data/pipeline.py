@@ -86,6 +86,12 @@ class SampleStream:
         epoch, i = divmod(position, len(self.samples))
         return epoch, self.samples[int(self.order(epoch)[i])]
 
+    def stand_in(self, position: int, attempt: int) -> int:
+        """The position whose sample stands in for the one at ``position`` when ``attempt`` samples
+        in a row could not be loaded there (attempt 0: ``position`` itself). Half an epoch apart, so
+        a stand-in is rarely a sample of the same batch."""
+        return position + attempt * (1 + len(self.samples) // 2)
+
     def batch_positions(self, batch_index: int) -> range:
         """The global positions of this rank's batch ``batch_index``."""
         spec, B = self.spec, self.spec.batch_size
