@@ -29,7 +29,7 @@ DALI stops on an image it cannot decode, so it needs indexes checked with ``data
 vanished since indexing, no caption, an unreadable header) is replaced by a later sample of the
 stream, counted and reported, as in the PyTorch loader.
 
-Resuming: the position in the stream is the whole state (``loader.StreamLoader``): on the same layout
+Resuming: the position in the stream is the whole state (``pipeline.StreamLoader``): on the same layout
 of ranks the batch counter gives the same batches again, and on another number of ranks or another
 batch size ``resume_at`` continues at the global position with no sample of the epoch repeated or
 skipped. A checkpoint of an earlier DALI loader (which kept a DALI pipeline checkpoint of its own
@@ -49,9 +49,8 @@ import torch
 
 from .augment import crop_recipes, draw_crops, min_decode_side
 from .decode import decoded_size
-from .loader import StreamLoader, count_skipped
 from .photometric import photometric
-from .pipeline import assemble, crop_seed, seed_words
+from .pipeline import StreamLoader, assemble, count_skipped, crop_seed, seed_words
 from .pytorch_loader import MAX_REPLACEMENTS
 from .shards import MemberReader
 

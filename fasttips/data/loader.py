@@ -10,7 +10,7 @@ yields batches that satisfy ``batch.py`` forever; ``state_dict()`` / ``load_stat
 data position so a resumed run continues with the same batches. ``global_position`` is that position
 as a global sample index (all ranks together), and ``resume_at(position, batches)`` continues from it
 on another number of ranks or another batch size (``pipeline.py``). Both loaders read that one stream
-and share this logic (``StreamLoader``); the DALI loader differs only in who decodes and crops.
+and share this logic (``pipeline.StreamLoader``); the DALI loader differs only in who decodes and crops.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from fasttips.safe_io import write_atomic
 from . import demo, storage
 from .caption_fields import DEFAULT_CAPTION_FIELDS, caption_fields_of, missing_caption_hint
 from .batch import synthetic_batch
-from .pipeline import SampleStream, StreamSpec
+from .pipeline import StreamLoader, count_skipped
 from .sample_table import ConcatSamples
 from .shards import (SKIP_REASONS, MemberReader, cache_dir, fingerprint, index_shards, list_shards,
                      total_skipped)
@@ -124,93 +124,6 @@ def resolve_tokenizer(cfg, indexes) -> Tokenizer:
     return tok
 
 
-class StreamLoader:
-    """The position of a loader that reads the global stream (``pipeline.py``): both the PyTorch
-    loader (``Loader``) and the DALI loader (``dali_loader.DaliLoader``). A subclass sets ``cfg``,
-    ``rank``, ``world_size``, ``batch_size``, ``samples``, ``stream``, ``batches`` and provides
-    ``__next__`` and ``close``; the state, and the resume on any layout of ranks, are here."""
-
-    def _stream(self, start: int, first_batch: int) -> SampleStream:
-        spec = StreamSpec(self.cfg.train.seed, self.rank, self.world_size, self.batch_size, start, first_batch)
-        return SampleStream(self.samples, spec)
-
-    @property
-    def num_samples(self) -> int:
-        """This rank's share of one epoch (the epoch is every good sample, shared by the ranks)."""
-        return len(self.stream) // self.world_size
-
-    @property
-    def epoch_samples(self) -> int:
-        return len(self.stream)
-
-    @property
-    def global_position(self) -> int:
-        """Samples of the global stream consumed by all ranks together (every rank took ``batches``)."""
-        return self.stream.position_after(self.batches)
-
-    def __iter__(self):
-        return self
-
-    def state_dict(self) -> dict:
-        spec = self.stream.spec
-        return {"kind": self.kind, "batches": self.batches, "seed": self.cfg.train.seed, "rank": self.rank,
-                "world_size": self.world_size, "num_samples": self.num_samples,
-                "batch_size": self.batch_size, "position": self.global_position,
-                "epoch_samples": self.epoch_samples, "start": spec.start, "first_batch": spec.first_batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        """This rank's saved position: the same batches again when the layout (ranks, batch size) is
-        the one saved; on another layout, the same global position (``resume_at``). Both loaders read
-        the same stream, so a position saved by one is the same samples in the other."""
-        same_layout = all(state.get(k, v) == v for k, v in (("world_size", self.world_size),
-                                                            ("batch_size", self.batch_size)))
-        if not same_layout and "position" in state:
-            self.resume_at(state)
-            return
-        if "dali_checkpoint" in state and "position" not in state:
-            log.warning("data: this checkpoint comes from a fasttips whose DALI loader shuffled each rank's "
-                        "own slice of the samples; both loaders now read one global stream, which continues "
-                        "at batch %d, so this epoch may repeat or skip samples", int(state["batches"]))
-        elif "position" not in state and self.world_size > 1:
-            log.warning("data: this checkpoint comes from a fasttips whose ranks each read their own slice "
-                        "of the samples; the ranks now share one stream, so this epoch may repeat or skip "
-                        "samples")
-        for field in ("seed", "world_size", "batch_size", "epoch_samples"):
-            if field in state and state[field] != self.state_dict()[field]:
-                log.warning("data: resuming with %s=%r (saved: %r); the batch sequence will differ",
-                            field, self.state_dict()[field], state[field])
-        self.close()
-        self.stream = self._stream(int(state.get("start", 0)), int(state.get("first_batch", 0)))
-        self.batches = int(state["batches"])
-
-    def position_state(self) -> dict:
-        """The position in a form any layout of ranks can resume from (saved once, in meta.json)."""
-        return {"position": self.global_position, "batches": self.batches, "epoch_samples": self.epoch_samples}
-
-    def resume_at(self, state: dict) -> None:
-        """Continue the global stream at ``state["position"]`` (a :meth:`position_state`, or a rank's
-        state_dict) with this loader's layout: its rank, number of ranks and batch size; batch
-        indexes count on from ``state["batches"]``. An epoch of another size means the data changed,
-        which the position cannot bridge (a warning says so)."""
-        position, batches = int(state["position"]), int(state["batches"])
-        if state.get("epoch_samples", self.epoch_samples) != self.epoch_samples:
-            log.warning("data: the checkpoint counted %d samples per epoch, the data now holds %d; its "
-                        "position %d is kept, but this epoch may repeat or skip samples",
-                        state["epoch_samples"], self.epoch_samples, position)
-        self.close()
-        self.stream = self._stream(position, batches)
-        self.batches = batches
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
 class Loader(StreamLoader):
     """Infinite iterator of batches with a resumable position (see module docstring)."""
 
@@ -249,14 +162,6 @@ class Loader(StreamLoader):
         it, self._it = self._it, None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
-
-
-def count_skipped(stats: dict, skipped) -> None:
-    """Count and report the samples a batch passed over, as the batch is handed out (one line per
-    sample, so the counts match the lines; a batch built ahead and never used counts nothing)."""
-    for reason, key, shard, why in skipped:
-        stats[reason] = stats.get(reason, 0) + 1
-        log.warning("data: skipped sample %r of %s at load time: %s (%s)", key, shard, reason, why)
 
 
 class SyntheticLoader:
