@@ -37,20 +37,21 @@ shuffled reader) resumes at its batch count; its pipeline checkpoint is ignored.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
+import json
 import logging
 import os
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from fasttips.distributed.signals import ignore_stop_signals
+
 from .augment import crop_recipes, draw_crops, min_decode_side
 from .decode import decoded_size
 from .photometric import photometric
-from .pipeline import StreamLoader, assemble, count_skipped, crop_seed, seed_words
+from .pipeline import SampleStream, StreamLoader, assemble, count_skipped, crop_seed, seed_words
 from .pytorch_loader import MAX_REPLACEMENTS
 from .shards import MemberReader
 
@@ -65,18 +66,23 @@ def cuda_devices() -> int:
         return 0
 
 
-def _build_pipeline(recipes, source, batch_size: int, num_threads: int, device_id, interp: str = "cubic"):
+def _build_pipeline(recipes, feed: Feed, batch_size: int, num_threads: int, device_id, workers: int,
+                    interp: str = "cubic"):
     """The DALI graph: encoded images and, per crop, the relative box (start, end as [y, x]) and the
-    flip, all from ``source`` (one call per batch, in batch order); out come the uint8 CHW crops."""
+    flip, all from ``feed`` (one call per batch); out come the uint8 CHW crops and the feed's records.
+    With ``workers`` > 0 the feed runs in that many worker processes (forked here, when the pipeline
+    is built), each computing whole batches, ``workers`` batches ahead; with 0, in this thread."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
     interp_type = {"cubic": types.INTERP_CUBIC, "linear": types.INTERP_LINEAR}[interp]
+    parallel = {"parallel": True, "prefetch_queue_depth": max(2, workers)} if workers > 0 else {}
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
-                  prefetch_queue_depth=2)
+                  prefetch_queue_depth=2, py_num_workers=workers, py_start_method="fork")
     def multicrop_pipeline():
-        encoded, *geometry = fn.external_source(source=source, num_outputs=1 + 3 * len(recipes), batch=True)
+        encoded, *geometry, records = fn.external_source(source=feed, num_outputs=feed.num_outputs, batch=True,
+                                                         batch_info=True, **parallel)
         image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
         crops = []
         for i, recipe in enumerate(recipes):
@@ -84,7 +90,7 @@ def _build_pipeline(recipes, source, batch_size: int, num_threads: int, device_i
             crop = fn.resize(image, size=[recipe.size, recipe.size], roi_start=start, roi_end=end,
                              roi_relative=True, interp_type=interp_type, antialias=True)
             crops.append(fn.crop_mirror_normalize(crop, dtype=types.UINT8, output_layout="CHW", mirror=mirror))
-        return tuple(crops)
+        return (*crops, records)
 
     pipe = multicrop_pipeline()
     pipe.build()
@@ -128,30 +134,30 @@ class FedBatch:
     boxes: list[list[tuple[int, int, int, int, bool]]]        # per sample, per crop: box and flip
 
 
-class DaliLoader(StreamLoader):
-    kind = "dali"
+def _pack(record) -> np.ndarray:
+    return np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
 
-    def __init__(self, cfg, rank: int, world_size: int, samples, tokenizer, stats: dict):
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.tokenizer, self.stats = tokenizer, stats
-        self.batch_size = cfg.data.batch_size
-        self.samples = samples
-        self.stream = self._stream(start=0, first_batch=0)
-        self.batches = 0              # batches handed out so far
-        self.recipes = crop_recipes(cfg.data.global_size, cfg.data.n_global, cfg.data.global_scale,
-                                    cfg.data.local_size, cfg.data.n_local, cfg.data.local_scale)
-        self.min_side = min_decode_side(self.recipes)             # as the Pillow loader decodes
-        self.device_id = None
-        if cuda_devices() > 0 and torch.cuda.is_available():
-            self.device_id = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
-        self.device = torch.device("cuda", self.device_id) if self.device_id is not None else torch.device("cpu")
-        self.last_fed: FedBatch | None = None         # the batch handed out last (its boxes: for the tests)
-        self._pipe = None
+
+class Feed:
+    """The graph's input: batch ``first_batch + info.iteration`` of the stream, read and drawn here.
+    It holds no state of the loader's (DALI calls it with each batch's ``BatchInfo``), so it pickles
+    into DALI's worker processes and runs there, or in the main thread with no workers. Besides the
+    encoded images and the geometry, its last output is, per sample, the sample's record (key,
+    epoch, captions, decoded size, boxes and flips, and the samples passed over for it) as JSON
+    bytes: it reaches the loader with the batch, from whichever process read it."""
+
+    def __init__(self, stream: SampleStream, recipes, min_side: int, first_batch: int):
+        self.stream, self.recipes, self.min_side, self.first_batch = stream, recipes, min_side, first_batch
         self._reader: MemberReader | None = None
-        self._fed: collections.deque[FedBatch] = collections.deque()
-        self._next_feed = 0
+        self._owner = os.getpid()
 
-    # -- the Python side of the graph: which samples, which boxes ------------------------------------
+    def __getstate__(self):
+        return {**self.__dict__, "_reader": None}
+
+    @property
+    def num_outputs(self) -> int:
+        return 2 + 3 * len(self.recipes)
+
     def _read(self, position: int, skipped: list):
         """(encoded image, captions, key, epoch, decoded size) of the sample at ``position``, or of the
         one standing in for it (``SampleStream.stand_in``); each sample passed over is appended to
@@ -174,18 +180,21 @@ class DaliLoader(StreamLoader):
             return data, caps, s.key, epoch, size
         raise RuntimeError(f"{MAX_REPLACEMENTS} samples in a row failed to load; the shards look broken")
 
-    def _feed(self):
-        """The graph's input for the next batch (DALI calls this one batch ahead, in batch order)."""
-        b = self._next_feed
-        self._next_feed += 1
+    def __call__(self, info) -> tuple:
+        if self._reader is None:
+            if os.getpid() != self._owner:
+                ignore_stop_signals()         # a worker outlives the process group's first stop signal
+            self._reader = MemberReader()
+        b = self.first_batch + info.iteration
         spec = self.stream.spec
-        fed = FedBatch(b, [], [], [], [], [], [])
-        encoded = []
-        n = len(self.recipes)
-        boxes = np.empty((n, self.batch_size, 4), dtype=np.float32)    # per crop and sample: y0, x0, y1, x1
-        flips = np.empty((n, self.batch_size), dtype=np.int32)
-        for j, position in enumerate(self.stream.batch_positions(b)):
-            data, caps, key, epoch, (width, height) = self._read(position, fed.skipped)
+        positions = self.stream.batch_positions(b)
+        n, B = len(self.recipes), len(positions)
+        encoded, records = [], []
+        boxes = np.empty((n, B, 4), dtype=np.float32)    # per crop and sample: y0, x0, y1, x1
+        flips = np.empty((n, B), dtype=np.int32)
+        for j, position in enumerate(positions):
+            skipped: list = []
+            data, caps, key, epoch, (width, height) = self._read(position, skipped)
             rng = np.random.default_rng(crop_seed(spec.seed, spec.rank, position))
             draws = draw_crops(width, height, self.recipes, rng)
             encoded.append(np.frombuffer(data, dtype=np.uint8))
@@ -193,31 +202,66 @@ class DaliLoader(StreamLoader):
                 left, top, right, bottom = d.box
                 boxes[i, j] = (top / height, left / width, bottom / height, right / width)
                 flips[i, j] = d.flip
-            fed.keys.append(key), fed.captions.append(caps), fed.epochs.append(epoch)
-            fed.sizes.append((width, height))
-            fed.boxes.append([(*d.box, d.flip) for d in draws])
-        self._fed.append(fed)
+            records.append(_pack({"batch": b, "key": key, "epoch": epoch, "captions": caps,
+                                  "size": [width, height], "boxes": [[*d.box, d.flip] for d in draws],
+                                  "skipped": skipped}))
         # dense arrays (one per graph input, the batch first) cost DALI far less to take than lists
         geometry = [part for i in range(n) for part in (np.ascontiguousarray(boxes[i, :, :2]),
                                                           np.ascontiguousarray(boxes[i, :, 2:]), flips[i])]
-        return (encoded, *geometry)
+        return (encoded, *geometry, records)
+
+    def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
+
+def unpack_fed(records) -> FedBatch:
+    """The loader's side of ``Feed``'s last output: the batch's records, in sample order."""
+    fed = None
+    for j in range(len(records)):
+        r = json.loads(np.asarray(records[j]).tobytes())
+        if fed is None:
+            fed = FedBatch(r["batch"], [], [], [], [], [], [])
+        fed.keys.append(r["key"]), fed.captions.append(r["captions"]), fed.epochs.append(r["epoch"])
+        fed.skipped += [tuple(s) for s in r["skipped"]]
+        fed.sizes.append(tuple(r["size"]))
+        fed.boxes.append([(*box[:4], bool(box[4])) for box in r["boxes"]])
+    return fed
+
+
+class DaliLoader(StreamLoader):
+    kind = "dali"
+
+    def __init__(self, cfg, rank: int, world_size: int, samples, tokenizer, stats: dict):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.tokenizer, self.stats = tokenizer, stats
+        self.batch_size = cfg.data.batch_size
+        self.samples = samples
+        self.stream = self._stream(start=0, first_batch=0)
+        self.batches = 0              # batches handed out so far
+        self.recipes = crop_recipes(cfg.data.global_size, cfg.data.n_global, cfg.data.global_scale,
+                                    cfg.data.local_size, cfg.data.n_local, cfg.data.local_scale)
+        self.min_side = min_decode_side(self.recipes)             # as the Pillow loader decodes
+        self.device_id = None
+        if cuda_devices() > 0 and torch.cuda.is_available():
+            self.device_id = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+        self.device = torch.device("cuda", self.device_id) if self.device_id is not None else torch.device("cpu")
+        self.last_fed: FedBatch | None = None         # the batch handed out last (its boxes: for the tests)
+        self._pipe = None
+        self._feed: Feed | None = None
 
     def _start(self):
-        self._reader = MemberReader()
-        self._fed.clear()
-        self._next_feed = self.batches
-        # The graph holds its source weakly: a loader nobody uses any more is freed at once, and with it
-        # the graph and its threads (a process forked while they run, e.g. a DataLoader worker, crashes).
-        feed = weakref.WeakMethod(self._feed)
-        self._pipe = _build_pipeline(self.recipes, lambda: feed()(), self.batch_size,
-                                     max(1, self.cfg.data.num_workers or 1), self.device_id,
-                                     interp="cubic" if self.device_id is not None else "linear")
+        workers = max(0, int(self.cfg.data.num_workers or 0))
+        self._feed = Feed(self.stream, self.recipes, self.min_side, first_batch=self.batches)
+        self._pipe = _build_pipeline(self.recipes, self._feed, self.batch_size, max(1, workers), self.device_id,
+                                     workers, interp="cubic" if self.device_id is not None else "linear")
 
     def __next__(self) -> dict:
         if self._pipe is None:
             self._start()
         out = self._pipe.run()
-        fed = self._fed.popleft()
+        fed = unpack_fed(out[len(self.recipes)])
         assert fed.index == self.batches, f"loader out of order: got batch {fed.index}, expected {self.batches}"
         if self.device.type == "cpu":
             # DALI's threads already fill the cores: torch's own thread pool would only spin-wait
@@ -247,8 +291,7 @@ class DaliLoader(StreamLoader):
                         tokenizer=self.tokenizer, pixels_ready=(global_crops, local_crops))
 
     def close(self) -> None:
-        self._pipe = None
-        self._fed.clear()
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.close()
+        self._pipe = None             # (its last reference: DALI stops its threads and worker processes)
+        feed, self._feed = self._feed, None
+        if feed is not None:
+            feed.close()
