@@ -220,3 +220,48 @@ def test_dali_gpu_decoding(tiny_shards):
     assert b["global_crops"].is_cuda and b["local_crops"].is_cuda
     assert check_batch(b, 1, 2, 14) == B
     assert 0 <= float(b["global_crops"].min()) and float(b["global_crops"].max()) <= 1
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+def test_dali_worker_processes_feed_the_same_samples_and_skips(tmp_path, caplog):
+    """data.num_workers=2: the feed runs in DALI's worker processes and the loader gets the same
+    keys, batch by batch, and reports the same samples passed over (a shard shrank after indexing)
+    in the same batches as with the feed in the main thread and as the PyTorch loader; close()
+    stops the workers."""
+    import logging
+    import multiprocessing
+
+    from data_helpers import write_shards
+    paths = write_shards(tmp_path, 8, 4)                  # two shards of 4
+    loaders = {name: build_loader(tiny_cfg(tmp_path, *opts)) for name, opts in (
+        ("pytorch", ["data.loader=pytorch"]), ("dali_0", ["data.loader=dali", "data.num_workers=0"]),
+        ("dali_2", ["data.loader=dali", "data.num_workers=2"]))}
+    with open(paths[1], "r+b") as f:
+        f.truncate(1024)                                  # keeps the first member header only
+    got = {}
+    for name, L in loaders.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fasttips.data"):
+            got[name] = [(next(L)["keys"], dict(L.stats)) for _ in range(4)]
+        got[name].append([r.getMessage() for r in caplog.records if "skipped sample" in r.getMessage()])
+    assert got["dali_2"] == got["dali_0"] == got["pytorch"]
+    assert got["pytorch"][-2][1]["unreadable_shard"] >= 4
+    assert len(multiprocessing.active_children()) == 2
+    loaders["dali_2"].close()
+    assert not multiprocessing.active_children()
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+def test_dali_worker_processes_resume_at_the_right_batch(tiny_shards):
+    cfg = tiny_cfg(tiny_shards, "data.loader=dali", "data.num_workers=2")
+    L = build_loader(cfg)
+    take(L, 4)
+    state = L.state_dict()
+    expected = take(L, 3)                                 # into the second epoch
+    L.close()
+    R = build_loader(cfg)
+    R.load_state_dict(state)
+    got = take(R, 3)
+    assert R.last_fed.index == 6
+    assert [b["keys"] for b in got] == [b["keys"] for b in expected]
+    assert all(torch.equal(e["global_crops"], g["global_crops"]) for e, g in zip(expected, got))
