@@ -4,14 +4,23 @@ graph; the photometric augmentation batched in torch on the same device.
 What is read, and in which order, is decided in Python exactly as for the PyTorch loader
 (``pipeline.py``): batch ``b`` of this rank holds the positions ``stream.batch_positions(b)`` of the
 one global stream, and their encoded images are read from the local shards by byte range
-(``shards.MemberReader``) and handed to the graph by an ``fn.external_source``. The crop boxes and
-flips are drawn in Python too, per sample, from ``crop_seed(train.seed, rank, position)`` with the
+(``shards.MemberReader``) and handed to the graph by an ``fn.external_source`` whose source is a
+``Feed``. The crop boxes and flips are drawn in Python too, per sample, from ``crop_seed(train.seed, rank, position)`` with the
 Pillow path's own ``augment.draw_crops`` on the size the Pillow loader decodes the image to
 (``decode.decoded_size``, read from the header: a large JPEG counts at its reduced decoding scale);
 the graph gets each box relative to the image (``fn.resize`` with ``roi_relative``) and the flip as a
 per-sample ``mirror``. So both loaders take the same samples in the same order, with the same boxes;
 their pixels differ only by the resampling filter and, for large JPEGs, by the decoding scale. The
 graph itself holds no random state.
+
+Where the feed runs: with ``data.num_workers`` > 0 the external source is parallel, and the feed runs
+in that many processes that DALI forks when the graph is built (each computing whole batches, ahead
+of the training loop); with 0, in the main thread, inside ``run()``. The ``Feed`` is picklable and
+keeps no state of the loader: batch ``b`` is ``first_batch + BatchInfo.iteration``, and what the
+loader needs of it besides the crops (keys, epochs, captions, boxes, the samples passed over) comes
+back as one more output, a JSON record per sample, so the loader reports each skipped sample once, in
+batch order, from whichever process read it. ``close()`` drops the graph, which stops its threads
+and worker processes (nothing holds the graph but the loader).
 
 With a CUDA device (``nvidia.dali.backend.GetCUDADeviceCount() > 0``) images are decoded with
 ``device='mixed'`` (nvJPEG) and cropped on the GPU (``device_id`` = the local rank); without one the
