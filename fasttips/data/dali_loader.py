@@ -14,8 +14,9 @@ their pixels differ only by the resampling filter and, for large JPEGs, by the d
 graph itself holds no random state.
 
 Where the feed runs: with ``data.num_workers`` > 0 the external source is parallel, and the feed runs
-in that many processes that DALI forks when the graph is built (each computing whole batches, ahead
-of the training loop); with 0, in the main thread, inside ``run()``. The ``Feed`` is picklable and
+in that many processes that DALI starts before the graph is built (each computing whole batches,
+ahead of the training loop): forked on the CPU, spawned where there is a CUDA context or the graph
+decodes on the GPU (``worker_start_method``); with 0, in the main thread, inside ``run()``. The ``Feed`` is picklable and
 keeps no state of the loader: batch ``b`` is ``first_batch + BatchInfo.iteration``, and what the
 loader needs of it besides the crops (keys, epochs, captions, boxes, the samples passed over) comes
 back as one more output, a JSON record per sample, so the loader reports each skipped sample once, in
@@ -86,9 +87,10 @@ def _build_pipeline(recipes, feed: Feed, batch_size: int, num_threads: int, devi
     gpu = device_id is not None
     interp_type = {"cubic": types.INTERP_CUBIC, "linear": types.INTERP_LINEAR}[interp]
     parallel = {"parallel": True, "prefetch_queue_depth": max(2, workers)} if workers > 0 else {}
+    start_method = worker_start_method(gpu)
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
-                  prefetch_queue_depth=2, py_num_workers=workers, py_start_method="fork")
+                  prefetch_queue_depth=2, py_num_workers=workers, py_start_method=start_method)
     def multicrop_pipeline():
         encoded, *geometry, records = fn.external_source(source=feed, num_outputs=feed.num_outputs, batch=True,
                                                          batch_info=True, **parallel)
@@ -102,8 +104,17 @@ def _build_pipeline(recipes, feed: Feed, batch_size: int, num_threads: int, devi
         return (*crops, records)
 
     pipe = multicrop_pipeline()
+    if workers > 0:
+        pipe.start_py_workers()       # before build(), which may create a CUDA context (fork needs none yet)
     pipe.build()
     return pipe
+
+
+def worker_start_method(gpu: bool) -> str:
+    """How DALI starts the feed's worker processes: fork (cheap: the stream is inherited, not pickled)
+    unless this process has, or the pipeline will create, a CUDA context, which a forked child cannot
+    use (DALI refuses to fork then); spawn otherwise (``Feed`` pickles; each worker imports fasttips)."""
+    return "spawn" if gpu or torch.cuda.is_initialized() else "fork"
 
 
 @contextlib.contextmanager

@@ -265,3 +265,19 @@ def test_dali_worker_processes_resume_at_the_right_batch(tiny_shards):
     assert R.last_fed.index == 6
     assert [b["keys"] for b in got] == [b["keys"] for b in expected]
     assert all(torch.equal(e["global_crops"], g["global_crops"]) for e, g in zip(expected, got))
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+def test_dali_workers_started_by_spawn_feed_the_same_samples(tiny_shards, monkeypatch):
+    """On a GPU the feed's workers are spawned (a forked child cannot use the parent's CUDA context):
+    the Feed pickles into them and gives the batches the forked workers give."""
+    from fasttips.data import dali_loader
+    assert dali_loader.worker_start_method(gpu=True) == "spawn"
+    cfg = tiny_cfg(tiny_shards, "data.loader=dali", "data.num_workers=1")
+    forked = build_loader(cfg)
+    expected = [b["keys"] for b in take(forked, 3)]
+    forked.close()
+    monkeypatch.setattr(dali_loader, "worker_start_method", lambda gpu: "spawn")
+    spawned = build_loader(cfg)
+    assert [b["keys"] for b in take(spawned, 3)] == expected
+    spawned.close()
