@@ -253,7 +253,7 @@ class Trainer:
         else:
             why = (f"the {self.loader.kind} loader cannot move its position to another number of ranks"
                    if not hasattr(self.loader, "resume_at") else
-                   "the checkpoint holds no global data position (an earlier fasttips, or the DALI loader)")
+                   "the checkpoint holds no global data position (an earlier fasttips, or its DALI loader)")
             self.say(f"resume: {was}; {why}, so the data positions restart (this epoch may repeat "
                      f"samples); RNG streams restart from (train.seed, step, rank)")
         if meta.get("global_batch") not in (None, self.global_batch):
@@ -288,7 +288,7 @@ class Trainer:
     def _data_position(self) -> dict | None:
         """Where the data stand, for any layout of ranks (meta.json, written by rank 0; every rank has
         taken as many batches): the global index of the next sample, the batch counter, the epoch size.
-        None for a loader that cannot resume on another layout (DALI)."""
+        None for a loader without ``position_state`` (every loader of fasttips has one now)."""
         position_state = getattr(self.loader, "position_state", None)
         return position_state() if position_state is not None else None
 

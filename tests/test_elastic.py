@@ -8,6 +8,7 @@ to record the keys of the batches each rank trains on. One epoch is 24 samples: 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.dist
 N_SAMPLES = 24
 MODEL = ["vision.depth=1", "text.depth=1", "text.max_len=8", "text.vocab_size=200", "heads.hidden=64",
          "heads.bottleneck=32", "heads.prototypes=64", "data.global_size=28", "data.local_size=14",
-         "data.n_local=1", "data.batch_size=2", "data.num_workers=0", "data.loader=pytorch",
+         "data.n_local=1", "data.batch_size=2", "data.num_workers=0",
          "train.device=cpu", "train.precision=fp32", "train.ckpt_every=100", "eval.every=0"]
 
 
@@ -44,11 +45,15 @@ def _phase(ranks: int, run_dir: Path, env: dict, *args: str) -> str:
     return done.stdout
 
 
-def test_one_to_two_to_one_ranks_sees_every_sample_once(tmp_path):
+@pytest.mark.parametrize("loader", ["pytorch", pytest.param("dali", marks=pytest.mark.skipif(
+    importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None,
+    reason="nvidia-dali not installed"))])
+def test_one_to_two_to_one_ranks_sees_every_sample_once(tmp_path, loader):
     shards = tmp_path / "shards"
     write_shards(shards, N_SAMPLES, 8)
     run_dir, env = tmp_path / "run", _env(tmp_path / "cache")
-    _phase(1, run_dir, env, *MODEL, f"data.path={shards}", f"train.run_dir={run_dir}", "train.steps=4")
+    _phase(1, run_dir, env, *MODEL, f"data.loader={loader}", f"data.path={shards}", f"train.run_dir={run_dir}",
+           "train.steps=4")
     out = _phase(2, run_dir, env, "--resume", str(run_dir), "train.steps=6")
     assert "written by 1 ranks, now 2; the data continue at global sample 8" in out
     out = _phase(1, run_dir, env, "--resume", str(run_dir), "train.steps=10")

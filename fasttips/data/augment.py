@@ -106,12 +106,24 @@ def jitter_parts(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.n
     four (torchvision also clamps between steps; we clamp once at the end). Scalar on purpose: a few
     3×3 products per sample are cheaper in a loop than vectorised with masks, even for a batch.
     """
+    return jitter_map(draw_jitter(rng))
+
+
+def draw_jitter(rng: np.random.Generator) -> tuple[float, float, float, float, np.ndarray]:
+    """The random part of ``jitter_parts``: brightness, contrast, saturation and hue factors, and
+    the order of the four steps."""
     b = rng.uniform(1 - JITTER["brightness"], 1 + JITTER["brightness"])
     c = rng.uniform(1 - JITTER["contrast"], 1 + JITTER["contrast"])
     s = rng.uniform(1 - JITTER["saturation"], 1 + JITTER["saturation"])
     hue = rng.uniform(-JITTER["hue"], JITTER["hue"])
+    return b, c, s, hue, rng.permutation(4)
+
+
+def jitter_map(draw: tuple[float, float, float, float, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(A, t0, T)`` of ``jitter_parts`` for a ``draw_jitter``."""
+    b, c, s, hue, order = draw
     A, t0, T = np.eye(3), np.zeros(3), np.zeros((3, 3))
-    for op in rng.permutation(4):
+    for op in order:
         if op == 0:
             A, t0, T = b * A, b * t0, b * T
         elif op == 1:       # mean luma now = LUMA·t0 + (LUMA (A + T))·m
@@ -134,28 +146,69 @@ def jitter_affine(mean_rgb: np.ndarray, rng: np.random.Generator) -> tuple[np.nd
 
 def color_jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Apply ``jitter_affine`` with Pillow's matrix conversion (rounds and clamps to 0..255)."""
+    return _apply_jitter(img, jitter_parts(rng))
+
+
+def _apply_jitter(img: Image.Image, parts: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Image.Image:
     hist = np.asarray(img.histogram(), dtype=np.float64).reshape(3, 256)   # C-speed per-channel counts
     mean_rgb = hist @ _LEVELS / (img.width * img.height)
-    A, t = jitter_affine(mean_rgb, rng)
+    A, t0, T = parts
+    t = t0 + T @ mean_rgb
     matrix = tuple(float(v) for v in np.concatenate([A, t[:, None]], axis=1).reshape(-1))
     return img.convert("RGB", matrix)
 
 
-def augment_crop(img: Image.Image, recipe: CropRecipe, rng: np.random.Generator) -> np.ndarray:
-    """One augmented crop of ``img`` (RGB) as uint8 [size, size, 3]."""
-    box = random_resized_box(img.width, img.height, recipe.scale, rng)
-    crop = img.resize((recipe.size, recipe.size), Image.BICUBIC, box=box)
-    if rng.random() < 0.5:
+@dataclass(frozen=True)
+class CropDraw:
+    """Every random choice of one crop (``draw_crop``): the box in the pixels of the decoded image,
+    the flip, and the photometric choices (None / False: not applied)."""
+    box: tuple[int, int, int, int]
+    flip: bool
+    jitter: tuple[float, float, float, float, np.ndarray] | None     # ``draw_jitter``
+    gray: bool
+    blur_sigma: float | None
+    solarize: bool
+
+
+def draw_crop(width: int, height: int, recipe: CropRecipe, rng: np.random.Generator) -> CropDraw:
+    """The random choices of one crop of a ``width`` × ``height`` image, in a fixed order: box, flip,
+    jitter, grayscale, blur, solarize. Both loaders draw their boxes and flips here from the same
+    per-sample seed (``pipeline.crop_seed``), so given the image size they crop the same regions.
+    Draws only (the jitter's matrices are made when applied): the DALI loader, which uses the box
+    and flip alone, pays little for the rest."""
+    box = random_resized_box(width, height, recipe.scale, rng)
+    flip = bool(rng.random() < 0.5)
+    jitter = draw_jitter(rng) if rng.random() < JITTER_P else None
+    gray = bool(rng.random() < GRAY_P)
+    sigma = float(rng.uniform(*BLUR_SIGMA)) if rng.random() < recipe.blur_p else None
+    solarize = bool(rng.random() < recipe.solarize_p)
+    return CropDraw(box, flip, jitter, gray, sigma, solarize)
+
+
+def draw_crops(width: int, height: int, recipes: list[CropRecipe], rng: np.random.Generator) -> list[CropDraw]:
+    """``draw_crop`` for every recipe of one image, in recipe order (what ``multicrop`` draws)."""
+    return [draw_crop(width, height, r, rng) for r in recipes]
+
+
+def apply_crop(img: Image.Image, recipe: CropRecipe, d: CropDraw) -> np.ndarray:
+    """The crop ``d`` of ``img`` (RGB) with Pillow, as uint8 [size, size, 3]."""
+    crop = img.resize((recipe.size, recipe.size), Image.BICUBIC, box=d.box)
+    if d.flip:
         crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-    if rng.random() < JITTER_P:
-        crop = color_jitter(crop, rng)
-    if rng.random() < GRAY_P:
+    if d.jitter is not None:
+        crop = _apply_jitter(crop, jitter_map(d.jitter))
+    if d.gray:
         crop = crop.convert("L").convert("RGB")
-    if rng.random() < recipe.blur_p:
-        crop = crop.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*BLUR_SIGMA)))
-    if rng.random() < recipe.solarize_p:
+    if d.blur_sigma is not None:
+        crop = crop.filter(ImageFilter.GaussianBlur(radius=d.blur_sigma))
+    if d.solarize:
         crop = ImageOps.solarize(crop, threshold=SOLARIZE_THRESHOLD)
     return np.asarray(crop, dtype=np.uint8)
+
+
+def augment_crop(img: Image.Image, recipe: CropRecipe, rng: np.random.Generator) -> np.ndarray:
+    """One augmented crop of ``img`` (RGB) as uint8 [size, size, 3]."""
+    return apply_crop(img, recipe, draw_crop(img.width, img.height, recipe, rng))
 
 
 def decode_rgb(data: bytes, min_side: int = 0) -> Image.Image:

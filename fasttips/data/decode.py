@@ -106,6 +106,20 @@ def reduced_jpeg_draft(img: Image.Image, min_side: int) -> None:
         img.draft("RGB", (img.width // factor, img.height // factor))
 
 
+def decoded_size(data: bytes, min_side: int = 0) -> tuple[int, int]:
+    """``decode_rgb(data, min_side).size`` from the header alone, without decoding the pixels: the
+    size after a reduced-scale JPEG decode and after the EXIF rotation (the DALI loader draws its
+    crop boxes on it, as the Pillow loader does on the decoded image)."""
+    img = Image.open(io.BytesIO(data))
+    if img.format not in FORMATS:
+        raise ValueError(f"image format {img.format}: allowed {list(FORMATS)}")
+    reduced_jpeg_draft(img, min_side)
+    width, height = img.size
+    if img.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):     # the rotations by a quarter turn
+        width, height = height, width
+    return width, height
+
+
 def decode_rgb(data: bytes, min_side: int = 0) -> Image.Image:
     """Decode JPEG/PNG bytes to 8-bit RGB (``min_side`` > 0: a reduced-scale JPEG decode is allowed).
     Raises ``ValueError`` for another format, and whatever Pillow raises for a broken file."""

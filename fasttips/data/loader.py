@@ -9,7 +9,8 @@ skipped, counted in ``.stats`` and reported in one log line), then resolves the 
 yields batches that satisfy ``batch.py`` forever; ``state_dict()`` / ``load_state_dict()`` capture the
 data position so a resumed run continues with the same batches. ``global_position`` is that position
 as a global sample index (all ranks together), and ``resume_at(position, batches)`` continues from it
-on another number of ranks or another batch size (``pipeline.py``; the DALI loader cannot).
+on another number of ranks or another batch size (``pipeline.py``). Both loaders read that one stream
+and share this logic (``pipeline.StreamLoader``); the DALI loader differs only in who decodes and crops.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from fasttips.safe_io import write_atomic
 from . import demo, storage
 from .caption_fields import DEFAULT_CAPTION_FIELDS, caption_fields_of, missing_caption_hint
 from .batch import synthetic_batch
-from .pipeline import SampleStream, StreamSpec
+from .pipeline import StreamLoader, count_skipped
 from .sample_table import ConcatSamples
 from .shards import (SKIP_REASONS, MemberReader, cache_dir, fingerprint, index_shards, list_shards,
                      total_skipped)
@@ -123,7 +124,7 @@ def resolve_tokenizer(cfg, indexes) -> Tokenizer:
     return tok
 
 
-class Loader:
+class Loader(StreamLoader):
     """Infinite iterator of batches with a resumable position (see module docstring)."""
 
     kind = "pytorch"
@@ -137,32 +138,11 @@ class Loader:
         self.batches = 0              # batches handed out so far
         self._it = None
 
-    def _stream(self, start: int, first_batch: int) -> SampleStream:
-        spec = StreamSpec(self.cfg.train.seed, self.rank, self.world_size, self.batch_size, start, first_batch)
-        return SampleStream(self.samples, spec)
-
-    @property
-    def num_samples(self) -> int:
-        """This rank's share of one epoch (the epoch is every good sample, shared by the ranks)."""
-        return len(self.stream) // self.world_size
-
-    @property
-    def epoch_samples(self) -> int:
-        return len(self.stream)
-
-    @property
-    def global_position(self) -> int:
-        """Samples of the global stream consumed by all ranks together (every rank took ``batches``)."""
-        return self.stream.position_after(self.batches)
-
     def _start(self):
         from .pytorch_loader import BatchDataset, make_dataloader
         ds = BatchDataset(self.stream, self.cfg.data, self.cfg.vision.patch_size, self.tokenizer.serialized(),
                           self.tokenizer.max_len, start_batch=self.batches)
         return make_dataloader(ds, self.cfg.data.num_workers)
-
-    def __iter__(self):
-        return self
 
     def __next__(self) -> dict:
         if self._it is None:
@@ -174,69 +154,14 @@ class Loader:
             self.close()              # the run stops here
             kind, message = batch["_data_stop"]
             raise (storage.AccessLost if kind == storage.AccessLost.kind else storage.RemoteOutage)(message)
-        # counted and reported here, as the batch is handed out (one line per sample, so the counts
-        # match the lines; a batch built ahead and never used counts nothing)
-        for reason, key, shard, why in batch.pop("_skipped", ()):
-            self.stats[reason] = self.stats.get(reason, 0) + 1
-            log.warning("data: skipped sample %r of %s at load time: %s (%s)", key, shard, reason, why)
+        count_skipped(self.stats, batch.pop("_skipped", ()))
         self.batches += 1
         return batch
-
-    def state_dict(self) -> dict:
-        spec = self.stream.spec
-        return {"kind": self.kind, "batches": self.batches, "seed": self.cfg.train.seed, "rank": self.rank,
-                "world_size": self.world_size, "num_samples": self.num_samples,
-                "batch_size": self.batch_size, "position": self.global_position,
-                "epoch_samples": self.epoch_samples, "start": spec.start, "first_batch": spec.first_batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        """This rank's saved position: the same batches again when the layout (ranks, batch size) is
-        the one saved; on another layout, the same global position (``resume_at``)."""
-        same_layout = all(state.get(k, v) == v for k, v in (("world_size", self.world_size),
-                                                            ("batch_size", self.batch_size)))
-        if not same_layout and "position" in state:
-            self.resume_at(state)
-            return
-        if "position" not in state and self.world_size > 1:
-            log.warning("data: this checkpoint comes from a fasttips whose ranks each read their own slice "
-                        "of the samples; the ranks now share one stream, so this epoch may repeat or skip "
-                        "samples")
-        for field in ("seed", "world_size", "batch_size", "epoch_samples"):
-            if field in state and state[field] != self.state_dict()[field]:
-                log.warning("data: resuming with %s=%r (saved: %r); the batch sequence will differ",
-                            field, self.state_dict()[field], state[field])
-        self.close()
-        self.stream = self._stream(int(state.get("start", 0)), int(state.get("first_batch", 0)))
-        self.batches = int(state["batches"])
-
-    def position_state(self) -> dict:
-        """The position in a form any layout of ranks can resume from (saved once, in meta.json)."""
-        return {"position": self.global_position, "batches": self.batches, "epoch_samples": self.epoch_samples}
-
-    def resume_at(self, state: dict) -> None:
-        """Continue the global stream at ``state["position"]`` (a :meth:`position_state`, or a rank's
-        state_dict) with this loader's layout: its rank, number of ranks and batch size; batch
-        indexes count on from ``state["batches"]``. An epoch of another size means the data changed,
-        which the position cannot bridge (a warning says so)."""
-        position, batches = int(state["position"]), int(state["batches"])
-        if state.get("epoch_samples", self.epoch_samples) != self.epoch_samples:
-            log.warning("data: the checkpoint counted %d samples per epoch, the data now holds %d; its "
-                        "position %d is kept, but this epoch may repeat or skip samples",
-                        state["epoch_samples"], self.epoch_samples, position)
-        self.close()
-        self.stream = self._stream(position, batches)
-        self.batches = batches
 
     def close(self) -> None:
         it, self._it = self._it, None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 class SyntheticLoader:
@@ -345,5 +270,5 @@ def _build_shard_loader(cfg, rank: int, world_size: int):
             raise ImportError("data.loader=dali but nvidia.dali is not installed "
                               "(pip install 'fasttips[dali]', or use data.loader=pytorch)")
         from .dali_loader import DaliLoader
-        return DaliLoader(cfg, rank, world_size, indexes, tokenizer, stats)
+        return DaliLoader(cfg, rank, world_size, samples, tokenizer, stats)
     return Loader(cfg, rank, world_size, samples, tokenizer, stats)

@@ -14,6 +14,7 @@ this is the stream of earlier versions, position for position.)
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from . import masks as masks_mod
 from .augment import normalize
 from .captions import sample_captions
 from .shards import Sample
+
+log = logging.getLogger("fasttips.data")
 
 
 def seed_words(*parts: int) -> list[int]:
@@ -86,6 +89,12 @@ class SampleStream:
         epoch, i = divmod(position, len(self.samples))
         return epoch, self.samples[int(self.order(epoch)[i])]
 
+    def stand_in(self, position: int, attempt: int) -> int:
+        """The position whose sample stands in for the one at ``position`` when ``attempt`` samples
+        in a row could not be loaded there (attempt 0: ``position`` itself). Half an epoch apart, so
+        a stand-in is rarely a sample of the same batch."""
+        return position + attempt * (1 + len(self.samples) // 2)
+
     def batch_positions(self, batch_index: int) -> range:
         """The global positions of this rank's batch ``batch_index``."""
         spec, B = self.spec, self.spec.batch_size
@@ -139,3 +148,98 @@ def assemble(crops: list[list[np.ndarray]] | None, captions: list[dict], keys: l
     return {"global_crops": global_crops, "local_crops": local_crops, "masks": masks,
             "alt_ids": alt_ids, "alt_pad": alt_pad, "syn_ids": syn_ids, "syn_pad": syn_pad,
             "caption_kind": torch.tensor(kinds, dtype=torch.int64), "keys": list(keys)}
+
+
+class StreamLoader:
+    """The position of a loader that reads the global stream (module docstring): both the PyTorch
+    loader (``loader.Loader``) and the DALI loader (``dali_loader.DaliLoader``). A subclass sets ``cfg``,
+    ``rank``, ``world_size``, ``batch_size``, ``samples``, ``stream``, ``batches`` and provides
+    ``__next__`` and ``close``; the state, and the resume on any layout of ranks, are here."""
+
+    def _stream(self, start: int, first_batch: int) -> SampleStream:
+        spec = StreamSpec(self.cfg.train.seed, self.rank, self.world_size, self.batch_size, start, first_batch)
+        return SampleStream(self.samples, spec)
+
+    @property
+    def num_samples(self) -> int:
+        """This rank's share of one epoch (the epoch is every good sample, shared by the ranks)."""
+        return len(self.stream) // self.world_size
+
+    @property
+    def epoch_samples(self) -> int:
+        return len(self.stream)
+
+    @property
+    def global_position(self) -> int:
+        """Samples of the global stream consumed by all ranks together (every rank took ``batches``)."""
+        return self.stream.position_after(self.batches)
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict:
+        spec = self.stream.spec
+        return {"kind": self.kind, "batches": self.batches, "seed": self.cfg.train.seed, "rank": self.rank,
+                "world_size": self.world_size, "num_samples": self.num_samples,
+                "batch_size": self.batch_size, "position": self.global_position,
+                "epoch_samples": self.epoch_samples, "start": spec.start, "first_batch": spec.first_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """This rank's saved position: the same batches again when the layout (ranks, batch size) is
+        the one saved; on another layout, the same global position (``resume_at``). Both loaders read
+        the same stream, so a position saved by one is the same samples in the other."""
+        same_layout = all(state.get(k, v) == v for k, v in (("world_size", self.world_size),
+                                                            ("batch_size", self.batch_size)))
+        if not same_layout and "position" in state:
+            self.resume_at(state)
+            return
+        if "dali_checkpoint" in state and "position" not in state:
+            log.warning("data: this checkpoint comes from a fasttips whose DALI loader shuffled each rank's "
+                        "own slice of the samples; both loaders now read one global stream, which continues "
+                        "at batch %d, so this epoch may repeat or skip samples", int(state["batches"]))
+        elif "position" not in state and self.world_size > 1:
+            log.warning("data: this checkpoint comes from a fasttips whose ranks each read their own slice "
+                        "of the samples; the ranks now share one stream, so this epoch may repeat or skip "
+                        "samples")
+        for field in ("seed", "world_size", "batch_size", "epoch_samples"):
+            if field in state and state[field] != self.state_dict()[field]:
+                log.warning("data: resuming with %s=%r (saved: %r); the batch sequence will differ",
+                            field, self.state_dict()[field], state[field])
+        self.close()
+        self.stream = self._stream(int(state.get("start", 0)), int(state.get("first_batch", 0)))
+        self.batches = int(state["batches"])
+
+    def position_state(self) -> dict:
+        """The position in a form any layout of ranks can resume from (saved once, in meta.json)."""
+        return {"position": self.global_position, "batches": self.batches, "epoch_samples": self.epoch_samples}
+
+    def resume_at(self, state: dict) -> None:
+        """Continue the global stream at ``state["position"]`` (a :meth:`position_state`, or a rank's
+        state_dict) with this loader's layout: its rank, number of ranks and batch size; batch
+        indexes count on from ``state["batches"]``. An epoch of another size means the data changed,
+        which the position cannot bridge (a warning says so)."""
+        position, batches = int(state["position"]), int(state["batches"])
+        if state.get("epoch_samples", self.epoch_samples) != self.epoch_samples:
+            log.warning("data: the checkpoint counted %d samples per epoch, the data now holds %d; its "
+                        "position %d is kept, but this epoch may repeat or skip samples",
+                        state["epoch_samples"], self.epoch_samples, position)
+        self.close()
+        self.stream = self._stream(position, batches)
+        self.batches = batches
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def count_skipped(stats: dict, skipped) -> None:
+    """Count and report the samples a batch passed over, as the batch is handed out (one line per
+    sample, so the counts match the lines; a batch built ahead and never used counts nothing)."""
+    for reason, key, shard, why in skipped:
+        stats[reason] = stats.get(reason, 0) + 1
+        log.warning("data: skipped sample %r of %s at load time: %s (%s)", key, shard, reason, why)

@@ -51,7 +51,7 @@ class BatchDataset(IterableDataset):
         sample passed over is appended to ``skipped`` as (reason, key, shard, why)."""
         spec = self.stream.spec
         for extra in range(MAX_REPLACEMENTS):
-            epoch, s = self.stream.at(position + extra * (1 + len(self.stream) // 2))
+            epoch, s = self.stream.at(self.stream.stand_in(position, extra))
             try:
                 data, caps = reader.image(s), reader.captions(s)
             except storage.DataStop:

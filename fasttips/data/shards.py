@@ -25,9 +25,10 @@ rewritten shard gets a new index and a stale one is never read. Files are writte
 name and renamed, so ranks indexing concurrently never see half a file; ``index_shards`` starts each
 rank at a different place in the list, so the ranks of a first run share the work (and a shard two
 ranks both index is just written twice, identically). A DALI index (``.idx``, wds2idx's format
-v1.2) listing only the good samples is written beside it, so both loaders read exactly the same
-samples and DALI never meets a bad one. Its members are named by sample number, not by key (the
-format is space-separated and DALI's ``source_info`` is ':'-separated; keys may hold both).
+v1.2) listing only the good samples is written beside it, for DALI's own ``fn.readers.webdataset``
+(the DALI loader no longer reads it: it takes the same byte ranges from the JSON index as the PyTorch
+loader). Its members are named by sample number, not by key (the format is space-separated and DALI's
+``source_info`` is ':'-separated; keys may hold both).
 In memory, an index holds its samples packed, one ``sample_table.PackedSamples`` per shard (about 50
 bytes a sample instead of about 700 as a list of ``Sample``); the file keeps the JSON form.
 """

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fasttips.data.decode import decode_rgb
+from fasttips.data.decode import decode_rgb, decoded_size
 
 H, W = 24, 32
 
@@ -80,6 +80,24 @@ def test_pillow_path_matches_dali_pixel_for_pixel(seed):
         assert got.shape == want.shape, f"{name}: {got.shape} vs DALI {want.shape}"
         diff = np.abs(got.astype(int) - want.astype(int)).max()
         assert diff <= tolerance, f"{name}: pixels differ from DALI's by up to {diff} (seed {seed})"
+
+
+@pytest.mark.parametrize("min_side", [0, 20, 60])
+def test_decoded_size_is_the_decoded_images_size_without_decoding(seed, min_side):
+    """The DALI loader draws its crop boxes on ``decoded_size``: it must be the size the Pillow
+    loader decodes to, after a reduced-scale JPEG decode and the EXIF rotation."""
+    rng = np.random.default_rng(seed)
+    big = rng.integers(0, 256, (150, 260, 3), dtype=np.uint8)
+    rotated = Image.fromarray(big)
+    exif = rotated.getexif()
+    exif[0x0112] = 8                                        # EXIF orientation: rotate 90° counter-clockwise
+    cases = {name: data for name, (data, _) in formats(seed).items()}
+    cases["jpeg_large"] = _save(Image.fromarray(big), "JPEG", quality=90)
+    cases["jpeg_large_odd"] = _save(Image.fromarray(big[:149, :257]), "JPEG", quality=90)
+    cases["jpeg_large_rotated"] = _save(rotated, "JPEG", quality=90, exif=exif.tobytes())
+    for name, data in cases.items():
+        assert decoded_size(data, min_side) == decode_rgb(data, min_side).size, (name, min_side)
+    assert decoded_size(cases["jpeg_large_rotated"]) == (150, 260)
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped():

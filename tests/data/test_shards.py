@@ -191,9 +191,11 @@ def test_rank_slice_partitions():
         rank_slice(4, 2, 2)
 
 
-def test_a_shard_that_shrinks_after_indexing_is_counted_as_unreadable(tmp_path):
+@pytest.mark.parametrize("kind", ["pytorch", pytest.param("dali", marks=pytest.mark.skipif(
+    not loader_mod.dali_available(), reason="nvidia-dali not installed"))])
+def test_a_shard_that_shrinks_after_indexing_is_counted_as_unreadable(tmp_path, kind):
     paths = write_shards(tmp_path, 8, 4)                  # two shards of 4
-    L = loader_mod.build_loader(tiny_cfg(tmp_path, "data.loader=pytorch"))
+    L = loader_mod.build_loader(tiny_cfg(tmp_path, f"data.loader={kind}"))
     with open(paths[1], "r+b") as f:
         f.truncate(1024)                                  # keeps the first member header only
     keys = [k for _, b in zip(range(4), L) for k in b["keys"]]
