@@ -62,7 +62,6 @@ from .augment import crop_recipes, draw_crops, min_decode_side
 from .decode import decoded_size
 from .photometric import photometric
 from .pipeline import SampleStream, StreamLoader, assemble, count_skipped, crop_seed, seed_words
-from .pytorch_loader import MAX_REPLACEMENTS
 from .shards import MemberReader
 
 log = logging.getLogger("fasttips.data")
@@ -180,25 +179,11 @@ class Feed:
 
     def _read(self, position: int, skipped: list):
         """(encoded image, captions, key, epoch, decoded size) of the sample at ``position``, or of the
-        one standing in for it (``SampleStream.stand_in``); each sample passed over is appended to
-        ``skipped`` as (reason, key, shard, why)."""
-        for attempt in range(MAX_REPLACEMENTS):
-            epoch, s = self.stream.at(self.stream.stand_in(position, attempt))
-            try:
-                data, caps = self._reader.image(s), self._reader.captions(s)
-            except OSError as exc:            # the shard vanished or shrank since it was indexed
-                skipped.append(("unreadable_shard", s.key, s.shard, f"cannot read it: {exc}"))
-                continue
-            if not caps:
-                skipped.append(("missing_caption", s.key, s.shard, "no usable caption"))
-                continue
-            try:
-                size = decoded_size(data, self.min_side)
-            except Exception as exc:  # PIL raises many types for a broken header
-                skipped.append(("corrupt_image", s.key, s.shard, str(exc) or type(exc).__name__))
-                continue
-            return data, caps, s.key, epoch, size
-        raise RuntimeError(f"{MAX_REPLACEMENTS} samples in a row failed to load; the shards look broken")
+        one standing in for it (``SampleStream.load_usable``, which appends each sample passed over to
+        ``skipped``; a header that cannot be read counts as a corrupt image)."""
+        (data, size), caps, key, epoch = self.stream.load_usable(
+            self._reader, position, skipped, lambda data: (data, decoded_size(data, self.min_side)))
+        return data, caps, key, epoch, size
 
     def __call__(self, info) -> tuple:
         if self._reader is None:

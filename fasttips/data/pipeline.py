@@ -22,11 +22,13 @@ import numpy as np
 import torch
 
 from . import masks as masks_mod
+from . import storage
 from .augment import normalize
 from .captions import sample_captions
 from .shards import Sample
 
 log = logging.getLogger("fasttips.data")
+MAX_REPLACEMENTS = 64          # stand-ins tried for one position before the shards are called broken
 
 
 def seed_words(*parts: int) -> list[int]:
@@ -94,6 +96,33 @@ class SampleStream:
         in a row could not be loaded there (attempt 0: ``position`` itself). Half an epoch apart, so
         a stand-in is rarely a sample of the same batch."""
         return position + attempt * (1 + len(self.samples) // 2)
+
+    def load_usable(self, reader, position: int, skipped: list, open_image):
+        """(open_image(encoded image), captions, key, epoch) of the sample at ``position``, or of the
+        first stand-in (``stand_in``) that can be used. Each sample passed over is appended to
+        ``skipped`` as (reason, key, shard, why): its shard can no longer be read there (it shrank or
+        vanished since indexing), it has no usable caption, or ``open_image`` raised (a broken image).
+        Storage that stopped serving (``storage.DataStop``) is not the sample's fault: raised as it is.
+        Both loaders take their samples through here, so they pass over the same ones."""
+        for attempt in range(MAX_REPLACEMENTS):
+            epoch, s = self.at(self.stand_in(position, attempt))
+            try:
+                data, caps = reader.image(s), reader.captions(s)
+            except storage.DataStop:
+                raise                         # the run checkpoints and stops (storage.py)
+            except OSError as exc:
+                skipped.append(("unreadable_shard", s.key, s.shard, f"cannot read it: {exc}"))
+                continue
+            if not caps:
+                skipped.append(("missing_caption", s.key, s.shard, "no usable caption"))
+                continue
+            try:
+                image = open_image(data)
+            except Exception as exc:  # PIL raises many types for a broken file
+                skipped.append(("corrupt_image", s.key, s.shard, str(exc) or type(exc).__name__))
+                continue
+            return image, caps, s.key, epoch
+        raise RuntimeError(f"{MAX_REPLACEMENTS} samples in a row failed to load; the shards look broken")
 
     def batch_positions(self, batch_index: int) -> range:
         """The global positions of this rank's batch ``batch_index``."""

@@ -32,7 +32,6 @@ from .shards import MemberReader
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("fasttips.data")
-MAX_REPLACEMENTS = 64
 
 
 class BatchDataset(IterableDataset):
@@ -47,30 +46,17 @@ class BatchDataset(IterableDataset):
         self.min_side = min_decode_side(self.recipes)
 
     def _load(self, reader: MemberReader, position: int, skipped: list):
-        """(crops, captions, key, epoch) of the sample at ``position``, or of the next good one; each
-        sample passed over is appended to ``skipped`` as (reason, key, shard, why)."""
+        """(crops, captions, key, epoch) of the sample at ``position``, or of the one standing in for it
+        (``SampleStream.load_usable``, which appends each sample passed over to ``skipped``)."""
         spec = self.stream.spec
-        for extra in range(MAX_REPLACEMENTS):
-            epoch, s = self.stream.at(self.stream.stand_in(position, extra))
-            try:
-                data, caps = reader.image(s), reader.captions(s)
-            except storage.DataStop:
-                raise                         # not damage: the run checkpoints and stops (module docstring)
-            except OSError as exc:            # the shard vanished or shrank since it was indexed
-                skipped.append(("unreadable_shard", s.key, s.shard, f"cannot read it: {exc}"))
-                continue
-            if not caps:
-                skipped.append(("missing_caption", s.key, s.shard, "no usable caption"))
-                continue
-            try:
-                img = decode_rgb(data, self.min_side)
-                img.load()                    # Pillow decodes lazily: a broken body fails here, not in the crops
-            except Exception as exc:  # PIL raises many types for a broken file
-                skipped.append(("corrupt_image", s.key, s.shard, str(exc) or type(exc).__name__))
-                continue
-            rng = np.random.default_rng(crop_seed(spec.seed, spec.rank, position))
-            return multicrop(img, self.recipes, rng), caps, s.key, epoch
-        raise RuntimeError(f"{MAX_REPLACEMENTS} samples in a row failed to load; the shards look broken")
+        img, caps, key, epoch = self.stream.load_usable(reader, position, skipped, self._open)
+        rng = np.random.default_rng(crop_seed(spec.seed, spec.rank, position))
+        return multicrop(img, self.recipes, rng), caps, key, epoch
+
+    def _open(self, data: bytes):
+        img = decode_rgb(data, self.min_side)
+        img.load()                    # Pillow decodes lazily: a broken body fails here, not in the crops
+        return img
 
     def make_batch(self, batch_index: int, reader: MemberReader, tokenizer: Tokenizer) -> dict:
         skipped: list[tuple[str, str, str, str]] = []
