@@ -76,6 +76,17 @@ def require_file(path: Path, suite: str, what: str) -> Path:
     return path
 
 
+def require_pairs(pairs: list[tuple[Path, Path]], name: str, listed_in: Path | None = None) -> list[tuple[Path, Path]]:
+    """``pairs``, once both files of every (image, target) pair exist; else one line naming the first
+    missing one (and the id list that named it)."""
+    where = f" (listed in {listed_in})" if listed_in is not None else ""
+    for image, target in pairs:
+        for p in (image, target):
+            if not p.is_file():
+                raise DatasetLayoutError(f"{name}: missing file {p}{where}")
+    return pairs
+
+
 # -- images ---------------------------------------------------------------------------------------
 def transform_record(resize: int, crop: int) -> dict:
     """What a suite's result says about its preprocessing (``fasttips.eval.transforms``)."""

@@ -28,6 +28,22 @@ def snapped_size(height: int, width: int, short_side: int, patch: int) -> tuple[
     return snap(height), snap(width)
 
 
+def probe_geometry(ctx: SuiteContext, items, size_of, suite: str):
+    """(input H×W, patch grid, target grid) of a dense probe: the first readable training image's size
+    (``size_of(path) -> (h, w)``) with its short side ``--seg-size``, snapped to whole patches
+    (``snapped_size``), and ``UPSAMPLE`` targets per patch side."""
+    p = ctx.model.vision.patch_embed.patch_size
+    for path, _ in items:
+        try:
+            h, w = size_of(path)
+        except (OSError, ValueError, SyntaxError):
+            continue
+        hw = snapped_size(h, w, ctx.seg_size, p)
+        grid = (hw[0] // p, hw[1] // p)
+        return hw, grid, (UPSAMPLE * grid[0], UPSAMPLE * grid[1])
+    raise DatasetLayoutError(f"{suite}: none of the {len(items)} training images could be read")
+
+
 def sample_grid(array: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """Nearest sample of ``array [H, W, ...]`` at the centres of an ``out_h × out_w`` grid of cells
     covering it (labels are never interpolated)."""

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .common import DatasetLayoutError, SuiteContext, limited, require_file
-from .dense import UPSAMPLE, DenseCache, DenseTask, DepthHead, PairDataset, TestPass, snapped_size
+from .common import DatasetLayoutError, SuiteContext, limited, require_file, require_pairs
+from .dense import DenseCache, DenseTask, DepthHead, PairDataset, TestPass, probe_geometry
 from .probe import DENSE, fit, recipe_for
 
 SUITE = "nyu-depth"
@@ -62,11 +62,7 @@ def list_split(root: Path, split: str, suite: str = SUITE) -> list[tuple[Path, P
         items.append((base / parts[0].lstrip("/"), base / parts[1].lstrip("/")))
     if not items:
         raise DatasetLayoutError(f"{suite}: {listing} lists no image with depth")
-    for rgb, depth in items:
-        for p in (rgb, depth):
-            if not p.is_file():
-                raise DatasetLayoutError(f"{suite}: missing file {p}")
-    return items
+    return require_pairs(items, suite)
 
 
 def read_depth(path: Path) -> np.ndarray:
@@ -82,16 +78,10 @@ def depth_pairs(items, hw: tuple[int, int], fine: tuple[int, int] | None = None)
     return PairDataset(items, hw, Image.open, read_depth, fine)
 
 
-def input_size(items, ctx: SuiteContext) -> tuple[int, int]:
-    """The probe's input size, from the first readable training image (NYUv2 frames are all 480×640)."""
-    p = ctx.model.vision.patch_embed.patch_size
-    for rgb, _ in items:
-        try:
-            with Image.open(rgb) as im:
-                return snapped_size(im.height, im.width, ctx.seg_size, p)
-        except (OSError, ValueError, SyntaxError):
-            continue
-    raise DatasetLayoutError(f"{SUITE}: none of the {len(items)} training images could be read")
+def image_size(path) -> tuple[int, int]:
+    """(height, width) of an RGB frame (NYUv2 frames are all 480×640)."""
+    with Image.open(path) as im:
+        return im.height, im.width
 
 
 def check_layout(root: Path, suite: str = SUITE) -> None:
@@ -126,10 +116,7 @@ def score(ctx: SuiteContext, task: DenseTask, linear, test, hw, constant: float,
 
 def run(ctx: SuiteContext, root: Path, suite: str = SUITE) -> dict:
     train, test = limited(list_split(root, "train", suite), ctx), limited(list_split(root, "test", suite), ctx)
-    hw = input_size(train, ctx)
-    p = ctx.model.vision.patch_embed.patch_size
-    grid = (hw[0] // p, hw[1] // p)
-    fine = (UPSAMPLE * grid[0], UPSAMPLE * grid[1])
+    hw, grid, fine = probe_geometry(ctx, train, image_size, suite)
     recipe = recipe_for(ctx, DENSE)
     ctx.say(f"[{suite}] {len(train)} train / {len(test)} test images, input {hw[0]}x{hw[1]}, "
             f"patch tokens + CLS#1 + CLS#2, 256 bins over [{MIN_DEPTH}, {MAX_DEPTH}] m")

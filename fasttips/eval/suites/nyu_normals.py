@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .common import DatasetLayoutError, SuiteContext, limited, require_dir
-from .dense import UPSAMPLE, DenseCache, DenseTask, NormalHead, PairDataset, TestPass, angles, snapped_size
+from .common import DatasetLayoutError, SuiteContext, limited, require_dir, require_pairs
+from .dense import DenseCache, DenseTask, NormalHead, PairDataset, TestPass, angles, probe_geometry
 from .probe import DENSE, fit, recipe_for
 
 SUITE = "nyu-normals"
@@ -40,12 +40,7 @@ def list_split(root: Path, split: str, suite: str = SUITE) -> list[tuple[Path, P
     n = sum(1 for p in images.iterdir() if p.suffix == ".npy")
     if n == 0:
         raise DatasetLayoutError(f"{suite}: no <i>.npy images in {images}")
-    items = [(images / f"{i}.npy", normals / f"{i}.npy") for i in range(n)]
-    for image, normal in items:
-        for p in (image, normal):
-            if not p.is_file():
-                raise DatasetLayoutError(f"{suite}: missing file {p}")
-    return items
+    return require_pairs([(images / f"{i}.npy", normals / f"{i}.npy") for i in range(n)], suite)
 
 
 def read_image(path: Path) -> Image.Image:
@@ -74,15 +69,9 @@ def check_layout(root: Path, suite: str = SUITE) -> None:
         list_split(root, split, suite)
 
 
-def input_size(items, ctx: SuiteContext) -> tuple[int, int]:
-    p = ctx.model.vision.patch_embed.patch_size
-    for image, _ in items:
-        try:
-            h, w = np.load(image, mmap_mode="r").shape[:2]
-        except (OSError, ValueError):
-            continue
-        return snapped_size(h, w, ctx.seg_size, p)
-    raise DatasetLayoutError(f"{SUITE}: none of the {len(items)} training images could be read")
+def image_size(path) -> tuple[int, int]:
+    """(height, width) of an image array (memory-mapped: only its header is read)."""
+    return np.load(path, mmap_mode="r").shape[:2]
 
 
 def mean_training_normal(cache: DenseCache, chunk: int = 256) -> torch.Tensor:
@@ -117,10 +106,7 @@ NAMES = {"mean": "mean angular error", "median": "median angular error", "rmse":
 
 def run(ctx: SuiteContext, root: Path, suite: str = SUITE) -> dict:
     train, test = limited(list_split(root, "train", suite), ctx), limited(list_split(root, "test", suite), ctx)
-    hw = input_size(train, ctx)
-    p = ctx.model.vision.patch_embed.patch_size
-    grid = (hw[0] // p, hw[1] // p)
-    fine = (UPSAMPLE * grid[0], UPSAMPLE * grid[1])
+    hw, grid, fine = probe_geometry(ctx, train, image_size, suite)
     recipe = recipe_for(ctx, DENSE)
     ctx.say(f"[{suite}] {len(train)} train / {len(test)} test images, input {hw[0]}x{hw[1]}, "
             f"patch tokens + CLS#1 + CLS#2")

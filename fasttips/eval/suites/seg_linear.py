@@ -30,7 +30,7 @@ from PIL import Image
 
 from fasttips.eval.transforms import center_crop_box, resize_center_crop, resized_size
 
-from .common import DatasetLayoutError, SuiteContext, limited, load_metadata
+from .common import DatasetLayoutError, SuiteContext, limited, load_metadata, require_pairs
 from .dense import UPSAMPLE, DenseCache, DenseTask, SegHead, sample_grid
 from .probe import DENSE, fit, recipe_for
 from .segmentation import chance_miou, list_pairs, sliding_confusion, to_targets
@@ -85,12 +85,8 @@ MMSEG_AUG_LIST = "aug.txt"                     # mmsegmentation's: the augmented
 
 def _id_pairs(root: Path, ids_file: Path, labels: str, suite: str) -> list[tuple[Path, Path]]:
     ids = [ln.strip() for ln in ids_file.read_text().splitlines() if ln.strip()]
-    pairs = [(root / "JPEGImages" / f"{i}.jpg", root / labels / f"{i}.png") for i in ids]
-    for image, label in pairs:
-        for p in (image, label):
-            if not p.is_file():
-                raise DatasetLayoutError(f"{suite}: missing file {p} (listed in {ids_file})")
-    return pairs
+    return require_pairs([(root / "JPEGImages" / f"{i}.jpg", root / labels / f"{i}.png") for i in ids], suite,
+                         listed_in=ids_file)
 
 
 def train_pairs(root: Path, suite: str) -> tuple[list[tuple[Path, Path]], str]:

@@ -34,7 +34,7 @@ from PIL import Image
 from fasttips.eval.transforms import resize_short_side
 
 from .common import (DatasetLayoutError, as_is, Progress, SuiteContext, class_embeddings, limited, load_metadata,
-                     precision_context, require_dir, require_file, to_pixels)
+                     precision_context, require_dir, require_file, require_pairs, to_pixels)
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,8 @@ def list_pairs(layout: str, root: Path, split: str = "val", name: str | None = N
         pairs = [(img_dir / f"{i}.jpg", ann_dir / f"{i}.png") for i in ids]
     if not pairs:
         raise DatasetLayoutError(f"{name}: no {folder} images under {root}")
-    for image, label in pairs:
-        for p in (image, label):
-            if not p.is_file():
-                raise DatasetLayoutError(f"{name}: missing file {p}")
-    return pairs
+    return require_pairs(pairs, name)
+
 
 
 def check_layout(root: Path, suite: str) -> None:
